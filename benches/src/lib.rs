@@ -1,0 +1,1 @@
+//! kvfabric benchmarks (being written).

@@ -1,0 +1,408 @@
+//! The fabric client library: what engines, the router and the planner link
+//! (no server code). One [`Client`] holds one HTTP/2 connection (cheap to
+//! clone; clones share it), batches keys per call and moves bulk data as
+//! zero-copy `Bytes` chunks of at most 4 MiB.
+
+use crate::proto::v1::{
+    self, DeleteRequest, ExistsPrefixRequest, GetRequest, LeaseRequest, ObjectBegin, PutOpen,
+    PutRequest, StatsRequest, StatsResponse, SubscribeRequest, get_response,
+    kv_block_service_client::KvBlockServiceClient, put_request,
+};
+use crate::proto::{DEFAULT_CHUNK_BYTES, ErrorKind, MAX_MESSAGE_BYTES, from_status};
+use crate::validate;
+use bytes::{Bytes, BytesMut};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+pub use crate::proto::v1::{Durability, Event, EventKind, Layout, Tier};
+
+/// Most keys the client sends in one request (matches the server default).
+pub const MAX_BATCH_KEYS: usize = 4096;
+
+/// Errors from the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status.
+    #[error("{message}")]
+    Status {
+        /// What to do about it.
+        kind: ErrorKind,
+        /// gRPC code.
+        code: tonic::Code,
+        /// The server's message.
+        message: String,
+    },
+    /// Could not connect.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// Endpoint tried.
+        endpoint: String,
+        /// Cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The request was rejected before sending.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// The server's reply broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The kind of failure (retry, fix input, ...).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientError::Status { kind, .. } => *kind,
+            ClientError::Connect { .. } => ErrorKind::Unavailable,
+            ClientError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            ClientError::Protocol(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status {
+            kind: from_status(&s),
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// An object to put.
+#[derive(Clone, Debug)]
+pub struct PutObject {
+    /// Key, 1 to 64 bytes.
+    pub key: Bytes,
+    /// Payload.
+    pub value: Bytes,
+    /// Layout (optional).
+    pub layout: Option<Layout>,
+}
+
+impl PutObject {
+    /// An object without layout.
+    pub fn new(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        Self {
+            key: key.into(),
+            value: value.into(),
+            layout: None,
+        }
+    }
+}
+
+/// An object read back.
+#[derive(Clone, Debug)]
+pub struct Object {
+    /// Payload.
+    pub value: Bytes,
+    /// Layout stored with it.
+    pub layout: Layout,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// xxh3-64 of the payload.
+    pub checksum: u64,
+    /// Tier it was served from.
+    pub tier: Tier,
+}
+
+/// A connection to one kvfabric node.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: KvBlockServiceClient<Channel>,
+    tenant: String,
+    chunk: usize,
+}
+
+impl Client {
+    /// Connects to `endpoint` (`http://host:port` or `host:port`).
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Client> {
+        let mut endpoint = endpoint.into();
+        if !endpoint.contains("://") {
+            endpoint = format!("http://{endpoint}");
+        }
+        let ep = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| ClientError::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_adaptive_window(false)
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20);
+        let channel = ep
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect { endpoint, source })?;
+        let inner = KvBlockServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Client {
+            inner,
+            tenant: String::new(),
+            chunk: DEFAULT_CHUNK_BYTES,
+        })
+    }
+
+    /// Acts as `tenant` (default: the node's default tenant).
+    pub fn with_tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// Uses data chunks of `bytes` (clamped to 4 KiB ..= 4 MiB - 64 KiB).
+    pub fn with_chunk_size(mut self, bytes: usize) -> Self {
+        self.chunk = bytes.clamp(4096, crate::proto::MAX_CHUNK_BYTES);
+        self
+    }
+
+    fn check_ns(namespace: &str) -> Result<()> {
+        validate::name("namespace", namespace).map_err(ClientError::InvalidArgument)
+    }
+
+    /// Stores one object; returns the tier holding the acknowledged copy.
+    pub async fn put(
+        &self,
+        namespace: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        durability: Durability,
+    ) -> Result<Tier> {
+        let r = self
+            .put_many(namespace, vec![PutObject::new(key, value)], durability)
+            .await?;
+        r.into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Protocol("empty put response".into()))
+    }
+
+    /// Stores a batch of objects in one stream.
+    pub async fn put_many(
+        &self,
+        namespace: &str,
+        objects: Vec<PutObject>,
+        durability: Durability,
+    ) -> Result<Vec<Tier>> {
+        Self::check_ns(namespace)?;
+        validate::keys(
+            &objects.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
+            MAX_BATCH_KEYS,
+        )
+        .map_err(ClientError::InvalidArgument)?;
+        let open = PutRequest {
+            msg: Some(put_request::Msg::Open(PutOpen {
+                tenant: self.tenant.clone(),
+                namespace: namespace.to_string(),
+                durability: durability as i32,
+                expected_objects: objects.len() as u32,
+            })),
+        };
+        let chunk = self.chunk;
+        let n = objects.len();
+        let msgs = std::iter::once(open).chain(objects.into_iter().flat_map(move |o| {
+            let begin = PutRequest {
+                msg: Some(put_request::Msg::Begin(ObjectBegin {
+                    key: o.key,
+                    length: o.value.len() as u64,
+                    layout: o.layout,
+                    checksum: Some(xxhash_rust::xxh3::xxh3_64(&o.value)),
+                })),
+            };
+            let v = o.value;
+            let chunks = (0..v.len().div_ceil(chunk)).map(move |i| PutRequest {
+                msg: Some(put_request::Msg::Data(
+                    v.slice(i * chunk..((i + 1) * chunk).min(v.len())),
+                )),
+            });
+            std::iter::once(begin).chain(chunks)
+        }));
+        let resp = self
+            .inner
+            .clone()
+            .put(futures::stream::iter(msgs))
+            .await?
+            .into_inner();
+        if resp.results.len() != n {
+            return Err(ClientError::Protocol(format!(
+                "put of {n} objects answered {} results",
+                resp.results.len()
+            )));
+        }
+        Ok(resp.results.iter().map(|r| r.tier()).collect())
+    }
+
+    /// Reads one object.
+    pub async fn get(&self, namespace: &str, key: impl Into<Bytes>) -> Result<Option<Object>> {
+        Ok(self
+            .get_many(namespace, vec![key.into()])
+            .await?
+            .pop()
+            .flatten())
+    }
+
+    /// Reads a batch; the result has one entry per key, in order.
+    pub async fn get_many(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Option<Object>>> {
+        Self::check_ns(namespace)?;
+        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        let n = keys.len();
+        let req = GetRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.into(),
+            keys,
+            chunk_size: self.chunk as u32,
+        };
+        let mut stream = self.inner.clone().get(req).await?.into_inner();
+        let mut out: Vec<Option<Object>> = (0..n).map(|_| None).collect();
+        let mut cur: Option<(usize, v1::ObjectFound, BytesMut)> = None;
+        let finish = |cur: &mut Option<(usize, v1::ObjectFound, BytesMut)>,
+                      out: &mut Vec<Option<Object>>|
+         -> Result<()> {
+            if let Some((i, f, buf)) = cur.take() {
+                if buf.len() as u64 != f.length {
+                    return Err(ClientError::Protocol(format!(
+                        "object {i}: got {} of {} bytes",
+                        buf.len(),
+                        f.length
+                    )));
+                }
+                let value = buf.freeze();
+                if xxhash_rust::xxh3::xxh3_64(&value) != f.checksum {
+                    return Err(ClientError::Status {
+                        kind: ErrorKind::DataCorruption,
+                        code: tonic::Code::DataLoss,
+                        message: format!("object {i}: checksum mismatch in transit"),
+                    });
+                }
+                let tier = f.tier();
+                out[i] = Some(Object {
+                    value,
+                    layout: f.layout.unwrap_or_default(),
+                    created_ms: f.created_ms,
+                    checksum: f.checksum,
+                    tier,
+                });
+            }
+            Ok(())
+        };
+        while let Some(msg) = stream.message().await? {
+            match msg.msg {
+                Some(get_response::Msg::Found(f)) => {
+                    finish(&mut cur, &mut out)?;
+                    let i = f.index as usize;
+                    if i >= n {
+                        return Err(ClientError::Protocol(format!(
+                            "server named key index {i} of {n}"
+                        )));
+                    }
+                    let cap = (f.length as usize).min(64 << 20);
+                    cur = Some((i, f, BytesMut::with_capacity(cap)));
+                }
+                Some(get_response::Msg::Missing(_)) => finish(&mut cur, &mut out)?,
+                Some(get_response::Msg::Data(d)) => match cur.as_mut() {
+                    Some((_, f, buf)) if buf.len() as u64 + d.len() as u64 <= f.length => {
+                        buf.extend_from_slice(&d)
+                    }
+                    _ => return Err(ClientError::Protocol("unexpected data chunk".into())),
+                },
+                None => return Err(ClientError::Protocol("empty message".into())),
+            }
+        }
+        finish(&mut cur, &mut out)?;
+        Ok(out)
+    }
+
+    /// For a chain of keys: the tier of each leading key present (the
+    /// length is how many leading keys the node holds).
+    pub async fn exists_prefix(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Tier>> {
+        Self::check_ns(namespace)?;
+        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        let r = self
+            .inner
+            .clone()
+            .exists_prefix(ExistsPrefixRequest {
+                tenant: self.tenant.clone(),
+                namespace: namespace.into(),
+                keys,
+            })
+            .await?
+            .into_inner();
+        Ok(r.tiers().collect())
+    }
+
+    /// Deletes keys; returns how many existed.
+    pub async fn delete(&self, namespace: &str, keys: Vec<Bytes>) -> Result<u64> {
+        Self::check_ns(namespace)?;
+        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        let req = DeleteRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.into(),
+            keys,
+            all: false,
+        };
+        Ok(self.inner.clone().delete(req).await?.into_inner().deleted)
+    }
+
+    /// Deletes every object of a namespace.
+    pub async fn clear(&self, namespace: &str) -> Result<u64> {
+        Self::check_ns(namespace)?;
+        let req = DeleteRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.into(),
+            keys: vec![],
+            all: true,
+        };
+        Ok(self.inner.clone().delete(req).await?.into_inner().deleted)
+    }
+
+    /// Pins keys against eviction for `ttl` (zero releases); per key,
+    /// whether it exists.
+    pub async fn lease(
+        &self,
+        namespace: &str,
+        keys: Vec<Bytes>,
+        ttl: Duration,
+    ) -> Result<Vec<bool>> {
+        Self::check_ns(namespace)?;
+        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        let ttl_seconds = u32::try_from(ttl.as_secs())
+            .map_err(|_| ClientError::InvalidArgument("lease too long".into()))?;
+        let req = LeaseRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.into(),
+            keys,
+            ttl_seconds,
+        };
+        Ok(self.inner.clone().lease(req).await?.into_inner().leased)
+    }
+
+    /// Node statistics.
+    pub async fn stats(&self) -> Result<StatsResponse> {
+        Ok(self
+            .inner
+            .clone()
+            .stats(StatsRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Subscribes to stored / removed / cleared events (all namespaces when
+    /// `namespace` is `None`).
+    pub async fn subscribe(&self, namespace: Option<&str>) -> Result<tonic::Streaming<Event>> {
+        if let Some(ns) = namespace {
+            Self::check_ns(ns)?;
+        }
+        let req = SubscribeRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.unwrap_or("").into(),
+        };
+        Ok(self.inner.clone().subscribe(req).await?.into_inner())
+    }
+
+    /// The raw generated client, for callers that need the wire API.
+    pub fn raw(&self) -> KvBlockServiceClient<Channel> {
+        self.inner.clone()
+    }
+}

@@ -1,0 +1,18 @@
+//! kvfabric: a storage-centric KV cache fabric.
+//!
+//! This crate is the KV block service. Without default features it is only
+//! the client library ([`client`]), the canonical block hash ([`hash`]) and
+//! the argument checks both sides share ([`validate`]): what engines, the
+//! router and the planner link. With the `server` feature (default) it is
+//! also the node ([`server`]): the gRPC service over the tier stack,
+//! Prometheus metrics and the `kvfabric` binary.
+
+pub mod client;
+pub mod hash;
+pub mod validate;
+
+#[cfg(feature = "server")]
+pub mod server;
+
+pub use kvfabric_proto as proto;
+pub use kvfabric_proto::ErrorKind;

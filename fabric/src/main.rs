@@ -1,0 +1,335 @@
+//! The `kvfabric` command: `serve` runs a node; `put`, `get` and `stats` are
+//! a small client for operators and scripts. Settings come from a TOML file,
+//! then `KVFABRIC_*` environment variables, then flags (later wins).
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use kvfabric::client::{Client, ClientError, Durability};
+use kvfabric::server::{ByteSize, Node, Settings};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kvfabric",
+    version,
+    about = "kvfabric: a tiered KV cache block store for LLM serving"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a node (defaults: gRPC 127.0.0.1:50051, metrics 127.0.0.1:9090,
+    /// 1GiB host tier, 4GiB disk tier under ./kvfabric-data, no object store).
+    Serve(ServeArgs),
+    /// Store one object from FILE (or stdin).
+    Put(PutArgs),
+    /// Read one object to FILE (or stdout). Exit 2 if it does not exist.
+    Get(GetArgs),
+    /// Per-tier capacity, usage, objects, hits and misses.
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "KVFABRIC_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "KVFABRIC_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Prometheus metrics listen address.
+    #[arg(long, env = "KVFABRIC_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Data directory (disk tier, namespace registry).
+    #[arg(long, env = "KVFABRIC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Host-memory tier size, e.g. 64MiB, 2GiB (0 disables).
+    #[arg(long, env = "KVFABRIC_HOST_CAPACITY")]
+    host_capacity: Option<ByteSize>,
+    /// Disk tier size (0 disables).
+    #[arg(long, env = "KVFABRIC_DISK_CAPACITY")]
+    disk_capacity: Option<ByteSize>,
+    /// Object store URL: file:///dir or s3://bucket/prefix.
+    #[arg(long, env = "KVFABRIC_OBJECT_STORE")]
+    object_store: Option<String>,
+    /// S3 endpoint for the object store, e.g. http://127.0.0.1:8333.
+    #[arg(long, env = "KVFABRIC_OBJECT_ENDPOINT")]
+    object_endpoint: Option<String>,
+    /// Node id reported in events.
+    #[arg(long, env = "KVFABRIC_NODE_ID")]
+    node_id: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct Conn {
+    /// Node endpoint.
+    #[arg(
+        long,
+        env = "KVFABRIC_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    endpoint: String,
+    /// Tenant to act as.
+    #[arg(long, env = "KVFABRIC_TENANT", default_value = "")]
+    tenant: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DurabilityArg {
+    Memory,
+    Disk,
+    Object,
+}
+
+#[derive(clap::Args, Debug)]
+struct PutArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Namespace.
+    #[arg(long)]
+    namespace: String,
+    /// How durable the put must be before it is acknowledged.
+    #[arg(long, value_enum, default_value = "memory")]
+    durability: DurabilityArg,
+    /// Treat KEY as hex instead of UTF-8 text.
+    #[arg(long)]
+    hex_key: bool,
+    /// Key (1 to 64 bytes).
+    key: String,
+    /// File to read; stdin when absent.
+    file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct GetArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Namespace.
+    #[arg(long)]
+    namespace: String,
+    /// Treat KEY as hex instead of UTF-8 text.
+    #[arg(long)]
+    hex_key: bool,
+    /// Key.
+    key: String,
+    /// Output file; stdout when absent.
+    #[arg(short = 'o', long = "output")]
+    output: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct StatsArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn key_bytes(key: &str, hex_key: bool) -> Result<Bytes> {
+    if hex_key {
+        let s = key.trim();
+        if s.len() % 2 != 0 {
+            anyhow::bail!("hex key has an odd number of digits");
+        }
+        let v: Result<Vec<u8>, _> = (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
+            .collect();
+        Ok(Bytes::from(v.context("key is not valid hex")?))
+    } else {
+        Ok(Bytes::copy_from_slice(key.as_bytes()))
+    }
+}
+
+fn settings(args: ServeArgs) -> Result<Settings, String> {
+    let mut s = match &args.config {
+        Some(p) => Settings::from_file(p)?,
+        None => Settings::default(),
+    };
+    if let Some(v) = args.listen {
+        s.listen = v;
+    }
+    if let Some(v) = args.metrics_listen {
+        s.metrics_listen = v;
+    }
+    if let Some(v) = args.data_dir {
+        s.data_dir = v;
+    }
+    if let Some(v) = args.host_capacity {
+        s.host.capacity = v;
+    }
+    if let Some(v) = args.disk_capacity {
+        s.disk.capacity = v;
+    }
+    if let Some(v) = args.object_store {
+        s.object.url = Some(v);
+    }
+    if let Some(v) = args.object_endpoint {
+        s.object.endpoint = Some(v);
+    }
+    if let Some(v) = args.node_id {
+        s.node_id = v;
+    }
+    s.validate()?;
+    Ok(s)
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let s = settings(args).map_err(|e| anyhow::anyhow!(e))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&s.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let node = Node::build(s).await?;
+    let mut handle = node.start().await?;
+    let stop = handle.take_shutdown();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        tracing::info!("shutting down");
+        if let Some(tx) = stop {
+            let _ = tx.send(());
+        }
+    });
+    handle.wait().await;
+    Ok(())
+}
+
+async fn connect(c: &Conn) -> Result<Client, ClientError> {
+    Ok(Client::connect(c.endpoint.clone())
+        .await?
+        .with_tenant(c.tenant.clone()))
+}
+
+async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
+    match cmd {
+        Cmd::Put(a) => {
+            let data = match &a.file {
+                Some(p) => std::fs::read(p)
+                    .map_err(|e| ClientError::InvalidArgument(format!("{}: {e}", p.display())))?,
+                None => {
+                    let mut v = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut v)
+                        .map_err(|e| ClientError::InvalidArgument(format!("stdin: {e}")))?;
+                    v
+                }
+            };
+            let key = key_bytes(&a.key, a.hex_key)
+                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+            let d = match a.durability {
+                DurabilityArg::Memory => Durability::Memory,
+                DurabilityArg::Disk => Durability::Disk,
+                DurabilityArg::Object => Durability::Object,
+            };
+            let client = connect(&a.conn).await?;
+            let n = data.len();
+            let tier = client.put(&a.namespace, key, data, d).await?;
+            eprintln!(
+                "stored {n} bytes in {} tier",
+                tier.as_str_name()
+                    .trim_start_matches("TIER_")
+                    .to_lowercase()
+            );
+            Ok(0)
+        }
+        Cmd::Get(a) => {
+            let key = key_bytes(&a.key, a.hex_key)
+                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+            let client = connect(&a.conn).await?;
+            match client.get(&a.namespace, key).await? {
+                None => {
+                    eprintln!("not found");
+                    Ok(2)
+                }
+                Some(o) => {
+                    let r = match &a.output {
+                        Some(p) => std::fs::write(p, &o.value),
+                        None => std::io::stdout().lock().write_all(&o.value),
+                    };
+                    r.map_err(|e| ClientError::InvalidArgument(format!("writing output: {e}")))?;
+                    Ok(0)
+                }
+            }
+        }
+        Cmd::Stats(a) => {
+            let client = connect(&a.conn).await?;
+            let s = client.stats().await?;
+            println!(
+                "{:<7} {:>15} {:>15} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+                "tier",
+                "capacity",
+                "used",
+                "objects",
+                "hits",
+                "misses",
+                "evictions",
+                "demotions",
+                "promotions"
+            );
+            for t in &s.tiers {
+                let name = t
+                    .tier()
+                    .as_str_name()
+                    .trim_start_matches("TIER_")
+                    .to_lowercase();
+                let cap = if t.capacity_bytes == u64::MAX {
+                    "unbounded".to_string()
+                } else {
+                    ByteSize(t.capacity_bytes).to_string()
+                };
+                println!(
+                    "{:<7} {:>15} {:>15} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+                    name,
+                    cap,
+                    ByteSize(t.used_bytes).to_string(),
+                    t.objects,
+                    t.hits,
+                    t.misses,
+                    t.evictions,
+                    t.demotions,
+                    t.promotions
+                );
+            }
+            println!(
+                "objects: {}  namespaces: {}",
+                s.objects,
+                s.namespaces.join(",")
+            );
+            Ok(0)
+        }
+        Cmd::Serve(_) => unreachable!("handled in main"),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Serve(a) => match serve(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kvfabric serve: {e:#}");
+                1
+            }
+        },
+        cmd => match run_client(cmd).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,355 @@
+//! Node settings: TOML file, then `KVFABRIC_*` environment variables, then
+//! command-line flags (later wins). Every field's default and bound is in
+//! its doc comment and in the README's configuration reference; `validate`
+//! runs at load so a bad value stops the node with a message naming it.
+
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// A byte size: a plain number of bytes or a number with a unit
+/// (`KiB`/`MiB`/`GiB`/`TiB` = powers of 1024, `KB`/`MB`/`GB`/`TB` = of 1000).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let unit = unit.trim().to_ascii_lowercase();
+        let mult: u64 = match unit.as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {unit:?} (use e.g. 64MiB, 2GiB)"
+                ));
+            }
+        };
+        let n: f64 = num.parse().map_err(|_| {
+            format!("invalid size {s:?}: expected a number with a unit, e.g. 64MiB")
+        })?;
+        let v = n * mult as f64;
+        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+            return Err(format!("invalid size {s:?}: out of range"));
+        }
+        Ok(ByteSize(v as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        for (unit, m) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if v >= m && v % m == 0 {
+                return write!(f, "{}{unit}", v / m);
+            }
+        }
+        write!(f, "{v}B")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Everything a node is configured with.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// gRPC listen address. Default `127.0.0.1:50051`.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address. Default `127.0.0.1:9090`.
+    pub metrics_listen: SocketAddr,
+    /// Directory for the disk tier and node state. Default `./kvfabric-data`.
+    pub data_dir: PathBuf,
+    /// Node name reported in events. Default `kvfabric-node`.
+    pub node_id: String,
+    /// Host-memory tier.
+    pub host: HostSettings,
+    /// Disk tier.
+    pub disk: DiskSettings,
+    /// Object-store tier.
+    pub object: ObjectSettings,
+    /// GPU HBM tier.
+    pub hbm: HbmSettings,
+    /// Request limits.
+    pub limits: LimitSettings,
+    /// Log filter (`tracing` env-filter syntax). Default `info`; `RUST_LOG` overrides.
+    pub log: String,
+}
+
+/// `[host]` settings.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HostSettings {
+    /// Arena size; 0 disables the tier. Default `1GiB`. Allocated at start.
+    pub capacity: ByteSize,
+}
+
+/// `[disk]` settings.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskSettings {
+    /// Space preallocated under `data-dir/disk`; 0 disables the tier.
+    /// Default `4GiB`; at least `1MiB` when enabled.
+    pub capacity: ByteSize,
+    /// Largest single data file. Default `8GiB`.
+    pub file_size: ByteSize,
+    /// io_uring queue depth, 1..=4096. Default 64.
+    pub queue_depth: u32,
+    /// I/O engine: `auto` (io_uring, falling back to psync), `uring`, `psync`. Default `auto`.
+    pub engine: String,
+    /// Register bounce buffers with io_uring (falls back if the memlock limit refuses). Default true.
+    pub registered_buffers: bool,
+}
+
+/// `[object]` settings.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectSettings {
+    /// `file:///abs/dir` or `s3://bucket/prefix`; unset disables the tier. Default unset.
+    pub url: Option<String>,
+    /// S3 endpoint, e.g. `http://127.0.0.1:8333`. Default: AWS_ENDPOINT_URL or AWS.
+    pub endpoint: Option<String>,
+    /// S3 region. Default: AWS_REGION / AWS_DEFAULT_REGION, else `us-east-1`.
+    pub region: Option<String>,
+    /// Access key. Default: AWS_ACCESS_KEY_ID.
+    pub access_key_id: Option<String>,
+    /// Secret key. Default: AWS_SECRET_ACCESS_KEY.
+    pub secret_access_key: Option<String>,
+    /// Allow plain-HTTP endpoints. Default: true when the endpoint is `http://`.
+    pub allow_http: Option<bool>,
+    /// Capacity budget for the tier; unset = unbounded.
+    pub capacity: Option<ByteSize>,
+}
+
+/// `[hbm]` settings.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HbmSettings {
+    /// GPU memory to use; 0 disables the tier (default). Needs the `cuda` build.
+    pub capacity: ByteSize,
+    /// CUDA device ordinal. Default 0.
+    pub device: usize,
+}
+
+/// `[limits]` settings.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitSettings {
+    /// Largest object accepted. Default `1GiB`; 1 byte..=64GiB.
+    pub max_object_size: ByteSize,
+    /// Most keys in one request. Default 4096; 1..=1000000.
+    pub max_batch_keys: usize,
+    /// Data chunk size of Get streams. Default `1MiB`; 4KiB..=4MiB-64KiB.
+    pub chunk_size: ByteSize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:50051".parse().expect("valid"),
+            metrics_listen: "127.0.0.1:9090".parse().expect("valid"),
+            data_dir: PathBuf::from("./kvfabric-data"),
+            node_id: "kvfabric-node".into(),
+            host: HostSettings::default(),
+            disk: DiskSettings::default(),
+            object: ObjectSettings::default(),
+            hbm: HbmSettings::default(),
+            limits: LimitSettings::default(),
+            log: "info".into(),
+        }
+    }
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        HostSettings {
+            capacity: ByteSize(1 << 30),
+        }
+    }
+}
+
+impl Default for DiskSettings {
+    fn default() -> Self {
+        DiskSettings {
+            capacity: ByteSize(4 << 30),
+            file_size: ByteSize(8 << 30),
+            queue_depth: 64,
+            engine: "auto".into(),
+            registered_buffers: true,
+        }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            max_object_size: ByteSize(1 << 30),
+            max_batch_keys: 4096,
+            chunk_size: ByteSize(1 << 20),
+        }
+    }
+}
+
+impl Settings {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        toml::from_str(text).map_err(|e| format!("invalid configuration: {e}"))
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Settings, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks bounds; the message names the offending setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.host.capacity.0 == 0
+            && self.disk.capacity.0 == 0
+            && self.object.url.is_none()
+            && self.hbm.capacity.0 == 0
+        {
+            return Err(
+                "no tier configured: set host.capacity, disk.capacity or object.url".into(),
+            );
+        }
+        if self.host.capacity.0 != 0 && self.host.capacity.0 < 4096 {
+            return Err(format!(
+                "host.capacity {} is below one 4KiB slot",
+                self.host.capacity
+            ));
+        }
+        if self.disk.capacity.0 != 0 && self.disk.capacity.0 < 1 << 20 {
+            return Err(format!(
+                "disk.capacity {} is below the 1MiB minimum",
+                self.disk.capacity
+            ));
+        }
+        if self.disk.file_size.0 < 1 << 20 {
+            return Err(format!(
+                "disk.file-size {} is below the 1MiB minimum",
+                self.disk.file_size
+            ));
+        }
+        if !(1..=4096).contains(&self.disk.queue_depth) {
+            return Err(format!(
+                "disk.queue-depth {} is outside 1..=4096",
+                self.disk.queue_depth
+            ));
+        }
+        if !["auto", "uring", "psync"].contains(&self.disk.engine.as_str()) {
+            return Err(format!(
+                "disk.engine {:?} is not one of auto, uring, psync",
+                self.disk.engine
+            ));
+        }
+        if let Some(url) = &self.object.url {
+            if !(url.starts_with("file://") || url.starts_with("s3://")) {
+                return Err(format!(
+                    "object.url {url:?} must start with file:// or s3://"
+                ));
+            }
+        }
+        let m = self.limits.max_object_size.0;
+        if m == 0 || m > 64 << 30 {
+            return Err(format!(
+                "limits.max-object-size {} is outside 1B..=64GiB",
+                self.limits.max_object_size
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.limits.max_batch_keys) {
+            return Err(format!(
+                "limits.max-batch-keys {} is outside 1..=1000000",
+                self.limits.max_batch_keys
+            ));
+        }
+        let c = self.limits.chunk_size.0 as usize;
+        if !(4096..=kvfabric_proto::MAX_CHUNK_BYTES).contains(&c) {
+            return Err(format!(
+                "limits.chunk-size {} is outside 4KiB..=4032KiB",
+                self.limits.chunk_size
+            ));
+        }
+        if self.node_id.is_empty() {
+            return Err("node-id is empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("64MiB".parse::<ByteSize>().unwrap().0, 64 << 20);
+        assert_eq!("2GiB".parse::<ByteSize>().unwrap().0, 2 << 30);
+        assert_eq!("1.5KiB".parse::<ByteSize>().unwrap().0, 1536);
+        assert_eq!("1000".parse::<ByteSize>().unwrap().0, 1000);
+        assert_eq!("3 GB".parse::<ByteSize>().unwrap().0, 3_000_000_000);
+        assert!(
+            "12 parsecs"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!("MiB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
+    }
+
+    #[test]
+    fn toml_with_defaults_and_validation() {
+        let s = Settings::from_toml(
+            "listen = \"127.0.0.1:7000\"\n[host]\ncapacity = \"64MiB\"\n[disk]\ncapacity = 0\n",
+        )
+        .unwrap();
+        assert_eq!(s.listen.port(), 7000);
+        assert_eq!(s.host.capacity.0, 64 << 20);
+        assert_eq!(s.disk.capacity.0, 0);
+        assert_eq!(s.limits, LimitSettings::default());
+        s.validate().unwrap();
+        assert!(
+            Settings::from_toml("bogus = 1")
+                .unwrap_err()
+                .contains("bogus")
+        );
+        let mut bad = Settings::default();
+        bad.disk.queue_depth = 0;
+        assert!(bad.validate().unwrap_err().contains("disk.queue-depth"));
+        Settings::default().validate().unwrap();
+    }
+}

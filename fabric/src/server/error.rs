@@ -1,0 +1,71 @@
+//! The node's typed errors and their public kind; the conversion to a gRPC
+//! status goes through `kvfabric_proto::status`, the one mapping.
+
+use kvfabric_proto::ErrorKind;
+use kvfabric_tiers::TierError;
+
+/// Errors the node reports to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    /// Bad request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Namespace does not exist.
+    #[error("namespace {0:?} does not exist")]
+    NamespaceNotFound(String),
+    /// Tenant may not use the namespace.
+    #[error("tenant {tenant:?} may not use namespace {namespace:?} (owned by another tenant)")]
+    PermissionDenied {
+        /// Tenant.
+        tenant: String,
+        /// Namespace.
+        namespace: String,
+    },
+    /// Object over the configured maximum.
+    #[error("object {key} is {size} bytes; this node's maximum object size is {max} bytes")]
+    ObjectTooLarge {
+        /// Key, hex.
+        key: String,
+        /// Declared size.
+        size: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// Storage engine error.
+    #[error(transparent)]
+    Tier(#[from] TierError),
+    /// Something unexpected.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl FabricError {
+    /// The public kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FabricError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            FabricError::NamespaceNotFound(_) => ErrorKind::NotFound,
+            FabricError::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            FabricError::ObjectTooLarge { .. } => ErrorKind::Capacity,
+            FabricError::Internal(_) => ErrorKind::Internal,
+            FabricError::Tier(t) => match t {
+                TierError::Full { .. }
+                | TierError::TooLarge { .. }
+                | TierError::CapacityExhausted { .. } => ErrorKind::Capacity,
+                TierError::Corrupt { .. } => ErrorKind::DataCorruption,
+                TierError::DurabilityUnavailable { .. } => ErrorKind::FailedPrecondition,
+                TierError::Io { .. }
+                | TierError::Index(_)
+                | TierError::ObjectStore(_)
+                | TierError::Unavailable(_) => ErrorKind::Unavailable,
+                TierError::Config(_) => ErrorKind::Internal,
+            },
+        }
+    }
+}
+
+impl From<FabricError> for tonic::Status {
+    fn from(e: FabricError) -> Self {
+        kvfabric_proto::status(e.kind(), e.to_string())
+    }
+}

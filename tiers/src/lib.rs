@@ -1,0 +1,50 @@
+#![doc = include_str!("../README.md")]
+
+mod alloc;
+mod block;
+mod clock;
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
+mod disk;
+mod error;
+#[cfg(feature = "cuda")]
+mod hbm;
+mod host;
+mod object;
+mod policy;
+mod stack;
+mod tier;
+
+pub use alloc::{Extent, ExtentAllocator};
+pub use block::{checksum, Block, BlockHeader, HeaderError, Layout, ObjectKey, MAX_KEY_LEN};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use disk::{DiskTier, DiskTierConfig, IoEngineKind};
+pub use error::{TierError, TierResult};
+#[cfg(feature = "cuda")]
+pub use hbm::HbmTier;
+pub use host::HostTier;
+pub use object::{ObjectTier, ObjectTierConfig};
+pub use policy::{EvictionPolicy, LruPolicy};
+pub use stack::{
+    Durability, ExistsEntry, StackEvent, StackEventKind, StackMetrics, TierStack, TierStats,
+};
+pub use tier::{Tier, TierKind};
+
+/// Tries to create the GPU HBM tier: `Ok(None)` when this build has no `cuda`
+/// feature or the machine has no usable GPU (the reason is logged), so a node
+/// without a GPU starts normally.
+pub fn try_hbm_tier(capacity: u64, device: usize) -> TierResult<Option<std::sync::Arc<dyn Tier>>> {
+    #[cfg(feature = "cuda")]
+    {
+        match hbm::HbmTier::try_new(capacity, device)? {
+            Some(t) => Ok(Some(std::sync::Arc::new(t))),
+            None => Ok(None),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (capacity, device);
+        tracing::info!("GPU HBM tier not available: kvfabric was built without the `cuda` feature");
+        Ok(None)
+    }
+}

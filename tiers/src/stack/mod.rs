@@ -1,0 +1,720 @@
+//! The tier stack: one index over every tier of a node, fastest first.
+//!
+//! - **Admission**: a put lands in the fastest tier the object can fit in;
+//!   `disk`/`object` durability also writes the durable copy (synced) before
+//!   acknowledging.
+//! - **Eviction and demotion**: when a tier is full, the eviction policy
+//!   picks victims (skipping leased objects); each victim moves to the next
+//!   tier with room and is dropped only when no lower tier can take it.
+//! - **Promotion**: a hit in a slower tier is copied into the fastest tier;
+//!   the slower copy stays (so a later eviction from the fast tier is free).
+//! - **Verification**: a read that fails its checksum is counted, logged,
+//!   deleted from that tier and treated as a miss there.
+//! - **Events and counters** for every placement and removal.
+//!
+//! Per-key operations are serialised by striped async locks; victims whose
+//! stripe is busy are skipped rather than waited for, so eviction can never
+//! deadlock against the put that triggered it.
+
+use crate::{
+    Block, BlockHeader, Clock, EvictionPolicy, LruPolicy, ObjectKey, Tier, TierError, TierKind,
+    TierResult,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::sync::broadcast;
+
+const STRIPES: usize = 1024;
+const EVICT_BATCH: usize = 64;
+
+/// How durable a put must be before it is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledged once in the fastest tier with room (default).
+    #[default]
+    Memory,
+    /// Acknowledged once synced to the disk tier.
+    Disk,
+    /// Acknowledged once in the object store.
+    Object,
+}
+
+impl Durability {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Memory => "memory",
+            Durability::Disk => "disk",
+            Durability::Object => "object",
+        }
+    }
+}
+
+/// What happened to an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackEventKind {
+    /// Stored in a tier.
+    Stored,
+    /// Removed from a tier.
+    Removed,
+    /// A whole namespace was cleared (key is empty).
+    Cleared,
+}
+
+/// One placement change.
+#[derive(Clone, Debug)]
+pub struct StackEvent {
+    /// Kind.
+    pub kind: StackEventKind,
+    /// Object (for `Cleared`, a key with empty bytes in the namespace).
+    pub key: ObjectKey,
+    /// Tier concerned (for `Cleared`, the fastest tier).
+    pub tier: TierKind,
+}
+
+/// `exists_prefix` answer for one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExistsEntry {
+    /// Fastest tier holding the key.
+    pub tier: TierKind,
+    /// Payload length.
+    pub len: u64,
+}
+
+/// Counters of one tier.
+#[derive(Debug, Default)]
+pub struct StackMetrics {
+    /// Reads served by this tier.
+    pub hits: AtomicU64,
+    /// Reads that looked in this tier and did not find the object.
+    pub misses: AtomicU64,
+    /// Objects evicted from this tier for capacity.
+    pub evictions: AtomicU64,
+    /// Evicted objects moved to a lower tier.
+    pub demotions: AtomicU64,
+    /// Objects copied into this tier after a hit below.
+    pub promotions: AtomicU64,
+    /// Reads from this tier that failed verification.
+    pub checksum_failures: AtomicU64,
+    /// Payload bytes written into this tier.
+    pub bytes_in: AtomicU64,
+    /// Payload bytes read from this tier.
+    pub bytes_out: AtomicU64,
+    /// Evicted objects that no lower tier could take.
+    pub dropped: AtomicU64,
+}
+
+/// Point-in-time view of one tier.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Medium.
+    pub kind: Option<TierKind>,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Bytes used.
+    pub used: u64,
+    /// Objects stored.
+    pub objects: u64,
+    /// See [`StackMetrics`].
+    pub hits: u64,
+    /// See [`StackMetrics`].
+    pub misses: u64,
+    /// See [`StackMetrics`].
+    pub evictions: u64,
+    /// See [`StackMetrics`].
+    pub demotions: u64,
+    /// See [`StackMetrics`].
+    pub promotions: u64,
+    /// See [`StackMetrics`].
+    pub checksum_failures: u64,
+    /// See [`StackMetrics`].
+    pub bytes_in: u64,
+    /// See [`StackMetrics`].
+    pub bytes_out: u64,
+    /// See [`StackMetrics`].
+    pub dropped: u64,
+}
+
+#[derive(Debug)]
+struct Level {
+    tier: Arc<dyn Tier>,
+    policy: Mutex<Box<dyn EvictionPolicy>>,
+    evict_lock: tokio::sync::Mutex<()>,
+    metrics: StackMetrics,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    /// Bit i set = a copy lives in level i.
+    mask: u8,
+    len: u64,
+    checksum: u64,
+    lease_until_ms: u64,
+}
+
+/// The stack of tiers of one node.
+#[derive(Debug)]
+pub struct TierStack {
+    levels: Vec<Level>,
+    index: Mutex<HashMap<ObjectKey, Entry>>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    clock: Arc<dyn Clock>,
+    events: broadcast::Sender<StackEvent>,
+}
+
+fn bit(i: usize) -> u8 {
+    1 << i
+}
+
+impl TierStack {
+    /// Builds a stack over `tiers` (any order; sorted fastest first) and
+    /// rebuilds the index from what persistent tiers recovered. At most one
+    /// tier per kind.
+    pub async fn open(mut tiers: Vec<Arc<dyn Tier>>, clock: Arc<dyn Clock>) -> TierResult<TierStack> {
+        if tiers.is_empty() {
+            return Err(TierError::Config("the tier stack needs at least one tier".into()));
+        }
+        tiers.sort_by_key(|t| t.kind());
+        for w in tiers.windows(2) {
+            if w[0].kind() == w[1].kind() {
+                return Err(TierError::Config(format!("two {} tiers configured", w[0].kind())));
+            }
+        }
+        let levels: Vec<Level> = tiers
+            .into_iter()
+            .map(|tier| Level {
+                tier,
+                policy: Mutex::new(Box::new(LruPolicy::new())),
+                evict_lock: tokio::sync::Mutex::new(()),
+                metrics: StackMetrics::default(),
+            })
+            .collect();
+        let (events, _) = broadcast::channel(65_536);
+        let stack = TierStack {
+            levels,
+            index: Mutex::new(HashMap::new()),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            clock,
+            events,
+        };
+        stack.recover().await?;
+        Ok(stack)
+    }
+
+    async fn recover(&self) -> TierResult<()> {
+        // Newest copy wins when tiers disagree (a crash between writing a new
+        // version and deleting the old one).
+        let mut best: HashMap<ObjectKey, (BlockHeader, u8)> = HashMap::new();
+        let mut stale: Vec<(usize, ObjectKey)> = Vec::new();
+        for (i, level) in self.levels.iter().enumerate() {
+            for (key, header) in level.tier.recover().await? {
+                match best.get_mut(&key) {
+                    None => {
+                        best.insert(key, (header, bit(i)));
+                    }
+                    Some((h, mask)) if h.checksum == header.checksum && h.length == header.length => *mask |= bit(i),
+                    Some((h, mask)) => {
+                        if header.created_ms > h.created_ms {
+                            for j in 0..self.levels.len() {
+                                if *mask & bit(j) != 0 {
+                                    stale.push((j, key.clone()));
+                                }
+                            }
+                            *h = header;
+                            *mask = bit(i);
+                        } else {
+                            stale.push((i, key));
+                        }
+                    }
+                }
+            }
+        }
+        for (i, key) in stale {
+            tracing::warn!(%key, tier = %self.levels[i].tier.kind(), "recovery: removing an older copy");
+            self.levels[i].tier.delete(&key).await?;
+        }
+        let mut index = self.index.lock();
+        let n = best.len();
+        for (key, (h, mask)) in best {
+            for (i, level) in self.levels.iter().enumerate() {
+                if mask & bit(i) != 0 {
+                    level.policy.lock().insert(&key);
+                }
+            }
+            index.insert(key, Entry { mask, len: h.length, checksum: h.checksum, lease_until_ms: 0 });
+        }
+        if n > 0 {
+            tracing::info!(objects = n, "tier stack: index rebuilt from persistent tiers");
+        }
+        Ok(())
+    }
+
+    fn stripe(&self, key: &ObjectKey) -> &tokio::sync::Mutex<()> {
+        let h = xxhash_rust::xxh3::xxh3_64(key.key()) ^ xxhash_rust::xxh3::xxh3_64(key.namespace().as_bytes());
+        &self.stripes[(h % STRIPES as u64) as usize]
+    }
+
+    fn level_of(&self, kind: TierKind) -> Option<usize> {
+        self.levels.iter().position(|l| l.tier.kind() == kind)
+    }
+
+    /// Kinds of the configured tiers, fastest first.
+    pub fn kinds(&self) -> Vec<TierKind> {
+        self.levels.iter().map(|l| l.tier.kind()).collect()
+    }
+
+    /// Subscribes to placement events.
+    pub fn subscribe(&self) -> broadcast::Receiver<StackEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, kind: StackEventKind, key: &ObjectKey, level: usize) {
+        let _ = self.events.send(StackEvent { kind, key: key.clone(), tier: self.levels[level].tier.kind() });
+    }
+
+    /// The clock this stack uses.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Stores an object with the requested durability; returns the tier the
+    /// acknowledged copy lives in (the durable one for `disk`/`object`).
+    pub async fn put(&self, key: &ObjectKey, block: &Block, durability: Durability) -> TierResult<TierKind> {
+        let _g = self.stripe(key).lock().await;
+        let durable_level = match durability {
+            Durability::Memory => None,
+            Durability::Disk => Some(self.level_of(TierKind::Disk).ok_or(TierError::DurabilityUnavailable {
+                durability: "disk",
+                needed: TierKind::Disk,
+            })?),
+            Durability::Object => Some(self.level_of(TierKind::Object).ok_or(TierError::DurabilityUnavailable {
+                durability: "object",
+                needed: TierKind::Object,
+            })?),
+        };
+        let mut placed: u8 = 0;
+        let ack_level = match durable_level {
+            Some(d) => {
+                self.place(d, key, block, true).await?;
+                placed |= bit(d);
+                // Also cache it in the fastest tier, best effort.
+                if d > 0 {
+                    match self.place(0, key, block, false).await {
+                        Ok(()) => placed |= bit(0),
+                        Err(e) => tracing::debug!(%key, error = %e, "durable put: no fast copy cached"),
+                    }
+                }
+                d
+            }
+            None => {
+                let l = self.place_first_fit(0, key, block, false).await?;
+                placed |= bit(l);
+                l
+            }
+        };
+        self.commit_placement(key, block, placed).await;
+        Ok(self.levels[ack_level].tier.kind())
+    }
+
+    /// Records new copies in `placed`; removes copies of an older, different
+    /// version from the other tiers.
+    async fn commit_placement(&self, key: &ObjectKey, block: &Block, placed: u8) {
+        let old = {
+            let mut index = self.index.lock();
+            let e = index.entry(key.clone()).or_insert(Entry {
+                mask: 0,
+                len: block.header.length,
+                checksum: block.header.checksum,
+                lease_until_ms: 0,
+            });
+            let same = e.checksum == block.header.checksum && e.len == block.header.length;
+            let stale = if same { 0 } else { e.mask & !placed };
+            e.mask = if same { e.mask | placed } else { placed };
+            e.len = block.header.length;
+            e.checksum = block.header.checksum;
+            stale
+        };
+        for (i, level) in self.levels.iter().enumerate() {
+            if placed & bit(i) != 0 {
+                level.policy.lock().insert(key);
+                level.metrics.bytes_in.fetch_add(block.header.length, Relaxed);
+                self.emit(StackEventKind::Stored, key, i);
+            }
+            if old & bit(i) != 0 {
+                if let Err(e) = level.tier.delete(key).await {
+                    tracing::warn!(%key, tier = %level.tier.kind(), error = %e, "could not delete an outdated copy");
+                }
+                level.policy.lock().remove(key);
+                self.emit(StackEventKind::Removed, key, i);
+            }
+        }
+    }
+
+    /// Places into the first level at or below `from` that can take it.
+    async fn place_first_fit(&self, from: usize, key: &ObjectKey, block: &Block, sync: bool) -> TierResult<usize> {
+        let mut why = Vec::new();
+        for i in from..self.levels.len() {
+            match self.place(i, key, block, sync).await {
+                Ok(()) => return Ok(i),
+                Err(e @ (TierError::TooLarge { .. } | TierError::Full { .. } | TierError::CapacityExhausted { .. })) => {
+                    why.push(format!("{}: {e}", self.levels[i].tier.kind()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(TierError::CapacityExhausted { size: block.header.length, detail: why.join("; ") })
+    }
+
+    /// Places into level `i`, evicting (demoting) from it as needed.
+    async fn place(&self, i: usize, key: &ObjectKey, block: &Block, sync: bool) -> TierResult<()> {
+        let tier = &self.levels[i].tier;
+        loop {
+            match tier.put(key, block, sync).await {
+                Err(TierError::Full { needed, .. }) => {
+                    if !self.make_room(i, needed, Some(key)).await? {
+                        return Err(TierError::Full {
+                            tier: tier.kind(),
+                            needed,
+                            available: tier.capacity().saturating_sub(tier.used()),
+                            capacity: tier.capacity(),
+                        });
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Evicts from level `i` until `needed` bytes are free (or at least one
+    /// victim went). Returns false when nothing could be evicted.
+    async fn make_room(&self, i: usize, needed: u64, except: Option<&ObjectKey>) -> TierResult<bool> {
+        let level = &self.levels[i];
+        let _g = level.evict_lock.lock().await;
+        let mut evicted_any = false;
+        let now = self.clock.now_ms();
+        let candidates = level.policy.lock().candidates(EVICT_BATCH.max(1));
+        for victim in candidates {
+            let free = level.tier.capacity().saturating_sub(level.tier.used());
+            if evicted_any && free >= needed {
+                break;
+            }
+            if Some(&victim) == except {
+                continue;
+            }
+            let leased = self.index.lock().get(&victim).is_some_and(|e| e.lease_until_ms > now);
+            if leased {
+                continue;
+            }
+            let Ok(_vg) = self.stripe(&victim).try_lock() else {
+                continue; // someone is working on it; pick another
+            };
+            if self.demote(i, &victim).await? {
+                evicted_any = true;
+            }
+        }
+        Ok(evicted_any)
+    }
+
+    /// Moves `key` out of level `i`, to the next lower level with room unless
+    /// a lower copy already exists. Caller holds the key's stripe.
+    async fn demote(&self, i: usize, key: &ObjectKey) -> TierResult<bool> {
+        let level = &self.levels[i];
+        let Some(entry) = self.index.lock().get(key).cloned() else {
+            level.policy.lock().remove(key);
+            return Ok(false);
+        };
+        if entry.mask & bit(i) == 0 {
+            level.policy.lock().remove(key);
+            return Ok(false);
+        }
+        let has_lower = (i + 1..self.levels.len()).any(|j| entry.mask & bit(j) != 0);
+        let mut new_level = None;
+        if !has_lower && i + 1 < self.levels.len() {
+            match level.tier.get(key).await {
+                Ok(Some(block)) => match Box::pin(self.place_first_fit(i + 1, key, &block, false)).await {
+                    Ok(j) => new_level = Some(j),
+                    Err(e) => tracing::warn!(%key, error = %e, "eviction: no lower tier has room; dropping"),
+                },
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%key, error = %e, "eviction: could not read victim; dropping"),
+            }
+        }
+        level.tier.delete(key).await?;
+        level.policy.lock().remove(key);
+        level.metrics.evictions.fetch_add(1, Relaxed);
+        let gone = {
+            let mut index = self.index.lock();
+            let mut gone = false;
+            if let Some(e) = index.get_mut(key) {
+                e.mask &= !bit(i);
+                if let Some(j) = new_level {
+                    e.mask |= bit(j);
+                }
+                if e.mask == 0 {
+                    index.remove(key);
+                    gone = true;
+                }
+            }
+            gone
+        };
+        if let Some(j) = new_level {
+            level.metrics.demotions.fetch_add(1, Relaxed);
+            self.levels[j].policy.lock().insert(key);
+            self.levels[j].metrics.bytes_in.fetch_add(entry.len, Relaxed);
+            self.emit(StackEventKind::Stored, key, j);
+        } else if gone {
+            level.metrics.dropped.fetch_add(1, Relaxed);
+        }
+        self.emit(StackEventKind::Removed, key, i);
+        Ok(true)
+    }
+
+    /// Reads an object from the fastest tier holding a good copy; promotes a
+    /// hit below the fastest tier.
+    pub async fn get(&self, key: &ObjectKey) -> TierResult<Option<(Block, TierKind)>> {
+        let mask = self.index.lock().get(key).map(|e| e.mask).unwrap_or(0);
+        let mut last_err = None;
+        for (i, level) in self.levels.iter().enumerate() {
+            if mask & bit(i) == 0 {
+                level.metrics.misses.fetch_add(1, Relaxed);
+                continue;
+            }
+            match level.tier.get(key).await {
+                Ok(Some(block)) => {
+                    level.metrics.hits.fetch_add(1, Relaxed);
+                    level.metrics.bytes_out.fetch_add(block.header.length, Relaxed);
+                    level.policy.lock().touch(key);
+                    if i > 0 {
+                        self.promote(i, key, &block).await;
+                    }
+                    return Ok(Some((block, level.tier.kind())));
+                }
+                Ok(None) => level.metrics.misses.fetch_add(1, Relaxed),
+                Err(TierError::Corrupt { reason, .. }) => {
+                    level.metrics.checksum_failures.fetch_add(1, Relaxed);
+                    level.metrics.misses.fetch_add(1, Relaxed);
+                    tracing::error!(%key, tier = %level.tier.kind(), %reason, "checksum failure: deleting the bad copy");
+                    self.drop_copy(i, key).await;
+                    0
+                }
+                Err(e) => {
+                    tracing::warn!(%key, tier = %level.tier.kind(), error = %e, "read failed; trying slower tiers");
+                    last_err = Some(e);
+                    0
+                }
+            };
+        }
+        match last_err {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    async fn drop_copy(&self, i: usize, key: &ObjectKey) {
+        let level = &self.levels[i];
+        let _ = level.tier.delete(key).await;
+        level.policy.lock().remove(key);
+        {
+            let mut index = self.index.lock();
+            if let Some(e) = index.get_mut(key) {
+                e.mask &= !bit(i);
+                if e.mask == 0 {
+                    index.remove(key);
+                }
+            }
+        }
+        self.emit(StackEventKind::Removed, key, i);
+    }
+
+    async fn promote(&self, from: usize, key: &ObjectKey, block: &Block) {
+        let Ok(_g) = self.stripe(key).try_lock() else { return };
+        let target = 0;
+        let current = self.index.lock().get(key).map(|e| (e.mask, e.checksum));
+        match current {
+            Some((mask, sum)) if mask & bit(target) == 0 && sum == block.header.checksum => {}
+            _ => return,
+        }
+        if self.place(target, key, block, false).await.is_ok() {
+            let ok = {
+                let mut index = self.index.lock();
+                match index.get_mut(key) {
+                    Some(e) => {
+                        e.mask |= bit(target);
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if ok {
+                let l = &self.levels[target];
+                l.policy.lock().insert(key);
+                l.metrics.promotions.fetch_add(1, Relaxed);
+                l.metrics.bytes_in.fetch_add(block.header.length, Relaxed);
+                self.emit(StackEventKind::Stored, key, target);
+            } else {
+                let _ = self.levels[target].tier.delete(key).await;
+            }
+        } else {
+            tracing::debug!(%key, from = %self.levels[from].tier.kind(), "promotion skipped: no room");
+        }
+    }
+
+    /// Deletes an object from every tier; returns whether it existed.
+    pub async fn delete(&self, key: &ObjectKey) -> TierResult<bool> {
+        let _g = self.stripe(key).lock().await;
+        let Some(entry) = self.index.lock().remove(key) else {
+            return Ok(false);
+        };
+        let mut first_err = None;
+        for (i, level) in self.levels.iter().enumerate() {
+            if entry.mask & bit(i) != 0 {
+                if let Err(e) = level.tier.delete(key).await {
+                    first_err.get_or_insert(e);
+                }
+                level.policy.lock().remove(key);
+                self.emit(StackEventKind::Removed, key, i);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(true),
+        }
+    }
+
+    /// Deletes every object of a namespace; returns how many went.
+    pub async fn clear_namespace(&self, namespace: &str) -> TierResult<u64> {
+        let keys: Vec<ObjectKey> =
+            self.index.lock().keys().filter(|k| k.namespace() == namespace).cloned().collect();
+        let mut n = 0;
+        for k in &keys {
+            if self.delete(k).await? {
+                n += 1;
+            }
+        }
+        let _ = self.events.send(StackEvent {
+            kind: StackEventKind::Cleared,
+            key: ObjectKey::new(namespace, bytes::Bytes::new()),
+            tier: self.levels[0].tier.kind(),
+        });
+        Ok(n)
+    }
+
+    /// For a chain of keys: the fastest tier of each leading key present,
+    /// stopping at the first missing one.
+    pub fn exists_prefix(&self, keys: &[ObjectKey]) -> Vec<ExistsEntry> {
+        let index = self.index.lock();
+        let mut out = Vec::new();
+        for k in keys {
+            let Some(e) = index.get(k) else { break };
+            let i = e.mask.trailing_zeros() as usize;
+            out.push(ExistsEntry { tier: self.levels[i].tier.kind(), len: e.len });
+        }
+        out
+    }
+
+    /// Whether a key is present in any tier.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        self.index.lock().contains_key(key)
+    }
+
+    /// Pins keys against eviction until now + `ttl_ms` (extends, never
+    /// shortens; `ttl_ms == 0` releases). Returns, per key, whether it exists.
+    pub fn lease(&self, keys: &[ObjectKey], ttl_ms: u64) -> Vec<bool> {
+        let now = self.clock.now_ms();
+        let mut index = self.index.lock();
+        keys.iter()
+            .map(|k| match index.get_mut(k) {
+                Some(e) => {
+                    e.lease_until_ms = if ttl_ms == 0 { 0 } else { e.lease_until_ms.max(now.saturating_add(ttl_ms)) };
+                    true
+                }
+                None => false,
+            })
+            .collect()
+    }
+
+    /// Namespaces that currently hold objects.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.index.lock().keys().map(|k| k.namespace().to_string()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Number of distinct objects.
+    pub fn len(&self) -> usize {
+        self.index.lock().len()
+    }
+
+    /// Whether the stack is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Per-tier statistics, fastest first.
+    pub fn stats(&self) -> Vec<TierStats> {
+        self.levels
+            .iter()
+            .map(|l| {
+                let m = &l.metrics;
+                TierStats {
+                    kind: Some(l.tier.kind()),
+                    capacity: l.tier.capacity(),
+                    used: l.tier.used(),
+                    objects: l.tier.len() as u64,
+                    hits: m.hits.load(Relaxed),
+                    misses: m.misses.load(Relaxed),
+                    evictions: m.evictions.load(Relaxed),
+                    demotions: m.demotions.load(Relaxed),
+                    promotions: m.promotions.load(Relaxed),
+                    checksum_failures: m.checksum_failures.load(Relaxed),
+                    bytes_in: m.bytes_in.load(Relaxed),
+                    bytes_out: m.bytes_out.load(Relaxed),
+                    dropped: m.dropped.load(Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Checks that the index and every tier agree: each tier holds exactly
+    /// the keys the index places there, and its used bytes equal the sum of
+    /// their footprints. For tests; returns a description of the first
+    /// disagreement.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let index = self.index.lock();
+        for (i, level) in self.levels.iter().enumerate() {
+            let mut expect_used = 0;
+            let mut n = 0;
+            for (k, e) in index.iter() {
+                let here = e.mask & bit(i) != 0;
+                if here != level.tier.contains(k) {
+                    return Err(format!("{k}: index says {here} for {} tier, tier disagrees", level.tier.kind()));
+                }
+                if here {
+                    expect_used += level.tier.footprint(e.len);
+                    n += 1;
+                }
+            }
+            if level.tier.used() != expect_used {
+                return Err(format!(
+                    "{} tier: used {} but index footprints sum to {}",
+                    level.tier.kind(),
+                    level.tier.used(),
+                    expect_used
+                ));
+            }
+            if level.tier.len() != n {
+                return Err(format!("{} tier: holds {} objects, index says {}", level.tier.kind(), level.tier.len(), n));
+            }
+            if level.policy.lock().len() != n {
+                return Err(format!("{} tier: policy tracks {} objects, index says {n}", level.tier.kind(), level.policy.lock().len()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

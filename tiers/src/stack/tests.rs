@@ -1,0 +1,243 @@
+//! Tier stack tests: admission, demotion, promotion, leases, durability,
+//! checksum handling, recovery, and a proptest that accounting never drifts.
+
+use super::*;
+use crate::conformance::{MemTier, block};
+use crate::{ManualClock, TierKind};
+use proptest::prelude::*;
+
+fn k(i: u64) -> ObjectKey {
+    ObjectKey::new("ns", i.to_be_bytes().to_vec())
+}
+
+struct Fixture {
+    host: Arc<MemTier>,
+    disk: Arc<MemTier>,
+    object: Arc<MemTier>,
+    clock: Arc<ManualClock>,
+    stack: TierStack,
+}
+
+async fn fixture(host: u64, disk: u64, object: u64) -> Fixture {
+    let hostt = Arc::new(MemTier::new(TierKind::Host, host));
+    let diskt = Arc::new(MemTier::new(TierKind::Disk, disk));
+    let objt = Arc::new(MemTier::new(TierKind::Object, object));
+    let clock = Arc::new(ManualClock::new(1_000));
+    let stack = TierStack::open(vec![objt.clone(), hostt.clone(), diskt.clone()], clock.clone()).await.unwrap();
+    Fixture { host: hostt, disk: diskt, object: objt, clock, stack }
+}
+
+#[tokio::test]
+async fn put_lands_in_fastest_and_demotes_when_full() {
+    let f = fixture(3000, 3000, 100_000).await;
+    assert_eq!(f.stack.kinds(), vec![TierKind::Host, TierKind::Disk, TierKind::Object]);
+    for i in 0..8 {
+        assert_eq!(f.stack.put(&k(i), &block(i, 1000), Durability::Memory).await.unwrap(), TierKind::Host);
+    }
+    f.stack.check_consistency().unwrap();
+    assert_eq!(f.host.len(), 3);
+    assert_eq!(f.disk.len(), 3);
+    assert_eq!(f.object.len(), 2);
+    // Oldest went furthest down.
+    assert_eq!(f.stack.exists_prefix(&[k(0)])[0].tier, TierKind::Object);
+    assert_eq!(f.stack.exists_prefix(&[k(7)])[0].tier, TierKind::Host);
+    for i in 0..8 {
+        let (b, _) = f.stack.get(&k(i)).await.unwrap().unwrap();
+        assert_eq!(b.payload, block(i, 1000).payload);
+    }
+    let s = f.stack.stats();
+    assert!(s[0].evictions >= 5 && s[0].demotions >= 5, "{s:?}");
+    assert_eq!(s.iter().map(|t| t.dropped).sum::<u64>(), 0);
+    f.stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn hit_below_is_promoted_and_lower_copy_kept() {
+    let f = fixture(2000, 10_000, 10_000).await;
+    f.stack.put(&k(1), &block(1, 1000), Durability::Memory).await.unwrap();
+    f.stack.put(&k(2), &block(2, 1000), Durability::Memory).await.unwrap();
+    f.stack.put(&k(3), &block(3, 1000), Durability::Memory).await.unwrap(); // k1 -> disk
+    assert_eq!(f.stack.exists_prefix(&[k(1)])[0].tier, TierKind::Disk);
+    let (_, from) = f.stack.get(&k(1)).await.unwrap().unwrap();
+    assert_eq!(from, TierKind::Disk);
+    assert_eq!(f.stack.exists_prefix(&[k(1)])[0].tier, TierKind::Host);
+    assert!(f.disk.contains(&k(1)), "lower copy kept");
+    assert_eq!(f.stack.stats()[0].promotions, 1);
+    f.stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn dropped_only_when_no_lower_tier_has_room() {
+    let f = fixture(2000, 2000, 2000).await;
+    for i in 0..6 {
+        f.stack.put(&k(i), &block(i, 1000), Durability::Memory).await.unwrap();
+    }
+    assert_eq!(f.stack.len(), 6);
+    assert_eq!(f.stack.stats().iter().map(|t| t.dropped).sum::<u64>(), 0);
+    f.stack.put(&k(6), &block(6, 1000), Durability::Memory).await.unwrap();
+    assert_eq!(f.stack.len(), 6);
+    assert_eq!(f.stack.stats()[2].dropped, 1);
+    f.stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn leases_pin_and_expire() {
+    let f = fixture(2000, 1, 1).await; // lower tiers too small to take anything
+    f.stack.put(&k(1), &block(1, 1000), Durability::Memory).await.unwrap();
+    f.stack.put(&k(2), &block(2, 1000), Durability::Memory).await.unwrap();
+    assert_eq!(f.stack.lease(&[k(1), k(2), k(9)], 5_000), vec![true, true, false]);
+    let err = f.stack.put(&k(3), &block(3, 1000), Durability::Memory).await.unwrap_err();
+    assert!(matches!(err, TierError::CapacityExhausted { .. }), "{err}");
+    assert!(f.stack.contains(&k(1)) && f.stack.contains(&k(2)) && !f.stack.contains(&k(3)));
+    f.clock.advance(5_001);
+    f.stack.put(&k(3), &block(3, 1000), Durability::Memory).await.unwrap();
+    assert!(f.stack.contains(&k(3)));
+    f.stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn durability_writes_the_durable_tier() {
+    let f = fixture(10_000, 10_000, 10_000).await;
+    assert_eq!(f.stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap(), TierKind::Disk);
+    assert!(f.disk.contains(&k(1)) && f.host.contains(&k(1)));
+    assert_eq!(f.stack.put(&k(2), &block(2, 100), Durability::Object).await.unwrap(), TierKind::Object);
+    assert!(f.object.contains(&k(2)) && f.host.contains(&k(2)) && !f.disk.contains(&k(2)));
+    f.stack.check_consistency().unwrap();
+
+    let only_host = TierStack::open(vec![Arc::new(MemTier::new(TierKind::Host, 100))], Arc::new(ManualClock::new(0)))
+        .await
+        .unwrap();
+    let e = only_host.put(&k(1), &block(1, 10), Durability::Disk).await.unwrap_err();
+    assert!(matches!(e, TierError::DurabilityUnavailable { .. }), "{e}");
+    assert!(!only_host.contains(&k(1)));
+}
+
+#[tokio::test]
+async fn checksum_failure_is_a_counted_miss_and_deleted() {
+    let disk = Arc::new(MemTier::new(TierKind::Disk, 10_000));
+    let object = Arc::new(MemTier::new(TierKind::Object, 10_000));
+    let stack = TierStack::open(vec![disk.clone(), object.clone()], Arc::new(ManualClock::new(0))).await.unwrap();
+    // Only copy is bad: a miss, never bad bytes.
+    stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap();
+    disk.corrupt(&k(1));
+    assert!(stack.get(&k(1)).await.unwrap().is_none());
+    assert!(!disk.contains(&k(1)) && !stack.contains(&k(1)));
+    assert_eq!(stack.stats()[0].checksum_failures, 1);
+    // Bad fast copy, good durable copy: served from the good one.
+    stack.put(&k(2), &block(2, 100), Durability::Object).await.unwrap();
+    assert!(disk.contains(&k(2)) && object.contains(&k(2)));
+    disk.corrupt(&k(2));
+    let (b, from) = stack.get(&k(2)).await.unwrap().unwrap();
+    assert_eq!((b.payload, from), (block(2, 100).payload, TierKind::Object));
+    assert_eq!(stack.stats()[0].checksum_failures, 2);
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn overwrite_with_new_content_removes_old_copies() {
+    let f = fixture(10_000, 10_000, 10_000).await;
+    f.stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap();
+    f.stack.put(&k(1), &block(2, 200), Durability::Memory).await.unwrap();
+    assert!(!f.disk.contains(&k(1)));
+    let (b, _) = f.stack.get(&k(1)).await.unwrap().unwrap();
+    assert_eq!(b.payload, block(2, 200).payload);
+    f.stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn reopen_rebuilds_index_from_persistent_tiers() {
+    let f = fixture(10_000, 10_000, 10_000).await;
+    f.stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap();
+    f.stack.put(&k(2), &block(2, 100), Durability::Object).await.unwrap();
+    let fresh_host = Arc::new(MemTier::new(TierKind::Host, 10_000));
+    let again = TierStack::open(vec![fresh_host, f.disk.clone(), f.object.clone()], f.clock.clone()).await.unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again.get(&k(1)).await.unwrap().unwrap().0.payload, block(1, 100).payload);
+    assert_eq!(again.get(&k(2)).await.unwrap().unwrap().0.payload, block(2, 100).payload);
+    again.check_consistency().unwrap();
+    assert_eq!(again.namespaces(), vec!["ns".to_string()]);
+}
+
+#[tokio::test]
+async fn events_report_placements() {
+    let f = fixture(1000, 10_000, 10_000).await;
+    let mut rx = f.stack.subscribe();
+    f.stack.put(&k(1), &block(1, 1000), Durability::Memory).await.unwrap();
+    f.stack.put(&k(2), &block(2, 1000), Durability::Memory).await.unwrap();
+    f.stack.delete(&k(2)).await.unwrap();
+    let mut seen = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        seen.push((e.kind, e.key, e.tier));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (StackEventKind::Stored, k(1), TierKind::Host),
+            (StackEventKind::Stored, k(1), TierKind::Disk),
+            (StackEventKind::Removed, k(1), TierKind::Host),
+            (StackEventKind::Stored, k(2), TierKind::Host),
+            (StackEventKind::Removed, k(2), TierKind::Host),
+        ]
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put(u64, usize, u8),
+    Get(u64),
+    Delete(u64),
+    Lease(u64, u64),
+    Tick(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u64..40, 1usize..3000, 0u8..3).prop_map(|(k, n, d)| Op::Put(k, n, d)),
+        3 => (0u64..40).prop_map(Op::Get),
+        1 => (0u64..40).prop_map(Op::Delete),
+        1 => (0u64..40, 0u64..3000).prop_map(|(k, t)| Op::Lease(k, t)),
+        1 => (0u64..3000).prop_map(Op::Tick),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// Random puts/gets/deletes/leases: the index and tiers never disagree,
+    /// used bytes never drift, and with an unbounded last tier nothing
+    /// acknowledged is ever lost or altered.
+    #[test]
+    fn accounting_never_drifts(ops in proptest::collection::vec(op(), 1..120)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let f = fixture(8_000, 20_000, u64::MAX).await;
+            let mut model: HashMap<u64, (u64, usize)> = HashMap::new();
+            for (n, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Put(key, len, d) => {
+                        let dur = [Durability::Memory, Durability::Disk, Durability::Object][d as usize];
+                        let seed = n as u64;
+                        f.stack.put(&k(key), &block(seed, len), dur).await.unwrap();
+                        model.insert(key, (seed, len));
+                    }
+                    Op::Get(key) => {
+                        let got = f.stack.get(&k(key)).await.unwrap().map(|(b, _)| b.payload);
+                        let want = model.get(&key).map(|&(s, l)| block(s, l).payload);
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Delete(key) => {
+                        prop_assert_eq!(f.stack.delete(&k(key)).await.unwrap(), model.remove(&key).is_some());
+                    }
+                    Op::Lease(key, ttl) => {
+                        f.stack.lease(&[k(key)], ttl);
+                    }
+                    Op::Tick(ms) => f.clock.advance(ms),
+                }
+                if let Err(e) = f.stack.check_consistency() {
+                    prop_assert!(false, "{}", e);
+                }
+            }
+            prop_assert_eq!(f.stack.len(), model.len());
+            Ok(())
+        })?;
+    }
+}
