@@ -6,6 +6,27 @@
 # sections (apt packages, ...) below; keep each one idempotent.
 set -euo pipefail
 
+# ---------------------------------------------------------------------------
+# System packages (Debian): protoc for code generation, librocksdb-dev so
+# rocksdb links the system library instead of building C++ for 15 minutes,
+# libclang for bindgen, fio for the disk-tier benchmark limit, and the RDMA
+# headers so `--features rdma` compiles.
+# ---------------------------------------------------------------------------
+APT_PACKAGES=(protobuf-compiler librocksdb-dev libclang-dev clang pkg-config fio libibverbs-dev librdmacm-dev python3-venv)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    SUDO=""
+    [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    echo "system packages present"
+fi
+
 # Where user-space test tools are installed (not the system).
 KVFABRIC_TEST_DEPS_DIR="${KVFABRIC_TEST_DEPS_DIR:-$HOME/.cache/kvfabric/test-deps}"
 mkdir -p "$KVFABRIC_TEST_DEPS_DIR"

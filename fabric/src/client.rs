@@ -4,9 +4,8 @@
 //! zero-copy `Bytes` chunks of at most 4 MiB.
 
 use crate::proto::v1::{
-    self, DeleteRequest, ExistsPrefixRequest, GetRequest, LeaseRequest, ObjectBegin, PutOpen,
-    PutRequest, StatsRequest, StatsResponse, SubscribeRequest, get_response,
-    kv_block_service_client::KvBlockServiceClient, put_request,
+    self, DeleteRequest, ExistsPrefixRequest, GetRequest, LeaseRequest, ObjectBegin, PutOpen, PutRequest, StatsRequest,
+    StatsResponse, SubscribeRequest, get_response, kv_block_service_client::KvBlockServiceClient, put_request,
 };
 use crate::proto::{DEFAULT_CHUNK_BYTES, ErrorKind, MAX_MESSAGE_BYTES, from_status};
 use crate::validate;
@@ -219,12 +218,7 @@ impl Client {
             });
             std::iter::once(begin).chain(chunks)
         }));
-        let resp = self
-            .inner
-            .clone()
-            .put(futures::stream::iter(msgs))
-            .await?
-            .into_inner();
+        let resp = self.inner.clone().put(futures::stream::iter(msgs)).await?.into_inner();
         if resp.results.len() != n {
             return Err(ClientError::Protocol(format!(
                 "put of {n} objects answered {} results",
@@ -236,11 +230,7 @@ impl Client {
 
     /// Reads one object.
     pub async fn get(&self, namespace: &str, key: impl Into<Bytes>) -> Result<Option<Object>> {
-        Ok(self
-            .get_many(namespace, vec![key.into()])
-            .await?
-            .pop()
-            .flatten())
+        Ok(self.get_many(namespace, vec![key.into()]).await?.pop().flatten())
     }
 
     /// Reads a batch; the result has one entry per key, in order.
@@ -257,54 +247,49 @@ impl Client {
         let mut stream = self.inner.clone().get(req).await?.into_inner();
         let mut out: Vec<Option<Object>> = (0..n).map(|_| None).collect();
         let mut cur: Option<(usize, v1::ObjectFound, BytesMut)> = None;
-        let finish = |cur: &mut Option<(usize, v1::ObjectFound, BytesMut)>,
-                      out: &mut Vec<Option<Object>>|
-         -> Result<()> {
-            if let Some((i, f, buf)) = cur.take() {
-                if buf.len() as u64 != f.length {
-                    return Err(ClientError::Protocol(format!(
-                        "object {i}: got {} of {} bytes",
-                        buf.len(),
-                        f.length
-                    )));
-                }
-                let value = buf.freeze();
-                if xxhash_rust::xxh3::xxh3_64(&value) != f.checksum {
-                    return Err(ClientError::Status {
-                        kind: ErrorKind::DataCorruption,
-                        code: tonic::Code::DataLoss,
-                        message: format!("object {i}: checksum mismatch in transit"),
+        let finish =
+            |cur: &mut Option<(usize, v1::ObjectFound, BytesMut)>, out: &mut Vec<Option<Object>>| -> Result<()> {
+                if let Some((i, f, buf)) = cur.take() {
+                    if buf.len() as u64 != f.length {
+                        return Err(ClientError::Protocol(format!(
+                            "object {i}: got {} of {} bytes",
+                            buf.len(),
+                            f.length
+                        )));
+                    }
+                    let value = buf.freeze();
+                    if xxhash_rust::xxh3::xxh3_64(&value) != f.checksum {
+                        return Err(ClientError::Status {
+                            kind: ErrorKind::DataCorruption,
+                            code: tonic::Code::DataLoss,
+                            message: format!("object {i}: checksum mismatch in transit"),
+                        });
+                    }
+                    let tier = f.tier();
+                    out[i] = Some(Object {
+                        value,
+                        layout: f.layout.unwrap_or_default(),
+                        created_ms: f.created_ms,
+                        checksum: f.checksum,
+                        tier,
                     });
                 }
-                let tier = f.tier();
-                out[i] = Some(Object {
-                    value,
-                    layout: f.layout.unwrap_or_default(),
-                    created_ms: f.created_ms,
-                    checksum: f.checksum,
-                    tier,
-                });
-            }
-            Ok(())
-        };
+                Ok(())
+            };
         while let Some(msg) = stream.message().await? {
             match msg.msg {
                 Some(get_response::Msg::Found(f)) => {
                     finish(&mut cur, &mut out)?;
                     let i = f.index as usize;
                     if i >= n {
-                        return Err(ClientError::Protocol(format!(
-                            "server named key index {i} of {n}"
-                        )));
+                        return Err(ClientError::Protocol(format!("server named key index {i} of {n}")));
                     }
                     let cap = (f.length as usize).min(64 << 20);
                     cur = Some((i, f, BytesMut::with_capacity(cap)));
                 }
                 Some(get_response::Msg::Missing(_)) => finish(&mut cur, &mut out)?,
                 Some(get_response::Msg::Data(d)) => match cur.as_mut() {
-                    Some((_, f, buf)) if buf.len() as u64 + d.len() as u64 <= f.length => {
-                        buf.extend_from_slice(&d)
-                    }
+                    Some((_, f, buf)) if buf.len() as u64 + d.len() as u64 <= f.length => buf.extend_from_slice(&d),
                     _ => return Err(ClientError::Protocol("unexpected data chunk".into())),
                 },
                 None => return Err(ClientError::Protocol("empty message".into())),
@@ -359,16 +344,11 @@ impl Client {
 
     /// Pins keys against eviction for `ttl` (zero releases); per key,
     /// whether it exists.
-    pub async fn lease(
-        &self,
-        namespace: &str,
-        keys: Vec<Bytes>,
-        ttl: Duration,
-    ) -> Result<Vec<bool>> {
+    pub async fn lease(&self, namespace: &str, keys: Vec<Bytes>, ttl: Duration) -> Result<Vec<bool>> {
         Self::check_ns(namespace)?;
         validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
-        let ttl_seconds = u32::try_from(ttl.as_secs())
-            .map_err(|_| ClientError::InvalidArgument("lease too long".into()))?;
+        let ttl_seconds =
+            u32::try_from(ttl.as_secs()).map_err(|_| ClientError::InvalidArgument("lease too long".into()))?;
         let req = LeaseRequest {
             tenant: self.tenant.clone(),
             namespace: namespace.into(),
@@ -380,12 +360,7 @@ impl Client {
 
     /// Node statistics.
     pub async fn stats(&self) -> Result<StatsResponse> {
-        Ok(self
-            .inner
-            .clone()
-            .stats(StatsRequest {})
-            .await?
-            .into_inner())
+        Ok(self.inner.clone().stats(StatsRequest {}).await?.into_inner())
     }
 
     /// Subscribes to stored / removed / cleared events (all namespaces when

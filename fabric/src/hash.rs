@@ -17,12 +17,7 @@ pub fn namespace_salt(namespace: &str) -> u64 {
 
 /// Hash of one block given its parent's hash (`None` for the first block).
 /// Extra keys are length-prefixed so `["ab","c"]` and `["a","bc"]` differ.
-pub fn block_hash(
-    salt: u64,
-    parent: Option<&BlockHash>,
-    tokens: &[u32],
-    extra: &[&[u8]],
-) -> BlockHash {
+pub fn block_hash(salt: u64, parent: Option<&BlockHash>, tokens: &[u32], extra: &[&[u8]]) -> BlockHash {
     let mut h = Xxh3::with_seed(salt);
     h.update(&[parent.is_some() as u8]);
     h.update(parent.unwrap_or(&[0u8; 16]));
@@ -40,12 +35,7 @@ pub fn block_hash(
 
 /// Hashes of every *full* block of `tokens` (a trailing partial block gets no
 /// hash), each chained to the one before.
-pub fn chain_hashes(
-    salt: u64,
-    tokens: &[u32],
-    block_size: usize,
-    extra: &[&[u8]],
-) -> Vec<BlockHash> {
+pub fn chain_hashes(salt: u64, tokens: &[u32], block_size: usize, extra: &[&[u8]]) -> Vec<BlockHash> {
     assert!(block_size > 0, "block size must be positive");
     let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len() / block_size);
     for chunk in tokens.chunks_exact(block_size) {
@@ -66,10 +56,7 @@ mod tests {
         let full = chain_hashes(s, &toks, 16, &[]);
         assert_eq!(full.len(), 6);
         assert_eq!(chain_hashes(s, &toks[..48], 16, &[]), full[..3].to_vec());
-        assert_ne!(
-            chain_hashes(namespace_salt("b"), &toks, 16, &[])[0],
-            full[0]
-        );
+        assert_ne!(chain_hashes(namespace_salt("b"), &toks, 16, &[])[0], full[0]);
         let mut other = toks.clone();
         other[0] = 999; // changing an early token changes every later hash
         let changed = chain_hashes(s, &other, 16, &[]);

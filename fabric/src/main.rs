@@ -69,11 +69,7 @@ struct ServeArgs {
 #[derive(clap::Args, Debug)]
 struct Conn {
     /// Node endpoint.
-    #[arg(
-        long,
-        env = "KVFABRIC_ENDPOINT",
-        default_value = "http://127.0.0.1:50051"
-    )]
+    #[arg(long, env = "KVFABRIC_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
     /// Tenant to act as.
     #[arg(long, env = "KVFABRIC_TENANT", default_value = "")]
@@ -190,8 +186,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut handle = node.start().await?;
     let stop = handle.take_shutdown();
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
@@ -206,17 +201,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn connect(c: &Conn) -> Result<Client, ClientError> {
-    Ok(Client::connect(c.endpoint.clone())
-        .await?
-        .with_tenant(c.tenant.clone()))
+    Ok(Client::connect(c.endpoint.clone()).await?.with_tenant(c.tenant.clone()))
 }
 
 async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
     match cmd {
         Cmd::Put(a) => {
             let data = match &a.file {
-                Some(p) => std::fs::read(p)
-                    .map_err(|e| ClientError::InvalidArgument(format!("{}: {e}", p.display())))?,
+                Some(p) => {
+                    std::fs::read(p).map_err(|e| ClientError::InvalidArgument(format!("{}: {e}", p.display())))?
+                }
                 None => {
                     let mut v = Vec::new();
                     std::io::stdin()
@@ -225,8 +219,7 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
                     v
                 }
             };
-            let key = key_bytes(&a.key, a.hex_key)
-                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+            let key = key_bytes(&a.key, a.hex_key).map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
             let d = match a.durability {
                 DurabilityArg::Memory => Durability::Memory,
                 DurabilityArg::Disk => Durability::Disk,
@@ -237,15 +230,12 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
             let tier = client.put(&a.namespace, key, data, d).await?;
             eprintln!(
                 "stored {n} bytes in {} tier",
-                tier.as_str_name()
-                    .trim_start_matches("TIER_")
-                    .to_lowercase()
+                tier.as_str_name().trim_start_matches("TIER_").to_lowercase()
             );
             Ok(0)
         }
         Cmd::Get(a) => {
-            let key = key_bytes(&a.key, a.hex_key)
-                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+            let key = key_bytes(&a.key, a.hex_key).map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
             let client = connect(&a.conn).await?;
             match client.get(&a.namespace, key).await? {
                 None => {
@@ -267,22 +257,10 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
             let s = client.stats().await?;
             println!(
                 "{:<7} {:>15} {:>15} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
-                "tier",
-                "capacity",
-                "used",
-                "objects",
-                "hits",
-                "misses",
-                "evictions",
-                "demotions",
-                "promotions"
+                "tier", "capacity", "used", "objects", "hits", "misses", "evictions", "demotions", "promotions"
             );
             for t in &s.tiers {
-                let name = t
-                    .tier()
-                    .as_str_name()
-                    .trim_start_matches("TIER_")
-                    .to_lowercase();
+                let name = t.tier().as_str_name().trim_start_matches("TIER_").to_lowercase();
                 let cap = if t.capacity_bytes == u64::MAX {
                     "unbounded".to_string()
                 } else {
@@ -301,11 +279,7 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
                     t.promotions
                 );
             }
-            println!(
-                "objects: {}  namespaces: {}",
-                s.objects,
-                s.namespaces.join(",")
-            );
+            println!("objects: {}  namespaces: {}", s.objects, s.namespaces.join(","));
             Ok(0)
         }
         Cmd::Serve(_) => unreachable!("handled in main"),

@@ -31,9 +31,7 @@ pub fn name(what: &str, value: &str) -> Result<(), String> {
 /// Checks one key (1 to 64 bytes); `index` is its position in the request.
 pub fn key(index: usize, key: &[u8]) -> Result<(), String> {
     if key.is_empty() {
-        return Err(format!(
-            "key {index} is empty; keys are 1 to {MAX_KEY_BYTES} bytes"
-        ));
+        return Err(format!("key {index} is empty; keys are 1 to {MAX_KEY_BYTES} bytes"));
     }
     if key.len() > MAX_KEY_BYTES {
         return Err(format!(
@@ -50,14 +48,9 @@ pub fn keys<K: AsRef<[u8]>>(keys: &[K], max: usize) -> Result<(), String> {
         return Err("no keys given".into());
     }
     if keys.len() > max {
-        return Err(format!(
-            "{} keys in one request; the limit is {max}",
-            keys.len()
-        ));
+        return Err(format!("{} keys in one request; the limit is {max}", keys.len()));
     }
-    keys.iter()
-        .enumerate()
-        .try_for_each(|(i, k)| key(i, k.as_ref()))
+    keys.iter().enumerate().try_for_each(|(i, k)| key(i, k.as_ref()))
 }
 
 #[cfg(test)]
@@ -69,11 +62,7 @@ mod tests {
         assert!(name("namespace", "a.b-c_1").is_ok());
         assert!(name("namespace", "").unwrap_err().contains("empty"));
         assert!(name("namespace", "a/b").unwrap_err().contains("'/'"));
-        assert!(
-            name("namespace", &"x".repeat(129))
-                .unwrap_err()
-                .contains("limit")
-        );
+        assert!(name("namespace", &"x".repeat(129)).unwrap_err().contains("limit"));
         assert!(key(0, &[]).is_err());
         assert!(key(3, &[0; 65]).unwrap_err().contains("key 3 is 65 bytes"));
         assert!(keys::<&[u8]>(&[], 10).is_err());

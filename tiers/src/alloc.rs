@@ -40,7 +40,13 @@ impl ExtentAllocator {
     pub fn new(capacity: u64, align: u64) -> Self {
         assert!(align.is_power_of_two(), "alignment must be a power of two");
         let capacity = capacity / align * align;
-        let mut a = Self { align, capacity, used: 0, by_offset: BTreeMap::new(), by_size: BTreeSet::new() };
+        let mut a = Self {
+            align,
+            capacity,
+            used: 0,
+            by_offset: BTreeMap::new(),
+            by_size: BTreeSet::new(),
+        };
         if capacity > 0 {
             a.insert_free(0, capacity);
         }
@@ -172,8 +178,14 @@ mod tests {
     #[test]
     fn reserve_claims_exact_ranges() {
         let mut a = ExtentAllocator::new(8 * 4096, 4096);
-        assert!(a.reserve(Extent { offset: 4096, len: 8192 }));
-        assert!(!a.reserve(Extent { offset: 8192, len: 4096 }));
+        assert!(a.reserve(Extent {
+            offset: 4096,
+            len: 8192
+        }));
+        assert!(!a.reserve(Extent {
+            offset: 8192,
+            len: 4096
+        }));
         assert!(!a.reserve(Extent { offset: 100, len: 4096 }));
         assert_eq!(a.used(), 8192);
         assert_eq!(a.alloc(4096).unwrap().offset, 0);

@@ -20,7 +20,10 @@ pub struct ObjectKey {
 impl ObjectKey {
     /// Creates a key; callers validate lengths first (see the fabric's checks).
     pub fn new(namespace: impl Into<Arc<str>>, key: impl Into<Bytes>) -> Self {
-        Self { namespace: namespace.into(), key: key.into() }
+        Self {
+            namespace: namespace.into(),
+            key: key.into(),
+        }
     }
     /// The namespace.
     pub fn namespace(&self) -> &str {
@@ -126,7 +129,10 @@ impl Block {
         }
         let sum = checksum(&self.payload);
         if sum != self.header.checksum {
-            return Err(HeaderError::ChecksumMismatch { expected: self.header.checksum, actual: sum });
+            return Err(HeaderError::ChecksumMismatch {
+                expected: self.header.checksum,
+                actual: sum,
+            });
         }
         Ok(())
     }
@@ -245,7 +251,10 @@ impl BlockHeader {
     pub fn decode(data: &[u8]) -> Result<(BlockHeader, ObjectKey, usize), HeaderError> {
         const FIXED: usize = 4 + 2 + 4;
         if data.len() < FIXED {
-            return Err(HeaderError::Truncated { need: FIXED, have: data.len() });
+            return Err(HeaderError::Truncated {
+                need: FIXED,
+                have: data.len(),
+            });
         }
         let mut buf = data;
         let magic = buf.get_u32_le();
@@ -261,7 +270,10 @@ impl BlockHeader {
             return Err(HeaderError::Field("header length"));
         }
         if data.len() < total {
-            return Err(HeaderError::Truncated { need: total, have: data.len() });
+            return Err(HeaderError::Truncated {
+                need: total,
+                have: data.len(),
+            });
         }
         let body = &data[..total - 8];
         let stored = u64::from_le_bytes(data[total - 8..total].try_into().expect("8 bytes"));
@@ -281,10 +293,10 @@ impl BlockHeader {
         if ns.is_empty() || key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(HeaderError::Field("key length"));
         }
-        let model = String::from_utf8(get_str(&mut buf, "model")?)
-            .map_err(|_| HeaderError::Field("model is not UTF-8"))?;
-        let dtype = String::from_utf8(get_str(&mut buf, "dtype")?)
-            .map_err(|_| HeaderError::Field("dtype is not UTF-8"))?;
+        let model =
+            String::from_utf8(get_str(&mut buf, "model")?).map_err(|_| HeaderError::Field("model is not UTF-8"))?;
+        let dtype =
+            String::from_utf8(get_str(&mut buf, "dtype")?).map_err(|_| HeaderError::Field("dtype is not UTF-8"))?;
         if buf.remaining() < 24 {
             return Err(HeaderError::Field("layout"));
         }
@@ -301,7 +313,16 @@ impl BlockHeader {
         if buf.has_remaining() {
             return Err(HeaderError::Field("trailing bytes"));
         }
-        Ok((BlockHeader { length, checksum: sum, created_ms, layout }, ObjectKey::new(ns, key), total))
+        Ok((
+            BlockHeader {
+                length,
+                checksum: sum,
+                created_ms,
+                layout,
+            },
+            ObjectKey::new(ns, key),
+            total,
+        ))
     }
 }
 
@@ -314,7 +335,12 @@ mod tests {
         let key = ObjectKey::new("ns", vec![1u8, 2, 3]);
         let b = Block::new(
             Bytes::from_static(b"hello"),
-            Layout { model: "m".into(), dtype: "bf16".into(), num_layers: 4, ..Default::default() },
+            Layout {
+                model: "m".into(),
+                dtype: "bf16".into(),
+                num_layers: 4,
+                ..Default::default()
+            },
             7,
         );
         (b.header, key)

@@ -23,7 +23,12 @@ pub fn payload(seed: u64, len: usize) -> Bytes {
 
 /// A block with a deterministic payload and a small layout.
 pub fn block(seed: u64, len: usize) -> Block {
-    let layout = Layout { model: "conformance".into(), dtype: "u8".into(), num_layers: 2, ..Default::default() };
+    let layout = Layout {
+        model: "conformance".into(),
+        dtype: "u8".into(),
+        num_layers: 2,
+        ..Default::default()
+    };
     Block::new(payload(seed, len), layout, 1_700_000_000_000 + seed)
 }
 
@@ -115,7 +120,11 @@ pub async fn full_and_too_large<T: Tier + ?Sized>(t: &T) {
         return; // effectively unbounded (object store) or too big to fill in a test
     }
     let too_large = t.put(&key(1), &block(1, cap as usize + 1), false).await;
-    assert!(matches!(too_large, Err(TierError::TooLarge { .. })), "{}: {too_large:?}", t.kind());
+    assert!(
+        matches!(too_large, Err(TierError::TooLarge { .. })),
+        "{}: {too_large:?}",
+        t.kind()
+    );
     let chunk = (cap / 4) as usize;
     let mut stored = 0u64;
     let mut full = None;
@@ -128,7 +137,11 @@ pub async fn full_and_too_large<T: Tier + ?Sized>(t: &T) {
             }
         }
     }
-    assert!(matches!(full, Some(TierError::Full { .. })), "{}: expected Full, got {full:?}", t.kind());
+    assert!(
+        matches!(full, Some(TierError::Full { .. })),
+        "{}: expected Full, got {full:?}",
+        t.kind()
+    );
     for i in 0..stored {
         assert_eq!(t.get(&key(i)).await.unwrap().unwrap().payload, block(i, chunk).payload);
     }
@@ -149,7 +162,9 @@ pub async fn concurrent_mixed<T: Tier>(t: Arc<T>) {
                 let seed = 1000 + (w * 7 + i) % 24; // same key -> same content
                 match i % 4 {
                     0 | 1 => {
-                        let _ = t.put(&k, &block(seed, 20_000 + (seed as usize % 5) * 1000), false).await;
+                        let _ = t
+                            .put(&k, &block(seed, 20_000 + (seed as usize % 5) * 1000), false)
+                            .await;
                     }
                     2 => {
                         if let Some(b) = t.get(&k).await.unwrap() {
@@ -216,7 +231,11 @@ pub struct MemTier {
 impl MemTier {
     /// A tier of `kind` holding at most `capacity` payload bytes.
     pub fn new(kind: crate::TierKind, capacity: u64) -> Self {
-        Self { kind, capacity, map: Default::default() }
+        Self {
+            kind,
+            capacity,
+            map: Default::default(),
+        }
     }
     /// Flips a byte of a stored payload behind the tier's back.
     pub fn corrupt(&self, key: &ObjectKey) {
@@ -251,12 +270,25 @@ impl Tier for MemTier {
     async fn put(&self, key: &ObjectKey, block: &Block, _sync: bool) -> crate::TierResult<()> {
         let need = self.footprint(block.header.length);
         if need > self.capacity {
-            return Err(TierError::TooLarge { tier: self.kind, size: need, capacity: self.capacity });
+            return Err(TierError::TooLarge {
+                tier: self.kind,
+                size: need,
+                capacity: self.capacity,
+            });
         }
         let mut m = self.map.lock();
-        let used: u64 = m.iter().filter(|(k, _)| *k != key).map(|(_, b)| b.header.length.max(1)).sum();
+        let used: u64 = m
+            .iter()
+            .filter(|(k, _)| *k != key)
+            .map(|(_, b)| b.header.length.max(1))
+            .sum();
         if used + need > self.capacity {
-            return Err(TierError::Full { tier: self.kind, needed: need, available: self.capacity - used, capacity: self.capacity });
+            return Err(TierError::Full {
+                tier: self.kind,
+                needed: need,
+                available: self.capacity - used,
+                capacity: self.capacity,
+            });
         }
         m.insert(key.clone(), block.clone());
         Ok(())
@@ -266,7 +298,11 @@ impl Tier for MemTier {
         match b {
             Some(b) if self.kind.is_persistent() => match b.verify() {
                 Ok(()) => Ok(Some(b)),
-                Err(e) => Err(TierError::Corrupt { tier: self.kind, key: key.to_string(), reason: e.to_string() }),
+                Err(e) => Err(TierError::Corrupt {
+                    tier: self.kind,
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                }),
             },
             other => Ok(other),
         }
@@ -278,7 +314,12 @@ impl Tier for MemTier {
         self.map.lock().contains_key(key)
     }
     async fn recover(&self) -> crate::TierResult<Vec<(ObjectKey, crate::BlockHeader)>> {
-        Ok(self.map.lock().iter().map(|(k, b)| (k.clone(), b.header.clone())).collect())
+        Ok(self
+            .map
+            .lock()
+            .iter()
+            .map(|(k, b)| (k.clone(), b.header.clone()))
+            .collect())
     }
 }
 
@@ -289,6 +330,13 @@ mod mem_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn mem_tier_conformance() {
         let t = Arc::new(MemTier::new(crate::TierKind::Disk, 4 << 20));
-        run_all(|| { let t = t.clone(); async move { t } }, true).await;
+        run_all(
+            || {
+                let t = t.clone();
+                async move { t }
+            },
+            true,
+        )
+        .await;
     }
 }

@@ -83,6 +83,9 @@ pub enum TierError {
 impl TierError {
     /// Builds an [`TierError::Io`] with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        TierError::Io { context: context.into(), source }
+        TierError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }

@@ -34,14 +34,19 @@ impl Arena {
     fn new(capacity: u64) -> TierResult<Arena> {
         let len = (capacity / HOST_ALIGN * HOST_ALIGN) as usize;
         if len == 0 {
-            return Err(TierError::Config(format!("host tier capacity {capacity} is below one 4 KiB slot")));
+            return Err(TierError::Config(format!(
+                "host tier capacity {capacity} is below one 4 KiB slot"
+            )));
         }
         let name = c"kvfabric-host-arena";
         // SAFETY: FFI calls with valid arguments; results are checked.
         unsafe {
             let fd = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC);
             if fd < 0 {
-                return Err(TierError::io("memfd_create for host arena", std::io::Error::last_os_error()));
+                return Err(TierError::io(
+                    "memfd_create for host arena",
+                    std::io::Error::last_os_error(),
+                ));
             }
             if libc::ftruncate(fd, len as libc::off_t) != 0 {
                 let e = std::io::Error::last_os_error();
@@ -94,7 +99,12 @@ impl Slot {
     fn bytes(&self) -> &[u8] {
         // SAFETY: the extent lies inside the mapping and was fully written
         // before the slot was published; nobody writes it while it is alive.
-        unsafe { std::slice::from_raw_parts(self.arena.ptr.add(self.extent.offset as usize), self.header.length as usize) }
+        unsafe {
+            std::slice::from_raw_parts(
+                self.arena.ptr.add(self.extent.offset as usize),
+                self.header.length as usize,
+            )
+        }
     }
 }
 
@@ -116,7 +126,10 @@ impl HostTier {
     pub fn new(capacity: u64) -> TierResult<HostTier> {
         let arena = Arc::new(Arena::new(capacity)?);
         tracing::info!(capacity = arena.len, "host tier: memfd arena of 4 KiB-aligned slots");
-        Ok(HostTier { arena, index: RwLock::new(HashMap::new()) })
+        Ok(HostTier {
+            arena,
+            index: RwLock::new(HashMap::new()),
+        })
     }
 }
 
@@ -143,7 +156,11 @@ impl Tier for HostTier {
         let extent = {
             let mut a = self.arena.alloc.lock();
             if need > a.capacity() {
-                return Err(TierError::TooLarge { tier: TierKind::Host, size: need, capacity: a.capacity() });
+                return Err(TierError::TooLarge {
+                    tier: TierKind::Host,
+                    size: need,
+                    capacity: a.capacity(),
+                });
             }
             match a.alloc(need) {
                 Some(e) => e,
@@ -166,7 +183,11 @@ impl Tier for HostTier {
                 block.payload.len(),
             );
         }
-        let slot = Arc::new(Slot { arena: self.arena.clone(), extent, header: block.header.clone() });
+        let slot = Arc::new(Slot {
+            arena: self.arena.clone(),
+            extent,
+            header: block.header.clone(),
+        });
         let old = self.index.write().insert(key.clone(), slot);
         drop(old); // frees the previous slot once its readers finish
         Ok(())
@@ -177,7 +198,10 @@ impl Tier for HostTier {
             return Ok(None);
         };
         let payload = Bytes::copy_from_slice(slot.bytes());
-        Ok(Some(Block { header: slot.header.clone(), payload }))
+        Ok(Some(Block {
+            header: slot.header.clone(),
+            payload,
+        }))
     }
 
     async fn delete(&self, key: &ObjectKey) -> TierResult<bool> {
@@ -190,7 +214,12 @@ impl Tier for HostTier {
     }
 
     async fn recover(&self) -> TierResult<Vec<(ObjectKey, BlockHeader)>> {
-        Ok(self.index.read().iter().map(|(k, s)| (k.clone(), s.header.clone())).collect())
+        Ok(self
+            .index
+            .read()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.header.clone()))
+            .collect())
     }
 }
 
@@ -201,7 +230,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn host_conformance() {
         let tier = Arc::new(HostTier::new(4 << 20).unwrap());
-        crate::conformance::run_all(|| { let t = tier.clone(); async move { t } }, false).await;
+        crate::conformance::run_all(
+            || {
+                let t = tier.clone();
+                async move { t }
+            },
+            false,
+        )
+        .await;
     }
 
     #[tokio::test]

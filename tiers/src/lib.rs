@@ -16,7 +16,7 @@ mod stack;
 mod tier;
 
 pub use alloc::{Extent, ExtentAllocator};
-pub use block::{checksum, Block, BlockHeader, HeaderError, Layout, ObjectKey, MAX_KEY_LEN};
+pub use block::{Block, BlockHeader, HeaderError, Layout, MAX_KEY_LEN, ObjectKey, checksum};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use disk::{DiskTier, DiskTierConfig, IoEngineKind};
 pub use error::{TierError, TierResult};
@@ -25,9 +25,7 @@ pub use hbm::HbmTier;
 pub use host::HostTier;
 pub use object::{ObjectTier, ObjectTierConfig};
 pub use policy::{EvictionPolicy, LruPolicy};
-pub use stack::{
-    Durability, ExistsEntry, StackEvent, StackEventKind, StackMetrics, TierStack, TierStats,
-};
+pub use stack::{Durability, ExistsEntry, StackEvent, StackEventKind, StackMetrics, TierStack, TierStats};
 pub use tier::{Tier, TierKind};
 
 /// Tries to create the GPU HBM tier: `Ok(None)` when this build has no `cuda`

@@ -115,7 +115,10 @@ impl fmt::Debug for ObjectTierConfig {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("allow_http", &self.allow_http)
             .field("capacity", &self.capacity)
             .field("multipart_threshold", &self.multipart_threshold)
@@ -157,8 +160,7 @@ impl ObjectTierConfig {
         let loc = self.location()?;
         self.validate_sizes(matches!(loc, Location::S3 { .. }))?;
         if let Some(ep) = &self.endpoint {
-            let u = url::Url::parse(ep)
-                .map_err(|e| TierError::Config(format!("object tier endpoint {ep:?}: {e}")))?;
+            let u = url::Url::parse(ep).map_err(|e| TierError::Config(format!("object tier endpoint {ep:?}: {e}")))?;
             if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
                 return Err(TierError::Config(format!(
                     "object tier endpoint {ep:?} must be an http:// or https:// URL with a host"
@@ -271,8 +273,7 @@ impl ObjectTier {
                     .await
                     .map_err(|e| TierError::io(format!("creating object tier directory {}", dir.display()), e))?;
                 let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&dir)?);
-                let sync: Arc<dyn ObjectStore> =
-                    Arc::new(LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true));
+                let sync: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true));
                 Self::build(store, Some(sync), Path::default(), cfg).await
             }
             Location::S3 { bucket, prefix } => {
@@ -292,9 +293,10 @@ impl ObjectTier {
                 if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
                     b = b.with_access_key_id(id).with_secret_access_key(secret);
                 }
-                let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(|e| {
-                    TierError::Config(format!("object tier url {:?}: {e}", cfg.url))
-                })?);
+                let store: Arc<dyn ObjectStore> = Arc::new(
+                    b.build()
+                        .map_err(|e| TierError::Config(format!("object tier url {:?}: {e}", cfg.url)))?,
+                );
                 Self::build(store, None, Path::from(prefix.as_str()), cfg).await
             }
         }
@@ -304,11 +306,7 @@ impl ObjectTier {
     /// other back ends), keeping objects under `prefix` (may be empty).
     /// `cfg.url` is ignored; the size settings are validated with S3's part
     /// limits. Recovers like [`ObjectTier::open`].
-    pub async fn with_store(
-        store: Arc<dyn ObjectStore>,
-        prefix: &str,
-        cfg: ObjectTierConfig,
-    ) -> TierResult<Self> {
+    pub async fn with_store(store: Arc<dyn ObjectStore>, prefix: &str, cfg: ObjectTierConfig) -> TierResult<Self> {
         cfg.validate_sizes(true)?;
         let prefix = Path::parse(prefix.trim_matches('/'))
             .map_err(|e| TierError::Config(format!("object tier prefix {prefix:?}: {e}")))?;
@@ -354,7 +352,11 @@ impl ObjectTier {
     }
 
     fn corrupt(key: &ObjectKey, reason: impl Into<String>) -> TierError {
-        TierError::Corrupt { tier: TierKind::Object, key: key.to_string(), reason: reason.into() }
+        TierError::Corrupt {
+            tier: TierKind::Object,
+            key: key.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// Lists the prefix and rebuilds the index from the objects' headers.
@@ -493,13 +495,20 @@ impl Tier for ObjectTier {
         if block.header.length != len {
             return Err(Self::corrupt(
                 key,
-                format!("refusing to store: header length {} but payload of {len} bytes", block.header.length),
+                format!(
+                    "refusing to store: header length {} but payload of {len} bytes",
+                    block.header.length
+                ),
             ));
         }
         let cap = self.cfg.capacity;
         let need = self.footprint(len);
         if need > cap {
-            return Err(TierError::TooLarge { tier: TierKind::Object, size: len, capacity: cap });
+            return Err(TierError::TooLarge {
+                tier: TierKind::Object,
+                size: len,
+                capacity: cap,
+            });
         }
         let _key_guard = self.key_lock(key).lock().await;
         {
@@ -517,11 +526,18 @@ impl Tier for ObjectTier {
             idx.reserved += need;
         }
         let path = self.path_for(key);
-        let res = self.upload(&path, block.header.encode(key), block.payload.clone(), sync).await;
+        let res = self
+            .upload(&path, block.header.encode(key), block.payload.clone(), sync)
+            .await;
         let mut idx = self.index.lock();
         idx.reserved -= need;
         res?;
-        if let Some(old) = idx.map.insert(key.clone(), Entry { header: block.header.clone() }) {
+        if let Some(old) = idx.map.insert(
+            key.clone(),
+            Entry {
+                header: block.header.clone(),
+            },
+        ) {
             idx.used -= self.footprint(old.header.length);
         }
         idx.used += need;
@@ -547,7 +563,10 @@ impl Tier for ObjectTier {
         if found != *key {
             return Err(Self::corrupt(key, format!("header names object {found}")));
         }
-        let block = Block { header, payload: data.slice(hlen..) };
+        let block = Block {
+            header,
+            payload: data.slice(hlen..),
+        };
         block.verify().map_err(|e| Self::corrupt(key, e.to_string()))?;
         Ok(Some(block))
     }
@@ -646,7 +665,11 @@ mod tests {
     async fn conformance_file_unbounded() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = file_cfg(&dir.path().join("store"));
-        conformance::run_all(|| async { Arc::new(ObjectTier::open(cfg.clone()).await.unwrap()) }, true).await;
+        conformance::run_all(
+            || async { Arc::new(ObjectTier::open(cfg.clone()).await.unwrap()) },
+            true,
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,7 +681,11 @@ mod tests {
         cfg.capacity = 4 * MIB;
         cfg.multipart_threshold = 64 * KIB;
         cfg.part_size = 20 * KIB;
-        conformance::run_all(|| async { Arc::new(ObjectTier::open(cfg.clone()).await.unwrap()) }, true).await;
+        conformance::run_all(
+            || async { Arc::new(ObjectTier::open(cfg.clone()).await.unwrap()) },
+            true,
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,13 +694,22 @@ mod tests {
         let mut cfg = ObjectTierConfig::new("s3://unused");
         cfg.capacity = 2 * MIB;
         conformance::run_all(
-            || async { Arc::new(ObjectTier::with_store(store.clone(), "some/prefix", cfg.clone()).await.unwrap()) },
+            || async {
+                Arc::new(
+                    ObjectTier::with_store(store.clone(), "some/prefix", cfg.clone())
+                        .await
+                        .unwrap(),
+                )
+            },
             true,
         )
         .await;
         // Everything it wrote was under the prefix.
         let outside: Vec<_> = store.list(None).try_collect().await.unwrap();
-        assert!(outside.iter().all(|m| m.location.as_ref().starts_with("some/prefix/")), "{outside:?}");
+        assert!(
+            outside.iter().all(|m| m.location.as_ref().starts_with("some/prefix/")),
+            "{outside:?}"
+        );
     }
 
     fn object_file(dir: &std::path::Path, key: &ObjectKey) -> std::path::PathBuf {
@@ -696,7 +732,9 @@ mod tests {
             bad[pos] ^= 0x01;
             std::fs::write(&file, &bad).unwrap();
             match t.get(&key).await {
-                Err(TierError::Corrupt { tier: TierKind::Object, .. }) => {}
+                Err(TierError::Corrupt {
+                    tier: TierKind::Object, ..
+                }) => {}
                 other => panic!("flip at {pos}: expected Corrupt, got {other:?}"),
             }
         }
@@ -735,7 +773,12 @@ mod tests {
         std::fs::write(dir.path().join("empty"), b"").unwrap();
         let f = object_file(dir.path(), &trunc);
         let len = std::fs::metadata(&f).unwrap().len();
-        std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 1).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
 
         let t = ObjectTier::open(file_cfg(dir.path())).await.unwrap();
         let rec = t.recover().await.unwrap();
@@ -758,7 +801,10 @@ mod tests {
         let key = ObjectKey::new("ns", vec![1u8]);
         let small = conformance::block(1, 1000);
         t.put(&key, &small, false).await.unwrap();
-        let err = t.put(&key, &conformance::block(2, 12 * MIB as usize), false).await.unwrap_err();
+        let err = t
+            .put(&key, &conformance::block(2, 12 * MIB as usize), false)
+            .await
+            .unwrap_err();
         assert!(matches!(err, TierError::ObjectStore(_)), "{err:?}");
         assert_eq!(t.get(&key).await.unwrap().unwrap().payload, small.payload);
         assert_eq!(t.used(), 1000);
@@ -781,7 +827,10 @@ mod tests {
     impl object_store::MultipartUpload for FailingUpload {
         fn put_part(&mut self, _data: PutPayload) -> object_store::UploadPart {
             Box::pin(async {
-                Err(object_store::Error::Generic { store: "FailingParts", source: "injected part failure".into() })
+                Err(object_store::Error::Generic {
+                    store: "FailingParts",
+                    source: "injected part failure".into(),
+                })
             })
         }
         async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
@@ -828,7 +877,12 @@ mod tests {
         async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<object_store::ListResult> {
             self.0.list_with_delimiter(prefix).await
         }
-        async fn copy_opts(&self, from: &Path, to: &Path, options: object_store::CopyOptions) -> object_store::Result<()> {
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
             self.0.copy_opts(from, to, options).await
         }
     }
@@ -886,7 +940,11 @@ mod tests {
         let all: Vec<u8> = [&a[..], &b[..]].concat();
         for start in 0..all.len() {
             for end in start + 1..=all.len() {
-                let got: Vec<u8> = slice_concat(&a, &b, start as u64, end as u64).iter().flatten().copied().collect();
+                let got: Vec<u8> = slice_concat(&a, &b, start as u64, end as u64)
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect();
                 assert_eq!(got, &all[start..end]);
             }
         }

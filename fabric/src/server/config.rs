@@ -18,9 +18,7 @@ impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let unit = unit.trim().to_ascii_lowercase();
         let mult: u64 = match unit.as_str() {
@@ -39,9 +37,9 @@ impl FromStr for ByteSize {
                 ));
             }
         };
-        let n: f64 = num.parse().map_err(|_| {
-            format!("invalid size {s:?}: expected a number with a unit, e.g. 64MiB")
-        })?;
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected a number with a unit, e.g. 64MiB"))?;
         let v = n * mult as f64;
         if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
             return Err(format!("invalid size {s:?}: out of range"));
@@ -230,8 +228,7 @@ impl Settings {
 
     /// Reads a TOML file.
     pub fn from_file(path: &std::path::Path) -> Result<Settings, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
         Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -242,15 +239,10 @@ impl Settings {
             && self.object.url.is_none()
             && self.hbm.capacity.0 == 0
         {
-            return Err(
-                "no tier configured: set host.capacity, disk.capacity or object.url".into(),
-            );
+            return Err("no tier configured: set host.capacity, disk.capacity or object.url".into());
         }
         if self.host.capacity.0 != 0 && self.host.capacity.0 < 4096 {
-            return Err(format!(
-                "host.capacity {} is below one 4KiB slot",
-                self.host.capacity
-            ));
+            return Err(format!("host.capacity {} is below one 4KiB slot", self.host.capacity));
         }
         if self.disk.capacity.0 != 0 && self.disk.capacity.0 < 1 << 20 {
             return Err(format!(
@@ -278,9 +270,7 @@ impl Settings {
         }
         if let Some(url) = &self.object.url {
             if !(url.starts_with("file://") || url.starts_with("s3://")) {
-                return Err(format!(
-                    "object.url {url:?} must start with file:// or s3://"
-                ));
+                return Err(format!("object.url {url:?} must start with file:// or s3://"));
             }
         }
         let m = self.limits.max_object_size.0;
@@ -321,32 +311,22 @@ mod tests {
         assert_eq!("1.5KiB".parse::<ByteSize>().unwrap().0, 1536);
         assert_eq!("1000".parse::<ByteSize>().unwrap().0, 1000);
         assert_eq!("3 GB".parse::<ByteSize>().unwrap().0, 3_000_000_000);
-        assert!(
-            "12 parsecs"
-                .parse::<ByteSize>()
-                .unwrap_err()
-                .contains("unknown unit")
-        );
+        assert!("12 parsecs".parse::<ByteSize>().unwrap_err().contains("unknown unit"));
         assert!("MiB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
     }
 
     #[test]
     fn toml_with_defaults_and_validation() {
-        let s = Settings::from_toml(
-            "listen = \"127.0.0.1:7000\"\n[host]\ncapacity = \"64MiB\"\n[disk]\ncapacity = 0\n",
-        )
-        .unwrap();
+        let s =
+            Settings::from_toml("listen = \"127.0.0.1:7000\"\n[host]\ncapacity = \"64MiB\"\n[disk]\ncapacity = 0\n")
+                .unwrap();
         assert_eq!(s.listen.port(), 7000);
         assert_eq!(s.host.capacity.0, 64 << 20);
         assert_eq!(s.disk.capacity.0, 0);
         assert_eq!(s.limits, LimitSettings::default());
         s.validate().unwrap();
-        assert!(
-            Settings::from_toml("bogus = 1")
-                .unwrap_err()
-                .contains("bogus")
-        );
+        assert!(Settings::from_toml("bogus = 1").unwrap_err().contains("bogus"));
         let mut bad = Settings::default();
         bad.disk.queue_depth = 0;
         assert!(bad.validate().unwrap_err().contains("disk.queue-depth"));

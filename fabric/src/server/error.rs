@@ -49,15 +49,14 @@ impl FabricError {
             FabricError::ObjectTooLarge { .. } => ErrorKind::Capacity,
             FabricError::Internal(_) => ErrorKind::Internal,
             FabricError::Tier(t) => match t {
-                TierError::Full { .. }
-                | TierError::TooLarge { .. }
-                | TierError::CapacityExhausted { .. } => ErrorKind::Capacity,
+                TierError::Full { .. } | TierError::TooLarge { .. } | TierError::CapacityExhausted { .. } => {
+                    ErrorKind::Capacity
+                }
                 TierError::Corrupt { .. } => ErrorKind::DataCorruption,
                 TierError::DurabilityUnavailable { .. } => ErrorKind::FailedPrecondition,
-                TierError::Io { .. }
-                | TierError::Index(_)
-                | TierError::ObjectStore(_)
-                | TierError::Unavailable(_) => ErrorKind::Unavailable,
+                TierError::Io { .. } | TierError::Index(_) | TierError::ObjectStore(_) | TierError::Unavailable(_) => {
+                    ErrorKind::Unavailable
+                }
                 TierError::Config(_) => ErrorKind::Internal,
             },
         }

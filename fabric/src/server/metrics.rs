@@ -3,9 +3,7 @@
 //! and bytes in/out recorded by the service.
 
 use kvfabric_tiers::TierStack;
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The node's metrics registry and handles.
 #[derive(Debug, Clone)]
@@ -38,28 +36,20 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("kvfabric".into()), None).expect("valid prefix");
         let rpc_seconds = HistogramVec::new(
-            HistogramOpts::new("rpc_duration_seconds", "gRPC call latency by method").buckets(
-                vec![
-                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ],
-            ),
+            HistogramOpts::new("rpc_duration_seconds", "gRPC call latency by method").buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0,
+            ]),
             &["method"],
         )
         .expect("valid");
         let rpc_errors = IntCounterVec::new(
-            Opts::new(
-                "rpc_errors_total",
-                "gRPC calls that failed, by method and code",
-            ),
+            Opts::new("rpc_errors_total", "gRPC calls that failed, by method and code"),
             &["method", "code"],
         )
         .expect("valid");
         let rpc_bytes = IntCounterVec::new(
-            Opts::new(
-                "rpc_payload_bytes_total",
-                "object payload bytes moved over gRPC",
-            ),
+            Opts::new("rpc_payload_bytes_total", "object payload bytes moved over gRPC"),
             &["direction"],
         )
         .expect("valid");

@@ -8,9 +8,7 @@ mod namespaces;
 mod node;
 mod service;
 
-pub use config::{
-    ByteSize, DiskSettings, HbmSettings, HostSettings, LimitSettings, ObjectSettings, Settings,
-};
+pub use config::{ByteSize, DiskSettings, HbmSettings, HostSettings, LimitSettings, ObjectSettings, Settings};
 pub use error::FabricError;
 pub use metrics::Metrics;
 pub use namespaces::{DEFAULT_TENANT, Namespaces};

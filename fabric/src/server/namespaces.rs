@@ -76,9 +76,8 @@ impl Namespaces {
             }),
             None => {
                 owners.insert(namespace.to_string(), tenant.to_string());
-                self.save(&owners).map_err(|e| {
-                    FabricError::Internal(format!("saving namespace registry: {e}"))
-                })?;
+                self.save(&owners)
+                    .map_err(|e| FabricError::Internal(format!("saving namespace registry: {e}")))?;
                 tracing::info!(namespace, tenant, "namespace created");
                 Ok(())
             }
@@ -99,10 +98,7 @@ impl Namespaces {
 
     /// Whether `tenant` may see events of `namespace`.
     pub fn visible(&self, tenant: &str, namespace: &str) -> bool {
-        self.owners
-            .lock()
-            .get(namespace)
-            .is_some_and(|o| o == tenant)
+        self.owners.lock().get(namespace).is_some_and(|o| o == tenant)
     }
 
     /// All namespaces.
@@ -120,10 +116,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("namespaces");
         let r = Namespaces::load(Some(p.clone())).unwrap();
-        assert!(matches!(
-            r.for_read("a", "ns"),
-            Err(FabricError::NamespaceNotFound(_))
-        ));
+        assert!(matches!(r.for_read("a", "ns"), Err(FabricError::NamespaceNotFound(_))));
         r.for_write("a", "ns").unwrap();
         r.for_read("a", "ns").unwrap();
         assert!(matches!(

@@ -6,8 +6,7 @@ use super::{BlockService, FabricError, Metrics, Namespaces, Settings};
 use crate::proto::MAX_MESSAGE_BYTES;
 use crate::proto::v1::kv_block_service_server::KvBlockServiceServer;
 use kvfabric_tiers::{
-    Clock, DiskTier, DiskTierConfig, HostTier, IoEngineKind, ObjectTier, ObjectTierConfig,
-    SystemClock, Tier, TierStack,
+    Clock, DiskTier, DiskTierConfig, HostTier, IoEngineKind, ObjectTier, ObjectTierConfig, SystemClock, Tier, TierStack,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,24 +47,15 @@ impl Node {
     }
 
     /// Like [`Node::build`] with an injected clock.
-    pub async fn build_with_clock(
-        settings: Settings,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Node, FabricError> {
+    pub async fn build_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<Node, FabricError> {
         settings.validate().map_err(FabricError::InvalidArgument)?;
-        std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
-            startup(
-                &format!("creating data dir {}", settings.data_dir.display()),
-                e,
-            )
-        })?;
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|e| startup(&format!("creating data dir {}", settings.data_dir.display()), e))?;
         let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
         if settings.hbm.capacity.0 > 0 {
             match kvfabric_tiers::try_hbm_tier(settings.hbm.capacity.0, settings.hbm.device)? {
                 Some(t) => tiers.push(t),
-                None => tracing::warn!(
-                    "hbm.capacity is set but no GPU tier could be created; continuing without it"
-                ),
+                None => tracing::warn!("hbm.capacity is set but no GPU tier could be created; continuing without it"),
             }
         } else {
             tracing::info!("GPU HBM tier disabled (hbm.capacity = 0)");
@@ -96,11 +86,9 @@ impl Node {
             cfg.region = o.region.clone();
             cfg.access_key_id = o.access_key_id.clone();
             cfg.secret_access_key = o.secret_access_key.clone();
-            cfg.allow_http = o.allow_http.unwrap_or_else(|| {
-                o.endpoint
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("http://"))
-            });
+            cfg.allow_http = o
+                .allow_http
+                .unwrap_or_else(|| o.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
             if let Some(c) = o.capacity {
                 cfg.capacity = c.0;
             }
@@ -139,9 +127,7 @@ impl Node {
             .await
             .map_err(|e| startup(&format!("binding metrics {}", s.metrics_listen), e))?;
         let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
-        let metrics_addr = metrics_l
-            .local_addr()
-            .map_err(|e| startup("local addr", e))?;
+        let metrics_addr = metrics_l.local_addr().map_err(|e| startup("local addr", e))?;
         let service = BlockService::new(
             self.stack.clone(),
             self.namespaces.clone(),
@@ -149,6 +135,7 @@ impl Node {
             s.limits.clone(),
             s.node_id.clone(),
         );
+        let streams = service.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let (mtx, mrx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -165,6 +152,7 @@ impl Node {
             let r = server
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
+                    streams.stop_streams();
                     let _ = mtx.send(());
                 })
                 .await;
@@ -181,10 +169,7 @@ impl Node {
                     let (stack, metrics) = (stack.clone(), metrics.clone());
                     async move {
                         (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "text/plain; version=0.0.4",
-                            )],
+                            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
                             metrics.render(&stack),
                         )
                     }

@@ -5,10 +5,9 @@
 
 use super::{FabricError, LimitSettings, Metrics, Namespaces, namespaces::DEFAULT_TENANT};
 use crate::proto::v1::{
-    self, DeleteRequest, DeleteResponse, Event, EventKind, ExistsPrefixRequest,
-    ExistsPrefixResponse, GetRequest, GetResponse, LeaseRequest, LeaseResponse, PutRequest,
-    PutResponse, PutResult, StatsRequest, StatsResponse, SubscribeRequest, get_response,
-    kv_block_service_server::KvBlockService, put_request,
+    self, DeleteRequest, DeleteResponse, Event, EventKind, ExistsPrefixRequest, ExistsPrefixResponse, GetRequest,
+    GetResponse, LeaseRequest, LeaseResponse, PutRequest, PutResponse, PutResult, StatsRequest, StatsResponse,
+    SubscribeRequest, get_response, kv_block_service_server::KvBlockService, put_request,
 };
 use crate::proto::{ErrorKind, MAX_CHUNK_BYTES, status};
 use crate::validate;
@@ -80,6 +79,8 @@ struct Shared {
     metrics: Metrics,
     limits: LimitSettings,
     node_id: String,
+    /// Flips to true when the node shuts down; ends open event streams.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// The gRPC block service.
@@ -120,6 +121,7 @@ impl BlockService {
         limits: LimitSettings,
         node_id: String,
     ) -> Self {
+        let (stopping, _) = tokio::sync::watch::channel(false);
         BlockService {
             shared: Arc::new(Shared {
                 stack,
@@ -127,8 +129,15 @@ impl BlockService {
                 metrics,
                 limits,
                 node_id,
+                stopping,
             }),
         }
+    }
+
+    /// Ends every open `Subscribe` stream (called on shutdown, so a graceful
+    /// stop does not wait forever on subscribers).
+    pub fn stop_streams(&self) {
+        self.shared.stopping.send_replace(true);
     }
 
     fn observe<T>(&self, method: &str, start: Instant, r: &Result<T, Status>) {
@@ -139,11 +148,7 @@ impl BlockService {
             .observe(start.elapsed().as_secs_f64());
         if let Err(s) = r {
             let code = format!("{:?}", s.code());
-            self.shared
-                .metrics
-                .rpc_errors
-                .with_label_values(&[method, &code])
-                .inc();
+            self.shared.metrics.rpc_errors.with_label_values(&[method, &code]).inc();
             tracing::debug!(method, code, message = s.message(), "request failed");
         }
     }
@@ -156,12 +161,7 @@ impl BlockService {
         Ok(t)
     }
 
-    fn check_read(
-        &self,
-        tenant: &str,
-        namespace: &str,
-        keys: Option<&[Bytes]>,
-    ) -> Result<String, Status> {
+    fn check_read(&self, tenant: &str, namespace: &str, keys: Option<&[Bytes]>) -> Result<String, Status> {
         let tenant = self.tenant(tenant)?;
         validate::name("namespace", namespace).map_err(invalid)?;
         if let Some(keys) = keys {
@@ -171,12 +171,7 @@ impl BlockService {
         Ok(tenant.to_string())
     }
 
-    async fn commit(
-        &self,
-        ns: &Arc<str>,
-        p: Pending,
-        durability: Durability,
-    ) -> Result<PutResult, Status> {
+    async fn commit(&self, ns: &Arc<str>, p: Pending, durability: Durability) -> Result<PutResult, Status> {
         let payload = match p.single {
             Some(b) => b,
             None => p.buf.freeze(),
@@ -195,15 +190,10 @@ impl BlockService {
             }
         }
         let key = ObjectKey::new(ns.clone(), p.key.clone());
-        let tier = self
-            .shared
-            .stack
-            .put(&key, &block, durability)
-            .await
-            .map_err(|e| {
-                let e = FabricError::from(e);
-                status(e.kind(), format!("object {}: {e}", hex(&p.key)))
-            })?;
+        let tier = self.shared.stack.put(&key, &block, durability).await.map_err(|e| {
+            let e = FabricError::from(e);
+            status(e.kind(), format!("object {}: {e}", hex(&p.key)))
+        })?;
         self.shared
             .metrics
             .rpc_bytes
@@ -273,11 +263,7 @@ impl BlockService {
                     let index = results.len();
                     validate::key(index, &b.key).map_err(invalid)?;
                     if index >= limits.max_batch_keys || (expected != 0 && index >= expected) {
-                        let cap = if expected != 0 {
-                            expected
-                        } else {
-                            limits.max_batch_keys
-                        };
+                        let cap = if expected != 0 { expected } else { limits.max_batch_keys };
                         return Err(invalid(format!(
                             "more than {cap} objects in one put stream; {}",
                             committed(index)
@@ -336,9 +322,7 @@ impl BlockService {
                     }
                 }
                 Some(put_request::Msg::Open(_)) => {
-                    return Err(invalid(
-                        "`open` may only be the first message of a put stream",
-                    ));
+                    return Err(invalid("`open` may only be the first message of a put stream"));
                 }
                 None => return Err(invalid("put message with no content")),
             }
@@ -395,10 +379,7 @@ type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> +
 
 #[tonic::async_trait]
 impl KvBlockService for BlockService {
-    async fn put(
-        &self,
-        request: Request<Streaming<PutRequest>>,
-    ) -> Result<Response<PutResponse>, Status> {
+    async fn put(&self, request: Request<Streaming<PutRequest>>) -> Result<Response<PutResponse>, Status> {
         let start = Instant::now();
         let r = self.do_put(request.into_inner()).await;
         self.observe("put", start, &r);
@@ -416,9 +397,7 @@ impl KvBlockService for BlockService {
                 0 => self.shared.limits.chunk_size.0 as usize,
                 c if (4096..=MAX_CHUNK_BYTES).contains(&c) => c,
                 c => {
-                    return Err(invalid(format!(
-                        "chunk_size {c} is outside 4096..={MAX_CHUNK_BYTES}"
-                    )));
+                    return Err(invalid(format!("chunk_size {c} is outside 4096..={MAX_CHUNK_BYTES}")));
                 }
             };
             Ok(chunk)
@@ -450,11 +429,7 @@ impl KvBlockService for BlockService {
                         let mut off = 0;
                         while off < p.len() {
                             let end = (off + chunk).min(p.len());
-                            if tx
-                                .send(msg(get_response::Msg::Data(p.slice(off..end))))
-                                .await
-                                .is_err()
-                            {
+                            if tx.send(msg(get_response::Msg::Data(p.slice(off..end)))).await.is_err() {
                                 return;
                             }
                             off = end;
@@ -466,19 +441,13 @@ impl KvBlockService for BlockService {
                             .inc_by(p.len() as u64);
                     }
                     Ok(None) => {
-                        if tx
-                            .send(msg(get_response::Msg::Missing(i as u32)))
-                            .await
-                            .is_err()
-                        {
+                        if tx.send(msg(get_response::Msg::Missing(i as u32))).await.is_err() {
                             return;
                         }
                     }
                     Err(e) => {
                         let e = FabricError::from(e);
-                        let _ = tx
-                            .send(Err(status(e.kind(), format!("key {i}: {e}"))))
-                            .await;
+                        let _ = tx.send(Err(status(e.kind(), format!("key {i}: {e}")))).await;
                         return;
                     }
                 }
@@ -493,29 +462,20 @@ impl KvBlockService for BlockService {
     ) -> Result<Response<ExistsPrefixResponse>, Status> {
         let start = Instant::now();
         let req = request.into_inner();
-        let r = self
-            .check_read(&req.tenant, &req.namespace, Some(&req.keys))
-            .map(|_| {
-                let ns: Arc<str> = req.namespace.into();
-                let keys: Vec<ObjectKey> = req
-                    .keys
-                    .into_iter()
-                    .map(|k| ObjectKey::new(ns.clone(), k))
-                    .collect();
-                let found = self.shared.stack.exists_prefix(&keys);
-                ExistsPrefixResponse {
-                    count: found.len() as u32,
-                    tiers: found.iter().map(|e| tier_to_proto(e.tier) as i32).collect(),
-                }
-            });
+        let r = self.check_read(&req.tenant, &req.namespace, Some(&req.keys)).map(|_| {
+            let ns: Arc<str> = req.namespace.into();
+            let keys: Vec<ObjectKey> = req.keys.into_iter().map(|k| ObjectKey::new(ns.clone(), k)).collect();
+            let found = self.shared.stack.exists_prefix(&keys);
+            ExistsPrefixResponse {
+                count: found.len() as u32,
+                tiers: found.iter().map(|e| tier_to_proto(e.tier) as i32).collect(),
+            }
+        });
         self.observe("exists_prefix", start, &r);
         r.map(Response::new)
     }
 
-    async fn delete(
-        &self,
-        request: Request<DeleteRequest>,
-    ) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let start = Instant::now();
         let req = request.into_inner();
         let r = async {
@@ -553,10 +513,7 @@ impl KvBlockService for BlockService {
         r.map(Response::new)
     }
 
-    async fn lease(
-        &self,
-        request: Request<LeaseRequest>,
-    ) -> Result<Response<LeaseResponse>, Status> {
+    async fn lease(&self, request: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
         let start = Instant::now();
         let req = request.into_inner();
         let r = (|| {
@@ -568,26 +525,16 @@ impl KvBlockService for BlockService {
                 )));
             }
             let ns: Arc<str> = req.namespace.into();
-            let keys: Vec<ObjectKey> = req
-                .keys
-                .into_iter()
-                .map(|k| ObjectKey::new(ns.clone(), k))
-                .collect();
+            let keys: Vec<ObjectKey> = req.keys.into_iter().map(|k| ObjectKey::new(ns.clone(), k)).collect();
             Ok(LeaseResponse {
-                leased: self
-                    .shared
-                    .stack
-                    .lease(&keys, u64::from(req.ttl_seconds) * 1000),
+                leased: self.shared.stack.lease(&keys, u64::from(req.ttl_seconds) * 1000),
             })
         })();
         self.observe("lease", start, &r);
         r.map(Response::new)
     }
 
-    async fn stats(
-        &self,
-        _request: Request<StatsRequest>,
-    ) -> Result<Response<StatsResponse>, Status> {
+    async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let s = &self.shared;
         let tiers = s
             .stack
@@ -619,10 +566,7 @@ impl KvBlockService for BlockService {
 
     type SubscribeStream = BoxStream<Event>;
 
-    async fn subscribe(
-        &self,
-        request: Request<SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         let tenant = self.tenant(&req.tenant)?.to_string();
         let filter = if req.namespace.is_empty() {
@@ -634,13 +578,16 @@ impl KvBlockService for BlockService {
         let mut rx = self.shared.stack.subscribe();
         let (tx, out) = mpsc::channel::<Result<Event, Status>>(64);
         let shared = self.shared.clone();
+        let mut stopping = self.shared.stopping.subscribe();
         tokio::spawn(async move {
-            let wanted = |ns: &str| {
-                filter.as_deref().is_none_or(|f| f == ns) && shared.namespaces.visible(&tenant, ns)
-            };
+            let wanted = |ns: &str| filter.as_deref().is_none_or(|f| f == ns) && shared.namespaces.visible(&tenant, ns);
             loop {
                 let first = tokio::select! {
                     _ = tx.closed() => return,
+                    _ = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                        let _ = tx.send(Err(status(ErrorKind::Unavailable, "node is shutting down"))).await;
+                        return;
+                    }
                     r = rx.recv() => r,
                 };
                 let ev = match first {
@@ -668,11 +615,7 @@ impl KvBlockService for BlockService {
                 let mut held = None;
                 while out_ev.keys.len() < 256 && kind != EventKind::Cleared {
                     match rx.try_recv() {
-                        Ok(e)
-                            if e.kind == ev.kind
-                                && e.tier == ev.tier
-                                && e.key.namespace() == ev.key.namespace() =>
-                        {
+                        Ok(e) if e.kind == ev.kind && e.tier == ev.tier && e.key.namespace() == ev.key.namespace() => {
                             out_ev.keys.push(e.key.key().clone());
                         }
                         Ok(e) => {

@@ -136,7 +136,7 @@ pub(super) struct BufferPool {
 impl BufferPool {
     /// A pool of `slots` buffers of `slot_size` bytes (a multiple of [`ALIGN`]).
     pub(super) fn new(slots: usize, slot_size: usize) -> Arc<Self> {
-        assert!(slot_size % ALIGN == 0 && slots > 0 && slots <= usize::from(u16::MAX));
+        assert!(slot_size.is_multiple_of(ALIGN) && slots > 0 && slots <= usize::from(u16::MAX));
         Arc::new(Self {
             mem: AlignedBuf::zeroed(slots * slot_size),
             slot_size,
@@ -197,12 +197,7 @@ pub(super) struct PooledBuf {
 impl PooledBuf {
     fn ptr(&self) -> *mut u8 {
         // SAFETY: in bounds; the slot is owned exclusively by this value.
-        unsafe {
-            self.pool
-                .mem
-                .as_ptr()
-                .add(usize::from(self.slot) * self.pool.slot_size) as *mut u8
-        }
+        unsafe { self.pool.mem.as_ptr().add(usize::from(self.slot) * self.pool.slot_size) as *mut u8 }
     }
 }
 

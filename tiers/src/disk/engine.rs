@@ -114,10 +114,7 @@ impl Request {
     /// Hands the outcome back; if the caller has gone, the op (and what it
     /// keeps alive) is dropped here, after the I/O.
     pub(super) fn complete(self, result: io::Result<()>) {
-        let _ = self.reply.send(Completion {
-            op: self.op,
-            result,
-        });
+        let _ = self.reply.send(Completion { op: self.op, result });
     }
 }
 
@@ -180,9 +177,7 @@ impl Channel {
     pub(super) async fn submit(&self, op: IoOp) -> TierResult<Completion> {
         let tx = self.tx.as_ref().ok_or_else(engine_gone)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Request { op, reply })
-            .await
-            .map_err(|_| engine_gone())?;
+        tx.send(Request { op, reply }).await.map_err(|_| engine_gone())?;
         rx.await.map_err(|_| engine_gone())
     }
 }
@@ -204,10 +199,10 @@ fn engine_gone() -> TierError {
 
 /// A buffer for a write of `len` bytes from `pool` or a fresh allocation.
 pub(super) fn write_buf_from(pool: &Arc<BufferPool>, len: usize) -> IoBuf {
-    if len <= pool.slot_size() {
-        if let Some(p) = pool.try_acquire() {
-            return IoBuf::Pooled(p);
-        }
+    if len <= pool.slot_size()
+        && let Some(p) = pool.try_acquire()
+    {
+        return IoBuf::Pooled(p);
     }
     IoBuf::Owned(super::buf::AlignedBuf::uninit(len))
 }
@@ -226,14 +221,12 @@ pub(super) fn start(
             .map(|e| Box::new(e) as Box<dyn IoEngine>)
             .map_err(|e| TierError::io("setting up io_uring for the disk tier", e)),
         IoEngineKind::Psync => Ok(Box::new(PsyncEngine::start(files, queue_depth, pool)?)),
-        IoEngineKind::Auto => {
-            match UringEngine::start(files.clone(), queue_depth, pool.clone(), register) {
-                Ok(e) => Ok(Box::new(e)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "io_uring unavailable; disk tier falls back to the psync engine");
-                    Ok(Box::new(PsyncEngine::start(files, queue_depth, pool)?))
-                }
+        IoEngineKind::Auto => match UringEngine::start(files.clone(), queue_depth, pool.clone(), register) {
+            Ok(e) => Ok(Box::new(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring unavailable; disk tier falls back to the psync engine");
+                Ok(Box::new(PsyncEngine::start(files, queue_depth, pool)?))
             }
-        }
+        },
     }
 }

@@ -42,11 +42,7 @@ pub(super) fn data_path(dir: &Path, i: usize) -> PathBuf {
 
 fn open_file(path: &Path, direct: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
-    o.read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644);
+    o.read(true).write(true).create(true).truncate(false).mode(0o644);
     if direct {
         o.custom_flags(libc::O_DIRECT);
     }
@@ -84,10 +80,11 @@ fn preallocate(file: &File, path: &Path, size: u64) -> TierResult<()> {
 impl DataFiles {
     /// Opens (creating and preallocating as needed) the files that hold
     /// `capacity` bytes in `dir`. Files of an earlier, larger configuration
-    /// are left alone and never truncated.
-    pub(super) fn open(dir: &Path, capacity: u64, file_size: u64) -> TierResult<Self> {
+    /// are left alone and never truncated. With `try_direct` the files are
+    /// opened with O_DIRECT where the filesystem allows it.
+    pub(super) fn open(dir: &Path, capacity: u64, file_size: u64, try_direct: bool) -> TierResult<Self> {
         let sizes = plan(capacity, file_size);
-        let mut direct = true;
+        let mut direct = try_direct;
         let mut files = Vec::with_capacity(sizes.len());
         for (i, &size) in sizes.iter().enumerate() {
             let path = data_path(dir, i);
@@ -105,13 +102,10 @@ impl DataFiles {
                     for j in 0..i {
                         let p = data_path(dir, j);
                         files.push(
-                            open_file(&p, false).map_err(|e| {
-                                TierError::io(format!("opening {}", p.display()), e)
-                            })?,
+                            open_file(&p, false).map_err(|e| TierError::io(format!("opening {}", p.display()), e))?,
                         );
                     }
-                    open_file(&path, false)
-                        .map_err(|e| TierError::io(format!("opening {}", path.display()), e))?
+                    open_file(&path, false).map_err(|e| TierError::io(format!("opening {}", path.display()), e))?
                 }
                 Err(e) => return Err(TierError::io(format!("opening {}", path.display()), e)),
             };
@@ -124,11 +118,7 @@ impl DataFiles {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| TierError::io(format!("syncing directory {}", dir.display()), e))?;
-        Ok(Self {
-            files,
-            sizes,
-            direct,
-        })
+        Ok(Self { files, sizes, direct })
     }
 
     /// Number of files.
@@ -166,15 +156,9 @@ mod tests {
     #[test]
     fn files_are_preallocated() {
         let dir = tempfile::tempdir().unwrap();
-        let f = DataFiles::open(dir.path(), 3 << 20, 2 << 20).unwrap();
+        let f = DataFiles::open(dir.path(), 3 << 20, 2 << 20, true).unwrap();
         assert_eq!(f.count(), 2);
-        assert_eq!(
-            std::fs::metadata(data_path(dir.path(), 0)).unwrap().len(),
-            2 << 20
-        );
-        assert_eq!(
-            std::fs::metadata(data_path(dir.path(), 1)).unwrap().len(),
-            1 << 20
-        );
+        assert_eq!(std::fs::metadata(data_path(dir.path(), 0)).unwrap().len(), 2 << 20);
+        assert_eq!(std::fs::metadata(data_path(dir.path(), 1)).unwrap().len(), 1 << 20);
     }
 }

@@ -83,19 +83,9 @@ pub(super) fn decode_value(data: &[u8]) -> Result<(ObjectKey, IndexRecord), Stri
     };
     let (header, key, used) = BlockHeader::decode(&body[FIXED..]).map_err(|e| e.to_string())?;
     if FIXED + used != body.len() {
-        return Err(format!(
-            "{} trailing bytes after the header",
-            body.len() - FIXED - used
-        ));
+        return Err(format!("{} trailing bytes after the header", body.len() - FIXED - used));
     }
-    Ok((
-        key,
-        IndexRecord {
-            file,
-            extent,
-            header,
-        },
-    ))
+    Ok((key, IndexRecord { file, extent, header }))
 }
 
 /// One entry read back on open: its raw index key and the decoded record, or
@@ -118,8 +108,7 @@ impl Index {
         opts.create_if_missing(true);
         opts.set_keep_log_file_num(4);
         opts.set_max_total_wal_size(64 << 20);
-        let db = DB::open(&opts, path)
-            .map_err(|e| index_err(&format!("opening {}", path.display()), e))?;
+        let db = DB::open(&opts, path).map_err(|e| index_err(&format!("opening {}", path.display()), e))?;
         Ok(Self { db })
     }
 
@@ -169,17 +158,13 @@ impl Index {
     /// Writes a raw entry, bypassing the encoding (tests of recovery).
     #[cfg(test)]
     pub(super) fn put_raw(&self, k: &[u8], v: &[u8]) -> TierResult<()> {
-        self.db
-            .put(k, v)
-            .map_err(|e| index_err("writing an entry", e))
+        self.db.put(k, v).map_err(|e| index_err("writing an entry", e))
     }
 }
 
 impl fmt::Debug for Index {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Index")
-            .field("path", &self.db.path())
-            .finish()
+        f.debug_struct("Index").field("path", &self.db.path()).finish()
     }
 }
 

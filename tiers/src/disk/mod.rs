@@ -135,16 +135,10 @@ impl DiskTierConfig {
             return bad("dir is empty".into());
         }
         if self.capacity < MIN_SIZE {
-            return bad(format!(
-                "capacity {} is below the minimum of 1 MiB",
-                self.capacity
-            ));
+            return bad(format!("capacity {} is below the minimum of 1 MiB", self.capacity));
         }
         if self.file_size < MIN_SIZE {
-            return bad(format!(
-                "file-size {} is below the minimum of 1 MiB",
-                self.file_size
-            ));
+            return bad(format!("file-size {} is below the minimum of 1 MiB", self.file_size));
         }
         if self.queue_depth == 0 || self.queue_depth > MAX_QUEUE_DEPTH {
             return bad(format!(
@@ -189,10 +183,7 @@ impl fmt::Debug for DiskTier {
             .field("dir", &self.inner.dir)
             .field("engine", &self.inner.engine.kind())
             .field("o_direct", &self.inner.files.direct())
-            .field(
-                "registered_buffers",
-                &self.inner.engine.registered_buffers(),
-            )
+            .field("registered_buffers", &self.inner.engine.registered_buffers())
             .field("capacity", &self.inner.space.capacity())
             .field("used", &self.inner.space.used())
             .field("objects", &self.inner.map.read().len())
@@ -211,16 +202,19 @@ impl DiskTier {
         } else {
             RegisterMode::Off
         };
-        Self::open_with(cfg, register)
+        Self::open_with(cfg, register, true)
     }
 
-    fn open_with(cfg: DiskTierConfig, register: RegisterMode) -> TierResult<DiskTier> {
+    /// `open` with the fallbacks forced where tests ask: `register` says how
+    /// to register bounce buffers, `try_direct: false` skips O_DIRECT.
+    fn open_with(cfg: DiskTierConfig, register: RegisterMode, try_direct: bool) -> TierResult<DiskTier> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.dir)
-            .map_err(|e| TierError::io(format!("creating {}", cfg.dir.display()), e))?;
-        let files = Arc::new(DataFiles::open(&cfg.dir, cfg.capacity, cfg.file_size)?);
-        let space = Space::new(files.sizes());
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| TierError::io(format!("creating {}", cfg.dir.display()), e))?;
+        // The index first: its lock file keeps a second process (or tier)
+        // off this directory before any data file is touched.
         let index = Index::open(&cfg.dir.join("index"))?;
+        let files = Arc::new(DataFiles::open(&cfg.dir, cfg.capacity, cfg.file_size, try_direct)?);
+        let space = Space::new(files.sizes());
         let map = recover_map(&index, &space)?;
         let engine = engine::start(cfg.engine, files.clone(), cfg.queue_depth, register)?;
         tracing::info!(
@@ -245,9 +239,7 @@ impl DiskTier {
             hasher: RandomState::new(),
             engine,
         };
-        Ok(DiskTier {
-            inner: Arc::new(inner),
-        })
+        Ok(DiskTier { inner: Arc::new(inner) })
     }
 
     /// The engine in use (`Uring` or `Psync`, never `Auto`).
@@ -274,10 +266,7 @@ impl DiskTier {
     fn location(&self, key: &ObjectKey) -> Option<(PathBuf, crate::Extent)> {
         let map = self.inner.map.read();
         let s = map.get(key)?;
-        Some((
-            files::data_path(&self.inner.dir, s.extent.file()),
-            s.extent.extent(),
-        ))
+        Some((files::data_path(&self.inner.dir, s.extent.file()), s.extent.extent()))
     }
 }
 
@@ -319,11 +308,7 @@ fn recover_map(index: &Index, space: &Arc<Space>) -> TierResult<HashMap<ObjectKe
         }
     }
     if dropped > 0 {
-        tracing::warn!(
-            dropped,
-            kept = map.len(),
-            "disk index recovered with dropped entries"
-        );
+        tracing::warn!(dropped, kept = map.len(), "disk index recovered with dropped entries");
     }
     Ok(map)
 }
@@ -340,13 +325,7 @@ impl Inner {
     /// Index write, then map swap, then (after the locks) the old extent is
     /// released. Runs on a blocking thread, and runs to the end even if the
     /// put that started it is dropped, so index and map never disagree.
-    fn commit(
-        &self,
-        key: ObjectKey,
-        header: BlockHeader,
-        extent: Arc<ExtentGuard>,
-        sync: bool,
-    ) -> TierResult<()> {
+    fn commit(&self, key: ObjectKey, header: BlockHeader, extent: Arc<ExtentGuard>, sync: bool) -> TierResult<()> {
         let rec = IndexRecord {
             file: extent.file() as u32,
             extent: extent.extent(),
@@ -380,9 +359,7 @@ impl Inner {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> TierResult<T> + Send + 'static,
-) -> TierResult<T> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> TierResult<T> + Send + 'static) -> TierResult<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| TierError::Unavailable(format!("disk index task failed: {e}")))?
@@ -417,10 +394,7 @@ impl Tier for DiskTier {
             return Err(TierError::Corrupt {
                 tier: TierKind::Disk,
                 key: key.to_string(),
-                reason: format!(
-                    "header says {} bytes, payload has {len}",
-                    block.header.length
-                ),
+                reason: format!("header says {} bytes, payload has {len}", block.header.length),
             });
         }
         let need = Space::footprint(len);
@@ -448,13 +422,7 @@ impl Tier for DiskTier {
         // is dropped mid-write, the extent stays allocated until the kernel is done.
         let done = inner
             .engine
-            .submit(IoOp::write(
-                file,
-                offset,
-                need as usize,
-                buf,
-                extent.clone(),
-            ))
+            .submit(IoOp::write(file, offset, need as usize, buf, extent.clone()))
             .await?;
         done.result
             .map_err(|e| TierError::io(format!("writing {key} to {}", inner.data_path(file)), e))?;
@@ -480,9 +448,8 @@ impl Tier for DiskTier {
             .engine
             .submit(IoOp::read(file, ext.offset, buf, stored.clone()))
             .await?;
-        done.result.map_err(|e| {
-            TierError::io(format!("reading {key} from {}", inner.data_path(file)), e)
-        })?;
+        done.result
+            .map_err(|e| TierError::io(format!("reading {key} from {}", inner.data_path(file)), e))?;
         let buf = done
             .op
             .buf
@@ -490,8 +457,7 @@ impl Tier for DiskTier {
             .ok_or_else(|| TierError::Unavailable("disk engine lost a read buffer".into()))?;
         // SAFETY: the engine reported all `ext.len` bytes (the buffer's
         // length) read, so every byte is initialised.
-        let payload =
-            unsafe { buf.into_bytes((stored.header.length as usize).min(ext.len as usize)) };
+        let payload = unsafe { buf.into_bytes((stored.header.length as usize).min(ext.len as usize)) };
         let block = Block {
             header: stored.header.clone(),
             payload,
@@ -516,6 +482,8 @@ impl Tier for DiskTier {
         self.inner.map.read().contains_key(key)
     }
 
+    /// Everything in the tier now: right after `open`, exactly what the
+    /// index held (less the entries dropped as invalid).
     async fn recover(&self) -> TierResult<Vec<(ObjectKey, BlockHeader)>> {
         Ok(self
             .inner

@@ -25,11 +25,7 @@ pub(super) struct PsyncEngine {
 
 impl PsyncEngine {
     /// Starts the worker threads; at most `queue_depth` requests wait in the queue.
-    pub(super) fn start(
-        files: Arc<DataFiles>,
-        queue_depth: u32,
-        pool: Arc<BufferPool>,
-    ) -> TierResult<Self> {
+    pub(super) fn start(files: Arc<DataFiles>, queue_depth: u32, pool: Arc<BufferPool>) -> TierResult<Self> {
         let (mut chan, rx) = Channel::new(queue_depth as usize);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..THREADS {
@@ -93,10 +89,7 @@ fn run(files: &DataFiles, op: &mut IoOp) -> io::Result<()> {
         match n {
             n if n > 0 => done += n as usize,
             0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "data file ended early",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "data file ended early"));
             }
             _ => {
                 let e = io::Error::last_os_error();

@@ -96,11 +96,7 @@ impl UringEngine {
             .name("kvf-disk-uring".into())
             .spawn(move || worker.run())?;
         chan.add_thread(t);
-        Ok(Self {
-            chan,
-            pool,
-            registered,
-        })
+        Ok(Self { chan, pool, registered })
     }
 }
 
@@ -186,10 +182,7 @@ impl Worker {
 
     fn start(&mut self, req: Request) {
         if req.op.file >= self.files.count() {
-            req.complete(Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "no such data file",
-            )));
+            req.complete(Err(io::Error::new(io::ErrorKind::InvalidInput, "no such data file")));
             return;
         }
         let Some(slot) = self.free.pop() else {
@@ -217,10 +210,7 @@ impl Worker {
         // held by `self.files`. The SQ has a slot: in-flight ops never exceed
         // its size and each has at most one SQE outstanding.
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
-            self.finish(
-                slot,
-                Err(io::Error::other("io_uring submission queue full")),
-            );
+            self.finish(slot, Err(io::Error::other("io_uring submission queue full")));
         }
     }
 
@@ -246,10 +236,7 @@ impl Worker {
             } else if res == 0 {
                 self.finish(
                     slot,
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "data file ended early",
-                    )),
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "data file ended early")),
                 );
             } else {
                 f.done += res as usize;
@@ -278,9 +265,7 @@ fn build_sqe(f: &mut InFlight, files: &DataFiles, registered: bool) -> io::Resul
     let op = &mut f.req.op;
     let fd = types::Fd(files.fd(op.file));
     if op.kind == IoKind::DataSync {
-        return Ok(opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build());
+        return Ok(opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build());
     }
     let buf = op
         .buf
@@ -293,9 +278,7 @@ fn build_sqe(f: &mut InFlight, files: &DataFiles, registered: bool) -> io::Resul
     let off = op.offset + f.done as u64;
     Ok(match (op.kind, fixed) {
         (IoKind::Read, _) => opcode::Read::new(fd, ptr, len).offset(off).build(),
-        (_, Some(idx)) => opcode::WriteFixed::new(fd, ptr, len, idx)
-            .offset(off)
-            .build(),
+        (_, Some(idx)) => opcode::WriteFixed::new(fd, ptr, len, idx).offset(off).build(),
         (_, None) => opcode::Write::new(fd, ptr, len).offset(off).build(),
     })
 }

@@ -16,10 +16,7 @@
 //! stripe is busy are skipped rather than waited for, so eviction can never
 //! deadlock against the put that triggered it.
 
-use crate::{
-    Block, BlockHeader, Clock, EvictionPolicy, LruPolicy, ObjectKey, Tier, TierError, TierKind,
-    TierResult,
-};
+use crate::{Block, BlockHeader, Clock, EvictionPolicy, LruPolicy, ObjectKey, Tier, TierError, TierKind, TierResult};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -243,7 +240,15 @@ impl TierStack {
                     level.policy.lock().insert(&key);
                 }
             }
-            index.insert(key, Entry { mask, len: h.length, checksum: h.checksum, lease_until_ms: 0 });
+            index.insert(
+                key,
+                Entry {
+                    mask,
+                    len: h.length,
+                    checksum: h.checksum,
+                    lease_until_ms: 0,
+                },
+            );
         }
         if n > 0 {
             tracing::info!(objects = n, "tier stack: index rebuilt from persistent tiers");
@@ -271,7 +276,11 @@ impl TierStack {
     }
 
     fn emit(&self, kind: StackEventKind, key: &ObjectKey, level: usize) {
-        let _ = self.events.send(StackEvent { kind, key: key.clone(), tier: self.levels[level].tier.kind() });
+        let _ = self.events.send(StackEvent {
+            kind,
+            key: key.clone(),
+            tier: self.levels[level].tier.kind(),
+        });
     }
 
     /// The clock this stack uses.
@@ -289,10 +298,13 @@ impl TierStack {
                 durability: "disk",
                 needed: TierKind::Disk,
             })?),
-            Durability::Object => Some(self.level_of(TierKind::Object).ok_or(TierError::DurabilityUnavailable {
-                durability: "object",
-                needed: TierKind::Object,
-            })?),
+            Durability::Object => Some(
+                self.level_of(TierKind::Object)
+                    .ok_or(TierError::DurabilityUnavailable {
+                        durability: "object",
+                        needed: TierKind::Object,
+                    })?,
+            ),
         };
         let mut placed: u8 = 0;
         let ack_level = match durable_level {
@@ -358,13 +370,18 @@ impl TierStack {
         for i in from..self.levels.len() {
             match self.place(i, key, block, sync).await {
                 Ok(()) => return Ok(i),
-                Err(e @ (TierError::TooLarge { .. } | TierError::Full { .. } | TierError::CapacityExhausted { .. })) => {
+                Err(
+                    e @ (TierError::TooLarge { .. } | TierError::Full { .. } | TierError::CapacityExhausted { .. }),
+                ) => {
                     why.push(format!("{}: {e}", self.levels[i].tier.kind()));
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(TierError::CapacityExhausted { size: block.header.length, detail: why.join("; ") })
+        Err(TierError::CapacityExhausted {
+            size: block.header.length,
+            detail: why.join("; "),
+        })
     }
 
     /// Places into level `i`, evicting (demoting) from it as needed.
@@ -585,8 +602,13 @@ impl TierStack {
 
     /// Deletes every object of a namespace; returns how many went.
     pub async fn clear_namespace(&self, namespace: &str) -> TierResult<u64> {
-        let keys: Vec<ObjectKey> =
-            self.index.lock().keys().filter(|k| k.namespace() == namespace).cloned().collect();
+        let keys: Vec<ObjectKey> = self
+            .index
+            .lock()
+            .keys()
+            .filter(|k| k.namespace() == namespace)
+            .cloned()
+            .collect();
         let mut n = 0;
         for k in &keys {
             if self.delete(k).await? {
@@ -609,7 +631,10 @@ impl TierStack {
         for k in keys {
             let Some(e) = index.get(k) else { break };
             let i = e.mask.trailing_zeros() as usize;
-            out.push(ExistsEntry { tier: self.levels[i].tier.kind(), len: e.len });
+            out.push(ExistsEntry {
+                tier: self.levels[i].tier.kind(),
+                len: e.len,
+            });
         }
         out
     }
@@ -627,7 +652,11 @@ impl TierStack {
         keys.iter()
             .map(|k| match index.get_mut(k) {
                 Some(e) => {
-                    e.lease_until_ms = if ttl_ms == 0 { 0 } else { e.lease_until_ms.max(now.saturating_add(ttl_ms)) };
+                    e.lease_until_ms = if ttl_ms == 0 {
+                        0
+                    } else {
+                        e.lease_until_ms.max(now.saturating_add(ttl_ms))
+                    };
                     true
                 }
                 None => false,
@@ -690,7 +719,10 @@ impl TierStack {
             for (k, e) in index.iter() {
                 let here = e.mask & bit(i) != 0;
                 if here != level.tier.contains(k) {
-                    return Err(format!("{k}: index says {here} for {} tier, tier disagrees", level.tier.kind()));
+                    return Err(format!(
+                        "{k}: index says {here} for {} tier, tier disagrees",
+                        level.tier.kind()
+                    ));
                 }
                 if here {
                     expect_used += level.tier.footprint(e.len);
@@ -706,10 +738,19 @@ impl TierStack {
                 ));
             }
             if level.tier.len() != n {
-                return Err(format!("{} tier: holds {} objects, index says {}", level.tier.kind(), level.tier.len(), n));
+                return Err(format!(
+                    "{} tier: holds {} objects, index says {}",
+                    level.tier.kind(),
+                    level.tier.len(),
+                    n
+                ));
             }
             if level.policy.lock().len() != n {
-                return Err(format!("{} tier: policy tracks {} objects, index says {n}", level.tier.kind(), level.policy.lock().len()));
+                return Err(format!(
+                    "{} tier: policy tracks {} objects, index says {n}",
+                    level.tier.kind(),
+                    level.policy.lock().len()
+                ));
             }
         }
         Ok(())

@@ -23,8 +23,16 @@ async fn fixture(host: u64, disk: u64, object: u64) -> Fixture {
     let diskt = Arc::new(MemTier::new(TierKind::Disk, disk));
     let objt = Arc::new(MemTier::new(TierKind::Object, object));
     let clock = Arc::new(ManualClock::new(1_000));
-    let stack = TierStack::open(vec![objt.clone(), hostt.clone(), diskt.clone()], clock.clone()).await.unwrap();
-    Fixture { host: hostt, disk: diskt, object: objt, clock, stack }
+    let stack = TierStack::open(vec![objt.clone(), hostt.clone(), diskt.clone()], clock.clone())
+        .await
+        .unwrap();
+    Fixture {
+        host: hostt,
+        disk: diskt,
+        object: objt,
+        clock,
+        stack,
+    }
 }
 
 #[tokio::test]
@@ -32,7 +40,10 @@ async fn put_lands_in_fastest_and_demotes_when_full() {
     let f = fixture(3000, 3000, 100_000).await;
     assert_eq!(f.stack.kinds(), vec![TierKind::Host, TierKind::Disk, TierKind::Object]);
     for i in 0..8 {
-        assert_eq!(f.stack.put(&k(i), &block(i, 1000), Durability::Memory).await.unwrap(), TierKind::Host);
+        assert_eq!(
+            f.stack.put(&k(i), &block(i, 1000), Durability::Memory).await.unwrap(),
+            TierKind::Host
+        );
     }
     f.stack.check_consistency().unwrap();
     assert_eq!(f.host.len(), 3);
@@ -86,7 +97,11 @@ async fn leases_pin_and_expire() {
     f.stack.put(&k(1), &block(1, 1000), Durability::Memory).await.unwrap();
     f.stack.put(&k(2), &block(2, 1000), Durability::Memory).await.unwrap();
     assert_eq!(f.stack.lease(&[k(1), k(2), k(9)], 5_000), vec![true, true, false]);
-    let err = f.stack.put(&k(3), &block(3, 1000), Durability::Memory).await.unwrap_err();
+    let err = f
+        .stack
+        .put(&k(3), &block(3, 1000), Durability::Memory)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TierError::CapacityExhausted { .. }), "{err}");
     assert!(f.stack.contains(&k(1)) && f.stack.contains(&k(2)) && !f.stack.contains(&k(3)));
     f.clock.advance(5_001);
@@ -98,15 +113,24 @@ async fn leases_pin_and_expire() {
 #[tokio::test]
 async fn durability_writes_the_durable_tier() {
     let f = fixture(10_000, 10_000, 10_000).await;
-    assert_eq!(f.stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap(), TierKind::Disk);
+    assert_eq!(
+        f.stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap(),
+        TierKind::Disk
+    );
     assert!(f.disk.contains(&k(1)) && f.host.contains(&k(1)));
-    assert_eq!(f.stack.put(&k(2), &block(2, 100), Durability::Object).await.unwrap(), TierKind::Object);
+    assert_eq!(
+        f.stack.put(&k(2), &block(2, 100), Durability::Object).await.unwrap(),
+        TierKind::Object
+    );
     assert!(f.object.contains(&k(2)) && f.host.contains(&k(2)) && !f.disk.contains(&k(2)));
     f.stack.check_consistency().unwrap();
 
-    let only_host = TierStack::open(vec![Arc::new(MemTier::new(TierKind::Host, 100))], Arc::new(ManualClock::new(0)))
-        .await
-        .unwrap();
+    let only_host = TierStack::open(
+        vec![Arc::new(MemTier::new(TierKind::Host, 100))],
+        Arc::new(ManualClock::new(0)),
+    )
+    .await
+    .unwrap();
     let e = only_host.put(&k(1), &block(1, 10), Durability::Disk).await.unwrap_err();
     assert!(matches!(e, TierError::DurabilityUnavailable { .. }), "{e}");
     assert!(!only_host.contains(&k(1)));
@@ -116,7 +140,9 @@ async fn durability_writes_the_durable_tier() {
 async fn checksum_failure_is_a_counted_miss_and_deleted() {
     let disk = Arc::new(MemTier::new(TierKind::Disk, 10_000));
     let object = Arc::new(MemTier::new(TierKind::Object, 10_000));
-    let stack = TierStack::open(vec![disk.clone(), object.clone()], Arc::new(ManualClock::new(0))).await.unwrap();
+    let stack = TierStack::open(vec![disk.clone(), object.clone()], Arc::new(ManualClock::new(0)))
+        .await
+        .unwrap();
     // Only copy is bad: a miss, never bad bytes.
     stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap();
     disk.corrupt(&k(1));
@@ -150,10 +176,18 @@ async fn reopen_rebuilds_index_from_persistent_tiers() {
     f.stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap();
     f.stack.put(&k(2), &block(2, 100), Durability::Object).await.unwrap();
     let fresh_host = Arc::new(MemTier::new(TierKind::Host, 10_000));
-    let again = TierStack::open(vec![fresh_host, f.disk.clone(), f.object.clone()], f.clock.clone()).await.unwrap();
+    let again = TierStack::open(vec![fresh_host, f.disk.clone(), f.object.clone()], f.clock.clone())
+        .await
+        .unwrap();
     assert_eq!(again.len(), 2);
-    assert_eq!(again.get(&k(1)).await.unwrap().unwrap().0.payload, block(1, 100).payload);
-    assert_eq!(again.get(&k(2)).await.unwrap().unwrap().0.payload, block(2, 100).payload);
+    assert_eq!(
+        again.get(&k(1)).await.unwrap().unwrap().0.payload,
+        block(1, 100).payload
+    );
+    assert_eq!(
+        again.get(&k(2)).await.unwrap().unwrap().0.payload,
+        block(2, 100).payload
+    );
     again.check_consistency().unwrap();
     assert_eq!(again.namespaces(), vec!["ns".to_string()]);
 }
