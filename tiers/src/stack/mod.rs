@@ -451,7 +451,14 @@ impl TierStack {
         if !has_lower && i + 1 < self.levels.len() {
             match level.tier.get(key).await {
                 Ok(Some(block)) => match Box::pin(self.place_first_fit(i + 1, key, &block, false)).await {
-                    Ok(j) => new_level = Some(j),
+                    Ok(j) => {
+                        // Publish the lower copy before the upper one goes,
+                        // so readers always find one of them.
+                        if let Some(e) = self.index.lock().get_mut(key) {
+                            e.mask |= bit(j);
+                        }
+                        new_level = Some(j);
+                    }
                     Err(e) => tracing::warn!(%key, error = %e, "eviction: no lower tier has room; dropping"),
                 },
                 Ok(None) => {}
@@ -491,7 +498,26 @@ impl TierStack {
     /// Reads an object from the fastest tier holding a good copy; promotes a
     /// hit below the fastest tier.
     pub async fn get(&self, key: &ObjectKey) -> TierResult<Option<(Block, TierKind)>> {
-        let mask = self.index.lock().get(key).map(|e| e.mask).unwrap_or(0);
+        let mut mask = self.index.lock().get(key).map(|e| e.mask).unwrap_or(0);
+        // A concurrent demotion can move the object between reading the
+        // index and reading the tier; one retry with the new placement
+        // turns that race into a hit instead of a spurious miss.
+        for _attempt in 0..2 {
+            match self.get_from(key, mask).await? {
+                Some(hit) => return Ok(Some(hit)),
+                None => {
+                    let now = self.index.lock().get(key).map(|e| e.mask).unwrap_or(0);
+                    if now == 0 || now == mask {
+                        return Ok(None);
+                    }
+                    mask = now;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn get_from(&self, key: &ObjectKey, mask: u8) -> TierResult<Option<(Block, TierKind)>> {
         let mut last_err = None;
         for (i, level) in self.levels.iter().enumerate() {
             if mask & bit(i) == 0 {
@@ -508,20 +534,20 @@ impl TierStack {
                     }
                     return Ok(Some((block, level.tier.kind())));
                 }
-                Ok(None) => level.metrics.misses.fetch_add(1, Relaxed),
+                Ok(None) => {
+                    level.metrics.misses.fetch_add(1, Relaxed);
+                }
                 Err(TierError::Corrupt { reason, .. }) => {
                     level.metrics.checksum_failures.fetch_add(1, Relaxed);
                     level.metrics.misses.fetch_add(1, Relaxed);
                     tracing::error!(%key, tier = %level.tier.kind(), %reason, "checksum failure: deleting the bad copy");
                     self.drop_copy(i, key).await;
-                    0
                 }
                 Err(e) => {
                     tracing::warn!(%key, tier = %level.tier.kind(), error = %e, "read failed; trying slower tiers");
                     last_err = Some(e);
-                    0
                 }
-            };
+            }
         }
         match last_err {
             Some(e) => Err(e),
