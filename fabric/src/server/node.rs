@@ -147,7 +147,9 @@ impl Node {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        // Accepted sockets need TCP_NODELAY set here: the builder's `tcp_nodelay` does
+        // not apply to a caller-supplied listener, and Nagle adds ~40 ms stalls.
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let grpc_task = tokio::spawn(async move {
             let r = server
                 .serve_with_incoming_shutdown(incoming, async {
