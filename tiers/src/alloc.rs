@@ -100,6 +100,21 @@ impl ExtentAllocator {
         Some(Extent { offset, len: need })
     }
 
+    /// Like [`ExtentAllocator::alloc`] but with the tier's error: `TooLarge`
+    /// if `size` can never fit, `Full` if it cannot fit now.
+    pub fn alloc_for(&mut self, tier: crate::TierKind, size: u64) -> crate::TierResult<Extent> {
+        let need = self.footprint(size);
+        if need > self.capacity {
+            return Err(crate::TierError::TooLarge { tier, size: need, capacity: self.capacity });
+        }
+        self.alloc(need).ok_or(crate::TierError::Full {
+            tier,
+            needed: need,
+            available: self.free(),
+            capacity: self.capacity,
+        })
+    }
+
     /// Returns an extent. Panics on a double free or a foreign extent, which
     /// would be a bug in the caller's bookkeeping, never client input.
     pub fn free_extent(&mut self, ext: Extent) {

@@ -260,27 +260,7 @@ impl Tier for HbmTier {
 
     async fn put(&self, key: &ObjectKey, block: &Block, _sync: bool) -> TierResult<()> {
         let need = self.footprint(block.payload.len() as u64);
-        let extent = {
-            let mut a = self.gpu.alloc.lock();
-            if need > a.capacity() {
-                return Err(TierError::TooLarge {
-                    tier: TierKind::Hbm,
-                    size: need,
-                    capacity: a.capacity(),
-                });
-            }
-            match a.alloc(need) {
-                Some(e) => e,
-                None => {
-                    return Err(TierError::Full {
-                        tier: TierKind::Hbm,
-                        needed: need,
-                        available: a.free(),
-                        capacity: a.capacity(),
-                    });
-                }
-            }
-        };
+        let extent = self.gpu.alloc.lock().alloc_for(TierKind::Hbm, need)?;
         // The guard owns the extent from here on: if the copy fails, panics
         // or this future is dropped, the extent goes back to the allocator.
         let slot = Slot {

@@ -153,27 +153,7 @@ impl Tier for HostTier {
 
     async fn put(&self, key: &ObjectKey, block: &Block, _sync: bool) -> TierResult<()> {
         let need = self.footprint(block.payload.len() as u64);
-        let extent = {
-            let mut a = self.arena.alloc.lock();
-            if need > a.capacity() {
-                return Err(TierError::TooLarge {
-                    tier: TierKind::Host,
-                    size: need,
-                    capacity: a.capacity(),
-                });
-            }
-            match a.alloc(need) {
-                Some(e) => e,
-                None => {
-                    return Err(TierError::Full {
-                        tier: TierKind::Host,
-                        needed: need,
-                        available: a.free(),
-                        capacity: a.capacity(),
-                    });
-                }
-            }
-        };
+        let extent = self.arena.alloc.lock().alloc_for(TierKind::Host, need)?;
         // SAFETY: the extent was just allocated to us and is not yet
         // reachable by anyone else; it lies inside the mapping.
         unsafe {
