@@ -227,3 +227,32 @@ async fn many_concurrent_clients_mixed_operations() {
     node.stack.check_consistency().unwrap();
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inflight_put_budget_applies_backpressure_without_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 64 << 20, 0);
+    s.limits.max_object_size = kvfabric::server::ByteSize(1 << 20);
+    s.limits.max_inflight_put_bytes = kvfabric::server::ByteSize(2 << 20);
+    let (node, c) = start(s).await;
+    let mut tasks = Vec::new();
+    for i in 0..12u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let objs = (0..3u64)
+                .map(|j| PutObject::new(vec![i as u8, j as u8], payload(i * 10 + j, 1 << 20)))
+                .collect();
+            c.put_many("bp", objs, Durability::Memory).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for i in 0..12u64 {
+        for j in 0..3u64 {
+            let o = c.get("bp", vec![i as u8, j as u8]).await.unwrap().unwrap();
+            assert_eq!(o.value, payload(i * 10 + j, 1 << 20));
+        }
+    }
+    node.shutdown().await;
+}

@@ -105,7 +105,11 @@ impl ExtentAllocator {
     pub fn alloc_for(&mut self, tier: crate::TierKind, size: u64) -> crate::TierResult<Extent> {
         let need = self.footprint(size);
         if need > self.capacity {
-            return Err(crate::TierError::TooLarge { tier, size: need, capacity: self.capacity });
+            return Err(crate::TierError::TooLarge {
+                tier,
+                size: need,
+                capacity: self.capacity,
+            });
         }
         self.alloc(need).ok_or(crate::TierError::Full {
             tier,

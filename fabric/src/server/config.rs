@@ -171,6 +171,10 @@ pub struct LimitSettings {
     pub max_batch_keys: usize,
     /// Data chunk size of Get streams. Default `1MiB`; 4KiB..=4MiB-64KiB.
     pub chunk_size: ByteSize,
+    /// Payload bytes all Put streams together may hold in memory before they
+    /// are stored; further puts wait (backpressure), so many concurrent large
+    /// puts cannot exhaust memory. Default `4GiB`; at least `max-object-size`.
+    pub max_inflight_put_bytes: ByteSize,
 }
 
 impl Default for Settings {
@@ -216,6 +220,7 @@ impl Default for LimitSettings {
             max_object_size: ByteSize(1 << 30),
             max_batch_keys: 4096,
             chunk_size: ByteSize(1 << 20),
+            max_inflight_put_bytes: ByteSize(4 << 30),
         }
     }
 }
@@ -293,6 +298,12 @@ impl Settings {
                 self.limits.chunk_size
             ));
         }
+        if self.limits.max_inflight_put_bytes < self.limits.max_object_size {
+            return Err(format!(
+                "limits.max-inflight-put-bytes {} is below limits.max-object-size {}",
+                self.limits.max_inflight_put_bytes, self.limits.max_object_size
+            ));
+        }
         if self.node_id.is_empty() {
             return Err("node-id is empty".into());
         }
@@ -330,6 +341,9 @@ mod tests {
         let mut bad = Settings::default();
         bad.disk.queue_depth = 0;
         assert!(bad.validate().unwrap_err().contains("disk.queue-depth"));
+        let mut bad = Settings::default();
+        bad.limits.max_inflight_put_bytes = ByteSize(1 << 20);
+        assert!(bad.validate().unwrap_err().contains("max-inflight-put-bytes"));
         Settings::default().validate().unwrap();
     }
 }

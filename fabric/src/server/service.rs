@@ -81,6 +81,15 @@ struct Shared {
     node_id: String,
     /// Flips to true when the node shuts down; ends open event streams.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Budget of payload bytes buffered by Put streams, in 64 KiB units.
+    inflight: Arc<tokio::sync::Semaphore>,
+}
+
+/// Unit of the in-flight put budget.
+const INFLIGHT_UNIT: u64 = 64 << 10;
+
+fn inflight_units(bytes: u64) -> u32 {
+    bytes.div_ceil(INFLIGHT_UNIT).clamp(1, u64::from(u32::MAX)) as u32
 }
 
 /// The gRPC block service.
@@ -104,6 +113,8 @@ struct Pending {
     checksum: Option<u64>,
     buf: BytesMut,
     single: Option<Bytes>,
+    /// Share of the in-flight budget, returned when the object is stored or dropped.
+    _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Pending {
@@ -122,6 +133,10 @@ impl BlockService {
         node_id: String,
     ) -> Self {
         let (stopping, _) = tokio::sync::watch::channel(false);
+        let budget = inflight_units(limits.max_inflight_put_bytes.0) as usize;
+        let inflight = Arc::new(tokio::sync::Semaphore::new(
+            budget.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         BlockService {
             shared: Arc::new(Shared {
                 stack,
@@ -130,6 +145,7 @@ impl BlockService {
                 limits,
                 node_id,
                 stopping,
+                inflight,
             }),
         }
     }
@@ -278,7 +294,17 @@ impl BlockService {
                         return Err(status(e.kind(), format!("{e}; {}", committed(index))));
                     }
                     check_layout(&b.layout).map_err(invalid)?;
+                    // Wait for room in the in-flight budget (backpressure).
+                    let units = inflight_units(b.length).min(inflight_units(limits.max_inflight_put_bytes.0));
+                    let budget = self
+                        .shared
+                        .inflight
+                        .clone()
+                        .acquire_many_owned(units)
+                        .await
+                        .map_err(|_| status(ErrorKind::Unavailable, "node is shutting down"))?;
                     let p = Pending {
+                        _budget: budget,
                         key: b.key,
                         length: b.length,
                         layout: layout_from_proto(b.layout),

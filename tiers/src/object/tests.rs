@@ -224,12 +224,7 @@ impl ObjectStore for FailingParts {
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<object_store::ListResult> {
         self.0.list_with_delimiter(prefix).await
     }
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: object_store::CopyOptions,
-    ) -> object_store::Result<()> {
+    async fn copy_opts(&self, from: &Path, to: &Path, options: object_store::CopyOptions) -> object_store::Result<()> {
         self.0.copy_opts(from, to, options).await
     }
 }
