@@ -128,7 +128,7 @@ struct StatsArgs {
 fn key_bytes(key: &str, hex_key: bool) -> Result<Bytes> {
     if hex_key {
         let s = key.trim();
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             anyhow::bail!("hex key has an odd number of digits");
         }
         let v: Result<Vec<u8>, _> = (0..s.len())

@@ -122,7 +122,7 @@ impl ExtentAllocator {
     /// Returns an extent. Panics on a double free or a foreign extent, which
     /// would be a bug in the caller's bookkeeping, never client input.
     pub fn free_extent(&mut self, ext: Extent) {
-        assert!(ext.len > 0 && ext.offset % self.align == 0 && ext.len % self.align == 0);
+        assert!(ext.len > 0 && ext.offset.is_multiple_of(self.align) && ext.len.is_multiple_of(self.align));
         assert!(ext.end() <= self.capacity, "extent {ext:?} outside allocator");
         let (mut offset, mut len) = (ext.offset, ext.len);
         if let Some((&po, &pl)) = self.by_offset.range(..offset).next_back() {
@@ -147,7 +147,11 @@ impl ExtentAllocator {
     /// Claims a specific extent (index recovery). Returns `false` if any part
     /// of it is already allocated or outside the region.
     pub fn reserve(&mut self, ext: Extent) -> bool {
-        if ext.len == 0 || ext.offset % self.align != 0 || ext.len % self.align != 0 || ext.end() > self.capacity {
+        if ext.len == 0
+            || !ext.offset.is_multiple_of(self.align)
+            || !ext.len.is_multiple_of(self.align)
+            || ext.end() > self.capacity
+        {
             return false;
         }
         let Some((&fo, &fl)) = self.by_offset.range(..=ext.offset).next_back() else {

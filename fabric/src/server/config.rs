@@ -57,7 +57,7 @@ impl fmt::Display for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ] {
-            if v >= m && v % m == 0 {
+            if v >= m && v.is_multiple_of(m) {
                 return write!(f, "{}{unit}", v / m);
             }
         }
@@ -273,10 +273,10 @@ impl Settings {
                 self.disk.engine
             ));
         }
-        if let Some(url) = &self.object.url {
-            if !(url.starts_with("file://") || url.starts_with("s3://")) {
-                return Err(format!("object.url {url:?} must start with file:// or s3://"));
-            }
+        if let Some(url) = &self.object.url
+            && !(url.starts_with("file://") || url.starts_with("s3://"))
+        {
+            return Err(format!("object.url {url:?} must start with file:// or s3://"));
         }
         let m = self.limits.max_object_size.0;
         if m == 0 || m > 64 << 30 {

@@ -56,8 +56,8 @@ impl Namespaces {
         let mut owners = self.owners.lock();
         let mut changed = false;
         for n in names {
-            if !owners.contains_key(&n) {
-                owners.insert(n, DEFAULT_TENANT.to_string());
+            if let std::collections::btree_map::Entry::Vacant(e) = owners.entry(n) {
+                e.insert(DEFAULT_TENANT.to_string());
                 changed = true;
             }
         }

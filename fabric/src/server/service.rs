@@ -65,10 +65,10 @@ fn layout_to_proto(l: &Layout) -> v1::Layout {
 }
 
 fn check_layout(l: &Option<v1::Layout>) -> Result<(), String> {
-    if let Some(l) = l {
-        if l.model.len() > 256 || l.dtype.len() > 256 {
-            return Err("layout model and dtype are limited to 256 bytes".into());
-        }
+    if let Some(l) = l
+        && (l.model.len() > 256 || l.dtype.len() > 256)
+    {
+        return Err("layout model and dtype are limited to 256 bytes".into());
     }
     Ok(())
 }
@@ -193,17 +193,17 @@ impl BlockService {
             None => p.buf.freeze(),
         };
         let block = Block::new(payload, p.layout, self.shared.stack.clock().now_ms());
-        if let Some(sum) = p.checksum {
-            if sum != block.header.checksum {
-                return Err(status(
-                    ErrorKind::DataCorruption,
-                    format!(
-                        "object {}: checksum {:#018x} computed over the received bytes differs from the client's {sum:#018x}; not stored",
-                        hex(&p.key),
-                        block.header.checksum
-                    ),
-                ));
-            }
+        if let Some(sum) = p.checksum
+            && sum != block.header.checksum
+        {
+            return Err(status(
+                ErrorKind::DataCorruption,
+                format!(
+                    "object {}: checksum {:#018x} computed over the received bytes differs from the client's {sum:#018x}; not stored",
+                    hex(&p.key),
+                    block.header.checksum
+                ),
+            ));
         }
         let key = ObjectKey::new(ns.clone(), p.key.clone());
         let tier = self.shared.stack.put(&key, &block, durability).await.map_err(|e| {
@@ -654,12 +654,12 @@ impl KvBlockService for BlockService {
                 if tx.send(Ok(out_ev)).await.is_err() {
                     return;
                 }
-                if let Some(e) = held {
-                    if wanted(e.key.namespace()) {
-                        let one = to_event(&e, &shared.node_id);
-                        if tx.send(Ok(one)).await.is_err() {
-                            return;
-                        }
+                if let Some(e) = held
+                    && wanted(e.key.namespace())
+                {
+                    let one = to_event(&e, &shared.node_id);
+                    if tx.send(Ok(one)).await.is_err() {
+                        return;
                     }
                 }
             }

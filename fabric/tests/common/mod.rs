@@ -9,10 +9,12 @@ use std::path::Path;
 
 /// Settings for a test node: free loopback ports, data under `dir`, small tiers.
 pub fn settings(dir: &Path, host: u64, disk: u64) -> Settings {
-    let mut s = Settings::default();
-    s.listen = "127.0.0.1:0".parse().unwrap();
-    s.metrics_listen = "127.0.0.1:0".parse().unwrap();
-    s.data_dir = dir.to_path_buf();
+    let mut s = Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    };
     s.host.capacity = ByteSize(host);
     s.disk.capacity = ByteSize(disk);
     s
