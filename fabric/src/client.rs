@@ -110,6 +110,38 @@ pub struct Object {
     pub tier: Tier,
 }
 
+/// An object's bytes as they arrive: a single chunk is kept as-is (no
+/// copy); several are gathered into one buffer.
+#[derive(Debug, Default)]
+struct Incoming {
+    single: Option<Bytes>,
+    buf: BytesMut,
+}
+
+impl Incoming {
+    fn len(&self) -> usize {
+        self.single.as_ref().map_or(self.buf.len(), Bytes::len)
+    }
+
+    fn push(&mut self, chunk: Bytes, total: u64) {
+        if self.len() == 0 && chunk.len() as u64 == total {
+            self.single = Some(chunk);
+            return;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve((total as usize).min(64 << 20));
+        }
+        if let Some(s) = self.single.take() {
+            self.buf.extend_from_slice(&s);
+        }
+        self.buf.extend_from_slice(&chunk);
+    }
+
+    fn freeze(self) -> Bytes {
+        self.single.unwrap_or_else(|| self.buf.freeze())
+    }
+}
+
 /// A connection to one kvfabric node.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -246,9 +278,9 @@ impl Client {
         };
         let mut stream = self.inner.clone().get(req).await?.into_inner();
         let mut out: Vec<Option<Object>> = (0..n).map(|_| None).collect();
-        let mut cur: Option<(usize, v1::ObjectFound, BytesMut)> = None;
+        let mut cur: Option<(usize, v1::ObjectFound, Incoming)> = None;
         let finish =
-            |cur: &mut Option<(usize, v1::ObjectFound, BytesMut)>, out: &mut Vec<Option<Object>>| -> Result<()> {
+            |cur: &mut Option<(usize, v1::ObjectFound, Incoming)>, out: &mut Vec<Option<Object>>| -> Result<()> {
                 if let Some((i, f, buf)) = cur.take() {
                     if buf.len() as u64 != f.length {
                         return Err(ClientError::Protocol(format!(
@@ -284,12 +316,11 @@ impl Client {
                     if i >= n {
                         return Err(ClientError::Protocol(format!("server named key index {i} of {n}")));
                     }
-                    let cap = (f.length as usize).min(64 << 20);
-                    cur = Some((i, f, BytesMut::with_capacity(cap)));
+                    cur = Some((i, f, Incoming::default()));
                 }
                 Some(get_response::Msg::Missing(_)) => finish(&mut cur, &mut out)?,
                 Some(get_response::Msg::Data(d)) => match cur.as_mut() {
-                    Some((_, f, buf)) if buf.len() as u64 + d.len() as u64 <= f.length => buf.extend_from_slice(&d),
+                    Some((_, f, buf)) if buf.len() as u64 + d.len() as u64 <= f.length => buf.push(d, f.length),
                     _ => return Err(ClientError::Protocol("unexpected data chunk".into())),
                 },
                 None => return Err(ClientError::Protocol("empty message".into())),
