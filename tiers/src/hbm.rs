@@ -12,12 +12,12 @@
 //! executor thread. Device memory does not survive the process, so `recover`
 //! only reports what is stored now.
 
+use crate::slots::SlotIndex;
 use crate::{Block, BlockHeader, Extent, ExtentAllocator, ObjectKey, Tier, TierError, TierKind, TierResult};
 use async_trait::async_trait;
 use bytes::Bytes;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -108,7 +108,7 @@ impl Drop for Slot {
 #[derive(Debug)]
 pub struct HbmTier {
     gpu: Arc<Gpu>,
-    index: RwLock<HashMap<ObjectKey, Arc<Slot>>>,
+    index: SlotIndex<Slot>,
 }
 
 /// Runs blocking CUDA set-up off the async executor when called from a
@@ -223,7 +223,7 @@ impl HbmTier {
         };
         Ok(Some(HbmTier {
             gpu: Arc::new(gpu),
-            index: RwLock::new(HashMap::new()),
+            index: SlotIndex::new(),
         }))
     }
 
@@ -252,7 +252,7 @@ impl Tier for HbmTier {
         self.gpu.alloc.lock().used()
     }
     fn len(&self) -> usize {
-        self.index.read().len()
+        self.index.len()
     }
     fn footprint(&self, len: u64) -> u64 {
         len.max(1).div_ceil(HBM_ALIGN) * HBM_ALIGN
@@ -272,13 +272,12 @@ impl Tier for HbmTier {
         let slot = run_blocking(move || slot.gpu.write(slot.extent.offset, &payload).map(|()| slot))
             .await?
             .map_err(|e| self.copy_error("copying to device", key, e))?;
-        let old = self.index.write().insert(key.clone(), Arc::new(slot));
-        drop(old); // frees the previous extent once its readers finish
+        self.index.insert(key, Arc::new(slot));
         Ok(())
     }
 
     async fn get(&self, key: &ObjectKey) -> TierResult<Option<Block>> {
-        let Some(slot) = self.index.read().get(key).cloned() else {
+        let Some(slot) = self.index.get(key) else {
             return Ok(None);
         };
         let header = slot.header.clone();
@@ -294,23 +293,23 @@ impl Tier for HbmTier {
     }
 
     async fn delete(&self, key: &ObjectKey) -> TierResult<bool> {
-        let removed = self.index.write().remove(key);
-        Ok(removed.is_some())
+        Ok(self.index.remove(key))
     }
 
     fn contains(&self, key: &ObjectKey) -> bool {
-        self.index.read().contains_key(key)
+        self.index.contains(key)
     }
 
     /// Device memory does not survive a restart: this lists what the tier
     /// holds now.
     async fn recover(&self) -> TierResult<Vec<(ObjectKey, BlockHeader)>> {
-        Ok(self
-            .index
-            .read()
-            .iter()
-            .map(|(k, s)| (k.clone(), s.header.clone()))
-            .collect())
+        Ok(self.index.headers())
+    }
+}
+
+impl crate::slots::HasHeader for Slot {
+    fn header(&self) -> &BlockHeader {
+        &self.header
     }
 }
 
@@ -353,7 +352,7 @@ mod tests {
         let Some(t) = gpu_tier(1 << 20) else { return };
         let k = ObjectKey::new("ns", vec![1u8]);
         t.put(&k, &crate::conformance::block(1, 8192), false).await.unwrap();
-        let held = t.index.read().get(&k).cloned().unwrap();
+        let held = t.index.get(&k).unwrap();
         t.put(&k, &crate::conformance::block(2, 8192), false).await.unwrap();
         assert_eq!(t.used(), 2 * 8192);
         assert_eq!(

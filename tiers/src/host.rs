@@ -5,11 +5,11 @@
 //! for the bytes themselves. Slots are reference-counted guards: a reader
 //! holding a slot keeps it from being reused until its copy finishes.
 
+use crate::slots::SlotIndex;
 use crate::{Block, BlockHeader, Extent, ExtentAllocator, ObjectKey, Tier, TierError, TierKind, TierResult};
 use async_trait::async_trait;
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use parking_lot::Mutex;
 use std::sync::Arc;
 
 /// Slot alignment (and allocation unit) of the host arena.
@@ -118,7 +118,7 @@ impl Drop for Slot {
 #[derive(Debug)]
 pub struct HostTier {
     arena: Arc<Arena>,
-    index: RwLock<HashMap<ObjectKey, Arc<Slot>>>,
+    index: SlotIndex<Slot>,
 }
 
 impl HostTier {
@@ -128,7 +128,7 @@ impl HostTier {
         tracing::info!(capacity = arena.len, "host tier: memfd arena of 4 KiB-aligned slots");
         Ok(HostTier {
             arena,
-            index: RwLock::new(HashMap::new()),
+            index: SlotIndex::new(),
         })
     }
 }
@@ -145,7 +145,7 @@ impl Tier for HostTier {
         self.arena.alloc.lock().used()
     }
     fn len(&self) -> usize {
-        self.index.read().len()
+        self.index.len()
     }
     fn footprint(&self, len: u64) -> u64 {
         len.max(1).div_ceil(HOST_ALIGN) * HOST_ALIGN
@@ -168,13 +168,12 @@ impl Tier for HostTier {
             extent,
             header: block.header.clone(),
         });
-        let old = self.index.write().insert(key.clone(), slot);
-        drop(old); // frees the previous slot once its readers finish
+        self.index.insert(key, slot);
         Ok(())
     }
 
     async fn get(&self, key: &ObjectKey) -> TierResult<Option<Block>> {
-        let Some(slot) = self.index.read().get(key).cloned() else {
+        let Some(slot) = self.index.get(key) else {
             return Ok(None);
         };
         let payload = Bytes::copy_from_slice(slot.bytes());
@@ -185,21 +184,21 @@ impl Tier for HostTier {
     }
 
     async fn delete(&self, key: &ObjectKey) -> TierResult<bool> {
-        let removed = self.index.write().remove(key);
-        Ok(removed.is_some())
+        Ok(self.index.remove(key))
     }
 
     fn contains(&self, key: &ObjectKey) -> bool {
-        self.index.read().contains_key(key)
+        self.index.contains(key)
     }
 
     async fn recover(&self) -> TierResult<Vec<(ObjectKey, BlockHeader)>> {
-        Ok(self
-            .index
-            .read()
-            .iter()
-            .map(|(k, s)| (k.clone(), s.header.clone()))
-            .collect())
+        Ok(self.index.headers())
+    }
+}
+
+impl crate::slots::HasHeader for Slot {
+    fn header(&self) -> &BlockHeader {
+        &self.header
     }
 }
 
@@ -225,7 +224,7 @@ mod tests {
         let t = HostTier::new(1 << 20).unwrap();
         let k = ObjectKey::new("ns", vec![1u8]);
         t.put(&k, &crate::conformance::block(1, 8192), false).await.unwrap();
-        let held = t.index.read().get(&k).cloned().unwrap();
+        let held = t.index.get(&k).unwrap();
         t.put(&k, &crate::conformance::block(2, 8192), false).await.unwrap();
         // Old slot still allocated while held, so both count.
         assert_eq!(t.used(), 2 * 8192);

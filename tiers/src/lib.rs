@@ -12,6 +12,7 @@ mod hbm;
 mod host;
 mod object;
 mod policy;
+mod slots;
 mod stack;
 mod tier;
 
