@@ -290,7 +290,13 @@ impl Tier for MemTier {
                 capacity: self.capacity,
             });
         }
-        m.insert(key.clone(), block.clone());
+        // Never keep the caller's payload: it may be a view of a host-arena
+        // slot (see the `Tier::put` contract).
+        let owned = Block {
+            header: block.header.clone(),
+            payload: bytes::Bytes::copy_from_slice(&block.payload),
+        };
+        m.insert(key.clone(), owned);
         Ok(())
     }
     async fn get(&self, key: &ObjectKey) -> crate::TierResult<Option<Block>> {

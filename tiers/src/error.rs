@@ -75,6 +75,10 @@ pub enum TierError {
     /// A tier's configuration is invalid.
     #[error("invalid tier configuration: {0}")]
     Config(String),
+    /// The caller asked for something inconsistent (a commit whose header
+    /// does not match its reservation, say).
+    #[error("invalid request: {0}")]
+    Invalid(String),
     /// The tier cannot serve (device lost, I/O thread gone, GPU error).
     #[error("{0}")]
     Unavailable(String),

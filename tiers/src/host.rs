@@ -4,12 +4,19 @@
 //! [`ExtentAllocator`] and copies the payload in; nothing is allocated per put
 //! for the bytes themselves. Slots are reference-counted guards: a reader
 //! holding a slot keeps it from being reused until its copy finishes.
+//!
+//! The same arena backs the zero-copy path for co-located engines: the node
+//! passes the memfd to a local client, which writes into a
+//! [`HostReservation`] (an extent allocated but not yet published) and reads
+//! from a [`HostLease`] (a published slot pinned against reuse). Blocks read
+//! through [`Tier::get`] are zero-copy views of their slot as well.
 
 use crate::slots::SlotIndex;
 use crate::{Block, BlockHeader, Extent, ExtentAllocator, ObjectKey, Tier, TierError, TierKind, TierResult};
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 /// Slot alignment (and allocation unit) of the host arena.
@@ -114,6 +121,102 @@ impl Drop for Slot {
     }
 }
 
+/// Owner that lets a [`Bytes`] borrow a slot without copying it.
+struct SlotBytes(Arc<Slot>);
+
+impl AsRef<[u8]> for SlotBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// Arena space reserved for a writer that is not the tier itself (a
+/// co-located client writing through its own mapping). It is not visible to
+/// readers until [`HostTier::commit`] publishes it; dropping it returns the
+/// space.
+#[derive(Debug)]
+pub struct HostReservation {
+    arena: Arc<Arena>,
+    extent: Option<Extent>,
+    len: u64,
+}
+
+impl HostReservation {
+    /// Byte offset of the reserved space in the arena.
+    pub fn offset(&self) -> u64 {
+        self.extent.map_or(0, |e| e.offset)
+    }
+    /// Payload length the space was reserved for.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the reservation is for an empty payload.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Bytes of arena the reservation occupies (its footprint).
+    pub fn footprint(&self) -> u64 {
+        self.extent.map_or(0, |e| e.len)
+    }
+    /// Copies `data` into the reserved space (for in-process writers and
+    /// tests; a co-located client writes through its own mapping instead).
+    ///
+    /// # Panics
+    /// When `data` is longer than the reservation.
+    pub fn write(&mut self, data: &[u8]) {
+        assert!(data.len() as u64 <= self.len, "write past the end of a reservation");
+        let e = self.extent.expect("live reservation");
+        // SAFETY: the extent is ours alone until commit and lies inside the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.arena.ptr.add(e.offset as usize), data.len()) }
+    }
+    /// The reserved bytes as they are now. Another process may still be
+    /// writing them (a misbehaving client); the caller only hashes or copies
+    /// them, and a concurrent write shows up as a checksum mismatch.
+    pub fn snapshot(&self) -> Bytes {
+        let e = self.extent.expect("live reservation");
+        // SAFETY: the extent lies inside the mapping and stays allocated
+        // while `self` lives; the bytes are copied out at once.
+        Bytes::copy_from_slice(unsafe {
+            std::slice::from_raw_parts(self.arena.ptr.add(e.offset as usize), self.len as usize)
+        })
+    }
+    /// xxh3-64 of the reserved bytes, computed in place (see [`Self::snapshot`]).
+    pub fn checksum(&self) -> u64 {
+        let e = self.extent.expect("live reservation");
+        // SAFETY: as in `snapshot`.
+        crate::checksum(unsafe { std::slice::from_raw_parts(self.arena.ptr.add(e.offset as usize), self.len as usize) })
+    }
+}
+
+impl Drop for HostReservation {
+    fn drop(&mut self) {
+        if let Some(e) = self.extent.take() {
+            self.arena.alloc.lock().free_extent(e);
+        }
+    }
+}
+
+/// A read pin on a published slot: its bytes stay where they are, unchanged,
+/// until the lease is dropped, even if the object is overwritten, evicted or
+/// deleted meanwhile.
+#[derive(Clone, Debug)]
+pub struct HostLease(Arc<Slot>);
+
+impl HostLease {
+    /// Byte offset of the payload in the arena.
+    pub fn offset(&self) -> u64 {
+        self.0.extent.offset
+    }
+    /// The object's header.
+    pub fn header(&self) -> &BlockHeader {
+        &self.0.header
+    }
+    /// The payload, without copying.
+    pub fn payload(&self) -> Bytes {
+        Bytes::from_owner(SlotBytes(self.0.clone()))
+    }
+}
+
 /// The host-memory tier.
 #[derive(Debug)]
 pub struct HostTier {
@@ -131,12 +234,92 @@ impl HostTier {
             index: SlotIndex::new(),
         })
     }
+
+    /// The memfd behind the arena, to share with co-located clients.
+    pub fn arena_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the fd stays open for the arena's lifetime, which `self` outlives the borrow of.
+        unsafe { BorrowedFd::borrow_raw(self.arena.fd) }
+    }
+
+    /// Length of the arena mapping in bytes.
+    pub fn arena_len(&self) -> u64 {
+        self.arena.len as u64
+    }
+
+    /// Base address of the arena mapping in this process (for pinning it
+    /// with a GPU driver).
+    pub fn arena_ptr(&self) -> *mut u8 {
+        self.arena.ptr
+    }
+
+    /// Reserves space for a payload of `len` bytes that someone else will
+    /// write; fails with [`TierError::Full`] when there is no room right now.
+    pub fn reserve(&self, len: u64) -> TierResult<HostReservation> {
+        let need = self.footprint(len);
+        let extent = self.arena.alloc.lock().alloc_for(TierKind::Host, need)?;
+        Ok(HostReservation {
+            arena: self.arena.clone(),
+            extent: Some(extent),
+            len,
+        })
+    }
+
+    /// Publishes reserved space as `key` (replacing any older version).
+    /// `header.length` must equal the reservation's length.
+    pub fn commit(&self, key: &ObjectKey, reservation: HostReservation, header: BlockHeader) -> TierResult<HostLease> {
+        let slot = self.seal(reservation, header)?;
+        self.index.insert(key, slot.clone());
+        Ok(HostLease(slot))
+    }
+
+    /// Turns reserved space into a read lease that no key points at (a
+    /// bounce slot for an object served from a slower tier). Its space
+    /// returns when the lease drops.
+    pub fn detach(&self, reservation: HostReservation, header: BlockHeader) -> TierResult<HostLease> {
+        Ok(HostLease(self.seal(reservation, header)?))
+    }
+
+    fn seal(&self, mut reservation: HostReservation, header: BlockHeader) -> TierResult<Arc<Slot>> {
+        if !Arc::ptr_eq(&reservation.arena, &self.arena) {
+            return Err(TierError::Invalid("a reservation of another host arena".into()));
+        }
+        if header.length != reservation.len {
+            return Err(TierError::Invalid(format!(
+                "header says {} bytes but {} were reserved",
+                header.length, reservation.len
+            )));
+        }
+        let extent = reservation.extent.take().expect("live reservation");
+        Ok(Arc::new(Slot {
+            arena: self.arena.clone(),
+            extent,
+            header,
+        }))
+    }
+
+    /// Free arena bytes right now.
+    pub fn capacity_left(&self) -> u64 {
+        self.arena.alloc.lock().free()
+    }
+
+    /// Unpublishes `key` (its space returns once the last lease drops).
+    pub(crate) fn delete_slot(&self, key: &ObjectKey) -> bool {
+        self.index.remove(key)
+    }
+
+    /// Pins the current version of `key` for reading.
+    pub fn lease(&self, key: &ObjectKey) -> Option<HostLease> {
+        self.index.get(key).map(HostLease)
+    }
 }
 
 #[async_trait]
 impl Tier for HostTier {
     fn kind(&self) -> TierKind {
         TierKind::Host
+    }
+    fn as_host(&self) -> Option<&HostTier> {
+        Some(self)
     }
     fn capacity(&self) -> u64 {
         self.arena.len as u64
@@ -176,10 +359,9 @@ impl Tier for HostTier {
         let Some(slot) = self.index.get(key) else {
             return Ok(None);
         };
-        let payload = Bytes::copy_from_slice(slot.bytes());
         Ok(Some(Block {
             header: slot.header.clone(),
-            payload,
+            payload: Bytes::from_owner(SlotBytes(slot)),
         }))
     }
 

@@ -51,7 +51,10 @@ impl fmt::Display for TierKind {
 ///   the old or the new object, never a mix; it fails with
 ///   [`crate::TierError::Full`] when there is no room right now and
 ///   [`crate::TierError::TooLarge`] when there never will be; a failed put
-///   leaves the tier as it was.
+///   leaves the tier as it was. `put` must not keep `block.payload` (or a
+///   slice of it) once it returns: payloads read from the host tier are
+///   zero-copy views of arena slots, and a retained view would pin that
+///   arena space for good.
 /// - `get` returns exactly the bytes put; persistent tiers verify the
 ///   checksum and return [`crate::TierError::Corrupt`] on mismatch.
 /// - `used` is the sum of `footprint` over stored objects.
@@ -81,6 +84,11 @@ pub trait Tier: Send + Sync + fmt::Debug + 'static {
     async fn delete(&self, key: &ObjectKey) -> TierResult<bool>;
     /// Whether the object is present (from the in-memory index, no I/O).
     fn contains(&self, key: &ObjectKey) -> bool;
+    /// The host-memory tier behind this trait object, if it is one (the
+    /// zero-copy local path needs its arena).
+    fn as_host(&self) -> Option<&crate::HostTier> {
+        None
+    }
     /// Objects present when the tier was opened (persistent tiers), with their
     /// headers, so the stack can rebuild its index after a restart.
     async fn recover(&self) -> TierResult<Vec<(ObjectKey, BlockHeader)>>;

@@ -58,6 +58,7 @@ impl FabricError {
                     ErrorKind::Unavailable
                 }
                 TierError::Config(_) => ErrorKind::Internal,
+                TierError::Invalid(_) => ErrorKind::InvalidArgument,
             },
         }
     }

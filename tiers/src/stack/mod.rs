@@ -12,6 +12,11 @@
 //!   deleted from that tier and treated as a miss there.
 //! - **Events and counters** for every placement and removal.
 //!
+//! With [`TierStack::start_background`], demotion and promotion move off the
+//! request path: a demoter per stack keeps each tier below a high watermark
+//! (so puts rarely find a tier full and evict inline), and hits in slower
+//! tiers queue their promotion instead of waiting for it.
+//!
 //! Per-key operations are serialised by striped async locks; victims whose
 //! stripe is busy are skipped rather than waited for, so eviction can never
 //! deadlock against the put that triggered it.
@@ -101,6 +106,11 @@ pub struct StackMetrics {
     pub bytes_out: AtomicU64,
     /// Evicted objects that no lower tier could take.
     pub dropped: AtomicU64,
+    /// Promotions out of this tier skipped because the background queue was full.
+    pub promotions_skipped: AtomicU64,
+    /// Evictions from this tier done by the background demoter (the rest
+    /// were done inline by a put that found the tier full).
+    pub background_demotions: AtomicU64,
 }
 
 /// Point-in-time view of one tier.
@@ -114,6 +124,10 @@ pub struct TierStats {
     pub used: u64,
     /// Objects stored.
     pub objects: u64,
+    /// See [`StackMetrics`].
+    pub promotions_skipped: u64,
+    /// See [`StackMetrics`].
+    pub background_demotions: u64,
     /// See [`StackMetrics`].
     pub hits: u64,
     /// See [`StackMetrics`].
@@ -159,6 +173,8 @@ pub struct TierStack {
     stripes: Vec<tokio::sync::Mutex<()>>,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<StackEvent>,
+    /// Set once background work is started.
+    bg: std::sync::OnceLock<background::Channels>,
 }
 
 fn bit(i: usize) -> u8 {
@@ -195,6 +211,7 @@ impl TierStack {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             clock,
             events,
+            bg: std::sync::OnceLock::new(),
         };
         stack.recover().await?;
         Ok(stack)
@@ -326,32 +343,45 @@ impl TierStack {
                 l
             }
         };
-        self.commit_placement(key, block, placed).await;
+        self.commit_placement(key, &block.header, placed).await;
+        self.after_placement(placed);
         Ok(self.levels[ack_level].tier.kind())
+    }
+
+    /// Wakes the background demoter when a level that just took data is
+    /// above its high watermark.
+    fn after_placement(&self, placed: u8) {
+        let Some(bg) = self.bg.get() else { return };
+        for (i, level) in self.levels.iter().enumerate().take(self.levels.len().saturating_sub(1)) {
+            if placed & bit(i) != 0 && level.tier.used() > bg.high_mark(level.tier.capacity()) {
+                bg.wake.notify_one();
+                return;
+            }
+        }
     }
 
     /// Records new copies in `placed`; removes copies of an older, different
     /// version from the other tiers.
-    async fn commit_placement(&self, key: &ObjectKey, block: &Block, placed: u8) {
+    async fn commit_placement(&self, key: &ObjectKey, header: &BlockHeader, placed: u8) {
         let old = {
             let mut index = self.index.lock();
             let e = index.entry(key.clone()).or_insert(Entry {
                 mask: 0,
-                len: block.header.length,
-                checksum: block.header.checksum,
+                len: header.length,
+                checksum: header.checksum,
                 lease_until_ms: 0,
             });
-            let same = e.checksum == block.header.checksum && e.len == block.header.length;
+            let same = e.checksum == header.checksum && e.len == header.length;
             let stale = if same { 0 } else { e.mask & !placed };
             e.mask = if same { e.mask | placed } else { placed };
-            e.len = block.header.length;
-            e.checksum = block.header.checksum;
+            e.len = header.length;
+            e.checksum = header.checksum;
             stale
         };
         for (i, level) in self.levels.iter().enumerate() {
             if placed & bit(i) != 0 {
                 level.policy.lock().insert(key);
-                level.metrics.bytes_in.fetch_add(block.header.length, Relaxed);
+                level.metrics.bytes_in.fetch_add(header.length, Relaxed);
                 self.emit(StackEventKind::Stored, key, i);
             }
             if old & bit(i) != 0 {
@@ -530,7 +560,16 @@ impl TierStack {
                     level.metrics.bytes_out.fetch_add(block.header.length, Relaxed);
                     level.policy.lock().touch(key);
                     if i > 0 {
-                        self.promote(i, key, &block).await;
+                        match self.bg.get() {
+                            // Foreground gets never wait for a promotion;
+                            // a full queue skips it (promotion is a hint).
+                            Some(bg) => {
+                                if bg.promote.try_send((key.clone(), i, block.clone())).is_err() {
+                                    level.metrics.promotions_skipped.fetch_add(1, Relaxed);
+                                }
+                            }
+                            None => self.promote(i, key, &block).await,
+                        }
                     }
                     return Ok(Some((block, level.tier.kind())));
                 }
@@ -728,6 +767,8 @@ impl TierStack {
                     bytes_in: m.bytes_in.load(Relaxed),
                     bytes_out: m.bytes_out.load(Relaxed),
                     dropped: m.dropped.load(Relaxed),
+                    promotions_skipped: m.promotions_skipped.load(Relaxed),
+                    background_demotions: m.background_demotions.load(Relaxed),
                 }
             })
             .collect()
@@ -783,5 +824,9 @@ impl TierStack {
     }
 }
 
+mod background;
+mod local;
 #[cfg(test)]
 mod tests;
+
+pub use background::{BackgroundConfig, BackgroundHandle};

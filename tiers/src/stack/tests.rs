@@ -275,3 +275,197 @@ proptest! {
         })?;
     }
 }
+
+// ---- zero-copy local path (host arena reservations and leases) ----
+
+async fn host_stack(host_cap: u64, disk_cap: u64) -> (Arc<crate::HostTier>, Arc<MemTier>, Arc<TierStack>) {
+    let host = Arc::new(crate::HostTier::new(host_cap).unwrap());
+    let disk = Arc::new(MemTier::new(TierKind::Disk, disk_cap));
+    let stack = TierStack::open(vec![host.clone(), disk.clone()], Arc::new(ManualClock::new(1_000)))
+        .await
+        .unwrap();
+    (host, disk, Arc::new(stack))
+}
+
+fn header_for(payload: &[u8]) -> BlockHeader {
+    BlockHeader {
+        length: payload.len() as u64,
+        checksum: crate::checksum(payload),
+        created_ms: 1_000,
+        layout: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn reserved_space_is_invisible_until_committed() {
+    let (host, _disk, stack) = host_stack(1 << 20, 1 << 20).await;
+    let data = block(7, 10_000).payload;
+    let mut r = stack.reserve_host(data.len() as u64).await.unwrap();
+    assert_eq!(r.offset() % 4096, 0);
+    r.write(&data);
+    assert!(!stack.contains(&k(7)));
+    assert_eq!(host.used(), 12_288, "the reservation occupies its footprint");
+    assert_eq!(
+        stack.commit_host(&k(7), r, header_for(&data), Durability::Memory).await.unwrap(),
+        TierKind::Host
+    );
+    let lease = stack.acquire_host(&k(7)).await.unwrap().unwrap();
+    assert_eq!(lease.payload(), data);
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn dropped_reservation_returns_its_space() {
+    let (host, _disk, stack) = host_stack(1 << 20, 1 << 20).await;
+    let r = stack.reserve_host(100_000).await.unwrap();
+    assert!(host.used() >= 100_000);
+    drop(r);
+    assert_eq!(host.used(), 0);
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn commit_with_mismatched_length_is_refused_and_frees_nothing_stored() {
+    let (host, _disk, stack) = host_stack(1 << 20, 1 << 20).await;
+    stack.put(&k(1), &block(1, 5000), Durability::Memory).await.unwrap();
+    let r = stack.reserve_host(5000).await.unwrap();
+    let bad = header_for(&[0u8; 10]);
+    let e = stack.commit_host(&k(1), r, bad, Durability::Memory).await.unwrap_err();
+    assert!(matches!(e, TierError::Invalid(_)), "{e}");
+    // The committed object is intact and the reservation's space is back.
+    assert_eq!(stack.get(&k(1)).await.unwrap().unwrap().0.payload, block(1, 5000).payload);
+    assert_eq!(host.used(), 8192);
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn durable_local_commit_verifies_bytes_and_writes_disk_first() {
+    let (_host, disk, stack) = host_stack(1 << 20, 1 << 20).await;
+    let data = block(3, 9000).payload;
+    let mut r = stack.reserve_host(9000).await.unwrap();
+    r.write(&data);
+    assert_eq!(
+        stack.commit_host(&k(3), r, header_for(&data), Durability::Disk).await.unwrap(),
+        TierKind::Disk
+    );
+    assert!(disk.contains(&k(3)));
+    // Bytes that do not match the announced checksum are refused.
+    let mut r = stack.reserve_host(9000).await.unwrap();
+    r.write(&block(4, 9000).payload);
+    let e = stack.commit_host(&k(4), r, header_for(&data), Durability::Disk).await.unwrap_err();
+    assert!(matches!(e, TierError::Corrupt { .. }), "{e}");
+    assert!(!stack.contains(&k(4)));
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn lease_keeps_bytes_stable_across_overwrite_and_eviction() {
+    let (host, _disk, stack) = host_stack(64 << 10, 1 << 20).await;
+    stack.put(&k(1), &block(1, 30_000), Durability::Memory).await.unwrap();
+    let lease = stack.acquire_host(&k(1)).await.unwrap().unwrap();
+    let at = lease.offset();
+    // Overwrite, then fill the arena so the old version is evicted.
+    stack.put(&k(1), &block(2, 30_000), Durability::Memory).await.unwrap();
+    for i in 10..20 {
+        stack.put(&k(i), &block(i, 16_000), Durability::Memory).await.unwrap();
+    }
+    assert_eq!(lease.offset(), at);
+    assert_eq!(lease.payload(), block(1, 30_000).payload, "leased bytes changed under the reader");
+    drop(lease);
+    assert!(host.used() <= host.capacity());
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn acquire_brings_objects_up_from_slower_tiers() {
+    let (_host, _disk, stack) = host_stack(64 << 10, 1 << 20).await;
+    for i in 0..10 {
+        stack.put(&k(i), &block(i, 16_000), Durability::Memory).await.unwrap();
+    }
+    // k(0) was demoted to disk; acquiring it promotes it into the arena.
+    assert_eq!(stack.exists_prefix(&[k(0)])[0].tier, TierKind::Disk);
+    let lease = stack.acquire_host(&k(0)).await.unwrap().unwrap();
+    assert_eq!(lease.payload(), block(0, 16_000).payload);
+    assert_eq!(stack.exists_prefix(&[k(0)])[0].tier, TierKind::Host);
+    assert!(stack.acquire_host(&k(99)).await.unwrap().is_none());
+    drop(lease);
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn local_path_needs_a_host_tier() {
+    let disk = Arc::new(MemTier::new(TierKind::Disk, 1 << 20));
+    let stack = TierStack::open(vec![disk], Arc::new(ManualClock::new(0))).await.unwrap();
+    assert!(matches!(stack.reserve_host(10).await, Err(TierError::Unavailable(_))));
+}
+
+// ---- background demotion and promotion ----
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_demoter_keeps_the_fast_tier_under_its_watermark() {
+    let (host, disk, stack) = host_stack(256 << 10, 4 << 20).await;
+    let bg = stack
+        .start_background(BackgroundConfig {
+            high_watermark: 0.75,
+            low_watermark: 0.5,
+            ..Default::default()
+        })
+        .unwrap();
+    for i in 0..12 {
+        stack.put(&k(i), &block(i, 16_384), Durability::Memory).await.unwrap();
+    }
+    // 12 x 16 KiB = 192 KiB = 75% of the arena; one more crosses the mark.
+    stack.put(&k(12), &block(12, 16_384), Durability::Memory).await.unwrap();
+    wait_until("the demoter to reach the low watermark", || host.used() <= 128 << 10).await;
+    let s = stack.stats();
+    assert!(s[0].background_demotions >= 5, "{s:?}");
+    assert!(disk.len() >= 5);
+    // Nothing was lost on the way down.
+    for i in 0..13 {
+        assert_eq!(stack.get(&k(i)).await.unwrap().unwrap().0.payload, block(i, 16_384).payload);
+    }
+    bg.stop().await;
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_promotion_happens_after_the_get_returns() {
+    let (_host, _disk, stack) = host_stack(64 << 10, 1 << 20).await;
+    for i in 0..10 {
+        stack.put(&k(i), &block(i, 16_000), Durability::Memory).await.unwrap();
+    }
+    let bg = stack.start_background(BackgroundConfig::default()).unwrap();
+    assert_eq!(stack.exists_prefix(&[k(0)])[0].tier, TierKind::Disk);
+    let (b, tier) = stack.get(&k(0)).await.unwrap().unwrap();
+    assert_eq!(tier, TierKind::Disk);
+    assert_eq!(b.payload, block(0, 16_000).payload);
+    wait_until("the promotion", || stack.exists_prefix(&[k(0)])[0].tier == TierKind::Host).await;
+    bg.stop().await;
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn background_config_is_validated() {
+    let (_h, _d, stack) = host_stack(64 << 10, 1 << 20).await;
+    let bad = BackgroundConfig {
+        high_watermark: 0.5,
+        low_watermark: 0.9,
+        ..Default::default()
+    };
+    assert!(matches!(stack.start_background(bad), Err(TierError::Config(_))));
+    let _bg = stack.start_background(BackgroundConfig::default()).unwrap();
+    assert!(
+        matches!(stack.start_background(BackgroundConfig::default()), Err(TierError::Config(_))),
+        "starting twice is refused"
+    );
+}

@@ -1,0 +1,176 @@
+//! Background data movement for a [`TierStack`]: the demoter, which keeps
+//! every tier but the last below its high watermark by demoting LRU victims
+//! until the tier is down to its low watermark, and the promoter, which
+//! copies hits from slower tiers into the fastest one after the read that
+//! found them has already returned.
+//!
+//! Both are optional: a stack without them evicts and promotes inline (the
+//! behaviour the stack's own tests pin down). Puts still evict inline when a
+//! tier is full despite the demoter (a burst faster than it), so nothing
+//! depends on the background keeping up.
+
+use super::{StackMetrics, TierStack};
+use crate::{Block, ObjectKey, TierError, TierResult};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+/// Settings of the background demoter and promoter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackgroundConfig {
+    /// Demotion starts when a tier is fuller than this fraction.
+    pub high_watermark: f64,
+    /// ... and stops once it is down to this fraction.
+    pub low_watermark: f64,
+    /// Promotions waiting to run; when full, further ones are skipped.
+    pub promote_queue: usize,
+    /// How often the demoter looks even when nobody woke it.
+    pub interval: Duration,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self {
+            high_watermark: 0.90,
+            low_watermark: 0.80,
+            promote_queue: 256,
+            interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl BackgroundConfig {
+    /// Checks the watermarks and sizes.
+    pub fn validate(&self) -> TierResult<()> {
+        let ok = |w: f64| w > 0.0 && w <= 1.0;
+        if !ok(self.high_watermark) || !ok(self.low_watermark) || self.low_watermark > self.high_watermark {
+            return Err(TierError::Config(format!(
+                "watermarks must satisfy 0 < low ({}) <= high ({}) <= 1",
+                self.low_watermark, self.high_watermark
+            )));
+        }
+        if self.promote_queue == 0 {
+            return Err(TierError::Config("the promotion queue needs room for at least one entry".into()));
+        }
+        if self.interval.is_zero() {
+            return Err(TierError::Config("the demoter interval must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What the foreground uses to hand work to the background tasks.
+#[derive(Debug)]
+pub(super) struct Channels {
+    pub(super) promote: mpsc::Sender<(ObjectKey, usize, Block)>,
+    pub(super) wake: Notify,
+    high: f64,
+}
+
+impl Channels {
+    pub(super) fn high_mark(&self, capacity: u64) -> u64 {
+        (capacity as f64 * self.high) as u64
+    }
+}
+
+/// The running background tasks; dropping it (or [`Self::stop`]) ends them.
+#[derive(Debug)]
+pub struct BackgroundHandle {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl BackgroundHandle {
+    /// Stops the tasks and waits for them.
+    pub async fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for BackgroundHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl TierStack {
+    /// Starts the background demoter and promoter on the current tokio
+    /// runtime. Fails if they were already started for this stack.
+    pub fn start_background(self: &Arc<Self>, config: BackgroundConfig) -> TierResult<BackgroundHandle> {
+        config.validate()?;
+        let (tx, mut rx) = mpsc::channel(config.promote_queue);
+        let channels = Channels {
+            promote: tx,
+            wake: Notify::new(),
+            high: config.high_watermark,
+        };
+        if self.bg.set(channels).is_err() {
+            return Err(TierError::Config("background work already started for this stack".into()));
+        }
+        // The tasks hold weak references so that dropping the stack ends them.
+        let weak = Arc::downgrade(self);
+        let promoter = tokio::spawn(async move {
+            while let Some((key, from, block)) = rx.recv().await {
+                let Some(stack) = weak.upgrade() else { return };
+                stack.promote(from, &key, &block).await;
+            }
+        });
+        let weak = Arc::downgrade(self);
+        let demoter = tokio::spawn(async move {
+            loop {
+                let Some(stack) = weak.upgrade() else { return };
+                stack.demote_to_watermarks(&config).await;
+                let wake = async {
+                    if let Some(bg) = stack.bg.get() {
+                        bg.wake.notified().await
+                    }
+                };
+                tokio::select! {
+                    _ = wake => {}
+                    _ = tokio::time::sleep(config.interval) => {}
+                }
+            }
+        });
+        Ok(BackgroundHandle {
+            tasks: vec![promoter, demoter],
+        })
+    }
+
+    /// One pass of the demoter over every tier that has a tier below it.
+    async fn demote_to_watermarks(&self, config: &BackgroundConfig) {
+        for i in 0..self.levels.len().saturating_sub(1) {
+            let level = &self.levels[i];
+            let capacity = level.tier.capacity();
+            let high = (capacity as f64 * config.high_watermark) as u64;
+            let low = (capacity as f64 * config.low_watermark) as u64;
+            if level.tier.used() <= high {
+                continue;
+            }
+            // Each round evicts a batch; stop when under the low mark or when
+            // a round made no progress (everything left is leased or busy).
+            while level.tier.used() > low {
+                let before = level.metrics.evictions.load(Relaxed);
+                match self.make_room(i, capacity - low, None).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(tier = %level.tier.kind(), error = %e, "background demotion failed");
+                        break;
+                    }
+                }
+                count_background(&level.metrics, before);
+            }
+        }
+    }
+}
+
+fn count_background(m: &StackMetrics, evictions_before: u64) {
+    let n = m.evictions.load(Relaxed).saturating_sub(evictions_before);
+    m.background_demotions.fetch_add(n, Relaxed);
+}
