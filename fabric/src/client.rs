@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
+pub use crate::local::{LocalClient, LocalPut};
 pub use crate::proto::v1::{Durability, Event, EventKind, Layout, Tier};
 
 /// Most keys the client sends in one request (matches the server default).
@@ -46,6 +47,15 @@ pub enum ClientError {
     /// The server's reply broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The local (Unix socket) path failed.
+    #[error("{context}: {source}")]
+    Local {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -56,6 +66,7 @@ impl ClientError {
             ClientError::Connect { .. } => ErrorKind::Unavailable,
             ClientError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             ClientError::Protocol(_) => ErrorKind::Internal,
+            ClientError::Local { .. } => ErrorKind::Unavailable,
         }
     }
 }

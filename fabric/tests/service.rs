@@ -49,7 +49,7 @@ async fn put_get_exists_lease_delete_roundtrip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn evicted_blocks_demote_to_disk_and_promote_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (node, c) = start(settings(dir.path(), 1 << 20, 16 << 20)).await;
+    let (mut node, c) = start(settings(dir.path(), 1 << 20, 16 << 20)).await;
     for i in 0..8u64 {
         c.put(
             "ns",
@@ -67,13 +67,19 @@ async fn evicted_blocks_demote_to_disk_and_promote_back() {
     assert_eq!(tiers[7], Tier::Host);
     let o = c.get("ns", keys[0].clone()).await.unwrap().unwrap();
     assert_eq!((o.value, o.tier), (payload(0, 256 << 10), Tier::Disk));
-    assert_eq!(
-        c.exists_prefix("ns", keys[..1].to_vec()).await.unwrap(),
-        vec![Tier::Host],
-        "promoted on hit"
-    );
+    // Promotion runs in the background, after the get has returned.
+    let mut promoted = false;
+    for _ in 0..500 {
+        if c.exists_prefix("ns", keys[..1].to_vec()).await.unwrap() == vec![Tier::Host] {
+            promoted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(promoted, "promoted on hit");
     let s = c.stats().await.unwrap();
     assert!(s.tiers[0].demotions >= 4 && s.tiers[0].promotions >= 1, "{s:?}");
+    node.stop_background().await;
     node.stack.check_consistency().unwrap();
     node.shutdown().await;
 }
@@ -179,7 +185,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_concurrent_clients_mixed_operations() {
     let dir = tempfile::tempdir().unwrap();
-    let (node, c0) = start(settings(dir.path(), 4 << 20, 64 << 20)).await;
+    let (mut node, c0) = start(settings(dir.path(), 4 << 20, 64 << 20)).await;
     let mut tasks = Vec::new();
     for w in 0..16u64 {
         let c = if w % 2 == 0 {
@@ -224,6 +230,7 @@ async fn many_concurrent_clients_mixed_operations() {
     for t in tasks {
         t.await.unwrap();
     }
+    node.stop_background().await;
     node.stack.check_consistency().unwrap();
     node.shutdown().await;
 }

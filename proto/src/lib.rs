@@ -24,5 +24,9 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 /// Largest chunk a client may ask for in `GetRequest.chunk_size`.
 pub const MAX_CHUNK_BYTES: usize = MAX_MESSAGE_BYTES - 64 * 1024;
+/// Largest frame on the local (Unix socket) control channel.
+pub const MAX_LOCAL_FRAME_BYTES: usize = 4 << 20;
+/// Version of the local protocol this build speaks.
+pub const LOCAL_PROTOCOL_VERSION: u32 = 1;
 /// Keys are 1 to this many bytes.
 pub const MAX_KEY_BYTES: usize = 64;

@@ -102,6 +102,10 @@ pub struct Settings {
     pub hbm: HbmSettings,
     /// Request limits.
     pub limits: LimitSettings,
+    /// Zero-copy local path for co-located engines.
+    pub local: LocalSettings,
+    /// Background demotion and promotion between tiers.
+    pub tiering: TieringSettings,
     /// Log filter (`tracing` env-filter syntax). Default `info`; `RUST_LOG` overrides.
     pub log: String,
 }
@@ -189,6 +193,8 @@ impl Default for Settings {
             object: ObjectSettings::default(),
             hbm: HbmSettings::default(),
             limits: LimitSettings::default(),
+            local: LocalSettings::default(),
+            tiering: TieringSettings::default(),
             log: "info".into(),
         }
     }
@@ -211,6 +217,83 @@ impl Default for DiskSettings {
             engine: "auto".into(),
             registered_buffers: true,
         }
+    }
+}
+
+/// `[local]` settings: the zero-copy path (Unix socket + shared arena).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LocalSettings {
+    /// Serve the local path (needs a host tier). Default true.
+    pub enabled: bool,
+    /// Unix socket path. Default `<data-dir>/kvfabric.sock`.
+    pub socket: Option<PathBuf>,
+    /// A reservation not committed within this many ms can no longer be
+    /// committed. Default 30000; 10..=3600000.
+    pub reservation_ttl_ms: u64,
+    /// A read lease not released within this many ms is dropped (its slot may
+    /// be reused; the late release reports it). Default 30000; 10..=3600000.
+    pub lease_ttl_ms: u64,
+    /// Space of an expired reservation, or of a disconnected client's open
+    /// reservations, is held until the client process exits (watched with a
+    /// pidfd) or for this many ms, whichever comes first, so a writer that is
+    /// still copying does not land in a reused slot. Default 60000; 0..=3600000.
+    pub quarantine_ms: u64,
+    /// Arena bytes one connection may hold reserved at once. Default `1GiB`.
+    pub max_reserved_bytes: ByteSize,
+    /// Recompute each committed value's xxh3 on the node and refuse a
+    /// mismatch (costs one pass over the bytes). Default true.
+    pub verify_commits: bool,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        LocalSettings {
+            enabled: true,
+            socket: None,
+            reservation_ttl_ms: 30_000,
+            lease_ttl_ms: 30_000,
+            quarantine_ms: 60_000,
+            max_reserved_bytes: ByteSize(1 << 30),
+            verify_commits: true,
+        }
+    }
+}
+
+/// `[tiering]` settings: the background demoter and promoter.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TieringSettings {
+    /// Run demotion and promotion in the background (otherwise a put that
+    /// finds a tier full demotes inline, and a hit below is promoted before
+    /// the get returns). Default true.
+    pub background: bool,
+    /// Demote when a tier is fuller than this fraction. Default 0.90.
+    pub high_watermark: f64,
+    /// Demote down to this fraction. Default 0.80; 0 < low <= high <= 1.
+    pub low_watermark: f64,
+    /// Promotions queued at most; more are skipped. Default 256.
+    pub promote_queue: usize,
+}
+
+impl Default for TieringSettings {
+    fn default() -> Self {
+        TieringSettings {
+            background: true,
+            high_watermark: 0.90,
+            low_watermark: 0.80,
+            promote_queue: 256,
+        }
+    }
+}
+
+impl Settings {
+    /// The local socket path (explicit or under the data directory).
+    pub fn local_socket(&self) -> PathBuf {
+        self.local
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("kvfabric.sock"))
     }
 }
 
@@ -307,6 +390,28 @@ impl Settings {
         if self.node_id.is_empty() {
             return Err("node-id is empty".into());
         }
+        for (name, v, lo) in [
+            ("local.reservation-ttl-ms", self.local.reservation_ttl_ms, 10),
+            ("local.lease-ttl-ms", self.local.lease_ttl_ms, 10),
+            ("local.quarantine-ms", self.local.quarantine_ms, 0),
+        ] {
+            if !(lo..=3_600_000).contains(&v) {
+                return Err(format!("{name} {v} is outside {lo}..=3600000"));
+            }
+        }
+        if self.local.max_reserved_bytes.0 == 0 {
+            return Err("local.max-reserved-bytes must be positive".into());
+        }
+        let t = &self.tiering;
+        if !(t.low_watermark > 0.0 && t.low_watermark <= t.high_watermark && t.high_watermark <= 1.0) {
+            return Err(format!(
+                "tiering watermarks must satisfy 0 < low-watermark ({}) <= high-watermark ({}) <= 1",
+                t.low_watermark, t.high_watermark
+            ));
+        }
+        if t.promote_queue == 0 {
+            return Err("tiering.promote-queue must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -344,6 +449,18 @@ mod tests {
         let mut bad = Settings::default();
         bad.limits.max_inflight_put_bytes = ByteSize(1 << 20);
         assert!(bad.validate().unwrap_err().contains("max-inflight-put-bytes"));
+        let mut bad = Settings::default();
+        bad.tiering.low_watermark = 0.95;
+        assert!(bad.validate().unwrap_err().contains("watermark"));
+        let mut bad = Settings::default();
+        bad.local.lease_ttl_ms = 0;
+        assert!(bad.validate().unwrap_err().contains("local.lease-ttl-ms"));
+        let s = Settings::from_toml(
+            "[local]\nsocket = \"/run/kv.sock\"\nverify-commits = false\n[tiering]\nbackground = false\n",
+        )
+        .unwrap();
+        assert_eq!(s.local_socket(), PathBuf::from("/run/kv.sock"));
+        assert!(!s.local.verify_commits && !s.tiering.background);
         Settings::default().validate().unwrap();
     }
 }

@@ -19,7 +19,7 @@ pub struct Metrics {
     tier_gauges: IntGaugeVec,
 }
 
-const COUNTERS: [&str; 9] = [
+const COUNTERS: [&str; 11] = [
     "hits",
     "misses",
     "evictions",
@@ -29,6 +29,8 @@ const COUNTERS: [&str; 9] = [
     "bytes_in",
     "bytes_out",
     "dropped",
+    "promotions_skipped",
+    "background_demotions",
 ];
 
 impl Metrics {
@@ -54,7 +56,7 @@ impl Metrics {
         )
         .expect("valid");
         let tier_counters = IntCounterVec::new(
-            Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped"),
+            Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped, promotions_skipped, background_demotions"),
             &["tier", "event"],
         )
         .expect("valid");
@@ -97,6 +99,8 @@ impl Metrics {
                 t.bytes_in,
                 t.bytes_out,
                 t.dropped,
+                t.promotions_skipped,
+                t.background_demotions,
             ];
             for (name, v) in COUNTERS.iter().zip(values) {
                 let c = self.tier_counters.with_label_values(&[tier, name]);

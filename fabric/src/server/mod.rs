@@ -3,12 +3,16 @@
 
 mod config;
 mod error;
+mod local;
 mod metrics;
 mod namespaces;
 mod node;
 mod service;
 
-pub use config::{ByteSize, DiskSettings, HbmSettings, HostSettings, LimitSettings, ObjectSettings, Settings};
+pub use config::{
+    ByteSize, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings, ObjectSettings, Settings,
+    TieringSettings,
+};
 pub use error::FabricError;
 pub use metrics::Metrics;
 pub use namespaces::{DEFAULT_TENANT, Namespaces};

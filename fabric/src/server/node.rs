@@ -31,8 +31,11 @@ pub struct NodeHandle {
     pub metrics_addr: SocketAddr,
     /// The stack, for in-process inspection.
     pub stack: Arc<TierStack>,
+    /// Unix socket of the zero-copy local path, when it is served.
+    pub local_socket: Option<std::path::PathBuf>,
     shutdown: Option<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
+    background: Option<kvfabric_tiers::BackgroundHandle>,
 }
 
 fn startup(what: &str, e: impl std::fmt::Display) -> FabricError {
@@ -136,6 +139,37 @@ impl Node {
             s.node_id.clone(),
         );
         let streams = service.clone();
+        let background = if s.tiering.background {
+            let t = &s.tiering;
+            let cfg = kvfabric_tiers::BackgroundConfig {
+                high_watermark: t.high_watermark,
+                low_watermark: t.low_watermark,
+                promote_queue: t.promote_queue,
+                ..Default::default()
+            };
+            Some(self.stack.start_background(cfg)?)
+        } else {
+            None
+        };
+        let (local_stop, local_stop_rx) = tokio::sync::watch::channel(false);
+        let mut local_socket = None;
+        let mut local_task = None;
+        if s.local.enabled && self.stack.host_tier().is_some() {
+            let path = s.local_socket();
+            let shared = Arc::new(super::local::LocalShared {
+                stack: self.stack.clone(),
+                namespaces: self.namespaces.clone(),
+                metrics: self.metrics.clone(),
+                settings: s.local.clone(),
+                max_batch_keys: s.limits.max_batch_keys,
+                max_object_size: s.limits.max_object_size.0,
+                node_id: s.node_id.clone(),
+            });
+            local_task = Some(super::local::serve(path.clone(), shared, local_stop_rx).await?);
+            local_socket = Some(path);
+        } else if s.local.enabled {
+            tracing::info!("zero-copy local path off: it needs a host tier (host.capacity > 0)");
+        }
         let (tx, rx) = oneshot::channel::<()>();
         let (mtx, mrx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -155,6 +189,7 @@ impl Node {
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;
                     streams.stop_streams();
+                    local_stop.send_replace(true);
                     let _ = mtx.send(());
                 })
                 .await;
@@ -189,12 +224,16 @@ impl Node {
             }
         });
         tracing::info!(%grpc_addr, %metrics_addr, "kvfabric node serving");
+        let mut tasks = vec![grpc_task, metrics_task];
+        tasks.extend(local_task);
         Ok(NodeHandle {
             grpc_addr,
             metrics_addr,
             stack: self.stack,
+            local_socket,
             shutdown: Some(tx),
-            tasks: vec![grpc_task, metrics_task],
+            tasks,
+            background,
         })
     }
 }
@@ -205,13 +244,25 @@ impl NodeHandle {
         format!("http://{}", self.grpc_addr)
     }
 
-    /// Stops serving and waits for in-flight requests.
+    /// Stops serving, waits for in-flight requests, then stops background
+    /// data movement between two moves.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         for t in self.tasks.drain(..) {
             let _ = t.await;
+        }
+        if let Some(bg) = self.background.take() {
+            bg.stop().await;
+        }
+    }
+
+    /// Stops the background demoter and promoter (for tests that inspect the
+    /// stack at rest); serving goes on, with inline demotion and promotion.
+    pub async fn stop_background(&mut self) {
+        if let Some(bg) = self.background.take() {
+            bg.stop().await;
         }
     }
 

@@ -37,7 +37,7 @@ fn invalid(msg: impl Into<String>) -> Status {
     status(ErrorKind::InvalidArgument, msg)
 }
 
-fn layout_from_proto(l: Option<v1::Layout>) -> Layout {
+pub(crate) fn layout_from_proto(l: Option<v1::Layout>) -> Layout {
     let l = l.unwrap_or_default();
     Layout {
         model: l.model,
@@ -51,7 +51,7 @@ fn layout_from_proto(l: Option<v1::Layout>) -> Layout {
     }
 }
 
-fn layout_to_proto(l: &Layout) -> v1::Layout {
+pub(crate) fn layout_to_proto(l: &Layout) -> v1::Layout {
     v1::Layout {
         model: l.model.clone(),
         dtype: l.dtype.clone(),

@@ -52,7 +52,9 @@ impl BackgroundConfig {
             )));
         }
         if self.promote_queue == 0 {
-            return Err(TierError::Config("the promotion queue needs room for at least one entry".into()));
+            return Err(TierError::Config(
+                "the promotion queue needs room for at least one entry".into(),
+            ));
         }
         if self.interval.is_zero() {
             return Err(TierError::Config("the demoter interval must be positive".into()));
@@ -75,17 +77,20 @@ impl Channels {
     }
 }
 
-/// The running background tasks; dropping it (or [`Self::stop`]) ends them.
+/// The running background tasks. [`Self::stop`] lets each finish the
+/// object it is moving and waits; dropping the handle aborts them (a move
+/// cut short leaves at worst an unindexed copy, never a lost object).
 #[derive(Debug)]
 pub struct BackgroundHandle {
     tasks: Vec<JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl BackgroundHandle {
-    /// Stops the tasks and waits for them.
+    /// Stops the tasks between two moves and waits for them.
     pub async fn stop(mut self) {
+        self.stop.send_replace(true);
         for t in self.tasks.drain(..) {
-            t.abort();
             let _ = t.await;
         }
     }
@@ -111,21 +116,33 @@ impl TierStack {
             high: config.high_watermark,
         };
         if self.bg.set(channels).is_err() {
-            return Err(TierError::Config("background work already started for this stack".into()));
+            return Err(TierError::Config(
+                "background work already started for this stack".into(),
+            ));
         }
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         // The tasks hold weak references so that dropping the stack ends them.
         let weak = Arc::downgrade(self);
+        let mut halt = stopped.clone();
         let promoter = tokio::spawn(async move {
-            while let Some((key, from, block)) = rx.recv().await {
+            loop {
+                let (key, from, block) = tokio::select! {
+                    m = rx.recv() => match m { Some(m) => m, None => return },
+                    _ = halt.changed() => return,
+                };
                 let Some(stack) = weak.upgrade() else { return };
                 stack.promote(from, &key, &block).await;
             }
         });
         let weak = Arc::downgrade(self);
+        let mut halt = stopped;
         let demoter = tokio::spawn(async move {
             loop {
                 let Some(stack) = weak.upgrade() else { return };
-                stack.demote_to_watermarks(&config).await;
+                if *halt.borrow() {
+                    return;
+                }
+                stack.demote_to_watermarks(&config, &halt).await;
                 let wake = async {
                     if let Some(bg) = stack.bg.get() {
                         bg.wake.notified().await
@@ -134,16 +151,18 @@ impl TierStack {
                 tokio::select! {
                     _ = wake => {}
                     _ = tokio::time::sleep(config.interval) => {}
+                    _ = halt.changed() => return,
                 }
             }
         });
         Ok(BackgroundHandle {
             tasks: vec![promoter, demoter],
+            stop,
         })
     }
 
     /// One pass of the demoter over every tier that has a tier below it.
-    async fn demote_to_watermarks(&self, config: &BackgroundConfig) {
+    async fn demote_to_watermarks(&self, config: &BackgroundConfig, halt: &tokio::sync::watch::Receiver<bool>) {
         for i in 0..self.levels.len().saturating_sub(1) {
             let level = &self.levels[i];
             let capacity = level.tier.capacity();
@@ -154,7 +173,7 @@ impl TierStack {
             }
             // Each round evicts a batch; stop when under the low mark or when
             // a round made no progress (everything left is leased or busy).
-            while level.tier.used() > low {
+            while level.tier.used() > low && !*halt.borrow() {
                 let before = level.metrics.evictions.load(Relaxed);
                 match self.make_room(i, capacity - low, None).await {
                     Ok(true) => {}

@@ -306,7 +306,10 @@ async fn reserved_space_is_invisible_until_committed() {
     assert!(!stack.contains(&k(7)));
     assert_eq!(host.used(), 12_288, "the reservation occupies its footprint");
     assert_eq!(
-        stack.commit_host(&k(7), r, header_for(&data), Durability::Memory).await.unwrap(),
+        stack
+            .commit_host(&k(7), r, header_for(&data), Durability::Memory)
+            .await
+            .unwrap(),
         TierKind::Host
     );
     let lease = stack.acquire_host(&k(7)).await.unwrap().unwrap();
@@ -333,7 +336,10 @@ async fn commit_with_mismatched_length_is_refused_and_frees_nothing_stored() {
     let e = stack.commit_host(&k(1), r, bad, Durability::Memory).await.unwrap_err();
     assert!(matches!(e, TierError::Invalid(_)), "{e}");
     // The committed object is intact and the reservation's space is back.
-    assert_eq!(stack.get(&k(1)).await.unwrap().unwrap().0.payload, block(1, 5000).payload);
+    assert_eq!(
+        stack.get(&k(1)).await.unwrap().unwrap().0.payload,
+        block(1, 5000).payload
+    );
     assert_eq!(host.used(), 8192);
     stack.check_consistency().unwrap();
 }
@@ -345,14 +351,20 @@ async fn durable_local_commit_verifies_bytes_and_writes_disk_first() {
     let mut r = stack.reserve_host(9000).await.unwrap();
     r.write(&data);
     assert_eq!(
-        stack.commit_host(&k(3), r, header_for(&data), Durability::Disk).await.unwrap(),
+        stack
+            .commit_host(&k(3), r, header_for(&data), Durability::Disk)
+            .await
+            .unwrap(),
         TierKind::Disk
     );
     assert!(disk.contains(&k(3)));
     // Bytes that do not match the announced checksum are refused.
     let mut r = stack.reserve_host(9000).await.unwrap();
     r.write(&block(4, 9000).payload);
-    let e = stack.commit_host(&k(4), r, header_for(&data), Durability::Disk).await.unwrap_err();
+    let e = stack
+        .commit_host(&k(4), r, header_for(&data), Durability::Disk)
+        .await
+        .unwrap_err();
     assert!(matches!(e, TierError::Corrupt { .. }), "{e}");
     assert!(!stack.contains(&k(4)));
     stack.check_consistency().unwrap();
@@ -370,7 +382,11 @@ async fn lease_keeps_bytes_stable_across_overwrite_and_eviction() {
         stack.put(&k(i), &block(i, 16_000), Durability::Memory).await.unwrap();
     }
     assert_eq!(lease.offset(), at);
-    assert_eq!(lease.payload(), block(1, 30_000).payload, "leased bytes changed under the reader");
+    assert_eq!(
+        lease.payload(),
+        block(1, 30_000).payload,
+        "leased bytes changed under the reader"
+    );
     drop(lease);
     assert!(host.used() <= host.capacity());
     stack.check_consistency().unwrap();
@@ -395,7 +411,9 @@ async fn acquire_brings_objects_up_from_slower_tiers() {
 #[tokio::test]
 async fn local_path_needs_a_host_tier() {
     let disk = Arc::new(MemTier::new(TierKind::Disk, 1 << 20));
-    let stack = TierStack::open(vec![disk], Arc::new(ManualClock::new(0))).await.unwrap();
+    let stack = TierStack::open(vec![disk], Arc::new(ManualClock::new(0)))
+        .await
+        .unwrap();
     assert!(matches!(stack.reserve_host(10).await, Err(TierError::Unavailable(_))));
 }
 
@@ -432,7 +450,10 @@ async fn background_demoter_keeps_the_fast_tier_under_its_watermark() {
     assert!(disk.len() >= 5);
     // Nothing was lost on the way down.
     for i in 0..13 {
-        assert_eq!(stack.get(&k(i)).await.unwrap().unwrap().0.payload, block(i, 16_384).payload);
+        assert_eq!(
+            stack.get(&k(i)).await.unwrap().unwrap().0.payload,
+            block(i, 16_384).payload
+        );
     }
     bg.stop().await;
     stack.check_consistency().unwrap();
@@ -449,7 +470,10 @@ async fn background_promotion_happens_after_the_get_returns() {
     let (b, tier) = stack.get(&k(0)).await.unwrap().unwrap();
     assert_eq!(tier, TierKind::Disk);
     assert_eq!(b.payload, block(0, 16_000).payload);
-    wait_until("the promotion", || stack.exists_prefix(&[k(0)])[0].tier == TierKind::Host).await;
+    wait_until("the promotion", || {
+        stack.exists_prefix(&[k(0)])[0].tier == TierKind::Host
+    })
+    .await;
     bg.stop().await;
     stack.check_consistency().unwrap();
 }
@@ -465,7 +489,10 @@ async fn background_config_is_validated() {
     assert!(matches!(stack.start_background(bad), Err(TierError::Config(_))));
     let _bg = stack.start_background(BackgroundConfig::default()).unwrap();
     assert!(
-        matches!(stack.start_background(BackgroundConfig::default()), Err(TierError::Config(_))),
+        matches!(
+            stack.start_background(BackgroundConfig::default()),
+            Err(TierError::Config(_))
+        ),
         "starting twice is refused"
     );
 }
