@@ -1,7 +1,9 @@
 //! The fabric client library: what engines, the router and the planner link
-//! (no server code). One [`Client`] holds one HTTP/2 connection (cheap to
-//! clone; clones share it), batches keys per call and moves bulk data as
-//! zero-copy `Bytes` chunks of at most 4 MiB.
+//! (no server code). One [`Client`] holds a small pool of HTTP/2
+//! connections (bulk data round-robin over a few, control calls on their
+//! own; cheap to clone, clones share them), batches keys per call and moves
+//! bulk data as zero-copy `Bytes` chunks of at most 4 MiB. Co-located
+//! engines use [`LocalClient`] instead, which moves no bytes over a socket.
 
 use crate::proto::v1::{
     self, DeleteRequest, ExistsPrefixRequest, GetRequest, LeaseRequest, ObjectBegin, PutOpen, PutRequest, StatsRequest,
@@ -10,6 +12,8 @@ use crate::proto::v1::{
 use crate::proto::{DEFAULT_CHUNK_BYTES, ErrorKind, MAX_MESSAGE_BYTES, from_status};
 use crate::validate;
 use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
@@ -153,40 +157,99 @@ impl Incoming {
     }
 }
 
-/// A connection to one kvfabric node.
+/// How a [`Client`] connects.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// HTTP/2 connections that carry bulk data (Put and Get streams),
+    /// used round-robin. One connection's flow-control windows and its
+    /// single socket cap what one client can move; several spread the
+    /// load over the node's cores. Default 2; 1..=64.
+    pub data_connections: usize,
+    /// Per-stream HTTP/2 receive window. Default 8 MiB.
+    pub stream_window: u32,
+    /// Per-connection HTTP/2 receive window. Default 32 MiB.
+    pub connection_window: u32,
+    /// Connect timeout. Default 5 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            data_connections: 2,
+            stream_window: 8 << 20,
+            connection_window: 32 << 20,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection pool to one kvfabric node: a few connections for bulk data
+/// and one of its own for small control calls (ExistsPrefix, Lease, Stats,
+/// Delete, Subscribe), so those never queue behind a bulk transfer's
+/// HTTP/2 flow control. Cheap to clone; clones share the connections.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: KvBlockServiceClient<Channel>,
+    data: Arc<[KvBlockServiceClient<Channel>]>,
+    next: Arc<AtomicUsize>,
+    control: KvBlockServiceClient<Channel>,
     tenant: String,
     chunk: usize,
 }
 
 impl Client {
-    /// Connects to `endpoint` (`http://host:port` or `host:port`).
+    /// Connects to `endpoint` (`http://host:port` or `host:port`) with
+    /// default [`ClientOptions`].
     pub async fn connect(endpoint: impl Into<String>) -> Result<Client> {
+        Self::connect_with(endpoint, ClientOptions::default()).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(endpoint: impl Into<String>, options: ClientOptions) -> Result<Client> {
         let mut endpoint = endpoint.into();
         if !endpoint.contains("://") {
             endpoint = format!("http://{endpoint}");
         }
+        if !(1..=64).contains(&options.data_connections) {
+            return Err(ClientError::InvalidArgument(format!(
+                "data_connections {} is outside 1..=64",
+                options.data_connections
+            )));
+        }
         let ep = Endpoint::from_shared(endpoint.clone())
             .map_err(|e| ClientError::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
             .http2_adaptive_window(false)
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20);
-        let channel = ep
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect { endpoint, source })?;
-        let inner = KvBlockServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .initial_stream_window_size(options.stream_window)
+            .initial_connection_window_size(options.connection_window);
+        let make = |channel: Channel| {
+            KvBlockServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        };
+        let mut conns = Vec::with_capacity(options.data_connections + 1);
+        for _ in 0..=options.data_connections {
+            let channel = ep.connect().await.map_err(|source| ClientError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+            conns.push(make(channel));
+        }
+        let control = conns.pop().expect("at least two connections");
         Ok(Client {
-            inner,
+            data: conns.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+            control,
             tenant: String::new(),
             chunk: DEFAULT_CHUNK_BYTES,
         })
+    }
+
+    /// The next data connection, round-robin.
+    fn data(&self) -> KvBlockServiceClient<Channel> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.data.len();
+        self.data[i].clone()
     }
 
     /// Acts as `tenant` (default: the node's default tenant).
@@ -261,7 +324,7 @@ impl Client {
             });
             std::iter::once(begin).chain(chunks)
         }));
-        let resp = self.inner.clone().put(futures::stream::iter(msgs)).await?.into_inner();
+        let resp = self.data().put(futures::stream::iter(msgs)).await?.into_inner();
         if resp.results.len() != n {
             return Err(ClientError::Protocol(format!(
                 "put of {n} objects answered {} results",
@@ -287,7 +350,7 @@ impl Client {
             keys,
             chunk_size: self.chunk as u32,
         };
-        let mut stream = self.inner.clone().get(req).await?.into_inner();
+        let mut stream = self.data().get(req).await?.into_inner();
         let mut out: Vec<Option<Object>> = (0..n).map(|_| None).collect();
         let mut cur: Option<(usize, v1::ObjectFound, Incoming)> = None;
         let finish =
@@ -347,7 +410,7 @@ impl Client {
         Self::check_ns(namespace)?;
         validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
         let r = self
-            .inner
+            .control
             .clone()
             .exists_prefix(ExistsPrefixRequest {
                 tenant: self.tenant.clone(),
@@ -369,7 +432,7 @@ impl Client {
             keys,
             all: false,
         };
-        Ok(self.inner.clone().delete(req).await?.into_inner().deleted)
+        Ok(self.control.clone().delete(req).await?.into_inner().deleted)
     }
 
     /// Deletes every object of a namespace.
@@ -381,7 +444,7 @@ impl Client {
             keys: vec![],
             all: true,
         };
-        Ok(self.inner.clone().delete(req).await?.into_inner().deleted)
+        Ok(self.control.clone().delete(req).await?.into_inner().deleted)
     }
 
     /// Pins keys against eviction for `ttl` (zero releases); per key,
@@ -397,12 +460,12 @@ impl Client {
             keys,
             ttl_seconds,
         };
-        Ok(self.inner.clone().lease(req).await?.into_inner().leased)
+        Ok(self.control.clone().lease(req).await?.into_inner().leased)
     }
 
     /// Node statistics.
     pub async fn stats(&self) -> Result<StatsResponse> {
-        Ok(self.inner.clone().stats(StatsRequest {}).await?.into_inner())
+        Ok(self.control.clone().stats(StatsRequest {}).await?.into_inner())
     }
 
     /// Subscribes to stored / removed / cleared events (all namespaces when
@@ -415,11 +478,11 @@ impl Client {
             tenant: self.tenant.clone(),
             namespace: namespace.unwrap_or("").into(),
         };
-        Ok(self.inner.clone().subscribe(req).await?.into_inner())
+        Ok(self.control.clone().subscribe(req).await?.into_inner())
     }
 
     /// The raw generated client, for callers that need the wire API.
     pub fn raw(&self) -> KvBlockServiceClient<Channel> {
-        self.inner.clone()
+        self.control.clone()
     }
 }

@@ -263,3 +263,60 @@ async fn inflight_put_budget_applies_backpressure_without_failing() {
     }
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_calls_are_answered_while_bulk_transfers_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _c) = start(settings(dir.path(), 256 << 20, 0)).await;
+    let opts = kvfabric::client::ClientOptions {
+        data_connections: 3,
+        ..Default::default()
+    };
+    let c = kvfabric::client::Client::connect_with(node.endpoint(), opts)
+        .await
+        .unwrap();
+    c.put("ns", vec![1u8], payload(1, 100), Durability::Memory)
+        .await
+        .unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut bulk = Vec::new();
+    for w in 0..3u64 {
+        let c = c.clone();
+        bulk.push(tokio::spawn(async move {
+            for i in 0..6u64 {
+                let v = payload(w * 100 + i, 8 << 20);
+                c.put("ns", vec![2, w as u8, i as u8], v.clone(), Durability::Memory)
+                    .await
+                    .unwrap();
+                assert_eq!(c.get("ns", vec![2, w as u8, i as u8]).await.unwrap().unwrap().value, v);
+            }
+        }));
+    }
+    let mut answered_during_bulk = 0;
+    for _ in 0..200 {
+        let t = c.exists_prefix("ns", vec![Bytes::from(vec![1u8])]).await.unwrap();
+        assert_eq!(t, vec![Tier::Host]);
+        if !done.load(std::sync::atomic::Ordering::Relaxed) && bulk.iter().any(|b| !b.is_finished()) {
+            answered_during_bulk += 1;
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in bulk {
+        b.await.unwrap();
+    }
+    assert!(
+        answered_during_bulk > 0,
+        "no control call overlapped the bulk transfers"
+    );
+    let e = kvfabric::client::Client::connect_with(
+        node.endpoint(),
+        kvfabric::client::ClientOptions {
+            data_connections: 0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), kvfabric::ErrorKind::InvalidArgument);
+    node.shutdown().await;
+}
