@@ -31,18 +31,30 @@ pub use tier::{Tier, TierKind};
 
 /// Tries to create the GPU HBM tier: `Ok(None)` when this build has no `cuda`
 /// feature or the machine has no usable GPU (the reason is logged), so a node
-/// without a GPU starts normally.
-pub fn try_hbm_tier(capacity: u64, device: usize) -> TierResult<Option<std::sync::Arc<dyn Tier>>> {
+/// without a GPU starts normally. With a GPU, `pin` (the host tier) is
+/// page-locked for DMA; a failure to pin is logged and the tier still works.
+pub fn try_hbm_tier(
+    capacity: u64,
+    device: usize,
+    pin: Option<std::sync::Arc<HostTier>>,
+) -> TierResult<Option<std::sync::Arc<dyn Tier>>> {
     #[cfg(feature = "cuda")]
     {
         match hbm::HbmTier::try_new(capacity, device)? {
-            Some(t) => Ok(Some(std::sync::Arc::new(t))),
+            Some(t) => {
+                if let Some(host) = pin
+                    && let Err(e) = t.pin_host_arena(host)
+                {
+                    tracing::warn!(error = %e, "host arena not page-locked; GPU copies go through staging");
+                }
+                Ok(Some(std::sync::Arc::new(t)))
+            }
             None => Ok(None),
         }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (capacity, device);
+        let _ = (capacity, device, pin);
         tracing::info!("GPU HBM tier not available: kvfabric was built without the `cuda` feature");
         Ok(None)
     }

@@ -59,6 +59,38 @@ impl Mapping {
         })
     }
 
+    /// Address of arena offset `at` in the read-only mapping.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn ptr_at(&self, at: u64) -> *const u8 {
+        debug_assert!(at <= self.len);
+        // SAFETY: in bounds of the mapping (checked by callers).
+        unsafe { self.ptr.add(at as usize) }
+    }
+
+    /// A second, writable mapping of the same arena, for DMA by a GPU into
+    /// reserved slots (the CPU never writes through it).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn map_writable_for_dma(&self) -> io::Result<DmaMapping> {
+        // SAFETY: mapping our own fd; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self._fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DmaMapping {
+            ptr: ptr as *mut u8,
+            len: self.len,
+        })
+    }
+
     /// Checks that a range the node granted lies inside the mapping.
     pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<(), String> {
         match offset.checked_add(len) {
@@ -145,6 +177,31 @@ impl Drop for WriteWindow<'_> {
     fn drop(&mut self) {
         if self.len > 0 {
             let _ = self.protect(libc::PROT_READ);
+        }
+    }
+}
+
+/// A writable mapping of the arena used only as a GPU DMA target.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub(crate) struct DmaMapping {
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: u64,
+}
+
+// SAFETY: only handed to the GPU driver as a DMA address range.
+#[cfg(feature = "cuda")]
+unsafe impl Send for DmaMapping {}
+// SAFETY: see above.
+#[cfg(feature = "cuda")]
+unsafe impl Sync for DmaMapping {}
+
+#[cfg(feature = "cuda")]
+impl Drop for DmaMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len from the successful mmap.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.len as usize);
         }
     }
 }

@@ -12,8 +12,13 @@
 //!
 //! The wire protocol is in `proto/kvfabric/v1/local.proto`.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod mapping;
 pub(crate) mod wire;
+
+#[cfg(feature = "cuda")]
+pub use cuda::{DeviceLink, DevicePut};
 
 use crate::client::{ClientError, Result};
 use crate::proto::LOCAL_PROTOCOL_VERSION;
@@ -30,6 +35,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::UnixStream;
 
 pub use crate::proto::v1::{Durability, Layout, Tier};
+
+/// Where [`LocalClient::read_rounds`] copies leased objects to.
+trait RoundSink {
+    /// Copies (or starts copying) object `i` out of its leased slot.
+    fn copy(&mut self, i: usize, lease: &v1::LocalLease) -> Result<()>;
+    /// Finishes every copy started by `copy`; the leases are released next.
+    fn flush(&mut self) -> impl std::future::Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
 
 /// Bytes hashed per step while copying: small enough that the hash reads
 /// what the copy just brought into cache.
@@ -394,13 +409,9 @@ impl LocalClient {
 
     /// Pins, copies and releases in rounds: a batch larger than the arena
     /// has room to pin at once comes back in several (the node marks what
-    /// did not fit as `retry`). `sink(i, lease)` copies object `i` out.
-    async fn read_rounds(
-        &self,
-        namespace: &str,
-        keys: &[&[u8]],
-        mut sink: impl FnMut(usize, &v1::LocalLease) -> Result<()>,
-    ) -> Result<Vec<bool>> {
+    /// did not fit as `retry`). The sink copies object `i` out of its lease
+    /// and finishes its copies in `flush`, before the leases are released.
+    async fn read_rounds<S: RoundSink>(&self, namespace: &str, keys: &[&[u8]], sink: &mut S) -> Result<Vec<bool>> {
         let mut found = vec![false; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         while !pending.is_empty() {
@@ -413,10 +424,13 @@ impl LocalClient {
                     next.push(i);
                 } else if l.found {
                     found[i] = true;
-                    if let Err(e) = sink(i, l) {
+                    if let Err(e) = sink.copy(i, l) {
                         first_err.get_or_insert(e);
                     }
                 }
+            }
+            if let Err(e) = sink.flush().await {
+                first_err.get_or_insert(e);
             }
             self.release(&leases).await?;
             if let Some(e) = first_err {
@@ -451,39 +465,57 @@ impl LocalClient {
                 buffers.len()
             )));
         }
-        let mut lens = vec![0usize; keys.len()];
-        let map = &self.inner.map;
-        let found = self
-            .read_rounds(namespace, keys, |i, l| {
+        struct IntoBuffers<'a, 'b> {
+            map: &'a Mapping,
+            buffers: &'a mut [&'b mut [u8]],
+            lens: Vec<usize>,
+        }
+        impl RoundSink for IntoBuffers<'_, '_> {
+            fn copy(&mut self, i: usize, l: &v1::LocalLease) -> Result<()> {
                 let len = l.length as usize;
-                if buffers[i].len() < len {
+                if self.buffers[i].len() < len {
                     return Err(ClientError::InvalidArgument(format!(
                         "buffer {i} holds {} bytes; the object has {len}",
-                        buffers[i].len()
+                        self.buffers[i].len()
                     )));
                 }
                 // SAFETY: the range was checked against the mapping; the
                 // lease keeps the slot's bytes unchanged until released.
-                unsafe { map.copy_out(l.offset, &mut buffers[i][..len]) };
-                lens[i] = len;
+                unsafe { self.map.copy_out(l.offset, &mut self.buffers[i][..len]) };
+                self.lens[i] = len;
                 Ok(())
-            })
-            .await?;
-        Ok(found.iter().zip(lens).map(|(f, n)| f.then_some(n)).collect())
+            }
+        }
+        let mut sink = IntoBuffers {
+            map: &self.inner.map,
+            lens: vec![0; keys.len()],
+            buffers,
+        };
+        let found = self.read_rounds(namespace, keys, &mut sink).await?;
+        Ok(found.iter().zip(sink.lens).map(|(f, n)| f.then_some(n)).collect())
     }
 
     /// Reads objects into new buffers (one copy out of the arena each).
     pub async fn get_many(&self, namespace: &str, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
-        let map = &self.inner.map;
-        self.read_rounds(namespace, keys, |i, l| {
-            let mut v = vec![0u8; l.length as usize];
-            // SAFETY: as in `get_many_into`.
-            unsafe { map.copy_out(l.offset, &mut v) };
-            out[i] = Some(v);
-            Ok(())
-        })
-        .await?;
+        struct ToVecs<'a> {
+            map: &'a Mapping,
+            out: Vec<Option<Vec<u8>>>,
+        }
+        impl RoundSink for ToVecs<'_> {
+            fn copy(&mut self, i: usize, l: &v1::LocalLease) -> Result<()> {
+                let mut v = vec![0u8; l.length as usize];
+                // SAFETY: as in `get_many_into`.
+                unsafe { self.map.copy_out(l.offset, &mut v) };
+                self.out[i] = Some(v);
+                Ok(())
+            }
+        }
+        let mut sink = ToVecs {
+            map: &self.inner.map,
+            out: vec![None; keys.len()],
+        };
+        self.read_rounds(namespace, keys, &mut sink).await?;
+        let out = sink.out;
         Ok(out)
     }
 }

@@ -55,16 +55,21 @@ impl Node {
         std::fs::create_dir_all(&settings.data_dir)
             .map_err(|e| startup(&format!("creating data dir {}", settings.data_dir.display()), e))?;
         let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
+        let host = if settings.host.capacity.0 > 0 {
+            Some(Arc::new(HostTier::new(settings.host.capacity.0)?))
+        } else {
+            None
+        };
         if settings.hbm.capacity.0 > 0 {
-            match kvfabric_tiers::try_hbm_tier(settings.hbm.capacity.0, settings.hbm.device)? {
+            match kvfabric_tiers::try_hbm_tier(settings.hbm.capacity.0, settings.hbm.device, host.clone())? {
                 Some(t) => tiers.push(t),
                 None => tracing::warn!("hbm.capacity is set but no GPU tier could be created; continuing without it"),
             }
         } else {
             tracing::info!("GPU HBM tier disabled (hbm.capacity = 0)");
         }
-        if settings.host.capacity.0 > 0 {
-            tiers.push(Arc::new(HostTier::new(settings.host.capacity.0)?));
+        if let Some(h) = host {
+            tiers.push(h);
         }
         if settings.disk.capacity.0 > 0 {
             let d = &settings.disk;

@@ -356,7 +356,10 @@ impl TransportError {
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> TransportError {
-        TransportError::Io { context: context.into(), source }
+        TransportError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -484,7 +487,10 @@ impl Drop for HostRegion {
 
 impl fmt::Debug for HostRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HostRegion").field("ptr", &self.ptr).field("len", &self.len).finish()
+        f.debug_struct("HostRegion")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -625,7 +631,10 @@ pub(crate) fn validate_batch<'a>(
             )));
         }
         if region.instance() != peer_instance {
-            return Err(TransportError::WrongPeer { slice: region.instance(), peer: peer_instance });
+            return Err(TransportError::WrongPeer {
+                slice: region.instance(),
+                peer: peer_instance,
+            });
         }
         if remote.len() != local_len as u64 {
             return Err(TransportError::InvalidArgument(format!(
@@ -696,10 +705,16 @@ mod tests {
     fn error_kinds() {
         assert_eq!(TransportError::UnknownRegion(RegionId(1)).kind(), ErrorKind::NotFound);
         assert_eq!(TransportError::Broken.kind(), ErrorKind::Unavailable);
-        let e = TransportError::Rejected { reason: RejectReason::OutOfBounds, message: String::new() };
+        let e = TransportError::Rejected {
+            reason: RejectReason::OutOfBounds,
+            message: String::new(),
+        };
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert_eq!(e.reject_reason(), Some(RejectReason::OutOfBounds));
-        assert_eq!(TransportError::Deregistered(RegionId(2)).reject_reason(), Some(RejectReason::Deregistered));
+        assert_eq!(
+            TransportError::Deregistered(RegionId(2)).reject_reason(),
+            Some(RejectReason::Deregistered)
+        );
         assert_eq!(TransportError::Broken.reject_reason(), None);
     }
 

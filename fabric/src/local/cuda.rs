@@ -1,0 +1,239 @@
+//! GPU side of the zero-copy local path (feature `cuda`): KV blocks move
+//! between an engine's device memory and the node's host arena with async
+//! copies on one CUDA stream, batched per call, with no bounce buffer.
+//!
+//! [`LocalClient::device_link`] loads the CUDA driver at run time (an error,
+//! not a crash, without one), maps the arena a second time writable and
+//! registers that mapping with `cuMemHostRegister`, so device-to-host copies
+//! DMA straight into reserved slots and host-to-device copies read leased
+//! slots at full PCIe speed. The CPU never writes through the second
+//! mapping; only the GPU does, and only into slots this client reserved.
+
+use super::mapping::DmaMapping;
+use super::{LocalClient, Reservation, RoundSink};
+use crate::client::{ClientError, Result};
+use crate::proto::v1::{self, Durability, Tier};
+use bytes::Bytes;
+use cudarc::driver::{CudaContext, CudaStream, sys};
+use std::sync::Arc;
+
+/// One object to put from device memory.
+#[derive(Clone, Copy, Debug)]
+pub struct DevicePut<'a> {
+    /// Key, 1 to 64 bytes.
+    pub key: &'a [u8],
+    /// Device address of the value (`CUdeviceptr`).
+    pub ptr: u64,
+    /// Value length in bytes.
+    pub len: u64,
+}
+
+/// A client's link to one GPU: the context, the stream copies go on, and
+/// the registered DMA mapping of the arena.
+#[derive(Debug)]
+pub struct DeviceLink {
+    client: LocalClient,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    dma: Arc<DmaMapping>,
+}
+
+fn gpu_err(what: &str, e: impl std::fmt::Debug) -> ClientError {
+    ClientError::Status {
+        kind: crate::ErrorKind::Unavailable,
+        code: tonic::Code::Unavailable,
+        message: format!("{what}: {e:?}"),
+    }
+}
+
+impl LocalClient {
+    /// Opens CUDA device `ordinal` and registers the arena for DMA.
+    pub fn device_link(&self, ordinal: usize) -> Result<DeviceLink> {
+        // SAFETY: probing for the driver library has no preconditions.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(gpu_err("CUDA driver", "libcuda is not present on this machine"));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| gpu_err("opening the CUDA device", e))?;
+        let stream = ctx.new_stream().map_err(|e| gpu_err("creating a CUDA stream", e))?;
+        let dma = self
+            .inner
+            .map
+            .map_writable_for_dma()
+            .map_err(|e| gpu_err("mapping the arena for DMA", e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| gpu_err("binding the CUDA context", e))?;
+        // SAFETY: a valid, page-aligned mapping that outlives the registration
+        // (unregistered in `Drop` before it is unmapped).
+        unsafe {
+            sys::cuMemHostRegister_v2(dma.ptr as *mut _, dma.len as usize, sys::CU_MEMHOSTREGISTER_PORTABLE)
+                .result()
+                .map_err(|e| gpu_err("cuMemHostRegister of the arena", e))?;
+        }
+        Ok(DeviceLink {
+            client: self.clone(),
+            ctx,
+            stream,
+            dma: Arc::new(dma),
+        })
+    }
+}
+
+impl Drop for DeviceLink {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: registered in `device_link`; the mapping is still alive.
+        unsafe {
+            let _ = sys::cuMemHostUnregister(self.dma.ptr as *mut _).result();
+        }
+    }
+}
+
+/// Copies queued on the link's stream, run and awaited on the blocking pool.
+struct Batch {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// (host address, device address, bytes, device-to-host?)
+    ops: Vec<(usize, u64, usize, bool)>,
+}
+
+impl Batch {
+    async fn run(&mut self) -> Result<()> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut self.ops);
+        let (ctx, stream) = (self.ctx.clone(), self.stream.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            ctx.bind_to_thread()
+                .map_err(|e| gpu_err("binding the CUDA context", e))?;
+            for (host, dev, len, dtoh) in ops {
+                // SAFETY: host ranges are reserved or leased slots of the
+                // registered mapping; device ranges are the caller's (see
+                // the safety notes of the public methods).
+                let r = unsafe {
+                    if dtoh {
+                        sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev, len, stream.cu_stream())
+                    } else {
+                        sys::cuMemcpyHtoDAsync_v2(dev, host as *const _, len, stream.cu_stream())
+                    }
+                };
+                r.result().map_err(|e| gpu_err("queueing a copy", e))?;
+            }
+            stream.synchronize().map_err(|e| gpu_err("waiting for copies", e))
+        })
+        .await
+        .map_err(|e| gpu_err("copy task", e))?
+    }
+}
+
+impl DeviceLink {
+    fn batch(&self) -> Batch {
+        Batch {
+            ctx: self.ctx.clone(),
+            stream: self.stream.clone(),
+            ops: Vec::new(),
+        }
+    }
+
+    /// Stores objects straight from device memory: reserve, one async
+    /// device-to-host copy per object into its slot, one synchronisation,
+    /// hash, commit.
+    ///
+    /// # Safety
+    /// Every `ptr .. ptr + len` must be readable device memory of this
+    /// link's device, unchanged until the call returns.
+    pub async unsafe fn put_from_device(
+        &self,
+        namespace: &str,
+        objects: &[DevicePut<'_>],
+        durability: Durability,
+    ) -> Result<Vec<Tier>> {
+        crate::validate::name("namespace", namespace).map_err(ClientError::InvalidArgument)?;
+        for (i, o) in objects.iter().enumerate() {
+            crate::validate::key(i, o.key).map_err(ClientError::InvalidArgument)?;
+        }
+        let lengths: Vec<u64> = objects.iter().map(|o| o.len).collect();
+        let slots: Vec<Reservation> = self.client.reserve(&lengths).await?;
+        let mut batch = self.batch();
+        for (o, r) in objects.iter().zip(&slots) {
+            batch
+                .ops
+                .push((self.dma.ptr as usize + r.offset as usize, o.ptr, o.len as usize, true));
+        }
+        if let Err(e) = batch.run().await {
+            let _ = self.client.abort(slots).await;
+            return Err(e);
+        }
+        let mut items = Vec::with_capacity(objects.len());
+        for (o, r) in objects.iter().zip(slots) {
+            // SAFETY: the slot is ours and the copy into it has completed.
+            let bytes = unsafe { std::slice::from_raw_parts(self.client.inner.map.ptr_at(r.offset), r.len as usize) };
+            let sum = kvfabric_checksum(bytes);
+            items.push((r, Bytes::copy_from_slice(o.key), sum, None));
+        }
+        self.client
+            .commit(namespace, items, durability)
+            .await?
+            .into_iter()
+            .collect()
+    }
+
+    /// Reads objects straight into device memory: acquire leases, one
+    /// async host-to-device copy per object, one synchronisation, release.
+    /// Returns, per key, the object's length (`None`: not stored).
+    ///
+    /// # Safety
+    /// Every destination `(ptr, capacity)` must be writable device memory
+    /// of this link's device that nothing else uses during the call.
+    pub async unsafe fn get_into_device(
+        &self,
+        namespace: &str,
+        keys: &[&[u8]],
+        destinations: &[(u64, u64)],
+    ) -> Result<Vec<Option<usize>>> {
+        if keys.len() != destinations.len() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} keys but {} destinations",
+                keys.len(),
+                destinations.len()
+            )));
+        }
+        struct ToDevice<'a> {
+            dma: &'a DmaMapping,
+            dst: &'a [(u64, u64)],
+            lens: Vec<usize>,
+            batch: Batch,
+        }
+        impl RoundSink for ToDevice<'_> {
+            fn copy(&mut self, i: usize, l: &v1::LocalLease) -> Result<()> {
+                let (ptr, cap) = self.dst[i];
+                if l.length > cap {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "destination {i} holds {cap} bytes; the object has {}",
+                        l.length
+                    )));
+                }
+                self.batch
+                    .ops
+                    .push((self.dma.ptr as usize + l.offset as usize, ptr, l.length as usize, false));
+                self.lens[i] = l.length as usize;
+                Ok(())
+            }
+            fn flush(&mut self) -> impl std::future::Future<Output = Result<()>> + Send {
+                self.batch.run()
+            }
+        }
+        let mut sink = ToDevice {
+            dma: &self.dma,
+            dst: destinations,
+            lens: vec![0; keys.len()],
+            batch: self.batch(),
+        };
+        let found = self.client.read_rounds(namespace, keys, &mut sink).await?;
+        Ok(found.iter().zip(sink.lens).map(|(f, n)| f.then_some(n)).collect())
+    }
+}
+
+fn kvfabric_checksum(b: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(b)
+}
