@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::UnixStream;
 
 pub use crate::proto::v1::{Durability, Layout, Tier};
+pub use wire::decode_frame;
 
 /// Where [`LocalClient::read_rounds`] copies leased objects to.
 trait RoundSink {

@@ -42,6 +42,16 @@ pub(crate) fn decode<M: Message + Default>(body: &[u8]) -> io::Result<M> {
     M::decode(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("undecodable frame: {e}")))
 }
 
+/// Parses one frame from the front of `buf`: `Ok(None)` when `buf` holds
+/// only part of a frame, else the message and the bytes it took. The length
+/// is bounded before anything is allocated.
+pub fn decode_frame<M: Message + Default>(buf: &[u8]) -> io::Result<Option<(M, usize)>> {
+    let Some(prefix) = buf.get(..4) else { return Ok(None) };
+    let n = frame_len(prefix.try_into().expect("4 bytes"))?;
+    let Some(body) = buf.get(4..4 + n) else { return Ok(None) };
+    Ok(Some((decode(body)?, 4 + n)))
+}
+
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
 pub(crate) async fn read_msg<M: Message + Default>(s: &mut UnixStream) -> io::Result<Option<M>> {
     let mut prefix = [0u8; 4];
@@ -208,6 +218,16 @@ mod tests {
     fn oversized_length_prefix_is_refused() {
         assert!(frame_len(((MAX_LOCAL_FRAME_BYTES + 1) as u32).to_le_bytes()).is_err());
         assert_eq!(frame_len(16u32.to_le_bytes()).unwrap(), 16);
+    }
+
+    #[test]
+    fn frames_parse_from_buffers() {
+        let req = LocalRequest { id: 9, op: None };
+        let f = frame(&req);
+        assert_eq!(decode_frame::<LocalRequest>(&f).unwrap(), Some((req, f.len())));
+        assert_eq!(decode_frame::<LocalRequest>(&f[..f.len() - 1]).unwrap(), None);
+        assert_eq!(decode_frame::<LocalRequest>(&f[..2]).unwrap(), None);
+        assert!(decode_frame::<LocalRequest>(&[0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
     #[test]
