@@ -13,6 +13,9 @@ echo "== the client library builds without server code"
 cargo check -p kvfabric --no-default-features
 echo "== the cuda feature compiles"
 cargo check -p kvfabric-tiers -p kvfabric --features kvfabric/cuda
+echo "== the rdma feature compiles, and its device-free unit tests pass (descriptors, region bookkeeping)"
+cargo check -p kvfabric --features rdma
+cargo test -p kvfabric --features rdma --lib transport
 echo "== clippy, every target (benches included), warnings are errors"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== formatting"

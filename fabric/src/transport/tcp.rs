@@ -4,8 +4,9 @@
 //! on a connection to the owner's listener, which validates it against the region registry
 //! (instance, region, bounds, access; see [`RejectReason`]) and copies out of or into the
 //! registered memory with raw pointer copies through a bounce buffer, holding a registry lease
-//! for the duration so a concurrent deregistration waits. A refused request gets an error
-//! response and the connection stays usable.
+//! for the duration so a concurrent deregistration waits (a peer that stops reading mid-transfer
+//! therefore delays deregistration of that region until its connection closes). A refused request
+//! gets an error response and the connection stays usable.
 //!
 //! Wire protocol (little-endian):
 //!
