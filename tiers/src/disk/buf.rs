@@ -6,7 +6,12 @@
 //! Reads land in a fresh [`AlignedBuf`] that becomes the payload `Bytes`
 //! without a copy ([`AlignedBuf::into_bytes`]); writes copy the (unaligned)
 //! payload into a pool slot when one is free and the object fits, else into a
-//! fresh aligned allocation.
+//! fresh aligned allocation; a payload that is already page-aligned and a
+//! whole number of pages long (a host-arena slot being demoted) is written
+//! straight from its own memory. Freed aligned allocations are kept in a small
+//! [`Recycler`] and handed out again, so steady-state I/O does not pay for
+//! fresh pages (allocation, page faults, zeroing by the kernel) on every
+//! request.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -49,9 +54,13 @@ impl AlignedBuf {
             .expect("I/O buffer size overflows the address space")
     }
 
-    /// Allocates `len` bytes (rounded up to whole pages) without initialising them.
+    /// Allocates `len` bytes (rounded up to whole pages) without initialising
+    /// them, reusing a recycled allocation of the same size when there is one.
     pub(super) fn uninit(len: usize) -> Self {
         let layout = Self::layout(len);
+        if let Some(ptr) = RECYCLER.take(layout.size()) {
+            return Self { ptr, len };
+        }
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc(layout) };
         let Some(ptr) = NonNull::new(ptr) else {
@@ -99,8 +108,53 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `uninit`/`zeroed` with this very layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        let layout = Self::layout(self.len);
+        if RECYCLER.give(layout.size(), self.ptr) {
+            return;
+        }
+        // SAFETY: allocated in `uninit`/`zeroed` (or recycled from an
+        // allocation of the same size) with this very layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// Most bytes of idle aligned allocations kept for reuse (process-wide).
+const RECYCLE_BYTES: usize = 128 << 20;
+
+/// Idle page-aligned allocations by size: KV blocks come in a few fixed
+/// sizes, so exact-size reuse hits almost always.
+struct Recycler {
+    inner: Mutex<(usize, Vec<(usize, Idle)>)>,
+}
+
+/// An idle allocation (owned by the recycler).
+struct Idle(NonNull<u8>);
+
+// SAFETY: an idle allocation is plain memory owned by nobody else.
+unsafe impl Send for Idle {}
+
+static RECYCLER: Recycler = Recycler {
+    inner: Mutex::new((0, Vec::new())),
+};
+
+impl Recycler {
+    fn take(&self, size: usize) -> Option<NonNull<u8>> {
+        let mut g = self.inner.lock();
+        let pos = g.1.iter().rposition(|(s, _)| *s == size)?;
+        let (s, p) = g.1.swap_remove(pos);
+        g.0 -= s;
+        Some(p.0)
+    }
+
+    /// Keeps `ptr` (of `size` bytes) for reuse; `false` when full.
+    fn give(&self, size: usize, ptr: NonNull<u8>) -> bool {
+        let mut g = self.inner.lock();
+        if g.0 + size > RECYCLE_BYTES {
+            return false;
+        }
+        g.0 += size;
+        g.1.push((size, Idle(ptr)));
+        true
     }
 }
 
@@ -215,6 +269,9 @@ pub(super) enum IoBuf {
     Owned(AlignedBuf),
     /// A bounce-buffer slot (registered with the ring when that succeeded).
     Pooled(PooledBuf),
+    /// The caller's own page-aligned, whole-page payload, written without a
+    /// copy (writes only: the kernel reads it, nobody writes it).
+    Shared(Bytes),
 }
 
 impl IoBuf {
@@ -223,6 +280,7 @@ impl IoBuf {
         match self {
             IoBuf::Owned(b) => b.len(),
             IoBuf::Pooled(p) => p.pool.slot_size,
+            IoBuf::Shared(b) => b.len(),
         }
     }
 
@@ -231,6 +289,8 @@ impl IoBuf {
         match self {
             IoBuf::Owned(b) => b.as_mut_ptr(),
             IoBuf::Pooled(p) => p.ptr(),
+            // Only ever the source of a write: the kernel reads through it.
+            IoBuf::Shared(b) => b.as_ptr() as *mut u8,
         }
     }
 
@@ -238,9 +298,16 @@ impl IoBuf {
     /// table when the pool is registered.
     pub(super) fn pool_slot(&self) -> Option<u16> {
         match self {
-            IoBuf::Owned(_) => None,
+            IoBuf::Owned(_) | IoBuf::Shared(_) => None,
             IoBuf::Pooled(p) => Some(p.slot),
         }
+    }
+
+    /// `data` itself as a write buffer when it is page-aligned and a whole
+    /// number of pages long (so O_DIRECT can take it as is).
+    pub(super) fn shared(data: &Bytes) -> Option<IoBuf> {
+        (!data.is_empty() && (data.as_ptr() as usize).is_multiple_of(ALIGN) && data.len().is_multiple_of(ALIGN))
+            .then(|| IoBuf::Shared(data.clone()))
     }
 
     /// Copies `data` to the front and zeroes the rest up to `io_len`, so the
@@ -263,7 +330,7 @@ impl IoBuf {
     pub(super) fn into_owned(self) -> Option<AlignedBuf> {
         match self {
             IoBuf::Owned(b) => Some(b),
-            IoBuf::Pooled(_) => None,
+            IoBuf::Pooled(_) | IoBuf::Shared(_) => None,
         }
     }
 }
@@ -300,5 +367,39 @@ mod tests {
         drop(b);
         assert_eq!(pool.available(), 2);
         assert_eq!(pool.iovecs().len(), 2);
+    }
+
+    #[test]
+    fn freed_buffers_are_reused_by_size() {
+        // A size no other test uses, so parallel tests cannot take it first.
+        let len = 3 * ALIGN + 17;
+        let a = AlignedBuf::uninit(len);
+        let p = a.as_ptr();
+        drop(a);
+        let b = AlignedBuf::uninit(len);
+        assert_eq!(b.as_ptr(), p, "a freed buffer of the same size comes back");
+        assert_eq!(b.as_ptr() as usize % ALIGN, 0);
+        // A different size never gets it.
+        let c = AlignedBuf::uninit(len + ALIGN);
+        assert_ne!(c.as_ptr(), p);
+    }
+
+    #[test]
+    fn only_aligned_whole_page_payloads_are_written_in_place() {
+        let mut a = AlignedBuf::uninit(2 * ALIGN);
+        // SAFETY: writes exactly the buffer's bytes.
+        unsafe { std::ptr::write_bytes(a.as_mut_ptr(), 1, 2 * ALIGN) };
+        // SAFETY: every byte written.
+        let page_aligned = unsafe { a.into_bytes(2 * ALIGN) };
+        assert!(matches!(IoBuf::shared(&page_aligned), Some(IoBuf::Shared(_))));
+        assert!(
+            IoBuf::shared(&page_aligned.slice(..ALIGN + 1)).is_none(),
+            "not whole pages"
+        );
+        assert!(
+            IoBuf::shared(&page_aligned.slice(1..ALIGN + 1)).is_none(),
+            "not aligned"
+        );
+        assert!(IoBuf::shared(&Bytes::new()).is_none());
     }
 }

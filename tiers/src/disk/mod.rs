@@ -416,8 +416,16 @@ impl Tier for DiskTier {
         };
         let extent = Arc::new(extent);
         let (file, offset) = (extent.file(), extent.extent().offset);
-        let mut buf = inner.engine.write_buf(need as usize);
-        buf.fill(&block.payload, need as usize);
+        // A page-aligned, whole-page payload (a host-arena slot on its way
+        // down) goes to the device as is; anything else through a bounce buffer.
+        let buf = match IoBuf::shared(&block.payload) {
+            Some(b) => b,
+            None => {
+                let mut b = inner.engine.write_buf(need as usize);
+                b.fill(&block.payload, need as usize);
+                b
+            }
+        };
         // The write request keeps its own clone of the extent: if this future
         // is dropped mid-write, the extent stays allocated until the kernel is done.
         let done = inner
