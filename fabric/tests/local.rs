@@ -34,41 +34,64 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 async fn local_put_and_get_roundtrip_and_mix_with_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let (node, grpc) = start(settings(dir.path(), 64 << 20, 64 << 20)).await;
-    let local = LocalClient::connect(node.local_socket.as_ref().unwrap()).await.unwrap();
+    for (checksums, write_guard) in [(false, false), (true, false), (false, true), (true, true)] {
+        roundtrip(&node, &grpc, checksums, write_guard).await;
+    }
+    node.shutdown().await;
+}
+
+async fn roundtrip(
+    node: &kvfabric::server::NodeHandle,
+    grpc: &kvfabric::client::Client,
+    checksums: bool,
+    write_guard: bool,
+) {
+    let ns = format!("ns-{checksums}-{write_guard}");
+    let ns = ns.as_str();
+    let opts = kvfabric::local::LocalOptions {
+        checksums,
+        write_guard,
+        ..Default::default()
+    };
+    let local = LocalClient::connect_with(node.local_socket.as_ref().unwrap(), opts)
+        .await
+        .unwrap();
     assert_eq!(local.welcome().arena_bytes, 64 << 20);
     let sizes = [1usize, 4095, 4096, 100_000, 1 << 20, 3 << 20];
     let values: Vec<Bytes> = sizes.iter().enumerate().map(|(i, &n)| payload(i as u64, n)).collect();
     let keys: Vec<Vec<u8>> = (0..sizes.len() as u64).map(key).collect();
     let puts: Vec<LocalPut<'_>> = keys.iter().zip(&values).map(|(k, v)| LocalPut::new(k, v)).collect();
-    let tiers = local.put_many("ns", &puts, Durability::Memory).await.unwrap();
+    let tiers = local.put_many(ns, &puts, Durability::Memory).await.unwrap();
     assert!(tiers.iter().all(|t| *t == Tier::Host), "{tiers:?}");
 
     // Read back into caller buffers.
     let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
     let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
     let krefs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-    let got = local.get_many_into("ns", &krefs, &mut views).await.unwrap();
+    let got = local.get_many_into(ns, &krefs, &mut views).await.unwrap();
     assert_eq!(got, sizes.iter().map(|&n| Some(n)).collect::<Vec<_>>());
     for (b, v) in bufs.iter().zip(&values) {
         assert_eq!(&b[..], &v[..]);
     }
     // gRPC sees what the local path stored, and the other way round.
-    let o = grpc.get("ns", keys[4].clone()).await.unwrap().unwrap();
+    let o = grpc.get(ns, keys[4].clone()).await.unwrap().unwrap();
     assert_eq!(o.value, values[4]);
-    grpc.put("ns", key(100), payload(100, 5000), Durability::Memory)
+    grpc.put(ns, key(100), payload(100, 5000), Durability::Memory)
         .await
         .unwrap();
-    let r = local.get_many("ns", &[&key(100), &key(101)]).await.unwrap();
+    let r = local.get_many(ns, &[&key(100), &key(101)]).await.unwrap();
     assert_eq!(r[0].as_deref(), Some(&payload(100, 5000)[..]));
     assert_eq!(r[1], None, "missing keys are None");
     // A buffer too small is an error, not a truncated copy.
     let mut small = [0u8; 10];
     let e = local
-        .get_many_into("ns", &[&keys[3]], &mut [&mut small[..]])
+        .get_many_into(ns, &[&keys[3]], &mut [&mut small[..]])
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
-    node.shutdown().await;
+    // The gRPC client checks the checksum the node reports against the
+    // bytes; computed lazily or given, it matches.
+    assert_eq!(o.checksum, xxhash_rust::xxh3::xxh3_64(&values[4]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,8 +216,9 @@ async fn committing_a_slot_another_client_holds_is_refused() {
             items: vec![v1::LocalCommitItem {
                 reservation: ra.id(),
                 key: Bytes::from(key(9)),
-                checksum: sum,
+                checksum: sum.unwrap_or(0),
                 layout: None,
+                has_checksum: sum.is_some(),
             }],
         })),
     };
@@ -222,11 +246,18 @@ async fn committing_a_slot_another_client_holds_is_refused() {
 async fn bytes_that_do_not_match_their_checksum_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (node, _grpc) = start(settings(dir.path(), 8 << 20, 0)).await;
-    let local = LocalClient::connect(node.local_socket.as_ref().unwrap()).await.unwrap();
+    let local = LocalClient::connect(node.local_socket.as_ref().unwrap())
+        .await
+        .unwrap()
+        .with_checksums(true);
     let r = local.reserve(&[8192]).await.unwrap().pop().unwrap();
-    let sum = local.write(&r, &payload(3, 8192)).unwrap();
+    let sum = local.write(&r, &payload(3, 8192)).unwrap().expect("checksums on");
     let res = local
-        .commit("ns", vec![(r, Bytes::from(key(3)), sum ^ 1, None)], Durability::Memory)
+        .commit(
+            "ns",
+            vec![(r, Bytes::from(key(3)), Some(sum ^ 1), None)],
+            Durability::Memory,
+        )
         .await
         .unwrap();
     let e = res.into_iter().next().unwrap().unwrap_err();

@@ -138,6 +138,13 @@ impl Block {
     }
 }
 
+/// `BlockHeader::checksum` of an object whose checksum has not been computed
+/// yet: only objects committed through the zero-copy local path without one
+/// carry it, and only while they are in the host tier, which computes the
+/// real checksum the first time the object leaves it (a read through the
+/// tier, a demotion). A real xxh3 of 0 is merely recomputed.
+pub const CHECKSUM_PENDING: u64 = 0;
+
 /// xxh3-64 of a payload: the checksum used everywhere.
 pub fn checksum(data: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(data)

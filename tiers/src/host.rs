@@ -12,7 +12,9 @@
 //! through [`Tier::get`] are zero-copy views of their slot as well.
 
 use crate::slots::SlotIndex;
-use crate::{Block, BlockHeader, Extent, ExtentAllocator, ObjectKey, Tier, TierError, TierKind, TierResult};
+use crate::{
+    Block, BlockHeader, CHECKSUM_PENDING, Extent, ExtentAllocator, ObjectKey, Tier, TierError, TierKind, TierResult,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -100,6 +102,20 @@ struct Slot {
     arena: Arc<Arena>,
     extent: Extent,
     header: BlockHeader,
+    /// The checksum, computed on first need when `header.checksum` is
+    /// [`CHECKSUM_PENDING`].
+    sum: std::sync::OnceLock<u64>,
+}
+
+impl Slot {
+    /// The header with a real checksum (computing it once if pending).
+    fn full_header(&self) -> BlockHeader {
+        let mut h = self.header.clone();
+        if h.checksum == CHECKSUM_PENDING {
+            h.checksum = *self.sum.get_or_init(|| crate::checksum(self.bytes()));
+        }
+        h
+    }
 }
 
 impl Slot {
@@ -207,7 +223,8 @@ impl HostLease {
     pub fn offset(&self) -> u64 {
         self.0.extent.offset
     }
-    /// The object's header.
+    /// The object's header as committed: its checksum is
+    /// [`CHECKSUM_PENDING`] when none was given and none computed yet.
     pub fn header(&self) -> &BlockHeader {
         &self.0.header
     }
@@ -294,6 +311,7 @@ impl HostTier {
             arena: self.arena.clone(),
             extent,
             header,
+            sum: std::sync::OnceLock::new(),
         }))
     }
 
@@ -350,6 +368,7 @@ impl Tier for HostTier {
             arena: self.arena.clone(),
             extent,
             header: block.header.clone(),
+            sum: std::sync::OnceLock::new(),
         });
         self.index.insert(key, slot);
         Ok(())
@@ -360,7 +379,7 @@ impl Tier for HostTier {
             return Ok(None);
         };
         Ok(Some(Block {
-            header: slot.header.clone(),
+            header: slot.full_header(),
             payload: Bytes::from_owner(SlotBytes(slot)),
         }))
     }

@@ -17,7 +17,7 @@ mod stack;
 mod tier;
 
 pub use alloc::{Extent, ExtentAllocator};
-pub use block::{Block, BlockHeader, HeaderError, Layout, MAX_KEY_LEN, ObjectKey, checksum};
+pub use block::{Block, BlockHeader, CHECKSUM_PENDING, HeaderError, Layout, MAX_KEY_LEN, ObjectKey, checksum};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use disk::{DiskTier, DiskTierConfig, IoEngineKind};
 pub use error::{TierError, TierResult};

@@ -166,9 +166,18 @@ impl DeviceLink {
         }
         let mut items = Vec::with_capacity(objects.len());
         for (o, r) in objects.iter().zip(slots) {
-            // SAFETY: the slot is ours and the copy into it has completed.
-            let bytes = unsafe { std::slice::from_raw_parts(self.client.inner.map.ptr_at(r.offset), r.len as usize) };
-            let sum = kvfabric_checksum(bytes);
+            // With checksums on, hash what landed in the slot.
+            let sum = self
+                .client
+                .inner
+                .checksums
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| {
+                    // SAFETY: the slot is ours and the copy into it has completed.
+                    let bytes =
+                        unsafe { std::slice::from_raw_parts(self.client.inner.map.ptr_at(r.offset), r.len as usize) };
+                    kvfabric_checksum(bytes)
+                });
             items.push((r, Bytes::copy_from_slice(o.key), sum, None));
         }
         self.client

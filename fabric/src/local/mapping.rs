@@ -8,11 +8,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 const PAGE: u64 = 4096;
 
-/// A read-only shared mapping of the arena memfd.
+/// A shared mapping of the arena memfd: read-only with page ranges made
+/// writable per copy (`guarded`), or writable throughout.
 #[derive(Debug)]
 pub(crate) struct Mapping {
     ptr: *mut u8,
     len: u64,
+    guarded: bool,
     _fd: OwnedFd,
 }
 
@@ -23,7 +25,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    pub(crate) fn map_read_only(fd: OwnedFd, len: u64) -> io::Result<Mapping> {
+    pub(crate) fn map(fd: OwnedFd, len: u64, guarded: bool) -> io::Result<Mapping> {
         // SAFETY: fstat on an fd we own.
         let size = unsafe {
             let mut st: libc::stat = std::mem::zeroed();
@@ -43,7 +45,11 @@ impl Mapping {
             libc::mmap(
                 std::ptr::null_mut(),
                 len as usize,
-                libc::PROT_READ,
+                if guarded {
+                    libc::PROT_READ
+                } else {
+                    libc::PROT_READ | libc::PROT_WRITE
+                },
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 0,
@@ -55,6 +61,7 @@ impl Mapping {
         Ok(Mapping {
             ptr: ptr as *mut u8,
             len,
+            guarded,
             _fd: fd,
         })
     }
@@ -103,7 +110,8 @@ impl Mapping {
     }
 
     /// Makes `[offset, offset + len)` (rounded out to pages) writable until
-    /// the guard drops.
+    /// the guard drops (a no-op for an unguarded mapping, which is writable
+    /// throughout).
     pub(crate) fn writable(&self, offset: u64, len: u64) -> io::Result<WriteWindow<'_>> {
         let start = offset / PAGE * PAGE;
         let end = (offset + len).div_ceil(PAGE) * PAGE;
@@ -111,7 +119,7 @@ impl Mapping {
         let w = WriteWindow {
             map: self,
             start,
-            len: end - start,
+            len: if self.guarded { end - start } else { 0 },
         };
         if w.len > 0 {
             w.protect(libc::PROT_READ | libc::PROT_WRITE)?;

@@ -1,14 +1,15 @@
 //! The zero-copy local client: for an engine on the same host as its node.
 //!
-//! [`LocalClient`] connects to the node's Unix socket, receives the memfd of
-//! the node's host-tier arena and maps it **read-only**. Block bytes never
-//! cross the socket: a put reserves arena slots, makes exactly those pages
-//! writable, copies each value in with one `memcpy` (hashing it on the way,
-//! in cache-sized chunks), makes the pages read-only again and commits; a
-//! get acquires leases on slots, copies out, and releases them. A stray
-//! write from the engine outside a reservation faults instead of corrupting
-//! a committed block, and every reservation and lease expires on the node,
-//! so a crashed engine holds nothing for long.
+//! [`LocalClient`] connects to the node's Unix socket and receives the memfd
+//! of the node's host-tier arena, which it maps. Block bytes never cross the
+//! socket: a put reserves arena slots, copies each value in with one
+//! `memcpy` and commits; a get acquires leases on slots, copies out, and
+//! releases them. Every reservation and lease expires on the node, so a
+//! crashed engine holds nothing for long, and ids are per connection, so a
+//! client can only commit its own slots. With [`LocalOptions::write_guard`]
+//! the arena is mapped read-only and only a reserved slot is made writable,
+//! for the duration of its copy, so even a stray write by the engine faults
+//! instead of corrupting a committed block.
 //!
 //! The wire protocol is in `proto/kvfabric/v1/local.proto`.
 
@@ -50,6 +51,24 @@ trait RoundSink {
 /// Bytes hashed per step while copying: small enough that the hash reads
 /// what the copy just brought into cache.
 const HASH_CHUNK: usize = 16 << 10;
+
+/// How a [`LocalClient`] connects.
+#[derive(Clone, Debug, Default)]
+pub struct LocalOptions {
+    /// Tenant, as on gRPC; empty means the node's default tenant.
+    pub tenant: String,
+    /// Map the arena read-only and make only a reserved slot writable, for
+    /// the duration of its copy (`mprotect`), so a stray write by the
+    /// engine faults instead of landing in a committed block. Costs two
+    /// page-table updates with TLB shootdowns per put, measured at about
+    /// 40% of local put throughput on the benchmark machine (see
+    /// `benches/RESULTS.md`). Off by default: the client library itself
+    /// only ever writes inside slots it reserved.
+    pub write_guard: bool,
+    /// Hash values while copying and have the node verify (see
+    /// [`LocalClient::with_checksums`]). Off by default.
+    pub checksums: bool,
+}
 
 /// One object to put through the local path.
 #[derive(Clone, Copy, Debug)]
@@ -101,10 +120,18 @@ impl Reservation {
     }
 }
 
+/// The socket and its (cancellation-safe) frame reader.
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    frames: wire::FrameReader,
+}
+
 #[derive(Debug)]
 struct Inner {
+    checksums: std::sync::atomic::AtomicBool,
     path: PathBuf,
-    conn: tokio::sync::Mutex<UnixStream>,
+    conn: tokio::sync::Mutex<Conn>,
     map: Mapping,
     welcome: LocalWelcome,
     next_id: AtomicU64,
@@ -131,13 +158,26 @@ fn status_err(s: &v1::LocalStatus) -> ClientError {
 }
 
 impl LocalClient {
-    /// Connects as the default tenant.
+    /// Connects as the default tenant with default [`LocalOptions`].
     pub async fn connect(socket: impl AsRef<Path>) -> Result<Self> {
-        Self::connect_as(socket, "").await
+        Self::connect_with(socket, LocalOptions::default()).await
     }
 
     /// Connects as `tenant`.
     pub async fn connect_as(socket: impl AsRef<Path>, tenant: &str) -> Result<Self> {
+        Self::connect_with(
+            socket,
+            LocalOptions {
+                tenant: tenant.to_string(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(socket: impl AsRef<Path>, options: LocalOptions) -> Result<Self> {
+        let tenant = options.tenant.as_str();
         let path = socket.as_ref().to_path_buf();
         if !tenant.is_empty() {
             validate::name("tenant", tenant).map_err(ClientError::InvalidArgument)?;
@@ -171,16 +211,32 @@ impl LocalClient {
                 welcome.version
             )));
         }
-        let map = Mapping::map_read_only(fd, welcome.arena_bytes).map_err(|e| io_err(&path, "mapping the arena", e))?;
+        let map = Mapping::map(fd, welcome.arena_bytes, options.write_guard)
+            .map_err(|e| io_err(&path, "mapping the arena", e))?;
         Ok(LocalClient {
             inner: Arc::new(Inner {
+                checksums: std::sync::atomic::AtomicBool::new(options.checksums),
                 path,
-                conn: tokio::sync::Mutex::new(s),
+                conn: tokio::sync::Mutex::new(Conn {
+                    stream: s,
+                    frames: wire::FrameReader::default(),
+                }),
                 map,
                 welcome,
                 next_id: AtomicU64::new(1),
             }),
         })
+    }
+
+    /// Hash every value while copying it in and have the node verify the
+    /// hash at commit (end-to-end integrity of the copy into the arena; costs
+    /// a pass over the bytes on each side). Off by default: the node then
+    /// computes each object's checksum when it first leaves host memory, so
+    /// data on disk, in the object store and on the wire is still verified.
+    /// Applies to the connection, so to every clone of this client.
+    pub fn with_checksums(self, on: bool) -> Self {
+        self.inner.checksums.store(on, Ordering::Relaxed);
+        self
     }
 
     /// What the node said in the handshake (arena size, TTLs).
@@ -192,22 +248,36 @@ impl LocalClient {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let req = LocalRequest { id, op: Some(op) };
         let mut conn = self.inner.conn.lock().await;
+        let Conn { stream, frames } = &mut *conn;
         let path = &self.inner.path;
-        wire::write_msg(&mut conn, &req)
+        wire::write_msg(stream, &req)
             .await
             .map_err(|e| io_err(path, "sending a request", e))?;
-        let resp: LocalResponse = wire::read_msg(&mut conn)
-            .await
-            .map_err(|e| io_err(path, "reading a response", e))?
-            .ok_or_else(|| {
-                io_err(
-                    path,
-                    "reading a response",
-                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the node closed the connection"),
-                )
-            })?;
+        // Responses come in request order. One to an earlier request whose
+        // caller gave up (dropped its future after sending) is skipped; the
+        // node expires whatever that request reserved or leased. (A future
+        // dropped mid-send leaves half a frame, and the node closes the
+        // connection: later calls fail with `Unavailable`.)
+        let resp = loop {
+            let resp: LocalResponse = frames
+                .next(stream)
+                .await
+                .map_err(|e| io_err(path, "reading a response", e))?
+                .ok_or_else(|| {
+                    io_err(
+                        path,
+                        "reading a response",
+                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the node closed the connection"),
+                    )
+                })?;
+            if resp.id != 0 && resp.id < id {
+                continue;
+            }
+            break resp;
+        };
         drop(conn);
-        if resp.id != id {
+        // Id 0: the node refused the connection's input as a whole.
+        if resp.id != id && resp.id != 0 {
             return Err(ClientError::Protocol(format!(
                 "response to request {} for request {id}",
                 resp.id
@@ -253,9 +323,11 @@ impl LocalClient {
         }
     }
 
-    /// Copies `value` into a reservation (its pages are writable only for
-    /// the duration of the copy) and returns the xxh3-64 of the bytes.
-    pub fn write(&self, r: &Reservation, value: &[u8]) -> Result<u64> {
+    /// Copies `value` into a reservation (with the write guard on, its pages
+    /// are writable only for the duration of the copy). With checksums on (see
+    /// [`Self::with_checksums`]) it hashes the bytes on the way and returns
+    /// the xxh3-64 to pass to [`Self::commit`]; otherwise `None`.
+    pub fn write(&self, r: &Reservation, value: &[u8]) -> Result<Option<u64>> {
         if value.len() as u64 != r.len {
             return Err(ClientError::InvalidArgument(format!(
                 "value of {} bytes for a reservation of {}",
@@ -267,23 +339,28 @@ impl LocalClient {
         let _w = map
             .writable(r.offset, r.len)
             .map_err(|e| io_err(&self.inner.path, "mprotect", e))?;
+        if !self.inner.checksums.load(Ordering::Relaxed) {
+            // SAFETY: [offset, offset + len) lies in a slot reserved to us
+            // (checked against the mapping), made writable by `_w`.
+            unsafe { map.copy_in(r.offset, value) };
+            return Ok(None);
+        }
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut at = r.offset;
         for chunk in value.chunks(HASH_CHUNK) {
-            // SAFETY: [at, at + len) lies in a slot reserved to us (checked
-            // against the mapping), made writable by `_w`.
+            // SAFETY: as above.
             unsafe { map.copy_in(at, chunk) };
             h.update(chunk);
             at += chunk.len() as u64;
         }
-        Ok(h.digest())
+        Ok(Some(h.digest()))
     }
 
     /// Publishes written reservations under keys (low-level).
     pub async fn commit(
         &self,
         namespace: &str,
-        items: Vec<(Reservation, Bytes, u64, Option<Layout>)>,
+        items: Vec<(Reservation, Bytes, Option<u64>, Option<Layout>)>,
         durability: Durability,
     ) -> Result<Vec<Result<Tier>>> {
         let n = items.len();
@@ -292,8 +369,9 @@ impl LocalClient {
             .map(|(r, key, checksum, layout)| LocalCommitItem {
                 reservation: r.id,
                 key,
-                checksum,
+                checksum: checksum.unwrap_or(0),
                 layout,
+                has_checksum: checksum.is_some(),
             })
             .collect();
         let op = local_request::Op::Commit(LocalCommit {
@@ -341,7 +419,7 @@ impl LocalClient {
         }
         let lengths: Vec<u64> = objects.iter().map(|o| o.value.len() as u64).collect();
         let slots = self.reserve(&lengths).await?;
-        let mut items: Vec<(Reservation, Bytes, u64, Option<Layout>)> = Vec::with_capacity(objects.len());
+        let mut items: Vec<(Reservation, Bytes, Option<u64>, Option<Layout>)> = Vec::with_capacity(objects.len());
         let mut slots = slots.into_iter();
         for o in objects {
             let r = slots.next().expect("one slot per object");

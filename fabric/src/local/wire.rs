@@ -52,7 +52,42 @@ pub fn decode_frame<M: Message + Default>(buf: &[u8]) -> io::Result<Option<(M, u
     Ok(Some((decode(body)?, 4 + n)))
 }
 
+/// Reads frames off a stream, keeping partial ones across calls, so `next`
+/// is cancellation-safe (it can sit in a `select!` beside a timer without
+/// losing bytes of a frame that was half read when the timer won).
+#[derive(Debug, Default)]
+pub(crate) struct FrameReader {
+    buf: bytes::BytesMut,
+}
+
+impl FrameReader {
+    /// The next frame; `Ok(None)` on a clean end of stream between frames.
+    pub(crate) async fn next<M: Message + Default>(&mut self, s: &mut UnixStream) -> io::Result<Option<M>> {
+        use bytes::Buf;
+        loop {
+            if let Some((m, used)) = decode_frame::<M>(&self.buf)? {
+                self.buf.advance(used);
+                return Ok(Some(m));
+            }
+            self.buf.reserve(64 << 10);
+            if s.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed mid-frame",
+                    ))
+                };
+            }
+        }
+    }
+}
+
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+/// Not cancellation-safe: for a one-off read (the hello), else use
+/// [`FrameReader`].
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) async fn read_msg<M: Message + Default>(s: &mut UnixStream) -> io::Result<Option<M>> {
     let mut prefix = [0u8; 4];
     match s.read_exact(&mut prefix).await {
@@ -213,6 +248,23 @@ fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedF
 mod tests {
     use super::*;
     use crate::proto::v1::{LocalRequest, LocalWelcome};
+
+    #[tokio::test]
+    async fn frame_reader_survives_cancellation_mid_frame() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let f = frame(&LocalRequest { id: 42, op: None });
+        let mut r = FrameReader::default();
+        // Half a frame arrives; a read that is cancelled keeps what it got.
+        a.write_all(&f[..3]).await.unwrap();
+        let cancelled =
+            tokio::time::timeout(std::time::Duration::from_millis(20), r.next::<LocalRequest>(&mut b)).await;
+        assert!(cancelled.is_err(), "no whole frame yet");
+        a.write_all(&f[3..]).await.unwrap();
+        let got: LocalRequest = r.next(&mut b).await.unwrap().unwrap();
+        assert_eq!(got.id, 42);
+        drop(a);
+        assert!(r.next::<LocalRequest>(&mut b).await.unwrap().is_none());
+    }
 
     #[test]
     fn oversized_length_prefix_is_refused() {

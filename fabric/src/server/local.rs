@@ -207,9 +207,10 @@ impl Session {
         );
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut frames = wire::FrameReader::default();
         loop {
             tokio::select! {
-                r = wire::read_msg::<LocalRequest>(&mut s) => match r {
+                r = frames.next::<LocalRequest>(&mut s) => match r {
                     Ok(Some(req)) => {
                         session.sweep();
                         let resp = session.handle(req).await;
@@ -424,7 +425,7 @@ impl Session {
                 });
                 continue;
             }
-            if sh.settings.verify_commits {
+            if it.has_checksum && sh.settings.verify_commits {
                 let sum = r.checksum();
                 if sum != it.checksum {
                     results.push(LocalCommitResult {
@@ -442,7 +443,11 @@ impl Session {
             }
             let header = BlockHeader {
                 length: r.len(),
-                checksum: it.checksum,
+                checksum: if it.has_checksum {
+                    it.checksum
+                } else {
+                    kvfabric_tiers::CHECKSUM_PENDING
+                },
                 created_ms: sh.stack.clock().now_ms(),
                 layout: layout_from_proto(it.layout),
             };

@@ -4,7 +4,10 @@
 //! co-located reader (bringing it up from a slower tier when needed).
 
 use super::{Durability, StackEventKind, TierStack, bit};
-use crate::{Block, BlockHeader, HostLease, HostReservation, HostTier, ObjectKey, TierError, TierKind, TierResult};
+use crate::{
+    Block, BlockHeader, CHECKSUM_PENDING, HostLease, HostReservation, HostTier, ObjectKey, TierError, TierKind,
+    TierResult,
+};
 use std::sync::atomic::Ordering::Relaxed;
 
 impl TierStack {
@@ -45,10 +48,12 @@ impl TierStack {
         }
     }
 
-    /// Publishes written arena space as `key`. `header` describes the bytes
-    /// (its checksum was verified by the caller or is verified here when
-    /// `verify` is set). With `disk`/`object` durability the durable copy is
-    /// written (synced) first, and the arena copy is published after it.
+    /// Publishes written arena space as `key`. `header` describes the bytes;
+    /// its checksum may be [`CHECKSUM_PENDING`] (the host tier computes it
+    /// when the object first leaves it). With `disk`/`object` durability the
+    /// durable copy is written (synced) first, from a snapshot verified
+    /// against the checksum (computed now if pending), and the arena copy is
+    /// published after it.
     pub async fn commit_host(
         &self,
         key: &ObjectKey,
@@ -72,14 +77,20 @@ impl TierStack {
             Durability::Disk => Some((TierKind::Disk, "disk")),
             Durability::Object => Some((TierKind::Object, "object")),
         };
+        let mut header = header;
         if let Some((kind, name)) = durable {
             let d = self.level_of(kind).ok_or(TierError::DurabilityUnavailable {
                 durability: name,
                 needed: kind,
             })?;
+            let payload = reservation.snapshot();
+            if header.checksum == CHECKSUM_PENDING {
+                // A durable copy always carries a real checksum.
+                header.checksum = crate::checksum(&payload);
+            }
             let block = Block {
                 header: header.clone(),
-                payload: reservation.snapshot(),
+                payload,
             };
             // The snapshot is what gets stored durably, so it is what must
             // match the checksum.

@@ -21,7 +21,10 @@
 //! stripe is busy are skipped rather than waited for, so eviction can never
 //! deadlock against the put that triggered it.
 
-use crate::{Block, BlockHeader, Clock, EvictionPolicy, LruPolicy, ObjectKey, Tier, TierError, TierKind, TierResult};
+use crate::{
+    Block, BlockHeader, CHECKSUM_PENDING, Clock, EvictionPolicy, LruPolicy, ObjectKey, Tier, TierError, TierKind,
+    TierResult,
+};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -371,7 +374,9 @@ impl TierStack {
                 checksum: header.checksum,
                 lease_until_ms: 0,
             });
-            let same = e.checksum == header.checksum && e.len == header.length;
+            // A pending checksum (local-path commit) never proves two
+            // versions equal: the older copies go.
+            let same = e.checksum != CHECKSUM_PENDING && e.checksum == header.checksum && e.len == header.length;
             let stale = if same { 0 } else { e.mask & !placed };
             e.mask = if same { e.mask | placed } else { placed };
             e.len = header.length;
@@ -480,17 +485,27 @@ impl TierStack {
         let mut new_level = None;
         if !has_lower && i + 1 < self.levels.len() {
             match level.tier.get(key).await {
-                Ok(Some(block)) => match Box::pin(self.place_first_fit(i + 1, key, &block, false)).await {
-                    Ok(j) => {
-                        // Publish the lower copy before the upper one goes,
-                        // so readers always find one of them.
-                        if let Some(e) = self.index.lock().get_mut(key) {
-                            e.mask |= bit(j);
-                        }
-                        new_level = Some(j);
+                Ok(Some(block)) => {
+                    // Under the key's stripe the index entry is this very
+                    // version: record a checksum the tier just computed.
+                    if entry.checksum == CHECKSUM_PENDING
+                        && let Some(e) = self.index.lock().get_mut(key)
+                        && e.len == block.header.length
+                    {
+                        e.checksum = block.header.checksum;
                     }
-                    Err(e) => tracing::warn!(%key, error = %e, "eviction: no lower tier has room; dropping"),
-                },
+                    match Box::pin(self.place_first_fit(i + 1, key, &block, false)).await {
+                        Ok(j) => {
+                            // Publish the lower copy before the upper one goes,
+                            // so readers always find one of them.
+                            if let Some(e) = self.index.lock().get_mut(key) {
+                                e.mask |= bit(j);
+                            }
+                            new_level = Some(j);
+                        }
+                        Err(e) => tracing::warn!(%key, error = %e, "eviction: no lower tier has room; dropping"),
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(%key, error = %e, "eviction: could not read victim; dropping"),
             }

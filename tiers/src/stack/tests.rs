@@ -496,3 +496,79 @@ async fn background_config_is_validated() {
         "starting twice is refused"
     );
 }
+
+fn pending_header(len: usize) -> BlockHeader {
+    BlockHeader {
+        length: len as u64,
+        checksum: crate::CHECKSUM_PENDING,
+        created_ms: 1_000,
+        layout: Default::default(),
+    }
+}
+
+async fn commit_pending(stack: &TierStack, key: &ObjectKey, data: &[u8]) {
+    let mut r = stack.reserve_host(data.len() as u64).await.unwrap();
+    r.write(data);
+    stack
+        .commit_host(key, r, pending_header(data.len()), Durability::Memory)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pending_checksums_are_computed_when_objects_leave_the_host_tier() {
+    let (_host, disk, stack) = host_stack(64 << 10, 1 << 20).await;
+    let v1 = block(1, 16_000).payload;
+    commit_pending(&stack, &k(1), &v1).await;
+    // A read through the stack carries the real checksum.
+    let (b, _) = stack.get(&k(1)).await.unwrap().unwrap();
+    assert_eq!(b.header.checksum, crate::checksum(&v1));
+    drop(b); // a host-tier read is a view of its slot
+    // Fill the arena: k(1) is demoted to the (verifying) disk tier intact...
+    for i in 10..16 {
+        stack.put(&k(i), &block(i, 16_000), Durability::Memory).await.unwrap();
+    }
+    assert!(disk.contains(&k(1)));
+    let (b, tier) = stack.get(&k(1)).await.unwrap().unwrap();
+    assert_eq!((tier, &b.payload), (TierKind::Disk, &v1));
+    drop(b);
+    // ... and, its checksum now known to the index, promoted back.
+    assert_eq!(stack.exists_prefix(&[k(1)])[0].tier, TierKind::Host);
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn a_new_pending_version_replaces_older_copies_everywhere() {
+    let (_host, disk, stack) = host_stack(64 << 10, 1 << 20).await;
+    let v1 = block(1, 16_000).payload;
+    let v2 = block(2, 16_000).payload;
+    stack
+        .put(&k(1), &Block::new(v1.clone(), Default::default(), 1), Durability::Disk)
+        .await
+        .unwrap();
+    assert!(disk.contains(&k(1)));
+    // Same length, different bytes, checksum pending: must not be taken for
+    // the same version, so the disk copy of v1 goes.
+    commit_pending(&stack, &k(1), &v2).await;
+    assert!(!disk.contains(&k(1)), "the outdated disk copy was removed");
+    for i in 10..16 {
+        stack.put(&k(i), &block(i, 16_000), Durability::Memory).await.unwrap();
+    }
+    assert_eq!(stack.get(&k(1)).await.unwrap().unwrap().0.payload, v2);
+    stack.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn durable_local_commit_with_pending_checksum_stores_a_real_one() {
+    let (_host, disk, stack) = host_stack(1 << 20, 1 << 20).await;
+    let v = block(5, 9000).payload;
+    let mut r = stack.reserve_host(9000).await.unwrap();
+    r.write(&v);
+    stack
+        .commit_host(&k(5), r, pending_header(9000), Durability::Disk)
+        .await
+        .unwrap();
+    let on_disk = disk.get(&k(5)).await.unwrap().unwrap();
+    assert_eq!(on_disk.header.checksum, crate::checksum(&v));
+    on_disk.verify().unwrap();
+}
