@@ -353,3 +353,43 @@ async fn read_side_rpc_errors() {
     intact().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnecting_mid_put_stream_releases_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 16 << 20, 0);
+    s.limits.max_object_size = kvfabric::server::ByteSize(4 << 20);
+    // Exactly one object's worth of in-flight budget: a leak would make the
+    // next big put wait forever.
+    s.limits.max_inflight_put_bytes = kvfabric::server::ByteSize(4 << 20);
+    let (node, c) = start(s).await;
+    let intact = reference(&c).await;
+    for _ in 0..3 {
+        // Its own connection, so dropping it is a real disconnect.
+        let doomed = Client::connect(node.endpoint()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<PutRequest>(4);
+        let mut raw = doomed.raw();
+        let call = tokio::spawn(async move { raw.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        tx.send(open("ns", 1)).await.unwrap();
+        tx.send(begin(b"half", 4 << 20)).await.unwrap();
+        tx.send(data(&payload(1, 1 << 20))).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        call.abort();
+        drop((tx, doomed));
+    }
+    // The budget came back: a full-size put goes through at once.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.put("ns", &b"big"[..], payload(2, 4 << 20), Durability::Memory),
+    )
+    .await
+    .expect("in-flight budget leaked by the disconnected streams")
+    .unwrap();
+    assert!(
+        c.get("ns", &b"half"[..]).await.unwrap().is_none(),
+        "a partial object was stored"
+    );
+    c.delete("ns", vec![Bytes::from_static(b"big")]).await.unwrap();
+    intact().await;
+    node.shutdown().await;
+}
