@@ -10,8 +10,14 @@
 //! cargo run --release -p kvfabric-bench -- [grpc|disk|all] [--sizes 256KiB,1MiB,4MiB]
 //!     [--clients 1,4,16] [--ops N | --seconds S] [--endpoint URL] [--json] [--smoke]
 //! ```
+//!
+//! `kvfabric-bench peers [--quick] [--json] [--systems ...]` puts kvfabric
+//! side by side with its peers (Mooncake Store, Redis) and limits (memcpy,
+//! fio), installing the peers when missing (module `peers`). It is opt-in:
+//! nothing else installs or starts a peer.
 
 mod driver;
+mod peers;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -55,6 +61,9 @@ enum Mode {
     Disk(Opts),
     /// Both workloads and both limits (the default).
     All(Opts),
+    /// kvfabric side by side with Mooncake Store, Redis, memcpy and fio
+    /// (installs and starts the peers; opt-in, never part of --smoke).
+    Peers(peers::PeersOpts),
 }
 
 /// The disk tier's I/O engine.
@@ -243,6 +252,15 @@ fn main() -> ExitCode {
         Some(Mode::Grpc(o)) => ("grpc", o),
         Some(Mode::Disk(o)) => ("disk", o),
         Some(Mode::All(o)) => ("all", o),
+        Some(Mode::Peers(p)) => {
+            return match peers::run(p) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench peers: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match run(mode, opts) {
         Ok(()) => ExitCode::SUCCESS,

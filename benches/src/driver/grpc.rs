@@ -82,6 +82,11 @@ impl LocalNode {
         self.handle.as_ref().map(NodeHandle::endpoint).unwrap_or_default()
     }
 
+    /// The Unix socket of the node's zero-copy local path, when it serves one.
+    pub(crate) fn local_socket(&self) -> Option<std::path::PathBuf> {
+        self.handle.as_ref().and_then(|h| h.local_socket.clone())
+    }
+
     /// Stops serving and waits for in-flight requests.
     pub(crate) fn shutdown(mut self) {
         if let Some(h) = self.handle.take() {
