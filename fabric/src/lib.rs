@@ -9,8 +9,8 @@
 
 pub mod client;
 pub mod hash;
-pub mod transport;
 pub mod local;
+pub mod transport;
 pub mod validate;
 
 #[cfg(feature = "server")]

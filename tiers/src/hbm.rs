@@ -122,7 +122,9 @@ struct HostPin {
 
 impl fmt::Debug for HostPin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HostPin").field("bytes", &self.host.arena_len()).finish()
+        f.debug_struct("HostPin")
+            .field("bytes", &self.host.arena_len())
+            .finish()
     }
 }
 
@@ -407,7 +409,9 @@ mod tests {
         t.pin_host_arena(host.clone()).unwrap();
         // A host-tier block (a view of the pinned arena) goes to the GPU and back.
         let k = ObjectKey::new("ns", vec![7u8]);
-        host.put(&k, &crate::conformance::block(7, 1 << 20), false).await.unwrap();
+        host.put(&k, &crate::conformance::block(7, 1 << 20), false)
+            .await
+            .unwrap();
         let b = host.get(&k).await.unwrap().unwrap();
         t.put(&k, &b, false).await.unwrap();
         assert_eq!(t.get(&k).await.unwrap().unwrap().payload, b.payload);

@@ -26,7 +26,10 @@ pub use hbm::HbmTier;
 pub use host::{HostLease, HostReservation, HostTier};
 pub use object::{ObjectTier, ObjectTierConfig};
 pub use policy::{EvictionPolicy, LruPolicy};
-pub use stack::{BackgroundConfig, BackgroundHandle, Durability, ExistsEntry, StackEvent, StackEventKind, StackMetrics, TierStack, TierStats};
+pub use stack::{
+    BackgroundConfig, BackgroundHandle, Durability, ExistsEntry, StackEvent, StackEventKind, StackMetrics, TierStack,
+    TierStats,
+};
 pub use tier::{Tier, TierKind};
 
 /// Tries to create the GPU HBM tier: `Ok(None)` when this build has no `cuda`
