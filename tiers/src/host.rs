@@ -40,7 +40,7 @@ unsafe impl Send for Arena {}
 unsafe impl Sync for Arena {}
 
 impl Arena {
-    fn new(capacity: u64) -> TierResult<Arena> {
+    fn new(capacity: u64, prefault: bool) -> TierResult<Arena> {
         let len = (capacity / HOST_ALIGN * HOST_ALIGN) as usize;
         if len == 0 {
             return Err(TierError::Config(format!(
@@ -62,11 +62,20 @@ impl Arena {
                 libc::close(fd);
                 return Err(TierError::io(format!("sizing host arena to {len} bytes"), e));
             }
+            // Commit every page now: no first-touch fault (and zeroing) on the
+            // put path, here or in a co-located client's mapping, and a
+            // machine without the memory fails at start instead of under load.
+            if prefault && libc::fallocate(fd, 0, 0, len as libc::off_t) != 0 {
+                let e = std::io::Error::last_os_error();
+                libc::close(fd);
+                return Err(TierError::io(format!("allocating the {len}-byte host arena"), e));
+            }
+            let populate = if prefault { libc::MAP_POPULATE } else { 0 };
             let ptr = libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | populate,
                 fd,
                 0,
             );
@@ -242,9 +251,16 @@ pub struct HostTier {
 }
 
 impl HostTier {
-    /// Creates an arena of `capacity` bytes (rounded down to 4 KiB).
+    /// Creates an arena of `capacity` bytes (rounded down to 4 KiB), its
+    /// pages allocated lazily.
     pub fn new(capacity: u64) -> TierResult<HostTier> {
-        let arena = Arc::new(Arena::new(capacity)?);
+        Self::with_prefault(capacity, false)
+    }
+
+    /// Like [`HostTier::new`]; with `prefault`, every page is allocated and
+    /// mapped up front (the node's default).
+    pub fn with_prefault(capacity: u64, prefault: bool) -> TierResult<HostTier> {
+        let arena = Arc::new(Arena::new(capacity, prefault)?);
         tracing::info!(capacity = arena.len, "host tier: memfd arena of 4 KiB-aligned slots");
         Ok(HostTier {
             arena,

@@ -58,6 +58,15 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        // Map every page now rather than fault them in one at a time on the
+        // first puts and gets; best effort (older kernels lack these).
+        let advice = if guarded {
+            libc::MADV_POPULATE_READ
+        } else {
+            libc::MADV_POPULATE_WRITE
+        };
+        // SAFETY: advice on our own mapping; it only pre-faults pages.
+        unsafe { libc::madvise(ptr, len as usize, advice) };
         Ok(Mapping {
             ptr: ptr as *mut u8,
             len,

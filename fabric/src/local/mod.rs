@@ -462,6 +462,23 @@ impl LocalClient {
         }
     }
 
+    /// Sends a release without waiting for its answer.
+    async fn release_no_wait(&self, leases: &[v1::LocalLease]) -> Result<()> {
+        let ids: Vec<u64> = leases.iter().filter(|l| l.found).map(|l| l.lease).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let req = LocalRequest {
+            id,
+            op: Some(local_request::Op::Release(LocalRelease { leases: ids })),
+        };
+        let mut conn = self.inner.conn.lock().await;
+        wire::write_msg(&mut conn.stream, &req)
+            .await
+            .map_err(|e| io_err(&self.inner.path, "sending a release", e))
+    }
+
     async fn release(&self, leases: &[v1::LocalLease]) -> Result<()> {
         let ids: Vec<u64> = leases.iter().filter(|l| l.found).map(|l| l.lease).collect();
         if ids.is_empty() {
@@ -493,8 +510,11 @@ impl LocalClient {
     async fn read_rounds<S: RoundSink>(&self, namespace: &str, keys: &[&[u8]], sink: &mut S) -> Result<Vec<bool>> {
         let mut found = vec![false; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let ttl = std::time::Duration::from_millis(self.inner.welcome.lease_ttl_ms);
         while !pending.is_empty() {
             let ask: Vec<&[u8]> = pending.iter().map(|&i| keys[i]).collect();
+            // The node grants each lease after this instant, for `ttl`.
+            let asked = std::time::Instant::now();
             let leases = self.acquire(namespace, &ask).await?;
             let mut next = Vec::new();
             let mut first_err = None;
@@ -511,7 +531,15 @@ impl LocalClient {
             if let Err(e) = sink.flush().await {
                 first_err.get_or_insert(e);
             }
-            self.release(&leases).await?;
+            // Copies that finished within the TTL of the request's own send
+            // time ran under live leases (the node's deadline is later), so
+            // the release need not be waited for: its answer is skipped by
+            // the next call. Otherwise ask the node whether they held.
+            if asked.elapsed() < ttl {
+                self.release_no_wait(&leases).await?;
+            } else {
+                self.release(&leases).await?;
+            }
             if let Some(e) = first_err {
                 return Err(e);
             }

@@ -116,6 +116,10 @@ pub struct Settings {
 pub struct HostSettings {
     /// Arena size; 0 disables the tier. Default `1GiB`. Allocated at start.
     pub capacity: ByteSize,
+    /// Commit and map every arena page at start (`fallocate` + populate),
+    /// so no put pays for a first-touch page fault and a node that cannot
+    /// get its memory fails at start, not under load. Default true.
+    pub prefault: bool,
 }
 
 /// `[disk]` settings.
@@ -204,6 +208,7 @@ impl Default for HostSettings {
     fn default() -> Self {
         HostSettings {
             capacity: ByteSize(1 << 30),
+            prefault: true,
         }
     }
 }

@@ -56,7 +56,10 @@ impl Node {
             .map_err(|e| startup(&format!("creating data dir {}", settings.data_dir.display()), e))?;
         let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
         let host = if settings.host.capacity.0 > 0 {
-            Some(Arc::new(HostTier::new(settings.host.capacity.0)?))
+            Some(Arc::new(HostTier::with_prefault(
+                settings.host.capacity.0,
+                settings.host.prefault,
+            )?))
         } else {
             None
         };
