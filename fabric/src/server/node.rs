@@ -38,6 +38,9 @@ pub struct NodeHandle {
     background: Option<kvfabric_tiers::BackgroundHandle>,
 }
 
+/// Largest HTTP/2 frame either side accepts (the protocol default is 16 KiB).
+const MAX_FRAME_BYTES: u32 = 4 << 20;
+
 fn startup(what: &str, e: impl std::fmt::Display) -> FabricError {
     FabricError::Internal(format!("{what}: {e}"))
 }
@@ -184,6 +187,8 @@ impl Node {
             .tcp_nodelay(true)
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20)
+            // Bigger DATA frames from clients: a 1 MiB chunk is one frame, not 64 of 16 KiB.
+            .max_frame_size(MAX_FRAME_BYTES)
             .add_service(
                 KvBlockServiceServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
