@@ -64,6 +64,8 @@ enum Mode {
     /// kvfabric side by side with Mooncake Store, Redis, memcpy and fio
     /// (installs and starts the peers; opt-in, never part of --smoke).
     Peers(peers::PeersOpts),
+    /// ExistsPrefix latency on an idle node and while bulk transfers saturate it.
+    Control(driver::control::ControlOpts),
 }
 
 /// The disk tier's I/O engine.
@@ -252,6 +254,15 @@ fn main() -> ExitCode {
         Some(Mode::Grpc(o)) => ("grpc", o),
         Some(Mode::Disk(o)) => ("disk", o),
         Some(Mode::All(o)) => ("all", o),
+        Some(Mode::Control(c)) => {
+            return match driver::control::run(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench control: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Mode::Peers(p)) => {
             return match peers::run(p) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -371,15 +371,12 @@ impl Tier for HostTier {
     async fn put(&self, key: &ObjectKey, block: &Block, _sync: bool) -> TierResult<()> {
         let need = self.footprint(block.payload.len() as u64);
         let extent = self.arena.alloc.lock().alloc_for(TierKind::Host, need)?;
-        // SAFETY: the extent was just allocated to us and is not yet
-        // reachable by anyone else; it lies inside the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                block.payload.as_ptr(),
-                self.arena.ptr.add(extent.offset as usize),
-                block.payload.len(),
-            );
-        }
+        let dst = self.arena.ptr as usize + extent.offset as usize;
+        crate::offload(block.payload.len(), || {
+            // SAFETY: the extent was just allocated to us and is not yet
+            // reachable by anyone else; it lies inside the mapping.
+            unsafe { std::ptr::copy_nonoverlapping(block.payload.as_ptr(), dst as *mut u8, block.payload.len()) }
+        });
         let slot = Arc::new(Slot {
             arena: self.arena.clone(),
             extent,

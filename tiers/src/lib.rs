@@ -5,6 +5,7 @@ mod block;
 mod clock;
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
+mod cpu;
 mod disk;
 mod error;
 #[cfg(feature = "cuda")]
@@ -19,6 +20,7 @@ mod tier;
 pub use alloc::{Extent, ExtentAllocator};
 pub use block::{Block, BlockHeader, CHECKSUM_PENDING, HeaderError, Layout, MAX_KEY_LEN, ObjectKey, checksum};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use cpu::{OFFLOAD_BYTES, offload};
 pub use disk::{DiskTier, DiskTierConfig, IoEngineKind};
 pub use error::{TierError, TierResult};
 #[cfg(feature = "cuda")]

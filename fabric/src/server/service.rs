@@ -192,7 +192,8 @@ impl BlockService {
             Some(b) => b,
             None => p.buf.freeze(),
         };
-        let block = Block::new(payload, p.layout, self.shared.stack.clock().now_ms());
+        let now = self.shared.stack.clock().now_ms();
+        let block = kvfabric_tiers::offload(payload.len(), || Block::new(payload, p.layout, now));
         if let Some(sum) = p.checksum
             && sum != block.header.checksum
         {
