@@ -85,8 +85,21 @@ pub fn measure(size: usize, threads: usize, duration: Duration) -> CopyRun {
 /// put into a large arena, or a get out of one, has to do. The destination
 /// is written before timing starts, so no page fault is measured.
 pub fn measure_working_set(size: usize, threads: usize, duration: Duration, working_set: usize) -> CopyRun {
+    let slots = (working_set / threads.max(1) / size.max(1)).max(1);
+    copy_loop(size, threads, duration, 0, slots)
+}
+
+/// Like [`measure`] with the destination `dst_skew` bytes past a page
+/// boundary (the source stays page-aligned).
+pub fn measure_skewed(size: usize, threads: usize, duration: Duration, dst_skew: usize) -> CopyRun {
+    copy_loop(size, threads, duration, dst_skew, 1)
+}
+
+/// `threads` threads each copy a `size`-byte source into `slots`
+/// consecutive destination slots in turn (starting `dst_skew` past a page
+/// boundary) until `duration` has passed.
+fn copy_loop(size: usize, threads: usize, duration: Duration, dst_skew: usize, slots: usize) -> CopyRun {
     let threads = threads.max(1);
-    let slots = (working_set / threads / size.max(1)).max(1);
     let barrier = std::sync::Barrier::new(threads + 1);
     let (per_thread, elapsed) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -94,7 +107,7 @@ pub fn measure_working_set(size: usize, threads: usize, duration: Duration, work
                 let barrier = &barrier;
                 s.spawn(move || {
                     let src = PageBuf::new(size, 0, t as u64);
-                    let mut dst = PageBuf::new(size * slots, 0, !(t as u64));
+                    let mut dst = PageBuf::new(size * slots, dst_skew, !(t as u64));
                     let (src, dst) = (src.as_slice(), dst.as_mut_slice());
                     let mut h = latency::histogram();
                     let mut copies = 0u64;
@@ -104,59 +117,6 @@ pub fn measure_working_set(size: usize, threads: usize, duration: Duration, work
                         let at = (copies as usize % slots) * size;
                         let t0 = Instant::now();
                         dst[at..at + size].copy_from_slice(black_box(src));
-                        black_box(&mut *dst);
-                        latency::record(&mut h, t0.elapsed());
-                        copies += 1;
-                        if start.elapsed() >= duration {
-                            break;
-                        }
-                    }
-                    (copies, h)
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        let per_thread: Vec<_> = handles
-            .into_iter()
-            .map(|h| h.join().expect("memcpy thread panicked"))
-            .collect();
-        (per_thread, start.elapsed())
-    });
-    let mut latency = latency::histogram();
-    let mut copies = 0;
-    for (c, h) in per_thread {
-        copies += c;
-        latency.add(&h).expect("same histogram layout");
-    }
-    CopyRun {
-        bytes: copies * size as u64,
-        copies,
-        elapsed,
-        latency,
-    }
-}
-
-/// Like [`measure`] with the destination `dst_skew` bytes past a page
-/// boundary (the source stays page-aligned).
-pub fn measure_skewed(size: usize, threads: usize, duration: Duration, dst_skew: usize) -> CopyRun {
-    let threads = threads.max(1);
-    let barrier = std::sync::Barrier::new(threads + 1);
-    let (per_thread, elapsed) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let barrier = &barrier;
-                s.spawn(move || {
-                    let src = PageBuf::new(size, 0, t as u64);
-                    let mut dst = PageBuf::new(size, dst_skew, !(t as u64));
-                    let (src, dst) = (src.as_slice(), dst.as_mut_slice());
-                    let mut h = latency::histogram();
-                    let mut copies = 0u64;
-                    barrier.wait();
-                    let start = Instant::now();
-                    loop {
-                        let t0 = Instant::now();
-                        dst.copy_from_slice(black_box(src));
                         black_box(&mut *dst);
                         latency::record(&mut h, t0.elapsed());
                         copies += 1;
