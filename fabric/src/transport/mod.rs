@@ -538,6 +538,16 @@ impl RegionHandle {
     pub fn instance(&self) -> u64 {
         self.instance
     }
+
+    /// `Ok` when transport instance `instance` registered this region; a
+    /// handle from another transport is an unknown region to it.
+    pub(crate) fn check_owner(&self, instance: u64) -> Result<()> {
+        if self.instance == instance {
+            Ok(())
+        } else {
+            Err(TransportError::UnknownRegion(self.id))
+        }
+    }
 }
 
 /// One read of a batch: copy `remote` into `local` (same length).

@@ -781,14 +781,6 @@ impl RdmaTransport {
     pub fn device_name(&self) -> &str {
         &self.shared.engine.device.name
     }
-
-    fn check_handle(&self, region: &RegionHandle) -> Result<()> {
-        if region.instance() == self.shared.instance {
-            Ok(())
-        } else {
-            Err(TransportError::UnknownRegion(region.id()))
-        }
-    }
 }
 
 impl Drop for RdmaTransport {
@@ -832,7 +824,7 @@ impl Transport for RdmaTransport {
     }
 
     async fn deregister(&self, region: RegionHandle) -> Result<()> {
-        self.check_handle(&region)?;
+        region.check_owner(self.shared.instance)?;
         match self.shared.registry.deregister(region.id())? {
             Deregistration::Done => Ok(()),
             Deregistration::Pending(done) => {
@@ -843,7 +835,7 @@ impl Transport for RdmaTransport {
     }
 
     fn descriptor(&self, region: &RegionHandle) -> Result<RegionDescriptor> {
-        self.check_handle(region)?;
+        region.check_owner(self.shared.instance)?;
         let info = self.shared.registry.info(region.id())?;
         RegionDescriptor::new(
             TransportKind::Rdma,

@@ -96,14 +96,6 @@ impl TcpTransport {
     pub fn instance(&self) -> u64 {
         self.shared.instance
     }
-
-    fn check_handle(&self, region: &RegionHandle) -> Result<()> {
-        if region.instance() == self.shared.instance {
-            Ok(())
-        } else {
-            Err(TransportError::UnknownRegion(region.id()))
-        }
-    }
 }
 
 impl Drop for TcpTransport {
@@ -129,7 +121,7 @@ impl Transport for TcpTransport {
     }
 
     async fn deregister(&self, region: RegionHandle) -> Result<()> {
-        self.check_handle(&region)?;
+        region.check_owner(self.shared.instance)?;
         match self.shared.registry.deregister(region.id())? {
             Deregistration::Done => Ok(()),
             Deregistration::Pending(done) => {
@@ -141,7 +133,7 @@ impl Transport for TcpTransport {
     }
 
     fn descriptor(&self, region: &RegionHandle) -> Result<RegionDescriptor> {
-        self.check_handle(region)?;
+        region.check_owner(self.shared.instance)?;
         let info = self.shared.registry.info(region.id())?;
         // TCP addresses regions by id and offset; the base address stays private.
         RegionDescriptor::new(
