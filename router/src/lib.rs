@@ -1,3 +1,26 @@
-//! kvfabric's KV-aware router (a later issue): an event-fed prefix index per
-//! worker and tier, a cost model, and an OpenAI-compatible HTTP front. It will
-//! talk to the fabric only through `kvfabric::client`. Empty for now.
+//! kvfabric's KV-aware router.
+//!
+//! It decides which worker serves each request so that the least prefill is
+//! recomputed and no worker drowns. Unlike a router that counts only blocks
+//! resident in GPU memory, it sees every tier the fabric holds (HBM, host,
+//! NVMe, object store) and prices each block by what it costs to load
+//! against what it costs to recompute.
+//!
+//! - [`index`]: the concurrent prefix index (which holder has which block
+//!   of a chain, in which tier), with a reference model and a conformance
+//!   suite;
+//! - [`events`]: vLLM KV events and fabric `Subscribe` streams into the
+//!   index, with block identity recomputed from tokens and gap detection;
+//! - [`score`]: the cost model and the choice between workers;
+//! - [`Router`]: the three together, as the front end and the trace-replay
+//!   simulator use them.
+//!
+//! The router is a client of the fabric: everything it knows about where
+//! blocks live comes from events.
+
+pub mod events;
+pub mod index;
+mod router;
+pub mod score;
+
+pub use router::{Decision, Router, WorkerInfo};

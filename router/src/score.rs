@@ -1,0 +1,495 @@
+//! The cost model: for each candidate worker, the prefill it would still pay
+//! for a request (tokens to recompute, plus the time to load cached blocks
+//! from slower tiers expressed in token-equivalents), plus its load; and the
+//! choice among candidates (lowest cost, or a softmax sample with a
+//! temperature; ties go to the less loaded worker).
+//!
+//! What a worker can reach: its own block pool (engine events: HBM, or host
+//! memory when the engine offloads), and every fabric node (fabric events:
+//! every tier). A fabric node co-located with the worker is read at that
+//! tier's bandwidth; any other at most at the network's. Other workers' own
+//! pools are not reachable. With [`Scope::HbmOnly`] the model sees only the
+//! worker's own HBM blocks, which is what Dynamo's router scores.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::index::{ChainMatch, HolderId, Tier};
+
+/// Which cached blocks the model counts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// Every tier of the worker's own pool and of the fabric (default).
+    #[default]
+    AllTiers,
+    /// Only blocks in the worker's own HBM.
+    HbmOnly,
+}
+
+/// Read bandwidths in bytes per second, per tier, as seen by a worker on the
+/// same host; `network` caps anything read from another host.
+#[derive(Clone, Copy, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Bandwidths {
+    /// A fabric node's GPU tier (default 200 GB/s; the worker's own HBM costs nothing).
+    pub hbm: f64,
+    /// Host memory (default 20 GB/s: PCIe 4 x16 into the GPU).
+    pub host: f64,
+    /// Local NVMe (default 5 GB/s).
+    pub disk: f64,
+    /// Object store (default 1 GB/s).
+    pub object: f64,
+    /// Between hosts (default 12.5 GB/s: 100 Gb/s).
+    pub network: f64,
+}
+
+impl Default for Bandwidths {
+    fn default() -> Self {
+        Bandwidths {
+            hbm: 200e9,
+            host: 20e9,
+            disk: 5e9,
+            object: 1e9,
+            network: 12.5e9,
+        }
+    }
+}
+
+impl Bandwidths {
+    fn of(&self, t: Tier) -> f64 {
+        match t {
+            Tier::Hbm => self.hbm,
+            Tier::Host => self.host,
+            Tier::Disk => self.disk,
+            Tier::Object => self.object,
+        }
+    }
+}
+
+/// Weights of the terms of a worker's cost, all in token-equivalents.
+#[derive(Clone, Copy, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Weights {
+    /// Multiplies the request's own prefill cost (default 1.0).
+    pub prefill: f64,
+    /// Per prefill token already queued or running on the worker (default 1.0).
+    pub queued_prefill: f64,
+    /// Per active decode block on the worker (default 1.0).
+    pub decode_block: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            prefill: 1.0,
+            queued_prefill: 1.0,
+            decode_block: 1.0,
+        }
+    }
+}
+
+/// The cost model's settings (`[cost]` in the router's config).
+#[derive(Clone, Copy, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct CostSettings {
+    /// Tokens per block (default 16; must match the engines').
+    pub block_tokens: usize,
+    /// KV bytes per token, all layers, K and V (default 131072 = 128 KiB,
+    /// an 8B-class model in bf16).
+    pub kv_bytes_per_token: u64,
+    /// Prefill throughput of a worker, tokens per second (default 20000):
+    /// converts load time into token-equivalents.
+    pub prefill_tokens_per_s: f64,
+    /// Tier read bandwidths.
+    pub bandwidth: Bandwidths,
+    /// Term weights.
+    pub weights: Weights,
+    /// 0 (default) picks the lowest cost; above 0, samples with softmax over
+    /// costs normalised to [0, 1] divided by the temperature.
+    pub temperature: f64,
+    /// Which cached blocks count.
+    pub scope: Scope,
+}
+
+impl Default for CostSettings {
+    fn default() -> Self {
+        CostSettings {
+            block_tokens: 16,
+            kv_bytes_per_token: 128 * 1024,
+            prefill_tokens_per_s: 20_000.0,
+            bandwidth: Bandwidths::default(),
+            weights: Weights::default(),
+            temperature: 0.0,
+            scope: Scope::AllTiers,
+        }
+    }
+}
+
+impl CostSettings {
+    /// Checks bounds; the message names the offending setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.block_tokens == 0 || self.block_tokens > 1 << 20 {
+            return Err(format!(
+                "cost.block-tokens must be 1..=1048576, got {}",
+                self.block_tokens
+            ));
+        }
+        if self.kv_bytes_per_token == 0 {
+            return Err("cost.kv-bytes-per-token must be positive".into());
+        }
+        let pos = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a positive number, got {v}"))
+            }
+        };
+        pos("cost.prefill-tokens-per-s", self.prefill_tokens_per_s)?;
+        let b = &self.bandwidth;
+        for (n, v) in [
+            ("hbm", b.hbm),
+            ("host", b.host),
+            ("disk", b.disk),
+            ("object", b.object),
+            ("network", b.network),
+        ] {
+            pos(&format!("cost.bandwidth.{n}"), v)?;
+        }
+        let w = &self.weights;
+        for (n, v) in [
+            ("prefill", w.prefill),
+            ("queued-prefill", w.queued_prefill),
+            ("decode-block", w.decode_block),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("cost.weights.{n} must be >= 0, got {v}"));
+            }
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!("cost.temperature must be >= 0, got {}", self.temperature));
+        }
+        Ok(())
+    }
+
+    /// Token-equivalents to load one block from `tier` (`local`: on the
+    /// worker's host), never more than recomputing it.
+    pub fn load_cost(&self, tier: Tier, local: bool) -> f64 {
+        let bw = if local {
+            self.bandwidth.of(tier)
+        } else {
+            self.bandwidth.of(tier).min(self.bandwidth.network)
+        };
+        let secs = (self.block_tokens as u64 * self.kv_bytes_per_token) as f64 / bw;
+        (secs * self.prefill_tokens_per_s).min(self.block_tokens as f64)
+    }
+}
+
+/// A worker's current load.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Load {
+    /// Prefill tokens queued or running.
+    pub active_prefill_tokens: u64,
+    /// KV blocks of sequences decoding.
+    pub active_decode_blocks: u64,
+}
+
+/// A worker the router may pick.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate {
+    /// The holder id of the worker's own block pool.
+    pub worker: HolderId,
+    /// The fabric node on the worker's host, if any.
+    pub colocated: Option<HolderId>,
+    /// Its load now.
+    pub load: Load,
+}
+
+/// A candidate's cost for one request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    /// The worker.
+    pub worker: HolderId,
+    /// Leading blocks it can reuse (from any source it reaches).
+    pub cached_blocks: usize,
+    /// Of those, how many come from each tier (index = [`Tier`] as usize;
+    /// blocks cheaper to recompute than to load count as not cached).
+    pub blocks_by_tier: [u32; 4],
+    /// Tokens it would recompute.
+    pub prefill_tokens: u64,
+    /// Recompute plus load time, in token-equivalents.
+    pub prefill_cost: f64,
+    /// The total cost the choice minimises.
+    pub logit: f64,
+    /// Its load term alone (breaks ties).
+    pub load: f64,
+}
+
+/// Scores `candidates` for a request of `tokens` tokens whose chain of full
+/// blocks matched `m`. `fabric` lists the fabric nodes' holder ids, sorted.
+pub fn score(
+    s: &CostSettings,
+    m: &ChainMatch,
+    tokens: usize,
+    candidates: &[Candidate],
+    fabric: &[HolderId],
+) -> Vec<Scored> {
+    let bt = s.block_tokens as f64;
+    let mut best: Vec<(f64, Option<Tier>)> = Vec::with_capacity(m.depth);
+    candidates
+        .iter()
+        .map(|c| {
+            best.clear();
+            best.resize(m.depth, (f64::INFINITY, None));
+            for e in &m.entries {
+                let own = e.holder == c.worker;
+                let cost = match s.scope {
+                    Scope::HbmOnly if own && e.tiers.contains(Tier::Hbm) => Some((0.0, Tier::Hbm)),
+                    Scope::HbmOnly => None,
+                    Scope::AllTiers if own => e.tiers.fastest().map(|t| {
+                        let c = if t == Tier::Hbm { 0.0 } else { s.load_cost(t, true) };
+                        (c, t)
+                    }),
+                    Scope::AllTiers if fabric.binary_search(&e.holder).is_ok() => {
+                        let local = c.colocated == Some(e.holder);
+                        e.tiers.fastest().map(|t| (s.load_cost(t, local), t))
+                    }
+                    Scope::AllTiers => None,
+                };
+                if let Some((cost, t)) = cost {
+                    let slot = &mut best[e.pos as usize];
+                    if cost < slot.0 {
+                        *slot = (cost, Some(t));
+                    }
+                }
+            }
+            let mut cached = 0;
+            let mut by_tier = [0u32; 4];
+            let mut load_cost = 0.0;
+            for &(c, t) in &best {
+                let Some(t) = t else { break };
+                cached += 1;
+                // A block no cheaper to load than to recompute is recomputed.
+                if c < bt {
+                    by_tier[t as usize] += 1;
+                    load_cost += c;
+                }
+            }
+            let reused: u64 = by_tier.iter().map(|&n| n as u64).sum::<u64>() * s.block_tokens as u64;
+            let prefill_tokens = (tokens as u64).saturating_sub(reused);
+            let prefill_cost = prefill_tokens as f64 + load_cost;
+            let load = s.weights.queued_prefill * c.load.active_prefill_tokens as f64
+                + s.weights.decode_block * c.load.active_decode_blocks as f64;
+            Scored {
+                worker: c.worker,
+                cached_blocks: cached,
+                blocks_by_tier: by_tier,
+                prefill_tokens,
+                prefill_cost,
+                logit: s.weights.prefill * prefill_cost + load,
+                load,
+            }
+        })
+        .collect()
+}
+
+/// Picks an index into `scored`: the lowest logit at temperature 0 (ties to
+/// the lower load, then uniformly at random), else a softmax sample over
+/// logits normalised to [0, 1].
+pub fn choose(scored: &[Scored], temperature: f64, rng: &mut impl Rng) -> Option<usize> {
+    if scored.is_empty() {
+        return None;
+    }
+    if temperature > 0.0 {
+        let lo = scored.iter().map(|s| s.logit).fold(f64::INFINITY, f64::min);
+        let hi = scored.iter().map(|s| s.logit).fold(f64::NEG_INFINITY, f64::max);
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        let w: Vec<f64> = scored
+            .iter()
+            .map(|s| (-(s.logit - lo) / span / temperature).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut x = rng.random::<f64>() * total;
+        for (i, wi) in w.iter().enumerate() {
+            if x < *wi {
+                return Some(i);
+            }
+            x -= wi;
+        }
+        return Some(scored.len() - 1);
+    }
+    let eps = |a: f64| 1e-9 * a.abs().max(1.0);
+    let min_logit = scored.iter().map(|s| s.logit).fold(f64::INFINITY, f64::min);
+    let tied: Vec<usize> = (0..scored.len())
+        .filter(|&i| scored[i].logit - min_logit <= eps(min_logit))
+        .collect();
+    let min_load = tied.iter().map(|&i| scored[i].load).fold(f64::INFINITY, f64::min);
+    let tied: Vec<usize> = tied
+        .into_iter()
+        .filter(|&i| scored[i].load - min_load <= eps(min_load))
+        .collect();
+    Some(tied[rng.random_range(0..tied.len())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{MatchEntry, TierMask};
+    use rand::SeedableRng;
+
+    const W1: HolderId = HolderId(1);
+    const W2: HolderId = HolderId(2);
+    const F: HolderId = HolderId(100);
+
+    fn entry(pos: u32, holder: HolderId, t: Tier) -> MatchEntry {
+        MatchEntry {
+            pos,
+            holder,
+            tiers: TierMask::of(t),
+        }
+    }
+
+    fn cand(worker: HolderId, colocated: Option<HolderId>) -> Candidate {
+        Candidate {
+            worker,
+            colocated,
+            load: Load::default(),
+        }
+    }
+
+    #[test]
+    fn own_hbm_is_free_fabric_tiers_cost_load_time() {
+        let s = CostSettings::default();
+        // Blocks 0-1 in W1's HBM; blocks 0-3 on the fabric node, host tier.
+        let m = ChainMatch {
+            depth: 4,
+            entries: vec![
+                entry(0, W1, Tier::Hbm),
+                entry(0, F, Tier::Host),
+                entry(1, W1, Tier::Hbm),
+                entry(1, F, Tier::Host),
+                entry(2, F, Tier::Host),
+                entry(3, F, Tier::Host),
+            ],
+        };
+        let tokens = 4 * 16 + 5;
+        let sc = score(&s, &m, tokens, &[cand(W1, Some(F)), cand(W2, None)], &[F]);
+        let host_local = s.load_cost(Tier::Host, true);
+        let host_remote = s.load_cost(Tier::Host, false);
+        assert!(host_local > 0.0 && host_local < host_remote && host_remote < 16.0);
+        assert_eq!(sc[0].cached_blocks, 4);
+        assert_eq!(sc[0].blocks_by_tier, [2, 2, 0, 0]);
+        assert_eq!(sc[0].prefill_tokens, 5);
+        assert!((sc[0].prefill_cost - (5.0 + 2.0 * host_local)).abs() < 1e-9);
+        assert_eq!(sc[1].blocks_by_tier, [0, 4, 0, 0]);
+        assert!((sc[1].prefill_cost - (5.0 + 4.0 * host_remote)).abs() < 1e-9);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        assert_eq!(choose(&sc, 0.0, &mut rng), Some(0));
+    }
+
+    #[test]
+    fn hbm_only_scope_ignores_the_fabric() {
+        let s = CostSettings {
+            scope: Scope::HbmOnly,
+            ..Default::default()
+        };
+        let m = ChainMatch {
+            depth: 2,
+            entries: vec![
+                entry(0, F, Tier::Host),
+                entry(0, W2, Tier::Hbm),
+                entry(1, F, Tier::Host),
+            ],
+        };
+        let sc = score(&s, &m, 32, &[cand(W1, Some(F)), cand(W2, None)], &[F]);
+        assert_eq!(sc[0].prefill_tokens, 32);
+        assert_eq!(sc[1].prefill_tokens, 16);
+        assert_eq!(sc[1].cached_blocks, 1);
+    }
+
+    #[test]
+    fn a_gap_ends_the_reusable_prefix_and_slow_tiers_cost_recompute() {
+        let mut s = CostSettings::default();
+        s.bandwidth.object = 1.0; // absurdly slow: loading costs more than recomputing
+        let m = ChainMatch {
+            depth: 3,
+            entries: vec![
+                entry(0, W1, Tier::Hbm),
+                entry(1, F, Tier::Object),
+                entry(2, W2, Tier::Hbm),
+            ],
+        };
+        let sc = score(&s, &m, 48, &[cand(W1, None)], &[F]);
+        // Block 1 is reachable but recomputed; block 2 (W2's pool) is not reachable.
+        assert_eq!(sc[0].cached_blocks, 2);
+        assert_eq!(sc[0].blocks_by_tier, [1, 0, 0, 0]);
+        assert_eq!(sc[0].prefill_tokens, 32);
+        assert!((sc[0].prefill_cost - 32.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn load_breaks_ties_and_weights_apply() {
+        let s = CostSettings::default();
+        let m = ChainMatch::default();
+        let mut a = cand(W1, None);
+        let mut b = cand(W2, None);
+        a.load.active_prefill_tokens = 100;
+        b.load.active_decode_blocks = 10;
+        let sc = score(&s, &m, 64, &[a, b], &[]);
+        assert!((sc[0].logit - 164.0).abs() < 1e-9);
+        assert!((sc[1].logit - 74.0).abs() < 1e-9);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        assert_eq!(choose(&sc, 0.0, &mut rng), Some(1));
+        // Equal logits: the lower load wins every time.
+        let tied = [
+            Scored {
+                logit: 10.0,
+                load: 5.0,
+                ..sc[0]
+            },
+            Scored {
+                logit: 10.0,
+                load: 1.0,
+                ..sc[1]
+            },
+        ];
+        for _ in 0..20 {
+            assert_eq!(choose(&tied, 0.0, &mut rng), Some(1));
+        }
+    }
+
+    #[test]
+    fn softmax_prefers_cheaper_but_samples_all() {
+        let base = Scored {
+            worker: W1,
+            cached_blocks: 0,
+            blocks_by_tier: [0; 4],
+            prefill_tokens: 0,
+            prefill_cost: 0.0,
+            logit: 0.0,
+            load: 0.0,
+        };
+        let sc = [base, Scored { logit: 100.0, ..base }];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut n = [0; 2];
+        for _ in 0..2000 {
+            n[choose(&sc, 1.0, &mut rng).unwrap()] += 1;
+        }
+        // p(cheap) = 1 / (1 + e^-1) ~ 0.73.
+        assert!(n[0] > 1300 && n[0] < 1600, "{n:?}");
+        assert!(choose(&[], 0.0, &mut rng).is_none());
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let mut s = CostSettings::default();
+        assert!(s.validate().is_ok());
+        s.bandwidth.disk = 0.0;
+        assert!(s.validate().unwrap_err().contains("cost.bandwidth.disk"));
+        let s = CostSettings {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(s.validate().unwrap_err().contains("temperature"));
+    }
+}
