@@ -10,9 +10,10 @@ set -euo pipefail
 # System packages (Debian): protoc for code generation, librocksdb-dev so
 # rocksdb links the system library instead of building C++ for 15 minutes,
 # libclang for bindgen, fio for the disk-tier benchmark limit, and the RDMA
-# headers so `--features rdma` compiles.
+# headers so `--features rdma` compiles, and DejaVu Sans for the trace replay's
+# plot labels (`kvfabric-bench replay`).
 # ---------------------------------------------------------------------------
-APT_PACKAGES=(protobuf-compiler librocksdb-dev libclang-dev clang pkg-config fio libibverbs-dev librdmacm-dev python3-venv)
+APT_PACKAGES=(protobuf-compiler librocksdb-dev libclang-dev clang pkg-config fio libibverbs-dev librdmacm-dev python3-venv fonts-dejavu-core)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

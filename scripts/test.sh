@@ -11,6 +11,8 @@ bash scripts/install-test-deps.sh
 
 echo "== the client library builds without server code"
 cargo check -p kvfabric --no-default-features
+# The router without the tokenizers feature (byte-level text only).
+cargo check -p kvfabric-router --no-default-features
 echo "== the cuda feature compiles"
 cargo check -p kvfabric-tiers -p kvfabric --features kvfabric/cuda
 echo "== the rdma feature compiles, and its device-free unit tests pass (descriptors, region bookkeeping)"

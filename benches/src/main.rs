@@ -15,9 +15,15 @@
 //! side by side with its peers (Mooncake Store, Redis) and limits (memcpy,
 //! fio), installing the peers when missing (module `peers`). It is opt-in:
 //! nothing else installs or starts a peer.
+//!
+//! `kvfabric-bench replay --trace FILE` replays a Mooncake-format trace in
+//! virtual time with the real router in the loop (module `replay`); `--smoke`
+//! includes a short replay of the committed sample.
 
 mod driver;
+mod index;
 mod peers;
+mod replay;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -66,6 +72,12 @@ enum Mode {
     Peers(peers::PeersOpts),
     /// ExistsPrefix latency on an idle node and while bulk transfers saturate it.
     Control(driver::control::ControlOpts),
+    /// The router's prefix index: event throughput and lookup latency under
+    /// heavy eviction (optionally next to Dynamo's RadixTree).
+    Index(index::IndexOpts),
+    /// Trace replay in virtual time against simulated workers, with the real
+    /// router in the loop: round-robin, random, HBM-only and tier-aware routing.
+    Replay(replay::ReplayOpts),
 }
 
 /// The disk tier's I/O engine.
@@ -254,6 +266,24 @@ fn main() -> ExitCode {
         Some(Mode::Grpc(o)) => ("grpc", o),
         Some(Mode::Disk(o)) => ("disk", o),
         Some(Mode::All(o)) => ("all", o),
+        Some(Mode::Replay(r)) => {
+            return match replay::run(r) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench replay: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Mode::Index(i)) => {
+            return match index::run(i) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench index: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Mode::Control(c)) => {
             return match driver::control::run(c) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -330,6 +360,9 @@ fn run(mode: &str, opts: Opts) -> anyhow::Result<()> {
         }
     } else {
         print!("{}", driver::report::table(&rows));
+    }
+    if o.smoke {
+        replay::smoke().context("replay smoke run")?;
     }
     eprintln!("# done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

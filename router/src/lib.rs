@@ -13,14 +13,27 @@
 //!   index, with block identity recomputed from tokens and gap detection;
 //! - [`score`]: the cost model and the choice between workers;
 //! - [`Router`]: the three together, as the front end and the trace-replay
-//!   simulator use them.
+//!   simulator use them;
+//! - [`config`], [`RouterService`]: the serving side: settings, the
+//!   OpenAI-compatible HTTP front end that forwards to workers, the worker
+//!   registry with health checks, and the event transports (fabric
+//!   `Subscribe` streams, vLLM ZMQ PUB), as the `kvfabric-router` binary
+//!   runs them.
 //!
 //! The router is a client of the fabric: everything it knows about where
 //! blocks live comes from events.
 
+pub mod config;
 pub mod events;
+mod http;
 pub mod index;
+mod ingest;
+pub mod metrics;
 mod router;
 pub mod score;
+mod service;
+pub mod tokenize;
+mod workers;
 
 pub use router::{Decision, Router, WorkerInfo};
+pub use service::{FABRIC_HOLDER_BASE, RouterHandle, RouterService, ServeError};

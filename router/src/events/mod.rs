@@ -211,6 +211,14 @@ impl EngineTracker {
         st
     }
 
+    /// The publisher restarted (its sequence went backwards) or the
+    /// connection was re-established: resynchronises and forgets the
+    /// sequence, so the next message starts a new stream.
+    pub fn restart(&mut self) {
+        self.resync();
+        self.seq.reset();
+    }
+
     /// Drops everything known about the engine (lost events, restart).
     pub fn resync(&mut self) {
         self.counters.bump(&self.counters.gaps, 1);

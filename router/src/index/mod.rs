@@ -192,7 +192,8 @@ pub trait PrefixIndex: Send + Sync + fmt::Debug {
     fn clear(&self, holder: HolderId, tier: Option<Tier>);
     /// Fills `out` with who holds the leading blocks of `chain`.
     fn lookup(&self, chain: &[BlockId], out: &mut ChainMatch);
-    /// Blocks `holder` holds (in any tier).
+    /// Blocks `holder` holds (in any tier). May scan the whole index: for
+    /// metrics and tests, not the request path.
     fn holder_len(&self, holder: HolderId) -> usize;
     /// Distinct blocks held by anyone.
     fn len(&self) -> usize;

@@ -1,21 +1,24 @@
-//! [`ShardedIndex`]: the router's prefix index. Blocks live in 256 shards of
-//! `RwLock<HashMap<BlockId, holders>>` picked by hash bits, so a lookup takes
-//! only the read locks of the shards its chain touches and never a global
-//! lock; writers of different blocks rarely meet. Each holder also keeps the
-//! set of its own blocks (for `clear` and holder departure) behind its own
-//! mutex, which is taken before any shard lock, so one holder's events apply
-//! atomically with respect to each other.
+//! [`ShardedIndex`]: the router's prefix index. Blocks live in 16 shards of
+//! `RwLock<HashMap<BlockId, holders>>` picked by hash bits. A lookup takes
+//! the read lock of each shard its chain touches once (at most 16 lock
+//! round trips for any depth) and never a global lock; a writer holds one
+//! shard's write lock for one block at a time, so it never waits on a
+//! lookup for long and never deadlocks with one.
+//!
+//! There is no per-holder block list: event application (the hot write
+//! path) touches exactly one map entry per block, and the rare whole-holder
+//! operations (`clear`, a holder leaving or resynchronising, `holder_len`)
+//! scan the shards instead.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
 
 use super::{BlockId, ChainMatch, HolderId, MatchEntry, PrefixIndex, Tier, TierMask};
 
-const SHARDS: usize = 256;
+const SHARDS: usize = 16;
 
 /// Holders of one block, sorted by holder id; most blocks have one or two.
 type Holders = SmallVec<[(HolderId, TierMask); 3]>;
@@ -37,9 +40,6 @@ impl Hasher for IdHasher {
     fn write_u128(&mut self, v: u128) {
         self.0 = mix(v);
     }
-    fn write_u32(&mut self, v: u32) {
-        self.0 = mix(v as u128);
-    }
 }
 
 #[derive(Clone, Copy, Default, Debug)]
@@ -59,21 +59,22 @@ fn mix(v: u128) -> u64 {
     x ^ (x >> 32)
 }
 
+#[inline]
+fn shard_of(b: BlockId) -> usize {
+    // Top bits of the mix: the map itself uses the low ones.
+    (mix(b) >> 60) as usize % SHARDS
+}
+
 type BlockMap = HashMap<BlockId, Holders, IdBuild>;
-type HolderBlocks = HashMap<BlockId, TierMask, IdBuild>;
 
 /// The concurrent prefix index (see the module doc).
 pub struct ShardedIndex {
     shards: Box<[RwLock<BlockMap>]>,
-    holders: RwLock<HashMap<HolderId, Arc<Mutex<HolderBlocks>>>>,
 }
 
 impl std::fmt::Debug for ShardedIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardedIndex")
-            .field("blocks", &self.len())
-            .field("holders", &self.holders.read().len())
-            .finish()
+        f.debug_struct("ShardedIndex").field("blocks", &self.len()).finish()
     }
 }
 
@@ -88,115 +89,122 @@ impl ShardedIndex {
     pub fn new() -> Self {
         ShardedIndex {
             shards: (0..SHARDS).map(|_| RwLock::new(BlockMap::default())).collect(),
-            holders: RwLock::new(HashMap::new()),
         }
     }
 
+    /// Applies `f` to `holder`'s tiers of block `b` (absent = empty); an
+    /// empty result removes the holder, and the block once nobody holds it.
     #[inline]
-    fn shard(&self, b: BlockId) -> &RwLock<BlockMap> {
-        // Top bits of the mix: the map itself uses the low ones.
-        &self.shards[(mix(b) >> 56) as usize % SHARDS]
-    }
-
-    fn holder_blocks(&self, holder: HolderId) -> Arc<Mutex<HolderBlocks>> {
-        if let Some(h) = self.holders.read().get(&holder) {
-            return h.clone();
-        }
-        self.holders.write().entry(holder).or_default().clone()
-    }
-
-    /// Sets `holder`'s tiers for block `b` in its shard (empty = gone).
-    fn set(&self, b: BlockId, holder: HolderId, tiers: TierMask) {
-        let mut shard = self.shard(b).write();
-        if tiers.is_empty() {
-            if let Some(hs) = shard.get_mut(&b) {
-                if let Ok(i) = hs.binary_search_by_key(&holder, |e| e.0) {
-                    hs.remove(i);
+    fn update(&self, b: BlockId, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
+        let mut shard = self.shards[shard_of(b)].write();
+        match shard.get_mut(&b) {
+            Some(hs) => match hs.binary_search_by_key(&holder, |e| e.0) {
+                Ok(i) => {
+                    let new = f(hs[i].1);
+                    if new.is_empty() {
+                        hs.remove(i);
+                        if hs.is_empty() {
+                            shard.remove(&b);
+                        }
+                    } else {
+                        hs[i].1 = new;
+                    }
                 }
-                if hs.is_empty() {
-                    shard.remove(&b);
+                Err(i) => {
+                    let new = f(TierMask::EMPTY);
+                    if !new.is_empty() {
+                        hs.insert(i, (holder, new));
+                    }
+                }
+            },
+            None => {
+                let new = f(TierMask::EMPTY);
+                if !new.is_empty() {
+                    let mut hs = Holders::new();
+                    hs.push((holder, new));
+                    shard.insert(b, hs);
                 }
             }
-            return;
-        }
-        let hs = shard.entry(b).or_default();
-        match hs.binary_search_by_key(&holder, |e| e.0) {
-            Ok(i) => hs[i].1 = tiers,
-            Err(i) => hs.insert(i, (holder, tiers)),
         }
     }
 }
 
 impl PrefixIndex for ShardedIndex {
     fn store(&self, holder: HolderId, tier: Tier, blocks: &[BlockId]) {
-        let hb = self.holder_blocks(holder);
-        let mut hb = hb.lock();
         for &b in blocks {
-            let m = hb.entry(b).or_default();
-            if m.contains(tier) {
-                continue;
-            }
-            *m = m.with(tier);
-            let m = *m;
-            self.set(b, holder, m);
+            self.update(b, holder, |m| m.with(tier));
         }
     }
 
     fn remove(&self, holder: HolderId, tier: Option<Tier>, blocks: &[BlockId]) {
-        let Some(hb) = self.holders.read().get(&holder).cloned() else {
-            return;
-        };
-        let mut hb = hb.lock();
         let drop = TierMask::tier_or_all(tier);
         for &b in blocks {
-            let Some(m) = hb.get_mut(&b) else { continue };
-            let new = m.without(drop);
-            if new == *m {
-                continue;
-            }
-            *m = new;
-            if new.is_empty() {
-                hb.remove(&b);
-            }
-            self.set(b, holder, new);
+            self.update(b, holder, |m| m.without(drop));
         }
     }
 
     fn clear(&self, holder: HolderId, tier: Option<Tier>) {
-        let Some(hb) = self.holders.read().get(&holder).cloned() else {
-            return;
-        };
-        let mut hb = hb.lock();
         let drop = TierMask::tier_or_all(tier);
-        hb.retain(|&b, m| {
-            let new = m.without(drop);
-            if new != *m {
-                *m = new;
-                self.set(b, holder, new);
-            }
-            !new.is_empty()
-        });
+        for shard in self.shards.iter() {
+            shard.write().retain(|_, hs| {
+                if let Ok(i) = hs.binary_search_by_key(&holder, |e| e.0) {
+                    let new = hs[i].1.without(drop);
+                    if new.is_empty() {
+                        hs.remove(i);
+                    } else {
+                        hs[i].1 = new;
+                    }
+                }
+                !hs.is_empty()
+            });
+        }
     }
 
     fn lookup(&self, chain: &[BlockId], out: &mut ChainMatch) {
         out.clear();
-        for (pos, &b) in chain.iter().enumerate() {
-            let shard = self.shard(b).read();
-            let Some(hs) = shard.get(&b) else { break };
-            if hs.is_empty() {
-                break;
+        // Read-lock each shard the chain touches once, up front (at most
+        // `SHARDS` lock round trips whatever the depth). `read_recursive`
+        // does not queue behind a waiting writer, only an active one (which
+        // holds the lock for one block): under a steady event stream a
+        // fair read lock would park the lookup behind every queued writer.
+        let mut guards: [Option<RwLockReadGuard<'_, BlockMap>>; SHARDS] = Default::default();
+        for &b in chain {
+            let s = shard_of(b);
+            if guards[s].is_none() {
+                guards[s] = Some(self.shards[s].read_recursive());
             }
-            out.entries.extend(hs.iter().map(|&(holder, tiers)| MatchEntry {
-                pos: pos as u32,
-                holder,
-                tiers,
-            }));
-            out.depth = pos + 1;
+        }
+        // Probe a chunk of positions with no data dependency between them,
+        // so the CPU overlaps their cache misses, then consume the chunk.
+        const CHUNK: usize = 16;
+        let mut found: [Option<&Holders>; CHUNK] = [None; CHUNK];
+        for (c, part) in chain.chunks(CHUNK).enumerate() {
+            for (slot, &b) in found.iter_mut().zip(part) {
+                *slot = guards[shard_of(b)].as_ref().and_then(|g| g.get(&b));
+            }
+            for (i, hs) in found.iter().take(part.len()).enumerate() {
+                let Some(hs) = hs else { return };
+                let pos = c * CHUNK + i;
+                out.entries.extend(hs.iter().map(|&(holder, tiers)| MatchEntry {
+                    pos: pos as u32,
+                    holder,
+                    tiers,
+                }));
+                out.depth = pos + 1;
+            }
         }
     }
 
     fn holder_len(&self, holder: HolderId) -> usize {
-        self.holders.read().get(&holder).map_or(0, |h| h.lock().len())
+        self.shards
+            .iter()
+            .map(|s| {
+                s.read()
+                    .values()
+                    .filter(|hs| hs.binary_search_by_key(&holder, |e| e.0).is_ok())
+                    .count()
+            })
+            .sum()
     }
 
     fn len(&self) -> usize {
@@ -218,8 +226,8 @@ mod tests {
     fn mix_spreads_sequential_ids_over_shards() {
         let mut seen = std::collections::HashSet::new();
         for i in 0..4096u128 {
-            seen.insert((mix(i) >> 56) as usize % SHARDS);
+            seen.insert(shard_of(i));
         }
-        assert!(seen.len() > SHARDS * 9 / 10, "only {} shards used", seen.len());
+        assert_eq!(seen.len(), SHARDS, "every shard used");
     }
 }

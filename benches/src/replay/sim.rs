@@ -1,0 +1,987 @@
+//! The discrete-event simulation: a cluster of simulated workers sharing
+//! one fabric node, in virtual time, with the real [`Router`] and its
+//! [`ShardedIndex`] in the loop.
+//!
+//! **Workers.** Each has its own HBM block cache (an LRU of full blocks)
+//! and two pipelined stages:
+//!
+//! 1. a *load* stage (its PCIe / NVMe path; one request at a time, FIFO):
+//!    on arrival the worker walks the request's reusable chain (see
+//!    [`super::trace`]); blocks in its own HBM are hits, the next ones the
+//!    fabric holds are loaded, and the walk stops at the first block nobody
+//!    has. Loading takes `block bytes / bandwidth` per block, at the fabric
+//!    tier's bandwidth (capped at the network's when the fabric is remote).
+//!    Like the LMCache and Mooncake connectors, a worker loads every hit it
+//!    can reach; loads cost the request latency but no GPU time. Loaded
+//!    blocks enter the worker's HBM when the load finishes.
+//! 2. a *prefill* stage (the GPU; FIFO queue, batched): when idle it takes
+//!    queued requests from the head while their uncached tokens fit in
+//!    `max_batch_tokens` (at least one request, whole: no chunking). A
+//!    request's uncached tokens are counted when the batch forms: its prompt
+//!    minus the longest prefix of reusable blocks then in HBM (so blocks a
+//!    request earlier in the queue just computed count, and blocks evicted
+//!    since arrival do not). The batch takes `a*N^2 + b*N + c` ms for N
+//!    uncached tokens in it. The first token of every request in the batch
+//!    comes out when it ends (TTFT); all its full blocks then enter the
+//!    worker's HBM and every block it computed is written to the fabric (as
+//!    an engine with a fabric connector does).
+//!
+//! Decode runs beside prefill (continuous batching on the same GPU is
+//! folded into the fixed per-token time): a request finishes
+//! `output_length * decode_ms_per_token` after its first token, and until
+//! then its blocks (`ceil((input + output) / block_tokens)`) count as active
+//! decode blocks. Decode does not slow prefill down and its KV does not
+//! take HBM cache room (a cache-only model: the capacity flag is what is
+//! left for cached prefixes).
+//!
+//! **Fabric.** One node with host, disk and object tiers, each an LRU
+//! holding a block in exactly one tier: a put goes to the fastest enabled
+//! tier, an eviction demotes to the next one down (the last one drops), a
+//! load from a lower tier promotes the block to host.
+//!
+//! **Index.** Fed exactly as events would feed it: worker HBM inserts and
+//! evictions are `store/remove(worker, Hbm)`, fabric placement changes are
+//! `store/remove(fabric, tier)`. Events are applied in order at the end of
+//! every simulation step, before the next routing decision.
+//!
+//! **Policies.** Round-robin and random pick without the router; the two
+//! KV-aware ones call [`Router::decide`] with every worker as a
+//! [`Candidate`] whose load is its queued-plus-running prefill tokens (the
+//! worker's own estimate at arrival) and its active decode blocks:
+//! `Scope::HbmOnly` counts only the worker's own HBM blocks (what Dynamo's
+//! router scores), `Scope::AllTiers` also the fabric's tiers priced by load
+//! time. Everything else (workers, fabric, bandwidths) is identical.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use kvfabric_router::Router;
+use kvfabric_router::index::{BlockId, HolderId, PrefixIndex, ShardedIndex, Tier};
+use kvfabric_router::score::{Bandwidths, Candidate, CostSettings, Load, Scope};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::trace::Trace;
+
+/// Prefill time of a batch: `a*N^2 + b*N + c` ms for N uncached tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct PrefillModel {
+    pub(crate) a: f64,
+    pub(crate) b: f64,
+    pub(crate) c: f64,
+}
+
+impl Default for PrefillModel {
+    /// The model (an 8B-class model on one GPU).
+    fn default() -> Self {
+        PrefillModel {
+            a: 4.21e-7,
+            b: 0.01518,
+            c: 16.5,
+        }
+    }
+}
+
+impl PrefillModel {
+    /// Milliseconds to prefill `n` uncached tokens in one batch.
+    pub(crate) fn ms(&self, n: u64) -> f64 {
+        let n = n as f64;
+        self.a * n * n + self.b * n + self.c
+    }
+
+    /// The batch size with the best throughput (`sqrt(c / a)`, where the
+    /// fixed cost and the quadratic term balance), in tokens.
+    pub(crate) fn best_batch_tokens(&self) -> f64 {
+        if self.a > 0.0 {
+            (self.c / self.a).sqrt()
+        } else {
+            f64::INFINITY
+        }
+    }
+
+    /// Throughput at the best batch size, tokens per second: what a busy
+    /// worker sustains, so what the router converts load times with.
+    pub(crate) fn peak_tokens_per_s(&self) -> f64 {
+        let n = self.best_batch_tokens();
+        if n.is_finite() {
+            n / self.ms(n as u64) * 1e3
+        } else {
+            1e3 / self.b
+        }
+    }
+}
+
+/// The simulated cluster (the same for every policy).
+#[derive(Clone, Debug)]
+pub(crate) struct SimConfig {
+    /// Workers (GPUs, one engine each).
+    pub(crate) workers: usize,
+    /// Tokens per block (the trace's).
+    pub(crate) block_tokens: u64,
+    /// KV bytes per token.
+    pub(crate) kv_bytes_per_token: u64,
+    /// Each worker's HBM cache, in blocks.
+    pub(crate) hbm_blocks: usize,
+    /// Fabric host, disk and object capacities in blocks (`None`: unbounded; 0: no such tier).
+    pub(crate) fabric_blocks: [Option<u64>; 3],
+    /// Read bandwidths (host, disk, object, network are used).
+    pub(crate) bandwidth: Bandwidths,
+    /// Whether the fabric node is on every worker's host (else reads are network-capped).
+    pub(crate) colocated: bool,
+    /// Decode time per output token.
+    pub(crate) decode_ms_per_token: f64,
+    /// Uncached tokens per prefill batch (a longer request runs alone).
+    pub(crate) max_batch_tokens: u64,
+    /// Prefill time model.
+    pub(crate) prefill: PrefillModel,
+    /// The KV-aware router's cost settings (its scope is set per policy).
+    pub(crate) cost: CostSettings,
+}
+
+impl SimConfig {
+    fn block_bytes(&self) -> f64 {
+        (self.block_tokens * self.kv_bytes_per_token) as f64
+    }
+
+    /// Milliseconds to load one block from fabric tier `t`.
+    fn load_ms(&self, t: Tier) -> f64 {
+        let b = &self.bandwidth;
+        let bw = match t {
+            Tier::Hbm => b.hbm,
+            Tier::Host => b.host,
+            Tier::Disk => b.disk,
+            Tier::Object => b.object,
+        };
+        let bw = if self.colocated { bw } else { bw.min(b.network) };
+        self.block_bytes() / bw * 1e3
+    }
+}
+
+/// A routing policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// Next worker in turn.
+    RoundRobin,
+    /// A uniformly random worker.
+    Random,
+    /// The router with `Scope::HbmOnly` (what Dynamo's router scores).
+    HbmOnly,
+    /// The router with `Scope::AllTiers` (kvfabric's tier-aware scoring).
+    TierAware,
+}
+
+impl Policy {
+    /// Every policy, in report order.
+    pub(crate) const ALL: [Policy; 4] = [Policy::RoundRobin, Policy::Random, Policy::HbmOnly, Policy::TierAware];
+
+    /// Name in the table and the JSON.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::Random => "random",
+            Policy::HbmOnly => "kv-hbm-only",
+            Policy::TierAware => "kv-tier-aware",
+        }
+    }
+}
+
+/// What one replay under one policy measured.
+#[derive(Clone, Debug)]
+pub(crate) struct RunResult {
+    /// The policy.
+    pub(crate) policy: Policy,
+    /// Time to first token of every request, in arrival order.
+    pub(crate) ttft_ms: Vec<f64>,
+    /// End-to-end latency of every request, in arrival order.
+    pub(crate) e2e_ms: Vec<f64>,
+    /// Prefill tokens computed, per request, in arrival order.
+    pub(crate) computed: Vec<u64>,
+    /// Prompt tokens served from each tier (index = `Tier as usize`).
+    pub(crate) hit_tokens: [u64; 4],
+    /// Prompt tokens.
+    pub(crate) input_tokens: u64,
+    /// GPU time spent in prefill batches, all workers.
+    pub(crate) busy_ms: f64,
+    /// From the first arrival to the last.
+    pub(crate) span_ms: f64,
+    /// Workers.
+    pub(crate) workers: usize,
+}
+
+impl RunResult {
+    /// Prefill tokens computed in all.
+    pub(crate) fn prefill_tokens(&self) -> u64 {
+        self.computed.iter().sum()
+    }
+
+    /// Offered prefill load: GPU time in prefill over the workers' time
+    /// between the first and the last arrival (above 1: overloaded).
+    pub(crate) fn utilization(&self) -> f64 {
+        if self.span_ms > 0.0 {
+            self.busy_ms / (self.workers as f64 * self.span_ms)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Hashes a [`BlockId`] (already a hash) by its low 64 bits.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64 ^ (v >> 64) as u64;
+    }
+}
+
+type IdMap<V> = HashMap<BlockId, V, BuildHasherDefault<IdHasher>>;
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Clone, Copy)]
+struct Node {
+    key: BlockId,
+    prev: u32,
+    next: u32,
+}
+
+/// A least-recently-used set of blocks: O(1) touch, insert and eviction
+/// (a doubly linked list in a slab, most recent at the head).
+struct Lru {
+    cap: u64,
+    map: IdMap<u32>,
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+}
+
+impl Lru {
+    fn new(cap: u64) -> Lru {
+        Lru {
+            cap,
+            map: IdMap::default(),
+            nodes: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn contains(&self, k: &BlockId) -> bool {
+        self.map.contains_key(k)
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let Node { prev, next, .. } = self.nodes[i as usize];
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.nodes[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.nodes[next as usize].prev = prev;
+        }
+    }
+
+    fn push_front(&mut self, i: u32) {
+        self.nodes[i as usize].prev = NIL;
+        self.nodes[i as usize].next = self.head;
+        if self.head != NIL {
+            self.nodes[self.head as usize].prev = i;
+        }
+        self.head = i;
+        if self.tail == NIL {
+            self.tail = i;
+        }
+    }
+
+    /// Makes `k` the most recent; false if absent.
+    fn touch(&mut self, k: &BlockId) -> bool {
+        match self.map.get(k) {
+            Some(&i) => {
+                if self.head != i {
+                    self.unlink(i);
+                    self.push_front(i);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inserts (or touches) `k`: whether it was new, and the block evicted
+    /// to make room (possibly `k` itself when the capacity is 0).
+    fn insert(&mut self, k: BlockId) -> (bool, Option<BlockId>) {
+        if self.touch(&k) {
+            return (false, None);
+        }
+        let node = Node {
+            key: k,
+            prev: NIL,
+            next: NIL,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        self.map.insert(k, i);
+        self.push_front(i);
+        let evicted = if self.map.len() as u64 > self.cap {
+            let t = self.tail;
+            let key = self.nodes[t as usize].key;
+            self.remove(&key);
+            Some(key)
+        } else {
+            None
+        };
+        (true, evicted)
+    }
+
+    fn remove(&mut self, k: &BlockId) -> bool {
+        match self.map.remove(k) {
+            Some(i) => {
+                self.unlink(i);
+                self.free.push(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Index events in order, applied in runs of the same kind.
+#[derive(Default)]
+struct Feed {
+    ops: Vec<(bool, HolderId, Tier, BlockId)>,
+    run: Vec<BlockId>,
+}
+
+impl Feed {
+    fn store(&mut self, h: HolderId, t: Tier, b: BlockId) {
+        self.ops.push((true, h, t, b));
+    }
+    fn remove(&mut self, h: HolderId, t: Tier, b: BlockId) {
+        self.ops.push((false, h, t, b));
+    }
+    fn flush(&mut self, index: &dyn PrefixIndex) {
+        let mut i = 0;
+        while i < self.ops.len() {
+            let (store, h, t, _) = self.ops[i];
+            self.run.clear();
+            while i < self.ops.len() && (self.ops[i].0, self.ops[i].1, self.ops[i].2) == (store, h, t) {
+                self.run.push(self.ops[i].3);
+                i += 1;
+            }
+            if store {
+                index.store(h, t, &self.run);
+            } else {
+                index.remove(h, Some(t), &self.run);
+            }
+        }
+        self.ops.clear();
+    }
+}
+
+const FABRIC_TIERS: [Tier; 3] = [Tier::Host, Tier::Disk, Tier::Object];
+
+/// The fabric node: exclusive host / disk / object LRUs.
+struct Fabric {
+    holder: HolderId,
+    tiers: [Option<Lru>; 3],
+}
+
+impl Fabric {
+    fn new(holder: HolderId, caps: [Option<u64>; 3]) -> Fabric {
+        Fabric {
+            holder,
+            tiers: caps.map(|c| match c {
+                Some(0) => None,
+                Some(c) => Some(Lru::new(c)),
+                None => Some(Lru::new(u64::MAX)),
+            }),
+        }
+    }
+
+    fn tier_of(&self, b: &BlockId) -> Option<Tier> {
+        (0..3).find_map(|l| {
+            self.tiers[l]
+                .as_ref()
+                .filter(|t| t.contains(b))
+                .map(|_| FABRIC_TIERS[l])
+        })
+    }
+
+    /// Inserts `b` at level `from` or the next enabled one below, demoting
+    /// evictions down the stack.
+    fn insert_from(&mut self, from: usize, b: BlockId, feed: &mut Feed) {
+        let mut cur = b;
+        let holder = self.holder;
+        for (lru, &tier) in self.tiers.iter_mut().zip(&FABRIC_TIERS).skip(from) {
+            let Some(lru) = lru.as_mut() else { continue };
+            let (new, ev) = lru.insert(cur);
+            if new {
+                feed.store(holder, tier, cur);
+            }
+            match ev {
+                Some(e) => {
+                    feed.remove(holder, tier, e);
+                    cur = e;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// A worker wrote `b`: kept where it is if present, else put in the fastest tier.
+    fn put(&mut self, b: BlockId, feed: &mut Feed) {
+        if let Some(t) = self.tier_of(&b) {
+            if let Some(lru) = self.tiers[t as usize - 1].as_mut() {
+                lru.touch(&b);
+            }
+            return;
+        }
+        self.insert_from(0, b, feed);
+    }
+
+    /// A worker read `b` from tier `t`: promoted to the fastest tier.
+    fn promote(&mut self, b: BlockId, t: Tier, feed: &mut Feed) {
+        let l = t as usize - 1;
+        let top = (0..3).find(|&l| self.tiers[l].is_some()).unwrap_or(l);
+        if l == top {
+            if let Some(lru) = self.tiers[l].as_mut() {
+                lru.touch(&b);
+            }
+            return;
+        }
+        if let Some(lru) = self.tiers[l].as_mut() {
+            lru.remove(&b);
+            feed.remove(self.holder, t, b);
+        }
+        self.insert_from(top, b, feed);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.tiers.iter().flatten().map(Lru::len).sum()
+    }
+}
+
+struct Worker {
+    holder: HolderId,
+    hbm: Lru,
+    load_free_at: f64,
+    queue: VecDeque<usize>,
+    running: Vec<usize>,
+    pending_prefill: u64,
+    decodes: BinaryHeap<Reverse<(Ms, u64)>>,
+    decode_blocks: u64,
+    busy_ms: f64,
+}
+
+/// A time in ms with a total order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ms(f64);
+impl Eq for Ms {}
+impl PartialOrd for Ms {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ms {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    LoadDone(usize),
+    BatchDone(usize),
+}
+
+#[derive(Clone, Default)]
+struct ReqState {
+    worker: usize,
+    estimate: u64,
+    /// Chain positions loaded for this request, and from which tier.
+    loaded: Vec<(u32, Tier)>,
+    /// Leading blocks found in HBM when its batch formed.
+    hits: usize,
+    arrival: f64,
+}
+
+/// One replay of `trace` under `policy` on the cluster `cfg`.
+pub(crate) fn run(trace: &Trace, cfg: &SimConfig, policy: Policy, time_scale: f64, seed: u64) -> RunResult {
+    Sim::new(trace, cfg, policy, time_scale, seed).run()
+}
+
+struct Sim<'a> {
+    trace: &'a Trace,
+    cfg: &'a SimConfig,
+    policy: Policy,
+    scale: f64,
+    router: Router,
+    fabric: Fabric,
+    workers: Vec<Worker>,
+    reqs: Vec<ReqState>,
+    events: BinaryHeap<Reverse<(Ms, u64, Ev)>>,
+    seq: u64,
+    feed: Feed,
+    rng: StdRng,
+    rr: usize,
+    res: RunResult,
+    cands: Vec<Candidate>,
+}
+
+impl<'a> Sim<'a> {
+    fn new(trace: &'a Trace, cfg: &'a SimConfig, policy: Policy, scale: f64, seed: u64) -> Sim<'a> {
+        let mut cost = cfg.cost;
+        cost.scope = if policy == Policy::HbmOnly {
+            Scope::HbmOnly
+        } else {
+            Scope::AllTiers
+        };
+        let index: Arc<dyn PrefixIndex> = Arc::new(ShardedIndex::new());
+        let router = Router::new(cost, 0, index, seed);
+        let fabric_holder = HolderId(cfg.workers as u32);
+        router.add_fabric_node(fabric_holder);
+        let n = trace.requests.len();
+        Sim {
+            trace,
+            cfg,
+            policy,
+            scale,
+            router,
+            fabric: Fabric::new(fabric_holder, cfg.fabric_blocks),
+            workers: (0..cfg.workers)
+                .map(|w| Worker {
+                    holder: HolderId(w as u32),
+                    hbm: Lru::new(cfg.hbm_blocks as u64),
+                    load_free_at: 0.0,
+                    queue: VecDeque::new(),
+                    running: Vec::new(),
+                    pending_prefill: 0,
+                    decodes: BinaryHeap::new(),
+                    decode_blocks: 0,
+                    busy_ms: 0.0,
+                })
+                .collect(),
+            reqs: vec![ReqState::default(); n],
+            events: BinaryHeap::new(),
+            seq: 0,
+            feed: Feed::default(),
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+            rr: 0,
+            res: RunResult {
+                policy,
+                ttft_ms: vec![0.0; n],
+                e2e_ms: vec![0.0; n],
+                computed: vec![0; n],
+                hit_tokens: [0; 4],
+                input_tokens: trace.input_tokens(),
+                busy_ms: 0.0,
+                span_ms: 0.0,
+                workers: cfg.workers,
+            },
+            cands: Vec::with_capacity(cfg.workers),
+        }
+    }
+
+    fn push(&mut self, at: f64, ev: Ev) {
+        self.seq += 1;
+        self.events.push(Reverse((Ms(at), self.seq, ev)));
+    }
+
+    fn run(mut self) -> RunResult {
+        self.drive();
+        self.res
+    }
+
+    /// Replays every request to the end.
+    fn drive(&mut self) {
+        let n = self.trace.requests.len();
+        let mut next = 0;
+        let mut last = 0.0f64;
+        loop {
+            let arrival = (next < n).then(|| self.trace.requests[next].timestamp_ms * self.scale);
+            let ev_at = self.events.peek().map(|Reverse((t, _, _))| t.0);
+            match (arrival, ev_at) {
+                (None, None) => break,
+                (Some(a), e) if e.is_none_or(|e| a < e) => {
+                    self.arrive(next, a);
+                    next += 1;
+                    last = a;
+                }
+                _ => {
+                    let Some(Reverse((Ms(t), _, ev))) = self.events.pop() else {
+                        break;
+                    };
+                    match ev {
+                        Ev::LoadDone(i) => self.load_done(i, t),
+                        Ev::BatchDone(w) => self.batch_done(w, t),
+                    }
+                }
+            }
+            self.feed.flush(self.router.index().as_ref());
+        }
+        self.res.busy_ms = self.workers.iter().map(|w| w.busy_ms).sum();
+        self.res.span_ms = last;
+    }
+
+    fn pick(&mut self, i: usize, now: f64) -> usize {
+        let w = self.cfg.workers;
+        match self.policy {
+            Policy::RoundRobin => {
+                self.rr += 1;
+                (self.rr - 1) % w
+            }
+            Policy::Random => self.rng.random_range(0..w),
+            Policy::HbmOnly | Policy::TierAware => {
+                let r = &self.trace.requests[i];
+                let chain = &r.blocks[..r.reusable(self.cfg.block_tokens)];
+                let colocated = self.cfg.colocated.then_some(self.fabric.holder);
+                self.cands.clear();
+                for wk in &mut self.workers {
+                    while let Some(Reverse((Ms(end), blocks))) = wk.decodes.peek().copied() {
+                        if end > now {
+                            break;
+                        }
+                        wk.decodes.pop();
+                        wk.decode_blocks -= blocks;
+                    }
+                    self.cands.push(Candidate {
+                        worker: wk.holder,
+                        colocated,
+                        load: Load {
+                            active_prefill_tokens: wk.pending_prefill,
+                            active_decode_blocks: wk.decode_blocks,
+                        },
+                    });
+                }
+                self.router
+                    .decide(chain, r.input as usize, &self.cands)
+                    .map_or(0, |d| d.index)
+            }
+        }
+    }
+
+    fn arrive(&mut self, i: usize, now: f64) {
+        let w = self.pick(i, now);
+        let trace = self.trace;
+        let r = &trace.requests[i];
+        let bt = self.cfg.block_tokens;
+        let chain = &r.blocks[..r.reusable(bt)];
+        let wk = &mut self.workers[w];
+        let mut loaded = Vec::new();
+        let mut reused = 0;
+        for (pos, b) in chain.iter().enumerate() {
+            if wk.hbm.touch(b) {
+            } else if let Some(t) = self.fabric.tier_of(b) {
+                loaded.push((pos as u32, t));
+            } else {
+                break;
+            }
+            reused += 1;
+        }
+        let estimate = r.input - reused as u64 * bt;
+        wk.pending_prefill += estimate;
+        let st = &mut self.reqs[i];
+        st.worker = w;
+        st.estimate = estimate;
+        st.arrival = now;
+        if loaded.is_empty() {
+            wk.queue.push_back(i);
+            self.try_start(w, now);
+            return;
+        }
+        let mut ms = 0.0;
+        for &(pos, t) in &loaded {
+            ms += self.cfg.load_ms(t);
+            self.fabric.promote(chain[pos as usize], t, &mut self.feed);
+        }
+        let start = wk.load_free_at.max(now);
+        wk.load_free_at = start + ms;
+        self.reqs[i].loaded = loaded;
+        self.push(start + ms, Ev::LoadDone(i));
+    }
+
+    fn load_done(&mut self, i: usize, now: f64) {
+        let w = self.reqs[i].worker;
+        let trace = self.trace;
+        let r = &trace.requests[i];
+        let wk = &mut self.workers[w];
+        for &(pos, _) in &self.reqs[i].loaded {
+            hbm_insert(wk, r.blocks[pos as usize], &mut self.feed);
+        }
+        wk.queue.push_back(i);
+        self.try_start(w, now);
+    }
+
+    fn try_start(&mut self, w: usize, now: f64) {
+        let bt = self.cfg.block_tokens;
+        let trace = self.trace;
+        let wk = &mut self.workers[w];
+        if !wk.running.is_empty() {
+            return;
+        }
+        let mut tokens = 0;
+        while let Some(&i) = wk.queue.front() {
+            let r = &trace.requests[i];
+            let chain = &r.blocks[..r.reusable(bt)];
+            let hits = chain.iter().take_while(|b| wk.hbm.contains(b)).count();
+            let computed = r.input - hits as u64 * bt;
+            if !wk.running.is_empty() && tokens + computed > self.cfg.max_batch_tokens {
+                break;
+            }
+            wk.queue.pop_front();
+            tokens += computed;
+            wk.running.push(i);
+            let st = &mut self.reqs[i];
+            st.hits = hits;
+            let mut loaded = st.loaded.iter().peekable();
+            for (pos, b) in chain[..hits].iter().enumerate() {
+                wk.hbm.touch(b);
+                let mut tier = Tier::Hbm;
+                while let Some(&&(p, t)) = loaded.peek() {
+                    if p as usize > pos {
+                        break;
+                    }
+                    loaded.next();
+                    if p as usize == pos {
+                        tier = t;
+                    }
+                }
+                self.res.hit_tokens[tier as usize] += bt;
+            }
+            self.res.computed[i] = computed;
+        }
+        if wk.running.is_empty() {
+            return;
+        }
+        let ms = self.cfg.prefill.ms(tokens);
+        wk.busy_ms += ms;
+        self.push(now + ms, Ev::BatchDone(w));
+    }
+
+    fn batch_done(&mut self, w: usize, now: f64) {
+        let bt = self.cfg.block_tokens;
+        let trace = self.trace;
+        let batch = std::mem::take(&mut self.workers[w].running);
+        for &i in &batch {
+            let r = &trace.requests[i];
+            let st = &self.reqs[i];
+            let wk = &mut self.workers[w];
+            for (pos, &b) in r.blocks.iter().enumerate() {
+                hbm_insert(wk, b, &mut self.feed);
+                if pos >= st.hits {
+                    self.fabric.put(b, &mut self.feed);
+                }
+            }
+            wk.pending_prefill -= st.estimate;
+            let ttft = now - st.arrival;
+            let decode = r.output as f64 * self.cfg.decode_ms_per_token;
+            let blocks = (r.input + r.output).div_ceil(bt);
+            wk.decodes.push(Reverse((Ms(now + decode), blocks)));
+            wk.decode_blocks += blocks;
+            self.res.ttft_ms[i] = ttft;
+            self.res.e2e_ms[i] = ttft + decode;
+        }
+        self.workers[w].running = batch;
+        self.workers[w].running.clear();
+        self.try_start(w, now);
+    }
+}
+
+fn hbm_insert(wk: &mut Worker, b: BlockId, feed: &mut Feed) {
+    let (new, ev) = wk.hbm.insert(b);
+    if new {
+        feed.store(wk.holder, Tier::Hbm, b);
+    }
+    if let Some(e) = ev {
+        feed.remove(wk.holder, Tier::Hbm, e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(workers: usize) -> SimConfig {
+        let prefill = PrefillModel::default();
+        SimConfig {
+            workers,
+            block_tokens: 512,
+            kv_bytes_per_token: 128 << 10,
+            hbm_blocks: 64,
+            fabric_blocks: [Some(1000), Some(1000), None],
+            bandwidth: Bandwidths::default(),
+            colocated: true,
+            decode_ms_per_token: 10.0,
+            max_batch_tokens: 8192,
+            prefill,
+            cost: CostSettings {
+                block_tokens: 512,
+                prefill_tokens_per_s: prefill.peak_tokens_per_s(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn trace(lines: &[(u64, u64, &[u64])]) -> Trace {
+        let mut s = String::new();
+        for (t, n, ids) in lines {
+            let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+            s += &format!(
+                "{{\"timestamp\": {t}, \"input_length\": {n}, \"output_length\": 4, \"hash_ids\": [{}]}}\n",
+                ids.join(",")
+            );
+        }
+        Trace::parse(s.as_bytes(), 512, None).unwrap()
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recent() {
+        let mut l = Lru::new(2);
+        assert_eq!(l.insert(1), (true, None));
+        assert_eq!(l.insert(2), (true, None));
+        assert!(l.touch(&1));
+        assert_eq!(l.insert(3), (true, Some(2)));
+        assert_eq!(l.insert(1), (false, None));
+        assert!(l.contains(&1) && l.contains(&3) && !l.contains(&2));
+        assert!(l.remove(&3) && !l.remove(&3));
+        assert_eq!(l.len(), 1);
+        let mut z = Lru::new(0);
+        assert_eq!(z.insert(9), (true, Some(9)), "a zero-capacity cache keeps nothing");
+        assert_eq!(z.len(), 0);
+    }
+
+    #[test]
+    fn fabric_demotes_down_and_promotes_on_a_hit() {
+        let idx = ShardedIndex::new();
+        let mut feed = Feed::default();
+        let mut f = Fabric::new(HolderId(9), [Some(1), Some(1), None]);
+        for b in [1, 2, 3] {
+            f.put(b, &mut feed);
+        }
+        assert_eq!(
+            [f.tier_of(&1), f.tier_of(&2), f.tier_of(&3)],
+            [Some(Tier::Object), Some(Tier::Disk), Some(Tier::Host)]
+        );
+        f.promote(1, Tier::Object, &mut feed);
+        assert_eq!(
+            [f.tier_of(&1), f.tier_of(&2), f.tier_of(&3)],
+            [Some(Tier::Host), Some(Tier::Object), Some(Tier::Disk)]
+        );
+        feed.flush(&idx);
+        assert_eq!(idx.holder_len(HolderId(9)), 3, "exclusive tiers: one entry per block");
+        let mut m = kvfabric_router::index::ChainMatch::default();
+        idx.lookup(&[1], &mut m);
+        assert_eq!(m.entries.len(), 1);
+        assert!(m.entries[0].tiers.contains(Tier::Host) && !m.entries[0].tiers.contains(Tier::Object));
+        // No host tier: puts land on disk.
+        let mut g = Fabric::new(HolderId(9), [Some(0), Some(4), None]);
+        g.put(5, &mut feed);
+        assert_eq!(g.tier_of(&5), Some(Tier::Disk));
+    }
+
+    #[test]
+    fn a_prefix_in_the_chosen_workers_hbm_computes_only_the_suffix() {
+        // One worker, the second request far later shares 3 of its blocks.
+        let t = trace(&[(0, 2048, &[1, 2, 3, 4]), (100_000, 2200, &[1, 2, 3, 7, 8])]);
+        for p in Policy::ALL {
+            let r = run(&t, &cfg(1), p, 1.0, 1);
+            assert_eq!(r.computed, vec![2048, 2200 - 3 * 512], "{p:?}");
+            assert_eq!(r.hit_tokens, [3 * 512, 0, 0, 0]);
+            // Alone on an idle worker: TTFT is exactly its batch.
+            let pm = PrefillModel::default();
+            assert!((r.ttft_ms[1] - pm.ms(2200 - 3 * 512)).abs() < 1e-9);
+            assert!((r.e2e_ms[1] - r.ttft_ms[1] - 40.0).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn another_worker_loads_from_the_fabric_and_pays_the_load_time() {
+        // Round-robin puts the second request on worker 1: its prefix comes from host memory.
+        let t = trace(&[(0, 2048, &[1, 2, 3, 4]), (100_000, 2200, &[1, 2, 3, 7, 8])]);
+        let c = cfg(2);
+        let r = run(&t, &c, Policy::RoundRobin, 1.0, 1);
+        assert_eq!(r.computed[1], 2200 - 3 * 512);
+        assert_eq!(r.hit_tokens, [0, 3 * 512, 0, 0]);
+        let want = 3.0 * c.load_ms(Tier::Host) + c.prefill.ms(2200 - 3 * 512);
+        assert!((r.ttft_ms[1] - want).abs() < 1e-9, "{} vs {want}", r.ttft_ms[1]);
+        // The KV-aware router sends it to worker 0, where the prefix is in HBM for free.
+        for p in [Policy::HbmOnly, Policy::TierAware] {
+            let r = run(&t, &c, p, 1.0, 1);
+            assert_eq!(r.hit_tokens, [3 * 512, 0, 0, 0], "{p:?}");
+        }
+    }
+
+    #[test]
+    fn the_index_mirrors_every_cache_after_a_replay() {
+        let t = super::super::tests::sample(300);
+        let mut c = cfg(4);
+        c.fabric_blocks = [Some(200), Some(400), None];
+        for p in Policy::ALL {
+            let mut sim = Sim::new(&t, &c, p, 0.05, 3);
+            sim.drive();
+            let idx = sim.router.index().clone();
+            for w in &sim.workers {
+                assert_eq!(idx.holder_len(w.holder), w.hbm.len(), "{p:?}");
+                assert!(w.hbm.len() <= c.hbm_blocks);
+                assert_eq!(w.pending_prefill, 0);
+            }
+            assert_eq!(idx.holder_len(sim.fabric.holder), sim.fabric.len());
+            let r = sim.res;
+            let bound = t.bound_prefill_tokens(512);
+            assert!(
+                r.prefill_tokens() >= bound,
+                "{p:?}: {} < bound {bound}",
+                r.prefill_tokens()
+            );
+            assert_eq!(
+                r.prefill_tokens() + r.hit_tokens.iter().sum::<u64>(),
+                r.input_tokens,
+                "every prompt token is computed or a hit"
+            );
+            assert!(r.ttft_ms.iter().all(|&x| x > 0.0));
+            assert!(r.utilization() > 0.0);
+        }
+    }
+
+    #[test]
+    fn prefill_model_peak() {
+        let m = PrefillModel::default();
+        assert!((m.ms(0) - 16.5).abs() < 1e-12);
+        let n = m.best_batch_tokens();
+        assert!((6000.0..6500.0).contains(&n), "{n}");
+        let peak = m.peak_tokens_per_s();
+        for k in [1000, 4000, 9000, 20000] {
+            assert!(k as f64 / m.ms(k) * 1e3 <= peak * 1.0001);
+        }
+    }
+}

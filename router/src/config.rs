@@ -1,0 +1,483 @@
+//! Router settings: the TOML file, then `KVFABRIC_ROUTER_*` environment
+//! variables, then command-line flags (later wins; the binary overlays the
+//! last two with [`Overrides`]). Every field's default and bound is in its
+//! doc comment and in the README's router configuration reference;
+//! [`Settings::validate`] runs at load, so a bad value stops the router with a
+//! message naming the setting.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::score::CostSettings;
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into settings (unknown key, wrong type).
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of bounds; the message names the setting.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A byte size: a plain number of bytes or a number with a unit
+/// (`KiB`/`MiB`/`GiB` = powers of 1024, `KB`/`MB`/`GB` = of 1000). The same
+/// syntax as the fabric node's settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let unit = unit.trim().to_ascii_lowercase();
+        let mult: u64 = match unit.as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?} (use e.g. 4MiB)")),
+        };
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected a number with a unit, e.g. 4MiB"))?;
+        let v = n * mult as f64;
+        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+            return Err(format!("invalid size {s:?}: out of range"));
+        }
+        Ok(ByteSize(v as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        for (unit, m) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if v >= m && v.is_multiple_of(m) {
+                return write!(f, "{}{unit}", v / m);
+            }
+        }
+        write!(f, "{v}B")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// One fabric node whose `Subscribe` stream the router follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FabricEndpoint {
+    /// Name workers refer to in `fabric-node` (default: the URL itself).
+    pub name: String,
+    /// gRPC endpoint, e.g. `http://127.0.0.1:50051`.
+    pub url: String,
+}
+
+impl FromStr for FabricEndpoint {
+    type Err = String;
+    /// `URL` or `NAME=URL`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (name, url) = match s.split_once('=') {
+            Some((n, u)) if !n.contains("://") => (n.trim().to_string(), u.trim().to_string()),
+            _ => (s.to_string(), s.to_string()),
+        };
+        if url.is_empty() || name.is_empty() {
+            return Err(format!("invalid fabric endpoint {s:?}: expected URL or NAME=URL"));
+        }
+        Ok(FabricEndpoint { name, url })
+    }
+}
+
+impl<'de> Deserialize<'de> for FabricEndpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            url: String,
+            name: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            T(Table),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("a fabric endpoint is \"URL\", \"NAME=URL\" or { url = ..., name = ... }")
+        })? {
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+            Raw::T(t) => Ok(FabricEndpoint {
+                name: t.name.unwrap_or_else(|| t.url.clone()),
+                url: t.url,
+            }),
+        }
+    }
+}
+
+/// Parses a comma-separated list of fabric endpoints (`URL` or `NAME=URL`).
+pub fn parse_fabric_list(s: &str) -> Result<Vec<FabricEndpoint>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(FabricEndpoint::from_str)
+        .collect()
+}
+
+/// One engine worker the router forwards to (`[[workers]]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkerSettings {
+    /// Unique name, used in metrics and logs. Required.
+    pub name: String,
+    /// Base URL of its OpenAI-compatible server, `http://host:port`
+    /// (plain HTTP). Required.
+    pub url: String,
+    /// ZMQ endpoint its engine publishes vLLM KV events on, e.g.
+    /// `tcp://127.0.0.1:5557`. Unset: the worker publishes no events (see
+    /// `approximate`).
+    #[serde(default)]
+    pub kv_events: Option<String>,
+    /// Name of the fabric node on its host (one of `fabric`), read at that
+    /// node's tier bandwidths instead of the network's. Unset: none.
+    #[serde(default)]
+    pub fabric_node: Option<String>,
+}
+
+impl FromStr for WorkerSettings {
+    type Err = String;
+    /// `NAME=URL` (the flag and environment form; events and co-location
+    /// are set in the file).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().split_once('=') {
+            Some((n, u)) if !n.trim().is_empty() && !u.trim().is_empty() => Ok(WorkerSettings {
+                name: n.trim().into(),
+                url: u.trim().into(),
+                kv_events: None,
+                fabric_node: None,
+            }),
+            _ => Err(format!("invalid worker {s:?}: expected NAME=URL")),
+        }
+    }
+}
+
+/// Everything the router is configured with.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// HTTP listen address of the OpenAI-compatible API, `/health` and
+    /// `/metrics`. Default `127.0.0.1:8000`.
+    pub listen: SocketAddr,
+    /// Fabric nodes to follow: strings `URL` / `NAME=URL` or tables
+    /// `{ url, name }`. Default none (engine events only).
+    pub fabric: Vec<FabricEndpoint>,
+    /// Fabric tenant the subscriptions act as. Default empty (`default`).
+    pub tenant: String,
+    /// Fabric namespace whose blocks the router follows; its salt seeds the
+    /// canonical block hash, so it must be the engines' namespace. Default
+    /// `default`; 1..=255 bytes.
+    pub namespace: String,
+    /// Model names served. A request naming another model gets 404
+    /// `model_not_found`. Default empty: any name is accepted and forwarded;
+    /// `/v1/models` lists these.
+    pub models: Vec<String>,
+    /// A Hugging Face `tokenizer.json` for text prompts. Default unset: text
+    /// is tokenised byte-level (token id = UTF-8 byte, 0..=255), the
+    /// reference engine's vocabulary. Token-id prompts never need one.
+    pub tokenizer: Option<PathBuf>,
+    /// The cost model (tier bandwidths, weights, temperature, block size).
+    pub cost: CostSettings,
+    /// Workers to forward to. Default none (every request gets 503).
+    pub workers: Vec<WorkerSettings>,
+    /// Interval between health checks (`GET {url}/health`) of every worker,
+    /// healthy or not, ms. Default 2000; 10..=600000.
+    pub health_interval_ms: u64,
+    /// Time a health check may take before it counts as failed, ms.
+    /// Default 1000; 10..=600000.
+    pub health_timeout_ms: u64,
+    /// Time a forwarded request may wait for the worker's response headers,
+    /// and then for each piece of its body, ms; past it the client gets 504
+    /// (or, mid-stream, an error event). Default 600000; 10..=86400000.
+    pub request_timeout_ms: u64,
+    /// Approximate mode for workers without `kv-events`: the router records
+    /// each of its decisions as that worker holding the request's blocks in
+    /// HBM for `approximate-ttl-ms`. Default false.
+    pub approximate: bool,
+    /// Lifetime of an approximate-mode record, ms. Default 120000;
+    /// 1..=86400000.
+    pub approximate_ttl_ms: u64,
+    /// Largest request body accepted; larger ones get 413. Default `4MiB`;
+    /// 1KiB..=1GiB.
+    pub max_body_size: ByteSize,
+    /// Seed of tie breaks and softmax sampling. Default 0.
+    pub seed: u64,
+    /// Log filter (`tracing` env-filter syntax). Default `info`; `RUST_LOG`
+    /// overrides.
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            fabric: Vec::new(),
+            tenant: String::new(),
+            namespace: "default".into(),
+            models: Vec::new(),
+            tokenizer: None,
+            cost: CostSettings::default(),
+            workers: Vec::new(),
+            health_interval_ms: 2000,
+            health_timeout_ms: 1000,
+            request_timeout_ms: 600_000,
+            approximate: false,
+            approximate_ttl_ms: 120_000,
+            max_body_size: ByteSize(4 << 20),
+            seed: 0,
+            log: "info".into(),
+        }
+    }
+}
+
+/// What the environment and flags may override, applied over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen` / `KVFABRIC_ROUTER_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `--fabric` / `KVFABRIC_ROUTER_FABRIC` (replaces the file's list).
+    pub fabric: Option<Vec<FabricEndpoint>>,
+    /// `--namespace` / `KVFABRIC_ROUTER_NAMESPACE`.
+    pub namespace: Option<String>,
+    /// `--tenant` / `KVFABRIC_ROUTER_TENANT`.
+    pub tenant: Option<String>,
+    /// `--model` / `KVFABRIC_ROUTER_MODELS` (replaces the file's list).
+    pub models: Option<Vec<String>>,
+    /// `--tokenizer` / `KVFABRIC_ROUTER_TOKENIZER`.
+    pub tokenizer: Option<PathBuf>,
+    /// `--worker` / `KVFABRIC_ROUTER_WORKERS` (added to the file's list).
+    pub workers: Vec<WorkerSettings>,
+    /// `--approximate` / `KVFABRIC_ROUTER_APPROXIMATE`.
+    pub approximate: Option<bool>,
+    /// `--seed` / `KVFABRIC_ROUTER_SEED`.
+    pub seed: Option<u64>,
+}
+
+impl Settings {
+    /// Parses TOML (unknown keys are errors) and validates.
+    pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        let s: Settings = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        s.validate().map_err(ConfigError::Invalid)?;
+        Ok(s)
+    }
+
+    /// Reads and parses a TOML file (`None`: the defaults), applies
+    /// `overrides` and validates the result.
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Settings, ConfigError> {
+        let mut s = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?
+            }
+            None => Settings::default(),
+        };
+        s.apply(overrides);
+        s.validate().map_err(ConfigError::Invalid)?;
+        Ok(s)
+    }
+
+    /// Applies environment / flag overrides.
+    pub fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = o.fabric {
+            self.fabric = v;
+        }
+        if let Some(v) = o.namespace {
+            self.namespace = v;
+        }
+        if let Some(v) = o.tenant {
+            self.tenant = v;
+        }
+        if let Some(v) = o.models {
+            self.models = v;
+        }
+        if let Some(v) = o.tokenizer {
+            self.tokenizer = Some(v);
+        }
+        self.workers.extend(o.workers);
+        if let Some(v) = o.approximate {
+            self.approximate = v;
+        }
+        if let Some(v) = o.seed {
+            self.seed = v;
+        }
+    }
+
+    /// Checks bounds and cross-references; the message names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        self.cost.validate()?;
+        if self.namespace.is_empty() || self.namespace.len() > 255 {
+            return Err(format!("namespace must be 1..=255 bytes, got {:?}", self.namespace));
+        }
+        let range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} must be {lo}..={hi}, got {v}"))
+            }
+        };
+        range("health-interval-ms", self.health_interval_ms, 10, 600_000)?;
+        range("health-timeout-ms", self.health_timeout_ms, 10, 600_000)?;
+        range("request-timeout-ms", self.request_timeout_ms, 10, 86_400_000)?;
+        range("approximate-ttl-ms", self.approximate_ttl_ms, 1, 86_400_000)?;
+        range("max-body-size", self.max_body_size.0, 1 << 10, 1 << 30)?;
+        let mut names = std::collections::HashSet::new();
+        for (i, f) in self.fabric.iter().enumerate() {
+            if !(f.url.starts_with("http://") || f.url.starts_with("https://") || !f.url.contains("://")) {
+                return Err(format!("fabric[{i}] url {:?} must be http:// or https://", f.url));
+            }
+            if !names.insert(f.name.as_str()) {
+                return Err(format!("fabric[{i}] name {:?} is used twice", f.name));
+            }
+        }
+        let mut workers = std::collections::HashSet::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            if w.name.is_empty() {
+                return Err(format!("workers[{i}].name must not be empty"));
+            }
+            if !workers.insert(w.name.as_str()) {
+                return Err(format!("workers[{i}].name {:?} is used twice", w.name));
+            }
+            let rest = w
+                .url
+                .strip_prefix("http://")
+                .ok_or_else(|| format!("workers[{i}].url {:?} must be http://host:port (plain HTTP)", w.url))?;
+            if rest.trim_end_matches('/').is_empty() || rest.trim_end_matches('/').contains('/') {
+                return Err(format!(
+                    "workers[{i}].url {:?} must be a base URL without a path",
+                    w.url
+                ));
+            }
+            if let Some(e) = &w.kv_events
+                && !e.starts_with("tcp://")
+            {
+                return Err(format!("workers[{i}].kv-events {e:?} must be tcp://host:port"));
+            }
+            if let Some(n) = &w.fabric_node
+                && !names.contains(n.as_str())
+            {
+                return Err(format!("workers[{i}].fabric-node {n:?} names no entry of fabric"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_a_full_file_parses() {
+        Settings::default().validate().unwrap();
+        let s = Settings::from_toml(
+            r#"
+            listen = "0.0.0.0:9000"
+            fabric = ["http://10.0.0.1:50051", { url = "http://10.0.0.2:50051", name = "b" }]
+            namespace = "llama"
+            models = ["llama-8b"]
+            max-body-size = "1MiB"
+            approximate = true
+            [cost]
+            temperature = 0.5
+            [cost.bandwidth]
+            host = 1e10
+            [[workers]]
+            name = "w1"
+            url = "http://10.0.0.3:8000"
+            kv-events = "tcp://10.0.0.3:5557"
+            fabric-node = "b"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.fabric[0].name, "http://10.0.0.1:50051");
+        assert_eq!(s.fabric[1].name, "b");
+        assert_eq!(s.max_body_size, ByteSize(1 << 20));
+        assert_eq!(s.cost.temperature, 0.5);
+        assert_eq!(s.cost.bandwidth.host, 1e10);
+        assert_eq!(s.workers[0].fabric_node.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (toml, want) in [
+            ("bogus = 1", "bogus"),
+            ("health-interval-ms = 1", "health-interval-ms"),
+            ("max-body-size = \"2GiB\"", "max-body-size"),
+            ("[cost]\ntemperature = -1.0", "cost.temperature"),
+            ("[[workers]]\nname = \"a\"\nurl = \"https://x\"", "workers[0].url"),
+            (
+                "[[workers]]\nname = \"a\"\nurl = \"http://x:1\"\nfabric-node = \"nope\"",
+                "workers[0].fabric-node",
+            ),
+            (
+                "[[workers]]\nname = \"a\"\nurl = \"http://x:1\"\n[[workers]]\nname = \"a\"\nurl = \"http://y:1\"",
+                "workers[1].name",
+            ),
+        ] {
+            let e = Settings::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(want), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let mut s = Settings::from_toml("namespace = \"a\"\nseed = 3").unwrap();
+        s.apply(Overrides {
+            namespace: Some("b".into()),
+            fabric: Some(parse_fabric_list("n1=http://h:1, http://h:2").unwrap()),
+            workers: vec!["w=http://h:3".parse().unwrap()],
+            ..Default::default()
+        });
+        assert_eq!(s.namespace, "b");
+        assert_eq!(s.seed, 3);
+        assert_eq!(s.fabric[0].name, "n1");
+        assert_eq!(s.fabric[1].url, "http://h:2");
+        assert_eq!(s.workers[0].url, "http://h:3");
+        s.validate().unwrap();
+        assert!("noequals".parse::<WorkerSettings>().is_err());
+    }
+}

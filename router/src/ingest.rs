@@ -1,0 +1,165 @@
+//! Event transports: the tasks that feed the trackers of [`crate::events`].
+//!
+//! - [`engine_events`]: one ZMQ SUB connection per engine worker with
+//!   `kv-events` (the pure-Rust `zeromq` crate), receiving vLLM's
+//!   `[topic, sequence, payload]` messages. A sequence gap resynchronises
+//!   the worker (inside [`EngineTracker::on_message`]); a sequence that goes
+//!   backwards means the publisher restarted, and a broken connection means
+//!   events may have been lost: both resynchronise too
+//!   ([`EngineTracker::restart`]).
+//! - [`fabric_events`]: one `Subscribe` stream per fabric node. A `LAGGED`
+//!   event resynchronises (in [`FabricTracker::apply`]); so does a broken
+//!   stream, since a node's events cannot be replayed: the node's entries
+//!   are dropped and refill from the events after the reconnection.
+//!
+//! Both reconnect for ever with exponential backoff (100 ms doubling to
+//! 5 s, reset by a successful connection). Malformed frames are counted in
+//! [`EventCounters`](crate::events::EventCounters) and logged; nothing here
+//! panics on what a publisher sends.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use zeromq::{Socket, SocketOptions, SocketRecv, SubSocket, ZmqMessage};
+
+use crate::events::vllm::split_frames;
+use crate::events::{EngineTracker, EventCounters, FabricTracker, SeqStatus};
+use crate::metrics::Metrics;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(BACKOFF_MIN)
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+/// Handles one ZMQ message for `tracker`.
+pub(crate) fn on_zmq_message(tracker: &mut EngineTracker, counters: &EventCounters, msg: &ZmqMessage) {
+    let frames: Vec<&[u8]> = msg.iter().map(|b| &b[..]).collect();
+    match split_frames(&frames) {
+        Ok((_topic, seq, payload)) => {
+            if tracker.on_message(seq, &payload) == SeqStatus::Stale {
+                tracing::warn!(holder = %tracker.holder(), seq, "engine event sequence went backwards: publisher restarted, resynchronising");
+                tracker.restart();
+                tracker.on_message(seq, &payload);
+            }
+        }
+        Err(e) => {
+            counters.malformed.fetch_add(1, Relaxed);
+            tracing::warn!(holder = %tracker.holder(), error = %e, "malformed engine event message skipped");
+        }
+    }
+}
+
+/// Follows the vLLM publisher at `endpoint` (`tcp://host:port`) for ever.
+pub(crate) async fn engine_events(
+    source: String,
+    endpoint: String,
+    mut tracker: EngineTracker,
+    counters: Arc<EventCounters>,
+    metrics: Metrics,
+) {
+    let connected = metrics.stream_connected.with_label_values(&[&source]);
+    let connects = metrics.stream_connects.with_label_values(&[&source]);
+    let mut backoff = Backoff::new();
+    let mut first = true;
+    loop {
+        let mut opts = SocketOptions::default();
+        opts.connect_timeout(Duration::from_secs(5));
+        let mut sock = SubSocket::with_options(opts);
+        let up = async {
+            sock.connect(&endpoint).await?;
+            sock.subscribe("").await
+        };
+        if let Err(e) = up.await {
+            tracing::debug!(%source, %endpoint, error = %e, "engine event publisher unreachable; retrying");
+            backoff.wait().await;
+            continue;
+        }
+        if !first {
+            // Events published while disconnected are lost.
+            tracker.restart();
+        }
+        first = false;
+        backoff.reset();
+        connected.set(1);
+        connects.inc();
+        tracing::info!(%source, %endpoint, "subscribed to engine KV events");
+        loop {
+            match sock.recv().await {
+                Ok(msg) => on_zmq_message(&mut tracker, &counters, &msg),
+                Err(e) => {
+                    tracing::warn!(%source, error = %e, "engine event stream broke; reconnecting");
+                    break;
+                }
+            }
+        }
+        connected.set(0);
+        drop(sock);
+        backoff.wait().await;
+    }
+}
+
+/// Follows fabric node `url`'s `Subscribe` stream for `namespace` for ever.
+pub(crate) async fn fabric_events(
+    source: String,
+    url: String,
+    tenant: String,
+    namespace: String,
+    tracker: FabricTracker,
+    metrics: Metrics,
+) {
+    let connected = metrics.stream_connected.with_label_values(&[&source]);
+    let connects = metrics.stream_connects.with_label_values(&[&source]);
+    let mut backoff = Backoff::new();
+    loop {
+        let sub = async {
+            let c = kvfabric::client::Client::connect(url.clone())
+                .await?
+                .with_tenant(tenant.clone());
+            c.subscribe(Some(&namespace)).await
+        };
+        let mut stream = match sub.await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%source, %url, error = %e, "fabric subscription failed; retrying");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        backoff.reset();
+        connected.set(1);
+        connects.inc();
+        tracing::info!(%source, %url, %namespace, "subscribed to fabric events");
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => tracker.apply(&ev),
+                Ok(None) => {
+                    tracing::warn!(%source, "fabric event stream ended; reconnecting");
+                    break;
+                }
+                Err(s) => {
+                    tracing::warn!(%source, error = %s, "fabric event stream broke; reconnecting");
+                    break;
+                }
+            }
+        }
+        connected.set(0);
+        // What happened while disconnected is unknown.
+        tracker.resync();
+        backoff.wait().await;
+    }
+}

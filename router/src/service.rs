@@ -1,0 +1,245 @@
+//! The running router: [`RouterService::start`] builds the index, the cost
+//! model, the worker registry and the tokenizer from [`Settings`], starts
+//! the event ingestion tasks (a `Subscribe` stream per fabric node, a ZMQ
+//! SUB per engine worker with `kv-events`), runs a first round of health
+//! checks, then the periodic checker, and serves the HTTP front end.
+//!
+//! Holder ids: worker `i` of `workers` is `HolderId(i)`; fabric node `j`
+//! of `fabric` is `HolderId(FABRIC_HOLDER_BASE + j)`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::events::{EngineTracker, EventCounters, FabricTracker};
+use crate::http::{AppState, app};
+use crate::index::{HolderId, PrefixIndex, ShardedIndex};
+use crate::metrics::Metrics;
+use crate::tokenize::{TokenizeError, Tokenizer};
+use crate::workers::{Workers, http_client};
+use crate::{Router, ingest};
+
+/// Holder id of the first fabric node.
+pub const FABRIC_HOLDER_BASE: u32 = 1 << 20;
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The settings are invalid (the message names the setting).
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    /// The tokenizer did not load.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizeError),
+    /// The listen address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Starts routers.
+#[derive(Debug)]
+pub struct RouterService;
+
+/// A running router; dropping it stops its tasks, [`RouterHandle::shutdown`]
+/// also waits for the HTTP server.
+#[derive(Debug)]
+pub struct RouterHandle {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    tasks: Vec<JoinHandle<()>>,
+    server: Option<JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RouterService {
+    /// Binds `settings.listen` and starts everything (see the module doc).
+    pub async fn start(settings: Settings) -> Result<RouterHandle, ServeError> {
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: settings.listen,
+                source,
+            })?;
+        Self::start_on(listener, settings).await
+    }
+
+    /// Starts on an already bound listener.
+    pub async fn start_on(listener: TcpListener, settings: Settings) -> Result<RouterHandle, ServeError> {
+        settings.validate().map_err(ServeError::Settings)?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let tokenizer = Tokenizer::load(settings.tokenizer.as_deref())?;
+        let salt = kvfabric::hash::namespace_salt(&settings.namespace);
+        let index: Arc<dyn PrefixIndex> = Arc::new(ShardedIndex::new());
+        let router = Arc::new(Router::new(settings.cost, salt, index.clone(), settings.seed));
+        let counters = Arc::new(EventCounters::default());
+        let metrics = Metrics::new();
+        let mut tasks = Vec::new();
+
+        let fabric_holder = |name: &str| {
+            settings
+                .fabric
+                .iter()
+                .position(|f| f.name == name)
+                .map(|j| HolderId(FABRIC_HOLDER_BASE + j as u32))
+        };
+        for (j, f) in settings.fabric.iter().enumerate() {
+            let holder = HolderId(FABRIC_HOLDER_BASE + j as u32);
+            router.add_fabric_node(holder);
+            let tracker = FabricTracker::new(holder, settings.namespace.clone(), index.clone(), counters.clone());
+            tasks.push(tokio::spawn(ingest::fabric_events(
+                format!("fabric:{}", f.name),
+                f.url.clone(),
+                settings.tenant.clone(),
+                settings.namespace.clone(),
+                tracker,
+                metrics.clone(),
+            )));
+        }
+        let specs = settings
+            .workers
+            .iter()
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    w.url.clone(),
+                    w.fabric_node.as_deref().and_then(fabric_holder),
+                    settings.approximate && w.kv_events.is_none(),
+                )
+            })
+            .collect();
+        let workers = Arc::new(Workers::new(specs, router.clone(), metrics.clone()));
+        for (w, cfg) in workers.all().iter().zip(&settings.workers) {
+            if let Some(ep) = &cfg.kv_events {
+                let tracker = EngineTracker::new(
+                    w.holder,
+                    salt,
+                    settings.cost.block_tokens,
+                    index.clone(),
+                    counters.clone(),
+                );
+                tasks.push(tokio::spawn(ingest::engine_events(
+                    format!("engine:{}", w.name),
+                    ep.clone(),
+                    tracker,
+                    counters.clone(),
+                    metrics.clone(),
+                )));
+            }
+        }
+
+        let client = http_client();
+        let health_timeout = Duration::from_millis(settings.health_timeout_ms);
+        workers.check_all(&client, health_timeout).await;
+        {
+            let (workers, client) = (workers.clone(), client.clone());
+            let every = Duration::from_millis(settings.health_interval_ms);
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    workers.check_all(&client, health_timeout).await;
+                }
+            }));
+        }
+
+        let state = Arc::new(AppState {
+            router,
+            workers,
+            tokenizer,
+            metrics,
+            counters,
+            client,
+            models: settings.models.clone(),
+            max_body: settings.max_body_size.0 as usize,
+            timeout: Duration::from_millis(settings.request_timeout_ms),
+            approximate_ttl_ms: settings.approximate_ttl_ms,
+            started: Instant::now(),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let svc = app(state.clone());
+        let server = tokio::spawn(async move {
+            let r = axum::serve(listener, svc)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(%addr, workers = settings.workers.len(), fabric = settings.fabric.len(), "router serving");
+        Ok(RouterHandle {
+            addr,
+            state,
+            tasks,
+            server: Some(server),
+            stop: Some(stop),
+        })
+    }
+}
+
+impl RouterHandle {
+    /// The address it serves on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The router it routes with.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.state.router
+    }
+
+    /// Event ingestion counters.
+    pub fn event_counters(&self) -> &EventCounters {
+        &self.state.counters
+    }
+
+    /// Names of the workers now healthy.
+    pub fn healthy_workers(&self) -> Vec<String> {
+        let ws = self.state.workers.all().iter();
+        ws.filter(|w| w.is_healthy()).map(|w| w.name.clone()).collect()
+    }
+
+    /// Stops the tasks and the server (in-flight requests finish first).
+    pub async fn shutdown(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(s) = self.server.take() {
+            let _ = s.await;
+        }
+    }
+}
+
+impl Drop for RouterHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(s) = &self.server {
+            s.abort();
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The worker registry: the configured workers, whether each is healthy,
+//! and the load each carries from requests in flight through this router.
+//!
+//! Health: every `health-interval-ms` the checker sends `GET {url}/health`
+//! to every worker, healthy or not; a 2xx within `health-timeout-ms` is
+//! healthy. A worker that goes down (a failed check, or a connection
+//! failure seen by a forwarded request) leaves the candidate set and its
+//! own entries are cleared from the index (its pool is gone or unknown);
+//! it comes back on the first check it passes.
+//!
+//! Load: a routed request adds the prefill tokens it still needs computed
+//! until its response starts, and the KV blocks it will occupy while
+//! decoding (prompt plus `max_tokens`) until it ends ([`LoadGuard`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::Router;
+use crate::index::HolderId;
+use crate::metrics::Metrics;
+use crate::score::{Candidate, Load};
+
+/// The HTTP/1 client the router talks to workers with.
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A new pooled HTTP/1 client.
+pub(crate) fn http_client() -> HttpClient {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(conn)
+}
+
+/// One worker and its state.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub(crate) name: String,
+    /// Base URL without a trailing slash.
+    pub(crate) url: String,
+    pub(crate) holder: HolderId,
+    pub(crate) colocated: Option<HolderId>,
+    /// Its decisions are recorded as cached blocks (approximate mode).
+    pub(crate) approximate: bool,
+    healthy: AtomicBool,
+    prefill: AtomicU64,
+    decode: AtomicU64,
+    inflight: AtomicU64,
+}
+
+/// Every worker, in configuration order (index = holder id).
+#[derive(Debug)]
+pub(crate) struct Workers {
+    list: Vec<Arc<Worker>>,
+    router: Arc<Router>,
+    metrics: Metrics,
+}
+
+impl Workers {
+    /// `(name, url, colocated fabric node, approximate)` per worker; holder
+    /// ids are the positions.
+    pub(crate) fn new(
+        specs: Vec<(String, String, Option<HolderId>, bool)>,
+        router: Arc<Router>,
+        metrics: Metrics,
+    ) -> Workers {
+        let list = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, url, colocated, approximate))| {
+                metrics.worker_healthy.with_label_values(&[&name]).set(0);
+                metrics.worker_inflight.with_label_values(&[&name]).set(0);
+                Arc::new(Worker {
+                    name,
+                    url: url.trim_end_matches('/').to_string(),
+                    holder: HolderId(i as u32),
+                    colocated,
+                    approximate,
+                    healthy: AtomicBool::new(false),
+                    prefill: AtomicU64::new(0),
+                    decode: AtomicU64::new(0),
+                    inflight: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        Workers { list, router, metrics }
+    }
+
+    /// Every worker.
+    pub(crate) fn all(&self) -> &[Arc<Worker>] {
+        &self.list
+    }
+
+    /// The healthy workers with their load, as candidates (same order).
+    pub(crate) fn candidates(&self) -> (Vec<Arc<Worker>>, Vec<Candidate>) {
+        let healthy: Vec<Arc<Worker>> = self.list.iter().filter(|w| w.is_healthy()).cloned().collect();
+        let cands = healthy
+            .iter()
+            .map(|w| Candidate {
+                worker: w.holder,
+                colocated: w.colocated,
+                load: Load {
+                    active_prefill_tokens: w.prefill.load(Relaxed),
+                    active_decode_blocks: w.decode.load(Relaxed),
+                },
+            })
+            .collect();
+        (healthy, cands)
+    }
+
+    /// Records a health observation; a worker going down is forgotten by
+    /// the index.
+    pub(crate) fn set_healthy(&self, w: &Worker, up: bool, why: &str) {
+        let was = w.healthy.swap(up, Relaxed);
+        if was == up {
+            return;
+        }
+        self.metrics.worker_healthy.with_label_values(&[&w.name]).set(up as i64);
+        if up {
+            tracing::info!(worker = %w.name, "worker is healthy");
+        } else {
+            tracing::warn!(worker = %w.name, why, "worker is down: out of the candidate set until a health check passes");
+            self.router.remove_worker(w.holder);
+        }
+    }
+
+    /// Checks every worker once, concurrently.
+    pub(crate) async fn check_all(&self, client: &HttpClient, timeout: Duration) {
+        let checks = self.list.iter().map(|w| async move {
+            let r = probe(client, &w.url, timeout).await;
+            match r {
+                Ok(()) => self.set_healthy(w, true, ""),
+                Err(e) => self.set_healthy(w, false, &e),
+            }
+        });
+        futures::future::join_all(checks).await;
+    }
+
+    /// Adds a routed request's load to `w` until the guard is dropped.
+    pub(crate) fn admit(&self, w: &Arc<Worker>, prefill: u64, decode_blocks: u64) -> LoadGuard {
+        w.prefill.fetch_add(prefill, Relaxed);
+        w.decode.fetch_add(decode_blocks, Relaxed);
+        let n = w.inflight.fetch_add(1, Relaxed) + 1;
+        self.metrics.worker_inflight.with_label_values(&[&w.name]).set(n as i64);
+        LoadGuard {
+            worker: w.clone(),
+            metrics: self.metrics.clone(),
+            prefill,
+            decode_blocks,
+        }
+    }
+}
+
+impl Worker {
+    /// Whether it is in the candidate set.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+}
+
+async fn probe(client: &HttpClient, url: &str, timeout: Duration) -> Result<(), String> {
+    let req = hyper::Request::get(format!("{url}/health"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(format!("health check took over {timeout:?}")),
+        Ok(Err(e)) => Err(format!("health check failed: {e}")),
+        Ok(Ok(r)) if r.status().is_success() => Ok(()),
+        Ok(Ok(r)) => Err(format!("health check returned {}", r.status())),
+    }
+}
+
+/// A routed request's share of a worker's load (see the module doc).
+#[derive(Debug)]
+pub(crate) struct LoadGuard {
+    worker: Arc<Worker>,
+    metrics: Metrics,
+    prefill: u64,
+    decode_blocks: u64,
+}
+
+impl LoadGuard {
+    /// The response started: its prefill is done.
+    pub(crate) fn prefill_done(&mut self) {
+        self.worker.prefill.fetch_sub(self.prefill, Relaxed);
+        self.prefill = 0;
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        let w = &self.worker;
+        w.prefill.fetch_sub(self.prefill, Relaxed);
+        w.decode.fetch_sub(self.decode_blocks, Relaxed);
+        let n = w.inflight.fetch_sub(1, Relaxed).saturating_sub(1);
+        self.metrics.worker_inflight.with_label_values(&[&w.name]).set(n as i64);
+    }
+}

@@ -1,0 +1,712 @@
+//! End-to-end tests of the serving side: a real router (HTTP front end,
+//! health checks, event ingestion) on a free loopback port, in front of
+//! stand-in workers that publish vLLM KV events over real ZMQ PUB sockets,
+//! and a real in-process fabric node for `Subscribe` streams.
+//!
+//! The stand-in worker ([`StandIn`]) is a test double of an OpenAI-compatible
+//! engine worker, to be replaced by the reference engine worker when issue 5
+//! lands: it answers completions with a fixed body naming itself, streams a
+//! fixed SSE sequence, hangs on prompts containing `hang` (so a test can kill
+//! it mid-request), and publishes whatever events the test hands it.
+//!
+//! Tests assert behaviour only; every wait is a bounded poll.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, StatusCode};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kvfabric_router::config::{FabricEndpoint, Settings, WorkerSettings};
+use kvfabric_router::index::HolderId;
+use kvfabric_router::{FABRIC_HOLDER_BASE, RouterHandle, RouterService};
+use parking_lot::Mutex;
+use rmpv::Value as V;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle};
+use zeromq::{PubSocket, Socket, SocketSend, ZmqMessage};
+
+const SSE: &[&str] = &[
+    "data: {\"choices\":[{\"text\":\"a\"}]}\n\n",
+    "data: {\"choices\":[{\"text\":\"b\"}]}\n\n",
+    "data: [DONE]\n\n",
+];
+
+/// Test double of an engine worker (see the module doc).
+struct StandIn {
+    name: String,
+    url: String,
+    accept: JoinHandle<()>,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+    publisher: PubSocket,
+    events: String,
+    seq: u64,
+}
+
+impl StandIn {
+    /// Starts on a free port; `entered` gets the name on every `hang` request.
+    async fn start(name: &str, entered: mpsc::UnboundedSender<String>) -> Result<StandIn> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let me = name.to_string();
+        let complete = move |body: Bytes| {
+            let (me, entered) = (me.clone(), entered.clone());
+            async move {
+                let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if body.windows(4).any(|w| w == b"hang") {
+                    let _ = entered.send(me.clone());
+                    std::future::pending::<()>().await;
+                }
+                if req["stream"] == json!(true) {
+                    let chunks = SSE
+                        .iter()
+                        .map(|c| Ok::<_, std::convert::Infallible>(Bytes::from_static(c.as_bytes())));
+                    return axum::http::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(Body::from_stream(futures::stream::iter(chunks)))
+                        .unwrap();
+                }
+                let out = json!({"object": "text_completion", "worker": me, "choices": [{"text": "ok"}]});
+                axum::http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(out.to_string()))
+                    .unwrap()
+            }
+        };
+        let app = axum::Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .route("/v1/completions", axum::routing::post(complete.clone()))
+            .route("/v1/chat/completions", axum::routing::post(complete));
+        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let c2 = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let t = tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                });
+                c2.lock().push(t.abort_handle());
+            }
+        });
+        let mut publisher = PubSocket::new();
+        let events = publisher.bind("tcp://127.0.0.1:0").await?.to_string();
+        Ok(StandIn {
+            name: name.into(),
+            url,
+            accept,
+            conns,
+            publisher,
+            events,
+            seq: 0,
+        })
+    }
+
+    fn settings(&self, with_events: bool) -> WorkerSettings {
+        WorkerSettings {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            kv_events: with_events.then(|| self.events.clone()),
+            fabric_node: None,
+        }
+    }
+
+    /// Kills the worker: the listener and every connection close at once.
+    fn kill(&self) {
+        self.accept.abort();
+        for c in self.conns.lock().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Publishes raw frames.
+    async fn send_frames(&mut self, frames: Vec<Bytes>) -> Result<()> {
+        let msg = ZmqMessage::try_from(frames).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.publisher.send(msg).await?;
+        Ok(())
+    }
+
+    /// Publishes `payload` with sequence `seq`.
+    async fn publish_seq(&mut self, seq: u64, payload: Vec<u8>) -> Result<()> {
+        self.seq = seq;
+        let frames = vec![
+            Bytes::from_static(b"kv-events"),
+            Bytes::copy_from_slice(&seq.to_be_bytes()),
+            Bytes::from(payload),
+        ];
+        self.send_frames(frames).await
+    }
+
+    /// Publishes `payload` with the next sequence number.
+    async fn publish(&mut self, payload: Vec<u8>) -> Result<()> {
+        let seq = self.seq + 1;
+        self.publish_seq(seq, payload).await
+    }
+}
+
+/// A vLLM `EventBatch` with one `BlockStored` of `tokens` (16 per block).
+fn stored(tokens: &[u32]) -> Vec<u8> {
+    let n = tokens.len() / 16;
+    let ev = V::Array(vec![
+        V::from("BlockStored"),
+        V::Array((0..n as u64).map(|h| V::from(1000 + h)).collect()),
+        V::Nil,
+        V::Array(tokens[..n * 16].iter().map(|&t| V::from(t)).collect()),
+        V::from(16u64),
+    ]);
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &V::Array(vec![V::F64(0.0), V::Array(vec![ev]), V::Nil])).unwrap();
+    out
+}
+
+/// Publishes `tokens` as stored by `w` until the router's index shows them
+/// (a new ZMQ subscription misses what was sent before it was up).
+async fn publish_until_seen(w: &mut StandIn, r: &RouterHandle, holder: HolderId, tokens: &[u32]) -> Result<()> {
+    let want = tokens.len() / 16;
+    for _ in 0..500 {
+        w.publish(stored(tokens)).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if r.router().index().holder_len(holder) >= want {
+            return Ok(());
+        }
+    }
+    bail!("router never saw {}'s events", w.name)
+}
+
+fn base_settings(workers: Vec<WorkerSettings>) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        namespace: "ns".into(),
+        workers,
+        health_interval_ms: 100,
+        health_timeout_ms: 500,
+        request_timeout_ms: 30_000,
+        ..Default::default()
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One request, bounded so a hang fails the test instead of stalling it.
+async fn call(
+    c: &HttpClient,
+    method: Method,
+    url: String,
+    body: impl Into<Bytes>,
+) -> Result<(StatusCode, HeaderMap, String)> {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))?;
+    let fut = async {
+        let r = c.request(req).await?;
+        let (parts, body) = r.into_parts();
+        let bytes = body.collect().await?.to_bytes();
+        anyhow::Ok((
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ))
+    };
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .context("request hung")?
+}
+
+async fn complete(c: &HttpClient, r: &RouterHandle, body: Value) -> Result<(StatusCode, String, String)> {
+    let (s, h, b) = call(c, Method::POST, format!("{}/v1/completions", r.url()), body.to_string()).await?;
+    let worker = h
+        .get("x-kvfabric-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Ok((s, worker, b))
+}
+
+async fn metrics(c: &HttpClient, r: &RouterHandle) -> Result<String> {
+    Ok(call(c, Method::GET, format!("{}/metrics", r.url()), "").await?.2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_to_the_worker_whose_events_show_the_prefix() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let mut a = StandIn::start("a", tx.clone()).await?;
+    let mut b = StandIn::start("b", tx).await?;
+    let r = RouterService::start(base_settings(vec![a.settings(true), b.settings(true)])).await?;
+    let c = client();
+
+    // Token-id prompt whose four blocks only b holds.
+    let ids: Vec<u32> = (0..64).collect();
+    publish_until_seen(&mut b, &r, HolderId(1), &ids).await?;
+    for _ in 0..5 {
+        let (s, w, body) = complete(&c, &r, json!({"model": "m", "prompt": ids, "max_tokens": 4})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "b"), "{body}");
+        assert!(
+            body.contains("\"worker\":\"b\""),
+            "the worker's body comes back: {body}"
+        );
+    }
+    // Text prompt, tokenised byte-level without a tokenizer file: a holds it.
+    let text = "x".repeat(64);
+    let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+    publish_until_seen(&mut a, &r, HolderId(0), &bytes).await?;
+    for _ in 0..5 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": text})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "a"));
+    }
+    let m = metrics(&c, &r).await?;
+    assert!(m.contains("kvfabric_router_decisions_total{worker=\"b\"} 5"), "{m}");
+    assert!(
+        m.contains("kvfabric_router_cached_blocks_total{tier=\"hbm\",worker=\"b\"} 20"),
+        "{m}"
+    );
+    assert!(
+        m.contains("kvfabric_router_prefill_tokens_saved_total{worker=\"a\"} 320"),
+        "{m}"
+    );
+    assert!(
+        m.contains("kvfabric_router_requests_total{route=\"/v1/completions\",status=\"200\"} 10"),
+        "{m}"
+    );
+    assert!(m.contains("kvfabric_router_worker_healthy{worker=\"a\"} 1"), "{m}");
+    assert!(
+        m.contains("kvfabric_router_event_stream_connected{source=\"engine:b\"} 1"),
+        "{m}"
+    );
+    r.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_events_are_counted_and_gaps_resynchronise() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let mut a = StandIn::start("a", tx).await?;
+    let r = RouterService::start(base_settings(vec![a.settings(true)])).await?;
+    let c = client();
+    let ids: Vec<u32> = (0..32).collect();
+    publish_until_seen(&mut a, &r, HolderId(0), &ids).await?;
+    let counters = r.event_counters();
+    let malformed0 = counters.malformed.load(std::sync::atomic::Ordering::Relaxed);
+    // Not msgpack; two frames instead of three; a 3-byte sequence frame.
+    a.publish(b"\xc1\xc1garbage".to_vec()).await?;
+    a.send_frames(vec![Bytes::from_static(b"t"), Bytes::from_static(b"x")])
+        .await?;
+    a.send_frames(vec![
+        Bytes::from_static(b"t"),
+        Bytes::from_static(b"abc"),
+        Bytes::from_static(b"x"),
+    ])
+    .await?;
+    let mut seen = false;
+    for _ in 0..500 {
+        if counters.malformed.load(std::sync::atomic::Ordering::Relaxed) >= malformed0 + 3 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "three malformed messages counted");
+    assert_eq!(r.router().index().holder_len(HolderId(0)), 2, "the index is untouched");
+    let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+    assert_eq!((s, w.as_str()), (StatusCode::OK, "a"), "still serving");
+
+    // Skip five sequence numbers: the worker's entries are dropped, then the
+    // new message applies.
+    let gaps0 = counters.gaps.load(std::sync::atomic::Ordering::Relaxed);
+    let other: Vec<u32> = (500..516).collect();
+    let next = a.seq + 6;
+    a.publish_seq(next, stored(&other)).await?;
+    let mut resynced = false;
+    for _ in 0..500 {
+        if counters.gaps.load(std::sync::atomic::Ordering::Relaxed) > gaps0 {
+            resynced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(resynced, "the gap was detected");
+    assert_eq!(
+        r.router().index().holder_len(HolderId(0)),
+        1,
+        "old blocks dropped, new one applied"
+    );
+    let m = metrics(&c, &r).await?;
+    assert!(m.contains("kvfabric_router_events_total{counter=\"gaps\"} 1"), "{m}");
+    assert!(
+        m.contains("kvfabric_router_events_total{counter=\"malformed\"} 3"),
+        "{m}"
+    );
+    r.shutdown().await;
+    a.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fabric_events_through_a_real_node_influence_routing() -> Result<()> {
+    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
+    let dir = tempfile::tempdir()?;
+    let mut ns = NodeSettings {
+        listen: "127.0.0.1:0".parse()?,
+        metrics_listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    ns.host.capacity = ByteSize(8 << 20);
+    ns.disk.capacity = ByteSize(0);
+    let node = Node::build(ns).await?.start().await?;
+    let fc = kvfabric::client::Client::connect(node.endpoint()).await?;
+    // The namespace exists once something is put in it.
+    fc.put("ns", &b"probe"[..], &b"p"[..], kvfabric::client::Durability::Memory)
+        .await?;
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let b = StandIn::start("b", tx).await?;
+    let mut s = base_settings(vec![a.settings(false), b.settings(false)]);
+    s.fabric = vec![FabricEndpoint {
+        name: "n1".into(),
+        url: node.endpoint(),
+    }];
+    s.workers[1].fabric_node = Some("n1".into());
+    let r = RouterService::start(s).await?;
+    let c = client();
+
+    // Blocks stored in the node under their canonical keys.
+    let ids: Vec<u32> = (0..64).collect();
+    let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), &ids, 16, &[]);
+    let fabric = HolderId(FABRIC_HOLDER_BASE);
+    let mut seen = false;
+    for _ in 0..200 {
+        let objs = keys
+            .iter()
+            .map(|k| kvfabric::client::PutObject::new(k.to_vec(), vec![7u8; 1024]))
+            .collect();
+        fc.put_many("ns", objs, kvfabric::client::Durability::Memory).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if r.router().index().holder_len(fabric) >= 4 {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the router saw the node's stored events");
+    // b is co-located with the node (host-memory bandwidth), a reads over
+    // the network: both reuse the blocks, b more cheaply.
+    for _ in 0..3 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+    }
+    let m = metrics(&c, &r).await?;
+    assert!(
+        m.contains("kvfabric_router_cached_blocks_total{tier=\"host\",worker=\"b\"} 12"),
+        "{m}"
+    );
+    assert!(
+        m.contains("kvfabric_router_event_stream_connected{source=\"fabric:n1\"} 1"),
+        "{m}"
+    );
+    // Deleting the blocks removes them from the index.
+    fc.clear("ns").await?;
+    for _ in 0..500 {
+        if r.router().index().holder_len(fabric) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        r.router().index().holder_len(fabric),
+        0,
+        "removed blocks leave the index"
+    );
+    r.shutdown().await;
+    node.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streaming_sse_passes_through_unchanged() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx).await?;
+    let r = RouterService::start(base_settings(vec![a.settings(false)])).await?;
+    let c = client();
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let body = json!({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+        let (s, h, b) = call(&c, Method::POST, format!("{}{path}", r.url()), body.to_string()).await?;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(h["content-type"], "text/event-stream");
+        assert_eq!(b, SSE.concat(), "{path}");
+    }
+    r.shutdown().await;
+    a.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_request_gives_502_and_later_requests_go_to_the_healthy_one() -> Result<()> {
+    let (tx, mut entered) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let b = StandIn::start("b", tx).await?;
+    let r = Arc::new(RouterService::start(base_settings(vec![a.settings(false), b.settings(false)])).await?);
+    let c = client();
+    let (r2, c2) = (r.clone(), c.clone());
+    let pending = tokio::spawn(async move { complete(&c2, &r2, json!({"prompt": "please hang"})).await });
+    let victim = tokio::time::timeout(Duration::from_secs(30), entered.recv())
+        .await?
+        .context("a worker got the request")?;
+    let (dead, alive) = if victim == "a" { (&a, &b) } else { (&b, &a) };
+    dead.kill();
+    let (s, _, body) = pending.await??;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{body}");
+    let e: Value = serde_json::from_str(&body)?;
+    assert_eq!(e["error"]["code"], "worker_error");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("worker {victim}")),
+        "{body}"
+    );
+    for i in 0..6 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": format!("request {i}")})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, alive.name.as_str()));
+    }
+    assert_eq!(r.healthy_workers(), vec![alive.name.clone()]);
+    // With both gone there is nobody to route to.
+    alive.kill();
+    let mut down = false;
+    for _ in 0..300 {
+        if r.healthy_workers().is_empty() {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(down, "the health checker took the last worker out");
+    let (s, _, body) = complete(&c, &r, json!({"prompt": "x"})).await?;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("no_healthy_worker"));
+    let (s, _, _) = call(&c, Method::GET, format!("{}/health", r.url()), "").await?;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_http_requests_get_openai_style_4xx() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx).await?;
+    let mut s = base_settings(vec![a.settings(false)]);
+    s.models = vec!["tiny".into()];
+    s.max_body_size = kvfabric_router::config::ByteSize(1024);
+    let r = RouterService::start(s).await?;
+    let c = client();
+    let url = |p: &str| format!("{}{p}", r.url());
+    let big = json!({"model": "tiny", "prompt": "y".repeat(2000)}).to_string();
+    for (path, body, status, param, code) in [
+        (
+            "/v1/completions",
+            "{not json".to_string(),
+            400,
+            Value::Null,
+            Value::Null,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny"}).to_string(),
+            400,
+            json!("prompt"),
+            Value::Null,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": {"a": 1}}).to_string(),
+            400,
+            json!("prompt"),
+            Value::Null,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "stream": 1}).to_string(),
+            400,
+            json!("stream"),
+            Value::Null,
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x"}).to_string(),
+            400,
+            json!("model"),
+            Value::Null,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "huge", "prompt": "x"}).to_string(),
+            404,
+            json!("model"),
+            json!("model_not_found"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": 3}).to_string(),
+            400,
+            json!("messages"),
+            Value::Null,
+        ),
+        ("/v1/completions", big, 413, Value::Null, json!("request_too_large")),
+        ("/v2/nothing", "{}".to_string(), 404, Value::Null, json!("unknown_url")),
+    ] {
+        let (s, h, b) = call(&c, Method::POST, url(path), body.clone()).await?;
+        assert_eq!(s.as_u16(), status, "{path} {b}");
+        assert_eq!(h["content-type"], "application/json");
+        let e: Value = serde_json::from_str(&b).with_context(|| b.clone())?;
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{b}");
+        assert_eq!(e["error"]["param"], param, "{b}");
+        assert_eq!(e["error"]["code"], code, "{b}");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (s, _, b) = call(&c, Method::GET, url("/v1/models"), "").await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(serde_json::from_str::<Value>(&b)?["data"][0]["id"], "tiny");
+    let (s, _, _) = complete(&c, &r, json!({"model": "tiny", "prompt": "fine"})).await?;
+    assert_eq!(s, StatusCode::OK, "the router still serves");
+    let m = metrics(&c, &r).await?;
+    assert!(
+        m.contains("kvfabric_router_requests_total{route=\"/v1/completions\",status=\"400\"} 5"),
+        "{m}"
+    );
+    r.shutdown().await;
+    a.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn approximate_mode_follows_its_own_decisions() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let b = StandIn::start("b", tx).await?;
+    let mut s = base_settings(vec![a.settings(false), b.settings(false)]);
+    s.approximate = true;
+    let r = RouterService::start(s).await?;
+    let c = client();
+    let ids: Vec<u32> = (0..160).collect();
+    let (_, first, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+    let holder = HolderId(if first == "a" { 0 } else { 1 });
+    assert_eq!(
+        r.router().index().holder_len(holder),
+        10,
+        "the decision is recorded as cached"
+    );
+    for _ in 0..5 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+        assert_eq!((s, w), (StatusCode::OK, first.clone()));
+    }
+    r.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn text_prompts_use_the_configured_tokenizer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(
+        &path,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1, "world": 2}, "unk_token": "[UNK]"}}"#,
+    )?;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let mut b = StandIn::start("b", tx).await?;
+    let mut s = base_settings(vec![a.settings(true), b.settings(true)]);
+    s.tokenizer = Some(path);
+    let r = RouterService::start(s).await?;
+    let c = client();
+    // 32 words = two blocks of ids [1, 2, 1, 2, ...].
+    let ids: Vec<u32> = (0..32).map(|i| 1 + (i % 2)).collect();
+    publish_until_seen(&mut b, &r, HolderId(1), &ids).await?;
+    let text = vec!["hello world"; 16].join(" ");
+    for _ in 0..4 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": text})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+    }
+    r.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binary_serves_and_rejects_bad_settings() -> Result<()> {
+    let bin = env!("CARGO_BIN_EXE_kvfabric-router");
+    // A bad value stops it with a message naming the setting.
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("router.toml");
+    std::fs::write(&cfg, "health-interval-ms = 1\n")?;
+    let out = tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("RUST_LOG")
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("health-interval-ms"),
+        "{out:?}"
+    );
+
+    // A good one serves: flags add a worker and a fabric node (unreachable:
+    // the subscription retries in the background without blocking serving).
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx).await?;
+    let mut child = tokio::process::Command::new(bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--fabric",
+            "n1=http://127.0.0.1:1",
+            "--worker",
+        ])
+        .arg(format!("a={}", a.url))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await??
+        .context("the router printed its address")?;
+    let url = line.rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let c = client();
+    let (s, _, b) = call(&c, Method::GET, format!("{url}/health"), "").await?;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, h, _) = call(
+        &c,
+        Method::POST,
+        format!("{url}/v1/completions"),
+        json!({"prompt": [1, 2]}).to_string(),
+    )
+    .await?;
+    assert_eq!(
+        (s, &h["x-kvfabric-worker"]),
+        (StatusCode::OK, &"a".parse::<axum::http::HeaderValue>()?)
+    );
+    child.kill().await?;
+    a.kill();
+    Ok(())
+}
