@@ -67,6 +67,26 @@ fn shard_of(b: BlockId) -> usize {
 
 type BlockMap = HashMap<BlockId, Holders, IdBuild>;
 
+/// Takes a shard's write lock without ever parking: a writer that parked
+/// behind a lookup would make that lookup pay a futex wake-up (tens of
+/// microseconds) when it releases its read locks. Lookups hold them for a
+/// few microseconds, so spinning, then yielding, costs the writer less.
+#[inline]
+fn write_spinning(lock: &RwLock<BlockMap>) -> parking_lot::RwLockWriteGuard<'_, BlockMap> {
+    let mut spins = 0u32;
+    loop {
+        if let Some(g) = lock.try_write() {
+            return g;
+        }
+        spins += 1;
+        if spins < 128 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// The concurrent prefix index (see the module doc).
 pub struct ShardedIndex {
     shards: Box<[RwLock<BlockMap>]>,
@@ -96,7 +116,7 @@ impl ShardedIndex {
     /// empty result removes the holder, and the block once nobody holds it.
     #[inline]
     fn update(&self, b: BlockId, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
-        let mut shard = self.shards[shard_of(b)].write();
+        let mut shard = write_spinning(&self.shards[shard_of(b)]);
         match shard.get_mut(&b) {
             Some(hs) => match hs.binary_search_by_key(&holder, |e| e.0) {
                 Ok(i) => {
