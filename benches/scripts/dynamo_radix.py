@@ -1,11 +1,11 @@
 """Dynamo's Python-exposed RadixTree (pip ai-dynamo-runtime) on the same
 workload shape as `kvfabric-bench index` (see benches/src/index.rs):
 chains of DEPTH blocks (shared prefix of DEPTH/2 from 1024 prefixes + a
-unique suffix), stored in events of 16 blocks, each worker evicting its
+unique suffix), stored in events of event_blocks blocks, each worker evicting its
 oldest chain's suffix once over its share of BLOCKS pairs.
 
-Run by `kvfabric-bench index --with-dynamo`; args: workers blocks depth
-events lookups seed. Prints one JSON object. Event encoding (JSON, Dynamo's
+Run by `kvfabric-bench index --with-dynamo`; args: workers blocks event_blocks
+depth events lookups seed. Prints one JSON object. Event encoding (JSON, Dynamo's
 KvCacheEvent) happens before the clock starts; since the tree applies
 events on a background thread, the timed phase ends with a synchronous
 find_matches so every queued event is counted.
@@ -18,12 +18,11 @@ from collections import deque
 
 import dynamo._core as core
 
-EVENT_BLOCKS = 16
 PREFIXES = 1024
 
 
 def main():
-    workers, blocks, depth, n_events, n_lookups, seed = map(int, sys.argv[1:7])
+    workers, blocks, event_blocks, depth, n_events, n_lookups, seed = map(int, sys.argv[1:8])
     rng = random.Random(seed)
     rid = lambda: rng.getrandbits(63)  # noqa: E731
     prefixes = [[rid() for _ in range(depth // 2)] for _ in range(PREFIXES)]
@@ -40,8 +39,8 @@ def main():
         w = rng.randrange(workers)
         chain = prefixes[rng.randrange(PREFIXES)] + [rid() for _ in range(depth - depth // 2)]
         parent = None
-        for i in range(0, len(chain), EVENT_BLOCKS):
-            part = chain[i : i + EVENT_BLOCKS]
+        for i in range(0, len(chain), event_blocks):
+            part = chain[i : i + event_blocks]
             blocks_ = [{"block_hash": h, "tokens_hash": h} for h in part]
             out.append((w, enc({"stored": {"parent_hash": parent, "blocks": blocks_}}), len(part)))
             parent = part[-1]
@@ -50,8 +49,8 @@ def main():
         while held_n[w] > per_worker and held[w]:
             old = held[w].popleft()
             suffix = old[depth // 2 :]
-            for i in range(0, len(suffix), EVENT_BLOCKS):
-                part = suffix[i : i + EVENT_BLOCKS]
+            for i in range(0, len(suffix), event_blocks):
+                part = suffix[i : i + event_blocks]
                 out.append((w, enc({"removed": {"block_hashes": part}}), len(part)))
             held_n[w] -= len(old)
 

@@ -5,9 +5,9 @@
 //! Workload, per worker count W (default 16, 64, 256): requests are chains
 //! of `--depth` blocks (default 64), a shared prefix of depth/2 blocks drawn
 //! from 1024 prefixes plus a unique suffix. Each worker stores the chains
-//! routed to it in events of 16 blocks; once it holds more than its share
+//! routed to it in events of `--event-blocks` blocks (default 16); once it holds more than its share
 //! of `--blocks` (default 1M (worker, block) pairs in all), every new chain
-//! evicts its oldest chain's suffix (two remove events of 16 blocks): heavy
+//! evicts its oldest chain's suffix (remove events of the same size): heavy
 //! eviction at steady state. The index is first filled to ~`--blocks`
 //! pairs, then:
 //!
@@ -30,7 +30,6 @@ use hdrhistogram::Histogram;
 use kvfabric_bench::latency::{format_ns, histogram, record};
 use kvfabric_router::index::{BlockId, ChainMatch, HolderId, PrefixIndex, ShardedIndex, Tier};
 
-const EVENT_BLOCKS: usize = 16;
 const PREFIXES: usize = 1024;
 
 /// Options of `kvfabric-bench index`.
@@ -45,6 +44,10 @@ pub(crate) struct IndexOpts {
     /// Blocks per request chain (also the lookup depth); even, >= 2.
     #[arg(long, default_value_t = 64)]
     depth: usize,
+    /// Blocks per store/remove event (vLLM sends a request's new blocks in
+    /// one event; 1 makes every block its own event).
+    #[arg(long, default_value_t = 16)]
+    event_blocks: usize,
     /// Timed events per run.
     #[arg(long, default_value_t = 2_000_000)]
     events: usize,
@@ -118,10 +121,11 @@ struct Fleet {
     held_blocks: Vec<usize>,
     per_worker: usize,
     depth: usize,
+    event_blocks: usize,
 }
 
 impl Fleet {
-    fn new(workers: usize, blocks: usize, depth: usize, seed: u64) -> Self {
+    fn new(workers: usize, blocks: usize, depth: usize, event_blocks: usize, seed: u64) -> Self {
         let mut rng = Rng(seed);
         let prefixes = (0..PREFIXES)
             .map(|_| (0..depth / 2).map(|_| rng.id()).collect())
@@ -133,6 +137,7 @@ impl Fleet {
             held_blocks: vec![0; workers],
             per_worker: (blocks / workers).max(depth),
             depth,
+            event_blocks,
         }
     }
 
@@ -142,7 +147,7 @@ impl Fleet {
         let p = self.rng.below(self.prefixes.len());
         let mut chain = self.prefixes[p].clone();
         chain.extend((0..self.depth - self.depth / 2).map(|_| self.rng.id()));
-        for part in chain.chunks(EVENT_BLOCKS) {
+        for part in chain.chunks(self.event_blocks) {
             out.push(Ev::Store(HolderId(w as u32), part.to_vec()));
         }
         self.held_blocks[w] += chain.len();
@@ -153,7 +158,7 @@ impl Fleet {
             // the unique suffix only (prefix blocks are re-stored by later
             // requests anyway).
             let suffix = &old[self.depth / 2..];
-            for part in suffix.chunks(EVENT_BLOCKS) {
+            for part in suffix.chunks(self.event_blocks) {
                 out.push(Ev::Remove(HolderId(w as u32), part.to_vec()));
             }
             self.held_blocks[w] -= old.len();
@@ -211,7 +216,7 @@ fn lookups(
 
 fn run_ours(o: &IndexOpts, workers: usize) -> anyhow::Result<Row> {
     let ix: Arc<ShardedIndex> = Arc::new(ShardedIndex::new());
-    let mut fleet = Fleet::new(workers, o.blocks, o.depth, o.seed);
+    let mut fleet = Fleet::new(workers, o.blocks, o.depth, o.event_blocks, o.seed);
     // Fill to steady state (every worker at its share).
     let mut evs = Vec::new();
     // (Each worker stays within a chain of its share, so stop one chain per
@@ -332,6 +337,7 @@ fn run_dynamo(o: &IndexOpts, workers: usize) -> anyhow::Result<Row> {
         .args([
             workers.to_string(),
             o.blocks.to_string(),
+            o.event_blocks.to_string(),
             o.depth.to_string(),
             events.to_string(),
             lookups.to_string(),
@@ -358,6 +364,17 @@ fn run_dynamo(o: &IndexOpts, workers: usize) -> anyhow::Result<Row> {
     })
 }
 
+/// The tiny index run of `kvfabric-bench --smoke`.
+pub(crate) fn smoke() -> anyhow::Result<()> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        o: IndexOpts,
+    }
+    run(Wrap::parse_from(["index", "--smoke"]).o)
+}
+
 /// Runs `kvfabric-bench index`.
 pub(crate) fn run(mut o: IndexOpts) -> anyhow::Result<()> {
     if o.smoke {
@@ -371,6 +388,9 @@ pub(crate) fn run(mut o: IndexOpts) -> anyhow::Result<()> {
     }
     if o.workers.is_empty() || o.workers.contains(&0) {
         bail!("--workers must list counts above zero");
+    }
+    if o.event_blocks == 0 {
+        bail!("--event-blocks must be above zero");
     }
     if o.events == 0 || o.lookups == 0 {
         bail!("--events and --lookups must be above zero");
@@ -388,7 +408,7 @@ pub(crate) fn run(mut o: IndexOpts) -> anyhow::Result<()> {
     if !o.json {
         println!(
             "(depth {}, {} events of {} blocks timed per run, lookups of resident chains; busy = while another thread applies events)",
-            o.depth, o.events, EVENT_BLOCKS
+            o.depth, o.events, o.event_blocks
         );
     }
     Ok(())

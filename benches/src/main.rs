@@ -363,6 +363,7 @@ fn run(mode: &str, opts: Opts) -> anyhow::Result<()> {
     }
     if o.smoke {
         replay::smoke().context("replay smoke run")?;
+        index::smoke().context("index smoke run")?;
     }
     eprintln!("# done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
