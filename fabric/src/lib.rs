@@ -10,6 +10,7 @@
 pub mod client;
 pub mod hash;
 pub mod local;
+pub mod size;
 pub mod transport;
 pub mod validate;
 

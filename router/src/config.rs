@@ -5,7 +5,6 @@
 //! [`Settings::validate`] runs at load, so a bad value stops the router with a
 //! message naming the setting.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -33,66 +32,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A byte size: a plain number of bytes or a number with a unit
-/// (`KiB`/`MiB`/`GiB` = powers of 1024, `KB`/`MB`/`GB` = of 1000). The same
-/// syntax as the fabric node's settings.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let unit = unit.trim().to_ascii_lowercase();
-        let mult: u64 = match unit.as_str() {
-            "" | "b" => 1,
-            "k" | "kib" => 1 << 10,
-            "m" | "mib" => 1 << 20,
-            "g" | "gib" => 1 << 30,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?} (use e.g. 4MiB)")),
-        };
-        let n: f64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected a number with a unit, e.g. 4MiB"))?;
-        let v = n * mult as f64;
-        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-            return Err(format!("invalid size {s:?}: out of range"));
-        }
-        Ok(ByteSize(v as u64))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = self.0;
-        for (unit, m) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if v >= m && v.is_multiple_of(m) {
-                return write!(f, "{}{unit}", v / m);
-            }
-        }
-        write!(f, "{v}B")
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
+pub use kvfabric::size::ByteSize;
 
 /// One fabric node whose `Subscribe` stream the router follows.
 #[derive(Clone, Debug, PartialEq, Eq)]
