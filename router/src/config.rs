@@ -363,6 +363,7 @@ mod tests {
             approximate = true
             [cost]
             temperature = 0.5
+            reach = "colocated"
             [cost.bandwidth]
             host = 1e10
             [[workers]]
@@ -377,6 +378,7 @@ mod tests {
         assert_eq!(s.fabric[1].name, "b");
         assert_eq!(s.max_body_size, ByteSize(1 << 20));
         assert_eq!(s.cost.temperature, 0.5);
+        assert_eq!(s.cost.reach, crate::score::Reach::Colocated);
         assert_eq!(s.cost.bandwidth.host, 1e10);
         assert_eq!(s.workers[0].fabric_node.as_deref(), Some("b"));
     }

@@ -7,8 +7,9 @@
 //! What a worker can reach: its own block pool (engine events: HBM, or host
 //! memory when the engine offloads), and every fabric node (fabric events:
 //! every tier). A fabric node co-located with the worker is read at that
-//! tier's bandwidth; any other at most at the network's. Other workers' own
-//! pools are not reachable. With [`Scope::HbmOnly`] the model sees only the
+//! tier's bandwidth; any other at most at the network's, or not at all with
+//! [`Reach::Colocated`] (single nodes per host, no cluster). Other workers'
+//! own pools are not reachable. With [`Scope::HbmOnly`] the model sees only the
 //! worker's own HBM blocks, which is what Dynamo's router scores.
 
 use rand::Rng;
@@ -25,6 +26,19 @@ pub enum Scope {
     AllTiers,
     /// Only blocks in the worker's own HBM.
     HbmOnly,
+}
+
+/// Which fabric nodes a worker reads from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reach {
+    /// Every fabric node: the nodes form one cluster, and a node on another
+    /// host is read over the network (default).
+    #[default]
+    Any,
+    /// Only the node on the worker's own host: independent single nodes,
+    /// one per host (a worker with none reaches no fabric).
+    Colocated,
 }
 
 /// Read bandwidths in bytes per second, per tier, as seen by a worker on the
@@ -110,6 +124,8 @@ pub struct CostSettings {
     pub temperature: f64,
     /// Which cached blocks count.
     pub scope: Scope,
+    /// Which fabric nodes a worker can read.
+    pub reach: Reach,
 }
 
 impl Default for CostSettings {
@@ -122,6 +138,7 @@ impl Default for CostSettings {
             weights: Weights::default(),
             temperature: 0.0,
             scope: Scope::AllTiers,
+            reach: Reach::Any,
         }
     }
 }
@@ -252,7 +269,9 @@ pub fn score(
                     }),
                     Scope::AllTiers if fabric.binary_search(&e.holder).is_ok() => {
                         let local = c.colocated == Some(e.holder);
-                        e.tiers.fastest().map(|t| (s.load_cost(t, local), t))
+                        (local || s.reach == Reach::Any)
+                            .then(|| e.tiers.fastest().map(|t| (s.load_cost(t, local), t)))
+                            .flatten()
                     }
                     Scope::AllTiers => None,
                 };
@@ -385,6 +404,33 @@ mod tests {
         assert!((sc[1].prefill_cost - (5.0 + 4.0 * host_remote)).abs() < 1e-9);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         assert_eq!(choose(&sc, 0.0, &mut rng), Some(0));
+    }
+
+    #[test]
+    fn colocated_reach_counts_only_the_node_on_the_workers_host() {
+        let s = CostSettings {
+            reach: Reach::Colocated,
+            ..Default::default()
+        };
+        const G: HolderId = HolderId(101);
+        // Blocks 0-2 on node F (W1's host), 0 on node G (W2's host).
+        let m = ChainMatch {
+            depth: 3,
+            entries: vec![
+                entry(0, F, Tier::Host),
+                entry(0, G, Tier::Host),
+                entry(1, F, Tier::Host),
+                entry(2, F, Tier::Host),
+            ],
+        };
+        let cands = [cand(W1, Some(F)), cand(W2, Some(G)), cand(HolderId(3), None)];
+        let sc = score(&s, &m, 3 * 16, &cands, &[F, G]);
+        assert_eq!(sc[0].blocks_by_tier, [0, 3, 0, 0]);
+        assert_eq!(sc[1].blocks_by_tier, [0, 1, 0, 0], "node F is out of W2's reach");
+        assert_eq!(sc[2].cached_blocks, 0, "no node on its host: no fabric");
+        let any = score(&CostSettings::default(), &m, 3 * 16, &cands, &[F, G]);
+        assert_eq!(any[1].blocks_by_tier, [0, 3, 0, 0]);
+        assert_eq!(any[2].blocks_by_tier, [0, 3, 0, 0]);
     }
 
     #[test]

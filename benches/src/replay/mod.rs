@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! cargo run --release -p kvfabric-bench -- replay --trace ../shared/data/conversation_trace.jsonl
-//!     [--workers 8] [--time-scale X] [--limit N] [--seed S] [--json] [--plot FILE.png | --no-plot]
+//!     [--workers 8] [--workers-per-host 8] [--reach any|colocated] [--time-scale X]
+//!     [--limit N] [--seed S] [--json] [--plot FILE.png | --no-plot]
 //! ```
 //!
 //! - [`trace`]: parsing, block identity, the infinite-cache bound;
@@ -35,7 +36,9 @@
 //! of KV per token in bf16), not the shipped trace: 300k tokens (~37 GiB)
 //! of HBM per GPU left for cached prefixes, 1 TiB of host memory and 16 TiB
 //! of NVMe for the fabric node co-located with all eight workers (DGX-class
-//! hosts carry 2 TiB of DRAM and ~30 TB of NVMe), an unbounded object tier,
+//! hosts carry 2 TiB of DRAM and ~30 TB of NVMe; with `--workers-per-host`
+//! each host's node gets 128 GiB and 2 TiB per worker on it), an unbounded
+//! object tier,
 //! the router's default bandwidths (host 20 GB/s, disk 5 GB/s, object
 //! 1 GB/s, network 12.5 GB/s), 20 ms per output token, 8192-token prefill
 //! batches (vLLM's default batch budget). The router converts load times
@@ -52,13 +55,29 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use kvfabric::server::ByteSize;
-use kvfabric_router::score::{Bandwidths, CostSettings};
+use kvfabric_router::score::{Bandwidths, CostSettings, Reach};
 
 use sim::{Policy, PrefillModel, RunResult, SimConfig};
 use trace::Trace;
 
+/// Default workers per host (see the module doc).
+const DEFAULT_WORKERS_PER_HOST: usize = 8;
+/// Default host-memory tier per worker on a host: 128 GiB.
+const HOST_BYTES_PER_WORKER: u64 = 128 << 30;
+/// Default NVMe tier per worker on a host: 2 TiB.
+const DISK_BYTES_PER_WORKER: u64 = 2 << 40;
+
 /// Where the smoke run finds its trace: the committed sample.
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/conversation_trace_sample.jsonl");
+
+/// `--reach`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReachArg {
+    /// Every node.
+    Any,
+    /// The node on the worker's host.
+    Colocated,
+}
 
 /// Options of `kvfabric-bench replay`.
 #[derive(Args, Debug, Clone)]
@@ -72,6 +91,9 @@ pub(crate) struct ReplayOpts {
     /// Simulated workers (one GPU and engine each).
     #[arg(long, default_value_t = 8)]
     workers: usize,
+    /// Workers (GPUs) per host; each host runs one fabric node its workers share.
+    #[arg(long, default_value_t = DEFAULT_WORKERS_PER_HOST)]
+    workers_per_host: usize,
     /// Tokens per trace block (hash id); also the router's block size.
     #[arg(long, default_value_t = 512)]
     block_tokens: u64,
@@ -81,13 +103,15 @@ pub(crate) struct ReplayOpts {
     /// Each worker's HBM left for cached prefixes, in tokens (300k x 128 KiB ~ 37 GiB).
     #[arg(long, default_value_t = 300_000)]
     hbm_tokens: u64,
-    /// Fabric host-memory tier capacity (0 disables the tier).
-    #[arg(long, default_value = "1TiB")]
-    host_capacity: ByteSize,
-    /// Fabric NVMe tier capacity (0 disables the tier).
-    #[arg(long, default_value = "16TiB")]
-    disk_capacity: ByteSize,
-    /// Fabric object tier capacity [default: unbounded] (0 disables the tier).
+    /// Host-memory tier of each fabric node (0 disables the tier) [default:
+    /// 128GiB per worker on the host].
+    #[arg(long)]
+    host_capacity: Option<ByteSize>,
+    /// NVMe tier of each fabric node (0 disables the tier) [default: 2TiB
+    /// per worker on the host].
+    #[arg(long)]
+    disk_capacity: Option<ByteSize>,
+    /// Object tier capacity of each fabric node [default: unbounded] (0 disables the tier).
     #[arg(long)]
     object_capacity: Option<ByteSize>,
     /// Host-memory read bandwidth into a GPU, GB/s.
@@ -102,9 +126,14 @@ pub(crate) struct ReplayOpts {
     /// Network bandwidth between hosts, GB/s (caps reads with --remote-fabric).
     #[arg(long, default_value_t = Bandwidths::default().network / 1e9)]
     network_gbps: f64,
-    /// Put the fabric node on another host: every read is capped at the network bandwidth.
+    /// Put the fabric nodes on other hosts: every read is capped at the network bandwidth.
     #[arg(long)]
     remote_fabric: bool,
+    /// Which fabric nodes a worker reads: `any` (one cluster; other hosts'
+    /// nodes over the network) or `colocated` (independent single nodes:
+    /// only the one on its host).
+    #[arg(long, value_enum, default_value_t = ReachArg::Any)]
+    reach: ReachArg,
     /// Decode time per output token, ms.
     #[arg(long, default_value_t = 20.0)]
     decode_ms_per_token: f64,
@@ -155,6 +184,9 @@ impl ReplayOpts {
         if self.workers == 0 || self.workers > 4096 {
             bail!("--workers must be 1..=4096");
         }
+        if self.workers_per_host == 0 || self.workers_per_host > self.workers {
+            bail!("--workers-per-host must be 1..=--workers ({})", self.workers);
+        }
         if self.block_tokens == 0 {
             bail!("--block-tokens must be above zero");
         }
@@ -194,6 +226,15 @@ impl ReplayOpts {
         Ok(())
     }
 
+    /// Each fabric node's host-memory and NVMe capacities.
+    fn node_capacities(&self) -> (ByteSize, ByteSize) {
+        let per_host = self.workers_per_host as u64;
+        (
+            self.host_capacity.unwrap_or(ByteSize(HOST_BYTES_PER_WORKER * per_host)),
+            self.disk_capacity.unwrap_or(ByteSize(DISK_BYTES_PER_WORKER * per_host)),
+        )
+    }
+
     fn config(&self) -> anyhow::Result<SimConfig> {
         let prefill = PrefillModel::default();
         let block_bytes = self.block_tokens * self.kv_bytes_per_token.0;
@@ -215,18 +256,20 @@ impl ReplayOpts {
         cost.validate()
             .map_err(anyhow::Error::msg)
             .context("router cost settings")?;
+        let (host, disk) = self.node_capacities();
         Ok(SimConfig {
             workers: self.workers,
+            workers_per_host: self.workers_per_host,
             block_tokens: self.block_tokens,
             kv_bytes_per_token: self.kv_bytes_per_token.0,
             hbm_blocks: (self.hbm_tokens / self.block_tokens) as usize,
-            fabric_blocks: [
-                Some(blocks(self.host_capacity)),
-                Some(blocks(self.disk_capacity)),
-                self.object_capacity.map(blocks),
-            ],
+            fabric_blocks: [Some(blocks(host)), Some(blocks(disk)), self.object_capacity.map(blocks)],
             bandwidth,
             colocated: !self.remote_fabric,
+            reach: match self.reach {
+                ReachArg::Any => Reach::Any,
+                ReachArg::Colocated => Reach::Colocated,
+            },
             decode_ms_per_token: self.decode_ms_per_token,
             max_batch_tokens: self.max_batch_tokens,
             prefill,
@@ -258,10 +301,11 @@ pub(crate) fn run(o: ReplayOpts) -> anyhow::Result<()> {
     let trace = Trace::load(&o.trace, o.block_tokens, o.limit)?;
     let block_bytes = (o.block_tokens * o.kv_bytes_per_token.0) as f64;
     let distinct = trace.distinct_blocks();
-    let fabric_bytes = o.host_capacity.0 as f64 + o.disk_capacity.0 as f64;
+    let (host, disk) = o.node_capacities();
+    let fabric_bytes = (host.0 as f64 + disk.0 as f64) * cfg.hosts() as f64;
     eprintln!(
         "# replay {}: {} requests over {:.1} min, {} prompt tokens; working set {} blocks = {:.2} TB \
-         (host+disk {:.2} TB: {}); {} workers x {} HBM tokens",
+         (host+disk {:.2} TB over {} fabric nodes: {}); {} workers ({} per host) x {} HBM tokens",
         o.trace.display(),
         trace.requests.len(),
         trace.duration_ms() / 60e3,
@@ -269,12 +313,14 @@ pub(crate) fn run(o: ReplayOpts) -> anyhow::Result<()> {
         distinct,
         distinct as f64 * block_bytes / 1e12,
         fabric_bytes / 1e12,
+        cfg.hosts(),
         if fabric_bytes >= distinct as f64 * block_bytes {
             "holds it"
         } else {
             "smaller"
         },
         o.workers,
+        o.workers_per_host,
         o.hbm_tokens,
     );
     if trace.length_mismatches > 0 {

@@ -6,7 +6,8 @@
 //! Hit rates are fractions of all prompt tokens: `hit_rate` = 1 -
 //! prefill tokens / prompt tokens, and `hit_rate_<tier>` the tokens served
 //! from that tier (HBM: already in the chosen worker's GPU; host / disk /
-//! object: loaded from the fabric for this request).
+//! object: loaded from the fabric for this request); `remote` the part of
+//! those fabric hits read from a node on another host.
 
 use std::fmt::Write;
 
@@ -38,6 +39,7 @@ pub(crate) struct Summary {
     pub(crate) e2e: [f64; 2],
     pub(crate) hit_rate: f64,
     pub(crate) tier_rates: [f64; 4],
+    pub(crate) remote_rate: f64,
 }
 
 pub(crate) fn summary(r: &RunResult) -> Summary {
@@ -49,6 +51,7 @@ pub(crate) fn summary(r: &RunResult) -> Summary {
         e2e: [percentile(&e, 0.5), percentile(&e, 0.99)],
         hit_rate: 1.0 - r.prefill_tokens() as f64 / total,
         tier_rates: r.hit_tokens.map(|n| n as f64 / total),
+        remote_rate: r.remote_tokens as f64 / total,
     }
 }
 
@@ -99,6 +102,7 @@ pub(crate) fn json(r: &RunResult, o: &Outcome) -> String {
         "hit_rate_host": s.tier_rates[Tier::Host as usize],
         "hit_rate_disk": s.tier_rates[Tier::Disk as usize],
         "hit_rate_object": s.tier_rates[Tier::Object as usize],
+        "hit_rate_remote": s.remote_rate,
     })
     .to_string()
 }
@@ -108,7 +112,7 @@ pub(crate) fn table(o: &Outcome) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
         "policy",
         "ttft p50",
         "p90",
@@ -122,6 +126,7 @@ pub(crate) fn table(o: &Outcome) -> String {
         "host",
         "disk",
         "object",
+        "remote",
         "busy",
     );
     let pct = |x: f64| format!("{:.1}%", x * 100.0);
@@ -136,7 +141,7 @@ pub(crate) fn table(o: &Outcome) -> String {
         let s = summary(r);
         let _ = writeln!(
             t,
-            "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
+            "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
             r.policy.name(),
             ms(s.ttft[0]),
             ms(s.ttft[1]),
@@ -153,6 +158,7 @@ pub(crate) fn table(o: &Outcome) -> String {
             pct(s.tier_rates[1]),
             pct(s.tier_rates[2]),
             pct(s.tier_rates[3]),
+            pct(s.remote_rate),
             pct(r.utilization()),
         );
     }
@@ -184,6 +190,7 @@ mod tests {
             e2e_ms: (1..=100).map(|x| f64::from(x) * 2.0).collect(),
             computed: vec![10; 100],
             hit_tokens: [500, 250, 250, 0],
+            remote_tokens: 100,
             input_tokens: 2000,
             busy_ms: 80.0,
             span_ms: 100.0,
@@ -218,6 +225,7 @@ mod tests {
         assert_eq!(v["bound_prefill_tokens"], 900);
         assert_eq!(v["hit_rate"], 0.5);
         assert_eq!(v["hit_rate_host"], 0.125);
+        assert_eq!(v["hit_rate_remote"], 0.05);
         let t = table(&o);
         assert!(t.contains("round-robin") && t.contains("kv-tier-aware") && t.contains("inf-cache"));
         assert!(scale_line(&o).contains("time scale 0.5000") && scale_line(&o).contains("80.0% busy"));

@@ -1,16 +1,20 @@
-//! The discrete-event simulation: a cluster of simulated workers sharing
-//! one fabric node, in virtual time, with the real [`Router`] and its
-//! [`ShardedIndex`] in the loop.
+//! The discrete-event simulation: a cluster of simulated workers on one or
+//! more hosts, each host with its own fabric node, in virtual time, with the
+//! real [`Router`] and its [`ShardedIndex`] in the loop.
 //!
 //! **Workers.** Each has its own HBM block cache (an LRU of full blocks)
 //! and two pipelined stages:
 //!
 //! 1. a *load* stage (its PCIe / NVMe path; one request at a time, FIFO):
 //!    on arrival the worker walks the request's reusable chain (see
-//!    [`super::trace`]); blocks in its own HBM are hits, the next ones the
-//!    fabric holds are loaded, and the walk stops at the first block nobody
-//!    has. Loading takes `block bytes / bandwidth` per block, at the fabric
-//!    tier's bandwidth (capped at the network's when the fabric is remote).
+//!    [`super::trace`]); blocks in its own HBM are hits, the next ones some
+//!    fabric node holds are loaded, and the walk stops at the first block
+//!    nobody has. Loading takes `block bytes / bandwidth` per block, at the
+//!    tier's bandwidth from the node on the worker's own host, capped at the
+//!    network's from any other node (or from every node with
+//!    `--remote-fabric`); of several copies the fastest is read. With
+//!    [`Reach::Colocated`] (independent single nodes, no cluster) a worker
+//!    reads only the node on its own host.
 //!    Like the LMCache and Mooncake connectors, a worker loads every hit it
 //!    can reach; loads cost the request latency but no GPU time. Loaded
 //!    blocks enter the worker's HBM when the load finishes.
@@ -23,8 +27,10 @@
 //!    since arrival do not). The batch takes `a*N^2 + b*N + c` ms for N
 //!    uncached tokens in it. The first token of every request in the batch
 //!    comes out when it ends (TTFT); all its full blocks then enter the
-//!    worker's HBM and every block it computed is written to the fabric (as
-//!    an engine with a fabric connector does).
+//!    worker's HBM and every block it computed is written to the fabric node
+//!    on its host (as an engine with a fabric connector does; write-local
+//!    placement, as Mooncake's preferred segment and LMCache's local
+//!    backend do).
 //!
 //! Decode runs beside prefill (continuous batching on the same GPU is
 //! folded into the fixed per-token time): a request finishes
@@ -34,10 +40,14 @@
 //! take HBM cache room (a cache-only model: the capacity flag is what is
 //! left for cached prefixes).
 //!
-//! **Fabric.** One node with host, disk and object tiers, each an LRU
-//! holding a block in exactly one tier: a put goes to the fastest enabled
-//! tier, an eviction demotes to the next one down (the last one drops), a
-//! load from a lower tier promotes the block to host.
+//! **Fabric.** One node per host (`workers_per_host` workers share it), each
+//! with host, disk and object tiers, each an LRU holding a block in exactly
+//! one tier: a put goes to the fastest enabled tier, an eviction demotes to
+//! the next one down (the last one drops), a load from a lower tier promotes
+//! the block to that node's host tier. A node's object tier stands for its
+//! part of one shared bucket: reading it costs the object bandwidth from
+//! any host. Nodes serve each other's workers (one fabric); a read from
+//! another host does not copy the block.
 //!
 //! **Index.** Fed exactly as events would feed it: worker HBM inserts and
 //! evictions are `store/remove(worker, Hbm)`, fabric placement changes are
@@ -49,8 +59,10 @@
 //! [`Candidate`] whose load is its queued-plus-running prefill tokens (the
 //! worker's own estimate at arrival) and its active decode blocks:
 //! `Scope::HbmOnly` counts only the worker's own HBM blocks (what Dynamo's
-//! router scores), `Scope::AllTiers` also the fabric's tiers priced by load
-//! time. Everything else (workers, fabric, bandwidths) is identical.
+//! router scores), `Scope::AllTiers` also every fabric node's tiers priced
+//! by load time (the node on the candidate's host at tier bandwidth, others
+//! network-capped). Everything else (workers, fabric, bandwidths) is
+//! identical.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -59,7 +71,7 @@ use std::sync::Arc;
 
 use kvfabric_router::Router;
 use kvfabric_router::index::{BlockId, HolderId, PrefixIndex, ShardedIndex, Tier};
-use kvfabric_router::score::{Bandwidths, Candidate, CostSettings, Load, Scope};
+use kvfabric_router::score::{Bandwidths, Candidate, CostSettings, Load, Reach, Scope};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -118,18 +130,22 @@ impl PrefillModel {
 pub(crate) struct SimConfig {
     /// Workers (GPUs, one engine each).
     pub(crate) workers: usize,
+    /// Workers per host; each host has one fabric node.
+    pub(crate) workers_per_host: usize,
     /// Tokens per block (the trace's).
     pub(crate) block_tokens: u64,
     /// KV bytes per token.
     pub(crate) kv_bytes_per_token: u64,
     /// Each worker's HBM cache, in blocks.
     pub(crate) hbm_blocks: usize,
-    /// Fabric host, disk and object capacities in blocks (`None`: unbounded; 0: no such tier).
+    /// Each fabric node's host, disk and object capacities in blocks (`None`: unbounded; 0: no such tier).
     pub(crate) fabric_blocks: [Option<u64>; 3],
     /// Read bandwidths (host, disk, object, network are used).
     pub(crate) bandwidth: Bandwidths,
-    /// Whether the fabric node is on every worker's host (else reads are network-capped).
+    /// Whether the fabric nodes run on the workers' hosts (else every read is network-capped).
     pub(crate) colocated: bool,
+    /// Which nodes a worker reads (the router's `cost.reach` is set to match).
+    pub(crate) reach: Reach,
     /// Decode time per output token.
     pub(crate) decode_ms_per_token: f64,
     /// Uncached tokens per prefill batch (a longer request runs alone).
@@ -145,8 +161,19 @@ impl SimConfig {
         (self.block_tokens * self.kv_bytes_per_token) as f64
     }
 
-    /// Milliseconds to load one block from fabric tier `t`.
-    fn load_ms(&self, t: Tier) -> f64 {
+    /// Fabric nodes: one per host.
+    pub(crate) fn hosts(&self) -> usize {
+        self.workers.div_ceil(self.workers_per_host.max(1))
+    }
+
+    /// The host (and fabric node) of worker `w`.
+    fn host_of(&self, w: usize) -> usize {
+        w / self.workers_per_host.max(1)
+    }
+
+    /// Milliseconds to load one block from fabric tier `t` of a node on the
+    /// reader's host (`local`) or another.
+    fn load_ms(&self, t: Tier, local: bool) -> f64 {
         let b = &self.bandwidth;
         let bw = match t {
             Tier::Hbm => b.hbm,
@@ -154,7 +181,7 @@ impl SimConfig {
             Tier::Disk => b.disk,
             Tier::Object => b.object,
         };
-        let bw = if self.colocated { bw } else { bw.min(b.network) };
+        let bw = if self.colocated && local { bw } else { bw.min(b.network) };
         self.block_bytes() / bw * 1e3
     }
 }
@@ -200,6 +227,8 @@ pub(crate) struct RunResult {
     pub(crate) computed: Vec<u64>,
     /// Prompt tokens served from each tier (index = `Tier as usize`).
     pub(crate) hit_tokens: [u64; 4],
+    /// Of the fabric hits, tokens read from a node on another host.
+    pub(crate) remote_tokens: u64,
     /// Prompt tokens.
     pub(crate) input_tokens: u64,
     /// GPU time spent in prefill batches, all workers.
@@ -528,8 +557,9 @@ enum Ev {
 struct ReqState {
     worker: usize,
     estimate: u64,
-    /// Chain positions loaded for this request, and from which tier.
-    loaded: Vec<(u32, Tier)>,
+    /// Chain positions loaded for this request, from which tier, and whether
+    /// from another host.
+    loaded: Vec<(u32, Tier, bool)>,
     /// Leading blocks found in HBM when its batch formed.
     hits: usize,
     arrival: f64,
@@ -546,7 +576,7 @@ struct Sim<'a> {
     policy: Policy,
     scale: f64,
     router: Router,
-    fabric: Fabric,
+    fabric: Vec<Fabric>,
     workers: Vec<Worker>,
     reqs: Vec<ReqState>,
     events: BinaryHeap<Reverse<(Ms, u64, Ev)>>,
@@ -561,6 +591,7 @@ struct Sim<'a> {
 impl<'a> Sim<'a> {
     fn new(trace: &'a Trace, cfg: &'a SimConfig, policy: Policy, scale: f64, seed: u64) -> Sim<'a> {
         let mut cost = cfg.cost;
+        cost.reach = cfg.reach;
         cost.scope = if policy == Policy::HbmOnly {
             Scope::HbmOnly
         } else {
@@ -568,8 +599,12 @@ impl<'a> Sim<'a> {
         };
         let index: Arc<dyn PrefixIndex> = Arc::new(ShardedIndex::new());
         let router = Router::new(cost, 0, index, seed);
-        let fabric_holder = HolderId(cfg.workers as u32);
-        router.add_fabric_node(fabric_holder);
+        let fabric: Vec<Fabric> = (0..cfg.hosts())
+            .map(|h| Fabric::new(HolderId((cfg.workers + h) as u32), cfg.fabric_blocks))
+            .collect();
+        for f in &fabric {
+            router.add_fabric_node(f.holder);
+        }
         let n = trace.requests.len();
         Sim {
             trace,
@@ -577,7 +612,7 @@ impl<'a> Sim<'a> {
             policy,
             scale,
             router,
-            fabric: Fabric::new(fabric_holder, cfg.fabric_blocks),
+            fabric,
             workers: (0..cfg.workers)
                 .map(|w| Worker {
                     holder: HolderId(w as u32),
@@ -603,6 +638,7 @@ impl<'a> Sim<'a> {
                 e2e_ms: vec![0.0; n],
                 computed: vec![0; n],
                 hit_tokens: [0; 4],
+                remote_tokens: 0,
                 input_tokens: trace.input_tokens(),
                 busy_ms: 0.0,
                 span_ms: 0.0,
@@ -664,9 +700,9 @@ impl<'a> Sim<'a> {
             Policy::HbmOnly | Policy::TierAware => {
                 let r = &self.trace.requests[i];
                 let chain = &r.blocks[..r.reusable(self.cfg.block_tokens)];
-                let colocated = self.cfg.colocated.then_some(self.fabric.holder);
                 self.cands.clear();
-                for wk in &mut self.workers {
+                for (w, wk) in self.workers.iter_mut().enumerate() {
+                    let colocated = self.cfg.colocated.then(|| self.fabric[self.cfg.host_of(w)].holder);
                     while let Some(Reverse((Ms(end), blocks))) = wk.decodes.peek().copied() {
                         if end > now {
                             break;
@@ -696,13 +732,16 @@ impl<'a> Sim<'a> {
         let r = &trace.requests[i];
         let bt = self.cfg.block_tokens;
         let chain = &r.blocks[..r.reusable(bt)];
+        let home = self.cfg.host_of(w);
         let wk = &mut self.workers[w];
         let mut loaded = Vec::new();
+        let mut sources = Vec::new();
         let mut reused = 0;
         for (pos, b) in chain.iter().enumerate() {
             if wk.hbm.touch(b) {
-            } else if let Some(t) = self.fabric.tier_of(b) {
-                loaded.push((pos as u32, t));
+            } else if let Some((node, t, ms)) = locate(&self.fabric, self.cfg, home, b) {
+                loaded.push((pos as u32, t, node != home));
+                sources.push((node, ms));
             } else {
                 break;
             }
@@ -720,9 +759,9 @@ impl<'a> Sim<'a> {
             return;
         }
         let mut ms = 0.0;
-        for &(pos, t) in &loaded {
-            ms += self.cfg.load_ms(t);
-            self.fabric.promote(chain[pos as usize], t, &mut self.feed);
+        for (&(pos, t, _), &(node, load_ms)) in loaded.iter().zip(&sources) {
+            ms += load_ms;
+            self.fabric[node].promote(chain[pos as usize], t, &mut self.feed);
         }
         let start = wk.load_free_at.max(now);
         wk.load_free_at = start + ms;
@@ -735,7 +774,7 @@ impl<'a> Sim<'a> {
         let trace = self.trace;
         let r = &trace.requests[i];
         let wk = &mut self.workers[w];
-        for &(pos, _) in &self.reqs[i].loaded {
+        for &(pos, _, _) in &self.reqs[i].loaded {
             hbm_insert(wk, r.blocks[pos as usize], &mut self.feed);
         }
         wk.queue.push_back(i);
@@ -767,13 +806,16 @@ impl<'a> Sim<'a> {
             for (pos, b) in chain[..hits].iter().enumerate() {
                 wk.hbm.touch(b);
                 let mut tier = Tier::Hbm;
-                while let Some(&&(p, t)) = loaded.peek() {
+                while let Some(&&(p, t, remote)) = loaded.peek() {
                     if p as usize > pos {
                         break;
                     }
                     loaded.next();
                     if p as usize == pos {
                         tier = t;
+                        if remote {
+                            self.res.remote_tokens += bt;
+                        }
                     }
                 }
                 self.res.hit_tokens[tier as usize] += bt;
@@ -792,6 +834,7 @@ impl<'a> Sim<'a> {
         let bt = self.cfg.block_tokens;
         let trace = self.trace;
         let batch = std::mem::take(&mut self.workers[w].running);
+        let home = self.cfg.host_of(w);
         for &i in &batch {
             let r = &trace.requests[i];
             let st = &self.reqs[i];
@@ -799,7 +842,7 @@ impl<'a> Sim<'a> {
             for (pos, &b) in r.blocks.iter().enumerate() {
                 hbm_insert(wk, b, &mut self.feed);
                 if pos >= st.hits {
-                    self.fabric.put(b, &mut self.feed);
+                    self.fabric[home].put(b, &mut self.feed);
                 }
             }
             wk.pending_prefill -= st.estimate;
@@ -815,6 +858,22 @@ impl<'a> Sim<'a> {
         self.workers[w].running.clear();
         self.try_start(w, now);
     }
+}
+
+/// The fastest copy of `b` for a worker on host `home`: its node, tier and
+/// load time (the home node wins a tie).
+fn locate(fabric: &[Fabric], cfg: &SimConfig, home: usize, b: &BlockId) -> Option<(usize, Tier, f64)> {
+    let mut best: Option<(usize, Tier, f64)> = None;
+    let others = (0..fabric.len()).filter(|&n| n != home && cfg.reach == Reach::Any);
+    for n in std::iter::once(home).chain(others) {
+        if let Some(t) = fabric[n].tier_of(b) {
+            let ms = cfg.load_ms(t, n == home);
+            if best.is_none_or(|(_, _, m)| ms < m) {
+                best = Some((n, t, ms));
+            }
+        }
+    }
+    best
 }
 
 fn hbm_insert(wk: &mut Worker, b: BlockId, feed: &mut Feed) {
@@ -835,12 +894,14 @@ mod tests {
         let prefill = PrefillModel::default();
         SimConfig {
             workers,
+            workers_per_host: workers,
             block_tokens: 512,
             kv_bytes_per_token: 128 << 10,
             hbm_blocks: 64,
             fabric_blocks: [Some(1000), Some(1000), None],
             bandwidth: Bandwidths::default(),
             colocated: true,
+            reach: Reach::Any,
             decode_ms_per_token: 10.0,
             max_batch_tokens: 8192,
             prefill,
@@ -932,8 +993,9 @@ mod tests {
         let r = run(&t, &c, Policy::RoundRobin, 1.0, 1);
         assert_eq!(r.computed[1], 2200 - 3 * 512);
         assert_eq!(r.hit_tokens, [0, 3 * 512, 0, 0]);
-        let want = 3.0 * c.load_ms(Tier::Host) + c.prefill.ms(2200 - 3 * 512);
+        let want = 3.0 * c.load_ms(Tier::Host, true) + c.prefill.ms(2200 - 3 * 512);
         assert!((r.ttft_ms[1] - want).abs() < 1e-9, "{} vs {want}", r.ttft_ms[1]);
+        assert_eq!(r.remote_tokens, 0);
         // The KV-aware router sends it to worker 0, where the prefix is in HBM for free.
         for p in [Policy::HbmOnly, Policy::TierAware] {
             let r = run(&t, &c, p, 1.0, 1);
@@ -942,9 +1004,50 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_on_another_host_reads_at_network_speed() {
+        // Two hosts of one worker: round-robin puts the second request on
+        // worker 1, whose own node is empty; the prefix comes from node 0.
+        let t = trace(&[(0, 2048, &[1, 2, 3, 4]), (100_000, 2200, &[1, 2, 3, 7, 8])]);
+        let mut c = cfg(2);
+        c.workers_per_host = 1;
+        assert_eq!(c.hosts(), 2);
+        let r = run(&t, &c, Policy::RoundRobin, 1.0, 1);
+        assert_eq!(r.hit_tokens, [0, 3 * 512, 0, 0]);
+        assert_eq!(r.remote_tokens, 3 * 512);
+        let remote = c.load_ms(Tier::Host, false);
+        assert!(remote > c.load_ms(Tier::Host, true), "the network caps remote reads");
+        let want = 3.0 * remote + c.prefill.ms(2200 - 3 * 512);
+        assert!((r.ttft_ms[1] - want).abs() < 1e-9, "{} vs {want}", r.ttft_ms[1]);
+        // A copy on the reader's own host is preferred to a remote one.
+        let mut feed = Feed::default();
+        let mut nodes = vec![
+            Fabric::new(HolderId(2), [Some(8), None, None]),
+            Fabric::new(HolderId(3), [Some(8), None, None]),
+        ];
+        nodes[0].put(5, &mut feed);
+        assert_eq!(locate(&nodes, &c, 1, &5).map(|(n, _, _)| n), Some(0));
+        nodes[1].put(5, &mut feed);
+        assert_eq!(locate(&nodes, &c, 1, &5).map(|(n, _, _)| n), Some(1));
+        assert_eq!(locate(&nodes, &c, 1, &6), None);
+        // Without a cluster a worker reaches only its own host's node.
+        c.reach = Reach::Colocated;
+        let mut feed = Feed::default();
+        let mut alone = vec![
+            Fabric::new(HolderId(2), [Some(8), None, None]),
+            Fabric::new(HolderId(3), [Some(8), None, None]),
+        ];
+        alone[0].put(5, &mut feed);
+        assert_eq!(locate(&alone, &c, 1, &5), None);
+        assert_eq!(locate(&alone, &c, 0, &5).map(|(n, _, _)| n), Some(0));
+        let r = run(&t, &c, Policy::RoundRobin, 1.0, 1);
+        assert_eq!(r.computed[1], 2200, "worker 1 cannot read node 0: it recomputes");
+    }
+
+    #[test]
     fn the_index_mirrors_every_cache_after_a_replay() {
         let t = super::super::tests::sample(300);
         let mut c = cfg(4);
+        c.workers_per_host = 2;
         c.fabric_blocks = [Some(200), Some(400), None];
         for p in Policy::ALL {
             let mut sim = Sim::new(&t, &c, p, 0.05, 3);
@@ -955,7 +1058,9 @@ mod tests {
                 assert!(w.hbm.len() <= c.hbm_blocks);
                 assert_eq!(w.pending_prefill, 0);
             }
-            assert_eq!(idx.holder_len(sim.fabric.holder), sim.fabric.len());
+            for f in &sim.fabric {
+                assert_eq!(idx.holder_len(f.holder), f.len(), "{p:?}");
+            }
             let r = sim.res;
             let bound = t.bound_prefill_tokens(512);
             assert!(
