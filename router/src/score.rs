@@ -252,46 +252,47 @@ pub fn score(
     fabric: &[HolderId],
 ) -> Vec<Scored> {
     let bt = s.block_tokens as f64;
-    let mut best: Vec<(f64, Option<Tier>)> = Vec::with_capacity(m.depth);
     candidates
         .iter()
         .map(|c| {
-            best.clear();
-            best.resize(m.depth, (f64::INFINITY, None));
-            for e in &m.entries {
-                let own = e.holder == c.worker;
-                let cost = match s.scope {
-                    Scope::HbmOnly if own && e.tiers.contains(Tier::Hbm) => Some((0.0, Tier::Hbm)),
-                    Scope::HbmOnly => None,
-                    Scope::AllTiers if own => e.tiers.fastest().map(|t| {
-                        let c = if t == Tier::Hbm { 0.0 } else { s.load_cost(t, true) };
-                        (c, t)
-                    }),
-                    Scope::AllTiers if fabric.binary_search(&e.holder).is_ok() => {
-                        let local = c.colocated == Some(e.holder);
-                        (local || s.reach == Reach::Any)
-                            .then(|| e.tiers.fastest().map(|t| (s.load_cost(t, local), t)))
-                            .flatten()
-                    }
-                    Scope::AllTiers => None,
-                };
-                if let Some((cost, t)) = cost {
-                    let slot = &mut best[e.pos as usize];
-                    if cost < slot.0 {
-                        *slot = (cost, Some(t));
-                    }
-                }
-            }
             let mut cached = 0;
             let mut by_tier = [0u32; 4];
             let mut load_cost = 0.0;
-            for &(c, t) in &best {
-                let Some(t) = t else { break };
-                cached += 1;
+            // Every position of a run has the same holders: price one block
+            // of it, then the run at once. The match ends at the first run
+            // the candidate reaches no copy of.
+            for run in &m.runs {
+                let mut best: (f64, Option<Tier>) = (f64::INFINITY, None);
+                for &(holder, tiers) in m.run_holders(run) {
+                    let own = holder == c.worker;
+                    let cost = match s.scope {
+                        Scope::HbmOnly if own && tiers.contains(Tier::Hbm) => Some((0.0, Tier::Hbm)),
+                        Scope::HbmOnly => None,
+                        Scope::AllTiers if own => tiers.fastest().map(|t| {
+                            let c = if t == Tier::Hbm { 0.0 } else { s.load_cost(t, true) };
+                            (c, t)
+                        }),
+                        Scope::AllTiers if fabric.binary_search(&holder).is_ok() => {
+                            let local = c.colocated == Some(holder);
+                            (local || s.reach == Reach::Any)
+                                .then(|| tiers.fastest().map(|t| (s.load_cost(t, local), t)))
+                                .flatten()
+                        }
+                        Scope::AllTiers => None,
+                    };
+                    if let Some((cost, t)) = cost
+                        && cost < best.0
+                    {
+                        best = (cost, Some(t));
+                    }
+                }
+                let (cost, Some(t)) = best else { break };
+                let n = run.len();
+                cached += n as usize;
                 // A block no cheaper to load than to recompute is recomputed.
-                if c < bt {
-                    by_tier[t as usize] += 1;
-                    load_cost += c;
+                if cost < bt {
+                    by_tier[t as usize] += n;
+                    load_cost += cost * n as f64;
                 }
             }
             let reused: u64 = by_tier.iter().map(|&n| n as u64).sum::<u64>() * s.block_tokens as u64;
@@ -380,17 +381,14 @@ mod tests {
     fn own_hbm_is_free_fabric_tiers_cost_load_time() {
         let s = CostSettings::default();
         // Blocks 0-1 in W1's HBM; blocks 0-3 on the fabric node, host tier.
-        let m = ChainMatch {
-            depth: 4,
-            entries: vec![
-                entry(0, W1, Tier::Hbm),
-                entry(0, F, Tier::Host),
-                entry(1, W1, Tier::Hbm),
-                entry(1, F, Tier::Host),
-                entry(2, F, Tier::Host),
-                entry(3, F, Tier::Host),
-            ],
-        };
+        let m = ChainMatch::from_entries(vec![
+            entry(0, W1, Tier::Hbm),
+            entry(0, F, Tier::Host),
+            entry(1, W1, Tier::Hbm),
+            entry(1, F, Tier::Host),
+            entry(2, F, Tier::Host),
+            entry(3, F, Tier::Host),
+        ]);
         let tokens = 4 * 16 + 5;
         let sc = score(&s, &m, tokens, &[cand(W1, Some(F)), cand(W2, None)], &[F]);
         let host_local = s.load_cost(Tier::Host, true);
@@ -414,15 +412,12 @@ mod tests {
         };
         const G: HolderId = HolderId(101);
         // Blocks 0-2 on node F (W1's host), 0 on node G (W2's host).
-        let m = ChainMatch {
-            depth: 3,
-            entries: vec![
-                entry(0, F, Tier::Host),
-                entry(0, G, Tier::Host),
-                entry(1, F, Tier::Host),
-                entry(2, F, Tier::Host),
-            ],
-        };
+        let m = ChainMatch::from_entries(vec![
+            entry(0, F, Tier::Host),
+            entry(0, G, Tier::Host),
+            entry(1, F, Tier::Host),
+            entry(2, F, Tier::Host),
+        ]);
         let cands = [cand(W1, Some(F)), cand(W2, Some(G)), cand(HolderId(3), None)];
         let sc = score(&s, &m, 3 * 16, &cands, &[F, G]);
         assert_eq!(sc[0].blocks_by_tier, [0, 3, 0, 0]);
@@ -439,14 +434,11 @@ mod tests {
             scope: Scope::HbmOnly,
             ..Default::default()
         };
-        let m = ChainMatch {
-            depth: 2,
-            entries: vec![
-                entry(0, F, Tier::Host),
-                entry(0, W2, Tier::Hbm),
-                entry(1, F, Tier::Host),
-            ],
-        };
+        let m = ChainMatch::from_entries(vec![
+            entry(0, F, Tier::Host),
+            entry(0, W2, Tier::Hbm),
+            entry(1, F, Tier::Host),
+        ]);
         let sc = score(&s, &m, 32, &[cand(W1, Some(F)), cand(W2, None)], &[F]);
         assert_eq!(sc[0].prefill_tokens, 32);
         assert_eq!(sc[1].prefill_tokens, 16);
@@ -457,14 +449,11 @@ mod tests {
     fn a_gap_ends_the_reusable_prefix_and_slow_tiers_cost_recompute() {
         let mut s = CostSettings::default();
         s.bandwidth.object = 1.0; // absurdly slow: loading costs more than recomputing
-        let m = ChainMatch {
-            depth: 3,
-            entries: vec![
-                entry(0, W1, Tier::Hbm),
-                entry(1, F, Tier::Object),
-                entry(2, W2, Tier::Hbm),
-            ],
-        };
+        let m = ChainMatch::from_entries(vec![
+            entry(0, W1, Tier::Hbm),
+            entry(1, F, Tier::Object),
+            entry(2, W2, Tier::Hbm),
+        ]);
         let sc = score(&s, &m, 48, &[cand(W1, None)], &[F]);
         // Block 1 is reachable but recomputed; block 2 (W2's pool) is not reachable.
         assert_eq!(sc[0].cached_blocks, 2);

@@ -43,7 +43,7 @@ fn depth_for(ix: &dyn PrefixIndex, chain: &[BlockId], holder: HolderId) -> usize
     let mut m = ChainMatch::default();
     ix.lookup(chain, &mut m);
     let mut d = 0;
-    while m.entries.iter().any(|e| e.pos as usize == d && e.holder == holder) {
+    while m.entries().iter().any(|e| e.pos as usize == d && e.holder == holder) {
         d += 1;
     }
     d
@@ -197,14 +197,14 @@ fn offloaded_copies_and_clears_by_medium() {
     t.apply(&ev(Some("CPU"))).unwrap();
     let mut m = ChainMatch::default();
     ix.lookup(&ch, &mut m);
-    assert_eq!(m.entries[0].tiers, TierMask::of(Tier::Hbm).with(Tier::Host));
+    assert_eq!(m.entries()[0].tiers, TierMask::of(Tier::Hbm).with(Tier::Host));
     t.apply(&EngineEvent::BlockRemoved {
         block_hashes: vec![1],
         medium: Some("GPU".into()),
     })
     .unwrap();
     ix.lookup(&ch, &mut m);
-    assert_eq!(m.entries[0].tiers, TierMask::of(Tier::Host));
+    assert_eq!(m.entries()[0].tiers, TierMask::of(Tier::Host));
     t.apply(&EngineEvent::AllBlocksCleared {
         medium: Some("cpu".into()),
     })
@@ -237,7 +237,7 @@ fn fabric_events_apply_by_key_and_tier() {
     f.apply(&ev(EventKind::Removed, "kv", vec![keys[0].clone()], P::Host));
     let mut m = ChainMatch::default();
     ix.lookup(&ch, &mut m);
-    assert_eq!(m.entries[0].tiers, TierMask::of(Tier::Disk));
+    assert_eq!(m.entries()[0].tiers, TierMask::of(Tier::Disk));
     f.apply(&ev(EventKind::Cleared, "kv", vec![], P::Unspecified));
     assert!(ix.is_empty());
     f.apply(&ev(EventKind::Stored, "kv", keys.clone(), P::Host));

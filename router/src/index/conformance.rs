@@ -26,6 +26,7 @@ pub fn run_all<I: PrefixIndex + 'static>(make: &dyn Fn() -> I) {
     clear_by_tier_and_whole_holder(&make());
     idempotent_and_unknown_operations(&make());
     entries_sorted_by_position_then_holder(&make());
+    identical_positions_form_one_run(&make());
     concurrent_readers_and_writers(Arc::new(make()));
 }
 
@@ -36,7 +37,7 @@ pub fn prefix_stops_at_first_gap(ix: &dyn PrefixIndex) {
     let m = look(ix, &[10, 11, 12, 13]);
     assert_eq!(m.depth, 2, "12 is held by nobody: the match ends before it");
     assert_eq!(
-        m.entries,
+        m.entries(),
         vec![
             e(0, A, TierMask::of(Tier::Hbm)),
             e(0, B, TierMask::of(Tier::Host)),
@@ -55,11 +56,11 @@ pub fn tiers_accumulate_and_remove_separately(ix: &dyn PrefixIndex) {
     ix.store(A, Tier::Host, &[1]);
     ix.store(A, Tier::Disk, &[1]);
     assert_eq!(
-        look(ix, &[1]).entries,
+        look(ix, &[1]).entries(),
         vec![e(0, A, TierMask::of(Tier::Host).with(Tier::Disk))]
     );
     ix.remove(A, Some(Tier::Host), &[1]);
-    assert_eq!(look(ix, &[1]).entries, vec![e(0, A, TierMask::of(Tier::Disk))]);
+    assert_eq!(look(ix, &[1]).entries(), vec![e(0, A, TierMask::of(Tier::Disk))]);
     ix.remove(A, Some(Tier::Disk), &[1]);
     assert_eq!(look(ix, &[1]).depth, 0);
     assert_eq!(ix.len(), 0, "a block with no holder left is gone");
@@ -79,7 +80,7 @@ pub fn clear_by_tier_and_whole_holder(ix: &dyn PrefixIndex) {
     ix.clear(A, Some(Tier::Hbm));
     assert_eq!(ix.holder_len(A), 1);
     assert_eq!(
-        look(ix, &[1, 2]).entries,
+        look(ix, &[1, 2]).entries(),
         vec![
             e(0, B, TierMask::of(Tier::Hbm)),
             e(1, A, TierMask::of(Tier::Host)),
@@ -101,9 +102,9 @@ pub fn idempotent_and_unknown_operations(ix: &dyn PrefixIndex) {
     ix.store(A, Tier::Hbm, &[5, 5]);
     ix.store(A, Tier::Hbm, &[5]);
     assert_eq!(ix.holder_len(A), 1);
-    assert_eq!(look(ix, &[5]).entries, vec![e(0, A, TierMask::of(Tier::Hbm))]);
+    assert_eq!(look(ix, &[5]).entries(), vec![e(0, A, TierMask::of(Tier::Hbm))]);
     ix.remove(A, Some(Tier::Disk), &[5]);
-    assert_eq!(look(ix, &[5]).entries, vec![e(0, A, TierMask::of(Tier::Hbm))]);
+    assert_eq!(look(ix, &[5]).entries(), vec![e(0, A, TierMask::of(Tier::Hbm))]);
     ix.store(A, Tier::Host, &[]);
     assert_eq!(ix.len(), 1);
 }
@@ -114,11 +115,37 @@ pub fn entries_sorted_by_position_then_holder(ix: &dyn PrefixIndex) {
         ix.store(HolderId(h), Tier::Hbm, &[2, 1]);
     }
     let m = look(ix, &[1, 2]);
-    let got: Vec<(u32, u32)> = m.entries.iter().map(|e| (e.pos, e.holder.0)).collect();
+    let got: Vec<(u32, u32)> = m.entries().iter().map(|e| (e.pos, e.holder.0)).collect();
     let mut want = got.clone();
     want.sort();
     assert_eq!(got, want);
     assert_eq!(got.len(), 10);
+}
+
+/// Consecutive positions with the same holders in the same tiers are one
+/// run; a change of holder or tier starts the next.
+pub fn identical_positions_form_one_run(ix: &dyn PrefixIndex) {
+    let chain: Vec<BlockId> = (100..110).collect();
+    ix.store(A, Tier::Hbm, &chain);
+    ix.store(B, Tier::Host, &chain[..6]);
+    ix.store(B, Tier::Disk, &chain[4..6]);
+    let m = look(ix, &chain);
+    assert_eq!(m.depth, 10);
+    let runs: Vec<(u32, u32, usize)> = m
+        .runs
+        .iter()
+        .map(|r| (r.start, r.end, m.run_holders(r).len()))
+        .collect();
+    assert_eq!(runs, vec![(0, 4, 2), (4, 6, 2), (6, 10, 1)]);
+    assert_eq!(
+        m.run_holders(&m.runs[1]),
+        &[
+            (A, TierMask::of(Tier::Hbm)),
+            (B, TierMask::of(Tier::Host).with(Tier::Disk))
+        ]
+    );
+    assert_eq!(m.entries().len(), 6 * 2 + 4);
+    assert_eq!(ChainMatch::from_entries(m.entries()), m, "entries round-trip");
 }
 
 /// Readers run while writers churn; afterwards the index agrees with what
@@ -151,18 +178,18 @@ pub fn concurrent_readers_and_writers(ix: Arc<dyn PrefixIndex>) {
                     ix.lookup(&chain, &mut m);
                     assert!(m.depth <= 64);
                     assert!(
-                        m.entries
+                        m.entries()
                             .windows(2)
                             .all(|w| (w[0].pos, w[0].holder) < (w[1].pos, w[1].holder))
                     );
-                    assert!(m.entries.iter().all(|e| (e.pos as usize) < m.depth));
+                    assert!(m.entries().iter().all(|e| (e.pos as usize) < m.depth));
                 }
             });
         }
     });
     let m = look(&*ix, &chain);
     assert_eq!(m.depth, 40);
-    assert_eq!(m.entries.len(), 160);
+    assert_eq!(m.entries().len(), 160);
     for w in 0..4 {
         assert_eq!(ix.holder_len(HolderId(w)), 40);
     }

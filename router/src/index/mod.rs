@@ -14,6 +14,7 @@
 //! that the conformance suite and the proptests compare it against.
 
 mod sharded;
+mod table;
 pub use sharded::ShardedIndex;
 
 #[cfg(any(test, feature = "test-util"))]
@@ -156,20 +157,117 @@ pub struct MatchEntry {
     pub tiers: TierMask,
 }
 
-/// What [`PrefixIndex::lookup`] found for a chain.
+/// One holder's tiers of a block.
+pub type Holding = (HolderId, TierMask);
+
+/// Positions `start..end` of a looked-up chain, every one held by the same
+/// holders in the same tiers (`ChainMatch::holders[holders_at..][..holders_len]`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MatchRun {
+    /// First position.
+    pub start: u32,
+    /// One past the last position.
+    pub end: u32,
+    /// Where the run's holders start in [`ChainMatch::holders`].
+    pub holders_at: u32,
+    /// How many holders the run has (at least one).
+    pub holders_len: u32,
+}
+
+impl MatchRun {
+    /// Positions in the run.
+    pub fn len(&self) -> u32 {
+        self.end - self.start
+    }
+    /// Whether the run covers no position (never, in a built match).
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// What [`PrefixIndex::lookup`] found for a chain: positions `0..depth`,
+/// run-length encoded. Consecutive positions with identical holders (a
+/// shared prefix that many workers hold whole) form one [`MatchRun`], so a
+/// lookup's output and the scoring over it grow with the number of distinct
+/// holder sets along the chain, not with depth times holders. Built only by
+/// [`ChainMatch::push`], so two indexes that agree produce equal matches.
 #[derive(Clone, Default, Debug, PartialEq, Eq)]
 pub struct ChainMatch {
     /// Leading blocks of the chain that somebody holds.
     pub depth: usize,
-    /// Holders of the blocks `0..depth`, sorted by `(pos, holder)`.
-    pub entries: Vec<MatchEntry>,
+    /// The runs covering `0..depth`, in order.
+    pub runs: Vec<MatchRun>,
+    /// Holders of every run, each run's sorted by holder id.
+    pub holders: Vec<Holding>,
 }
 
 impl ChainMatch {
-    /// Empties it for reuse (keeps the allocation).
+    /// Empties it for reuse (keeps the allocations).
     pub fn clear(&mut self) {
         self.depth = 0;
-        self.entries.clear();
+        self.runs.clear();
+        self.holders.clear();
+    }
+
+    /// Appends position `depth`, held by `hs` (non-empty, sorted by holder
+    /// id); extends the last run when its holders are the same.
+    #[inline]
+    pub fn push(&mut self, hs: &[Holding]) {
+        debug_assert!(!hs.is_empty());
+        if let Some(last) = self.runs.last_mut() {
+            let at = last.holders_at as usize;
+            if self.holders[at..at + last.holders_len as usize] == *hs {
+                last.end += 1;
+                self.depth += 1;
+                return;
+            }
+        }
+        self.runs.push(MatchRun {
+            start: self.depth as u32,
+            end: self.depth as u32 + 1,
+            holders_at: self.holders.len() as u32,
+            holders_len: hs.len() as u32,
+        });
+        self.holders.extend_from_slice(hs);
+        self.depth += 1;
+    }
+
+    /// The holders of `run`.
+    pub fn run_holders(&self, run: &MatchRun) -> &[Holding] {
+        &self.holders[run.holders_at as usize..][..run.holders_len as usize]
+    }
+
+    /// Every (position, holder) pair, sorted by position then holder.
+    pub fn entries(&self) -> Vec<MatchEntry> {
+        let mut out = Vec::new();
+        for r in &self.runs {
+            for pos in r.start..r.end {
+                out.extend(
+                    self.run_holders(r)
+                        .iter()
+                        .map(|&(holder, tiers)| MatchEntry { pos, holder, tiers }),
+                );
+            }
+        }
+        out
+    }
+
+    /// The match with these entries (any order; positions must run from 0
+    /// without a gap, or the match ends at the first gap).
+    pub fn from_entries(mut entries: Vec<MatchEntry>) -> ChainMatch {
+        entries.sort();
+        let mut m = ChainMatch::default();
+        let mut hs: Vec<Holding> = Vec::new();
+        let mut i = 0;
+        while i < entries.len() && entries[i].pos as usize == m.depth {
+            hs.clear();
+            while i < entries.len() && entries[i].pos as usize == m.depth {
+                hs.push((entries[i].holder, entries[i].tiers));
+                i += 1;
+            }
+            m.push(&hs);
+        }
+        m
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use parking_lot::Mutex;
 
-use super::{BlockId, ChainMatch, HolderId, MatchEntry, PrefixIndex, Tier, TierMask};
+use super::{BlockId, ChainMatch, HolderId, PrefixIndex, Tier, TierMask};
 
 /// The reference prefix index (see the module doc).
 #[derive(Debug, Default)]
@@ -55,20 +55,15 @@ impl PrefixIndex for NaiveIndex {
     fn lookup(&self, chain: &[BlockId], out: &mut ChainMatch) {
         out.clear();
         let held = self.held.lock();
-        for (pos, &b) in chain.iter().enumerate() {
-            let here: Vec<MatchEntry> = held
+        for &b in chain {
+            let here: Vec<(HolderId, TierMask)> = held
                 .range((b, HolderId(0))..=(b, HolderId(u32::MAX)))
-                .map(|(&(_, holder), &tiers)| MatchEntry {
-                    pos: pos as u32,
-                    holder,
-                    tiers,
-                })
+                .map(|(&(_, holder), &tiers)| (holder, tiers))
                 .collect();
             if here.is_empty() {
                 break;
             }
-            out.entries.extend(here);
-            out.depth = pos + 1;
+            out.push(&here);
         }
     }
 

@@ -1,0 +1,388 @@
+//! [`BlockTable`]: one shard's map from [`BlockId`] to its holders, an
+//! open-addressing hash table built so that a lookup costs one cache miss
+//! per block (two for a block with many holders) and the misses of a whole
+//! chain can be in flight at once.
+//!
+//! - **Slots** are 64 bytes, one cache line each: the key and a
+//!   `SmallVec` of holders, [`INLINE`] of them in the slot and more on the
+//!   heap (a shared prefix held by many workers). An empty slot has no
+//!   holders; a live one always has one.
+//! - **Linear probing** from the key's home slot (low bits of its mixed
+//!   hash), with **backward-shift deletion** (no tombstones, so probe runs
+//!   stay short under the heavy eviction the router sees), and doubling
+//!   once three quarters of the slots are used.
+//! - [`BlockTable::prefetch`] starts the load of a key's home slot and
+//!   [`BlockTable::prefetch_holders`] that of a spilled holder list, without
+//!   waiting; `ShardedIndex::lookup` prefetches a chunk of a chain's
+//!   positions before probing any, so the CPU overlaps their misses.
+//!
+//! Single-threaded: the shard's lock serialises access.
+
+use smallvec::SmallVec;
+
+use super::{BlockId, HolderId, Holding, TierMask};
+
+/// Holders kept inside the slot; more move to the heap.
+pub(crate) const INLINE: usize = 5;
+
+/// One holder's tiers of a block.
+pub(crate) type Holder = Holding;
+
+/// A block's holders, sorted by holder id.
+pub(crate) type Holders = SmallVec<[Holder; INLINE]>;
+
+#[derive(Default)]
+#[repr(C, align(64))]
+struct Slot {
+    key: BlockId,
+    /// Empty: a free slot.
+    holders: Holders,
+}
+
+/// The table (see the module doc).
+pub(crate) struct BlockTable {
+    slots: Box<[Slot]>,
+    mask: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for BlockTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockTable")
+            .field("len", &self.len)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+/// Mixes both halves of a block id into 64 well-spread bits (block ids are
+/// hashes already, but an engine's keys need not be uniform).
+#[inline]
+pub(crate) fn mix(v: BlockId) -> u64 {
+    let x = (v as u64) ^ ((v >> 64) as u64).rotate_left(29);
+    let x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^ (x >> 32)
+}
+
+const MIN_SLOTS: usize = 16;
+
+/// Tables at least this big ask for transparent huge pages.
+const HUGE_PAGE_MIN: usize = 4 << 20;
+
+/// `n` free slots. A large array asks the kernel for transparent huge
+/// pages before it is first touched: a lookup visits random slots all over
+/// it, and with 4 KiB pages nearly every one would also miss the TLB.
+fn empty_slots(n: usize) -> Box<[Slot]> {
+    let mut v: Vec<Slot> = Vec::with_capacity(n);
+    let bytes = n * std::mem::size_of::<Slot>();
+    #[cfg(target_os = "linux")]
+    if bytes >= HUGE_PAGE_MIN {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_mut_ptr() as usize;
+        let first = start.next_multiple_of(HUGE);
+        let end = (start + bytes) / HUGE * HUGE;
+        if end > first {
+            // SAFETY: [first, end) lies inside the vector's own allocation
+            // (reserved above, not yet touched); MADV_HUGEPAGE only changes
+            // how the kernel backs those pages, never their contents. A
+            // failure (THP disabled) leaves ordinary pages: ignored.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (bytes, HUGE_PAGE_MIN);
+    v.extend((0..n).map(|_| Slot::default()));
+    v.into_boxed_slice()
+}
+
+#[inline]
+fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never faults, whatever the
+    // address, and changes no program state.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+impl Default for BlockTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BlockTable {
+    /// An empty table.
+    pub(crate) fn new() -> Self {
+        BlockTable {
+            slots: empty_slots(MIN_SLOTS),
+            mask: MIN_SLOTS - 1,
+            len: 0,
+        }
+    }
+
+    /// Blocks held by anyone.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn home(&self, hash: u64) -> usize {
+        hash as usize & self.mask
+    }
+
+    /// Starts loading the home slot of the block whose [`mix`] is `hash`.
+    #[inline]
+    pub(crate) fn prefetch(&self, hash: u64) {
+        prefetch_line(&self.slots[self.home(hash)]);
+    }
+
+    /// Starts loading `hs`'s heap buffer, if it has one.
+    #[inline]
+    pub(crate) fn prefetch_holders(hs: &Holders) {
+        if hs.spilled() {
+            prefetch_line(hs.as_ptr());
+        }
+    }
+
+    /// The slot holding `b`, if any.
+    #[inline]
+    fn find(&self, b: BlockId, hash: u64) -> Option<usize> {
+        let mut i = self.home(hash);
+        loop {
+            let s = &self.slots[i];
+            if s.holders.is_empty() {
+                return None;
+            }
+            if s.key == b {
+                return Some(i);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// `b`'s holders, sorted by holder id (`hash` = [`mix`]`(b)`).
+    #[inline]
+    pub(crate) fn get(&self, b: BlockId, hash: u64) -> Option<&Holders> {
+        self.find(b, hash).map(|i| &self.slots[i].holders)
+    }
+
+    /// Applies `f` to `holder`'s tiers of block `b` (absent = empty); an
+    /// empty result removes the holder, and the block once nobody holds it.
+    pub(crate) fn update(&mut self, b: BlockId, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
+        let hash = mix(b);
+        match self.find(b, hash) {
+            Some(i) => {
+                let hs = &mut self.slots[i].holders;
+                match hs.binary_search_by_key(&holder, |e| e.0) {
+                    Ok(k) => {
+                        let new = f(hs[k].1);
+                        if !new.is_empty() {
+                            hs[k].1 = new;
+                            return;
+                        }
+                        hs.remove(k);
+                        if hs.is_empty() {
+                            // Keep no heap buffer in a free slot.
+                            *hs = Holders::new();
+                            self.remove_at(i);
+                        }
+                    }
+                    Err(k) => {
+                        let new = f(TierMask::EMPTY);
+                        if !new.is_empty() {
+                            hs.insert(k, (holder, new));
+                        }
+                    }
+                }
+            }
+            None => {
+                let new = f(TierMask::EMPTY);
+                if new.is_empty() {
+                    return;
+                }
+                if (self.len + 1) * 4 > self.slots.len() * 3 {
+                    self.grow();
+                }
+                let i = self.free_slot_for(hash);
+                let s = &mut self.slots[i];
+                s.key = b;
+                s.holders.push((holder, new));
+                self.len += 1;
+            }
+        }
+    }
+
+    /// The first free slot of `hash`'s probe run.
+    fn free_slot_for(&self, hash: u64) -> usize {
+        let mut i = self.home(hash);
+        while !self.slots[i].holders.is_empty() {
+            i = (i + 1) & self.mask;
+        }
+        i
+    }
+
+    /// Frees slot `i` (its holders already emptied) and shifts the rest of
+    /// its probe run back, so that no run has a hole (backward-shift
+    /// deletion).
+    fn remove_at(&mut self, mut i: usize) {
+        self.len -= 1;
+        let mut j = i;
+        loop {
+            j = (j + 1) & self.mask;
+            if self.slots[j].holders.is_empty() {
+                return;
+            }
+            let home = self.home(mix(self.slots[j].key));
+            // Slot j may move to the hole at i unless its home lies in the
+            // cyclic range (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                self.slots.swap(i, j);
+                i = j;
+            }
+        }
+    }
+
+    fn grow(&mut self) {
+        let doubled = empty_slots(self.slots.len() * 2);
+        let old = std::mem::replace(&mut self.slots, doubled);
+        self.mask = self.slots.len() - 1;
+        for s in old.into_vec().into_iter().filter(|s| !s.holders.is_empty()) {
+            let i = self.free_slot_for(mix(s.key));
+            self.slots[i] = s;
+        }
+    }
+
+    /// Rewrites every block's holders with `f` (which edits the list in
+    /// place); blocks left with none are removed. `f` must be idempotent:
+    /// a removal can shift a block from the start of the table (seen) into
+    /// a slot not yet seen, which then sees it again.
+    pub(crate) fn retain(&mut self, mut f: impl FnMut(&mut Holders)) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            let hs = &mut self.slots[i].holders;
+            if hs.is_empty() {
+                i += 1;
+                continue;
+            }
+            f(hs);
+            if hs.is_empty() {
+                *hs = Holders::new();
+                // Backward shift may move a later slot into i: look at i again.
+                self.remove_at(i);
+                continue;
+            }
+            i += 1;
+        }
+    }
+
+    /// Every block's holders.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Holders> + '_ {
+        self.slots.iter().map(|s| &s.holders).filter(|h| !h.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::index::Tier;
+
+    fn t(m: u8) -> TierMask {
+        TierMask(m & 0b1111)
+    }
+
+    #[test]
+    fn slots_are_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
+        assert_eq!(std::mem::align_of::<Slot>(), 64);
+    }
+
+    #[test]
+    fn many_holders_spill_to_the_heap() {
+        let mut tb = BlockTable::new();
+        for h in (0..9).rev() {
+            tb.update(7, HolderId(h), |m| m.with(Tier::Host));
+        }
+        let hs = tb.get(7, mix(7)).unwrap();
+        assert!(hs.spilled());
+        assert_eq!(hs.iter().map(|e| e.0.0).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+        for h in 0..6 {
+            tb.update(7, HolderId(h), |_| TierMask::EMPTY);
+        }
+        let hs = tb.get(7, mix(7)).unwrap();
+        assert_eq!(hs.iter().map(|e| e.0.0).collect::<Vec<_>>(), vec![6, 7, 8]);
+        for h in 6..9 {
+            tb.update(7, HolderId(h), |_| TierMask::EMPTY);
+        }
+        assert!(tb.get(7, mix(7)).is_none());
+        assert_eq!(tb.len(), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u8, u8, u8),
+        Retain(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0u8..64, 0u8..12, any::<u8>()).prop_map(|(k, h, m)| Op::Set(k, h, m)),
+            1 => (0u8..12).prop_map(Op::Retain),
+        ]
+    }
+
+    proptest! {
+        /// Against a BTreeMap model: inserts, removals (backward shift,
+        /// across wrap-around with keys that collide on purpose), spills,
+        /// growth and retain.
+        #[test]
+        fn matches_a_model(ops in proptest::collection::vec(op(), 1..400)) {
+            let mut tb = BlockTable::new();
+            let mut model: BTreeMap<BlockId, BTreeMap<u32, u8>> = BTreeMap::new();
+            // Few distinct homes: keys k and k + 2^64 * j mix differently,
+            // so use raw small keys; 64 keys in a 16..128-slot table collide
+            // plenty.
+            let key = |k: u8| (k as u128) << 64 | (k as u128 % 5);
+            for op in ops {
+                match op {
+                    Op::Set(k, h, m) => {
+                        let b = key(k);
+                        tb.update(b, HolderId(h as u32), |_| t(m));
+                        let e = model.entry(b).or_default();
+                        if t(m).is_empty() { e.remove(&(h as u32)); } else { e.insert(h as u32, t(m).0); }
+                        if e.is_empty() { model.remove(&b); }
+                    }
+                    Op::Retain(h) => {
+                        tb.retain(|hs| hs.retain(|e| e.0 != HolderId(h as u32)));
+                        for v in model.values_mut() { v.remove(&(h as u32)); }
+                        model.retain(|_, v| !v.is_empty());
+                    }
+                }
+                prop_assert_eq!(tb.len(), model.len());
+            }
+            for k in 0..64u8 {
+                let b = key(k);
+                let got: Option<Vec<(u32, u8)>> = tb.get(b, mix(b)).map(|hs| hs.iter().map(|e| (e.0.0, e.1.0)).collect());
+                if let Some(g) = &got {
+                    prop_assert!(!g.is_empty());
+                }
+                let want: Option<Vec<(u32, u8)>> = model.get(&b).map(|v| v.iter().map(|(&h, &m)| (h, m)).collect());
+                prop_assert_eq!(got, want, "key {}", k);
+            }
+            prop_assert_eq!(tb.values().count(), model.len());
+        }
+    }
+}
