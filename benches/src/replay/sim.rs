@@ -962,8 +962,8 @@ mod tests {
         assert_eq!(idx.holder_len(HolderId(9)), 3, "exclusive tiers: one entry per block");
         let mut m = kvfabric_router::index::ChainMatch::default();
         idx.lookup(&[1], &mut m);
-        assert_eq!(m.entries.len(), 1);
-        assert!(m.entries[0].tiers.contains(Tier::Host) && !m.entries[0].tiers.contains(Tier::Object));
+        assert_eq!(m.entries().len(), 1);
+        assert!(m.entries()[0].tiers.contains(Tier::Host) && !m.entries()[0].tiers.contains(Tier::Object));
         // No host tier: puts land on disk.
         let mut g = Fabric::new(HolderId(9), [Some(0), Some(4), None]);
         g.put(5, &mut feed);
