@@ -1,3 +1,3 @@
-//! What engines link (a later issue): the reference CPU engine and its
-//! prefill/decode workers, connectors for vLLM / SGLang / LMCache, and the
-//! weight loader. Empty for now.
+#![doc = include_str!("../README.md")]
+
+pub mod engine;
