@@ -1,3 +1,4 @@
 #![doc = include_str!("../README.md")]
 
 pub mod engine;
+pub mod fabric_kv;

@@ -1,0 +1,179 @@
+//! KV blocks in the fabric: how the reference engine stores its full
+//! blocks as fabric objects and finds them again.
+//!
+//! - **Keys**: block `i` of a token sequence is keyed by the canonical
+//!   chained block hash ([`kvfabric::hash::chain_hashes`], salted by the
+//!   namespace, no extra keys), so the router, which hashes prompts the
+//!   same way, sees the engine's blocks under the same names.
+//! - **Objects**: one object per full block, all layers, K and V, in the
+//!   byte layout of [`crate::engine::BlockPool::export_block`], stored with
+//!   the layout header (model id, dtype, layers, tokens per block, KV
+//!   heads, head dim).
+//! - **Loading a prefix**: `ExistsPrefix` over the prompt's chain says how
+//!   many leading blocks the fabric holds; those are fetched in one batched
+//!   get. The prefix ends at the first block that is gone by then, has a
+//!   layout that is not this engine's (logged and counted, never loaded) or
+//!   has the wrong length. A namespace the node has never seen holds
+//!   nothing.
+//!
+//! [`FabricKv`] is the seam the workers use; its counters feed their
+//! metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use kvfabric::ErrorKind as FabricErrorKind;
+use kvfabric::client::{Client, ClientError, Durability, Layout, PutObject};
+use kvfabric::hash::{BlockHash, chain_hashes, namespace_salt};
+
+use crate::engine::KvLayout;
+
+/// What the connector counted since it was made.
+#[derive(Debug, Default)]
+pub struct FabricKvCounters {
+    /// Blocks loaded from the fabric.
+    pub blocks_loaded: AtomicU64,
+    /// Blocks stored into the fabric.
+    pub blocks_stored: AtomicU64,
+    /// Blocks found under a key whose layout header is not this engine's.
+    pub layout_mismatches: AtomicU64,
+    /// Blocks found with the right layout but the wrong payload length.
+    pub bad_lengths: AtomicU64,
+}
+
+/// The engine's view of the fabric (see the module doc).
+#[derive(Debug)]
+pub struct FabricKv {
+    client: Client,
+    namespace: String,
+    salt: u64,
+    layout: KvLayout,
+    wire_layout: Layout,
+    durability: Durability,
+    counters: FabricKvCounters,
+}
+
+/// The header a block of `l` carries in the fabric.
+pub fn wire_layout(l: &KvLayout) -> Layout {
+    Layout {
+        model: l.model_id.clone(),
+        dtype: l.dtype.clone(),
+        num_layers: l.num_layers,
+        tokens_per_block: l.tokens_per_block,
+        num_kv_heads: l.num_kv_heads,
+        head_dim: l.head_dim,
+        tp_rank: 0,
+        tp_size: 1,
+    }
+}
+
+impl FabricKv {
+    /// A connector storing blocks of `layout` in `namespace` through `client`.
+    pub fn new(client: Client, namespace: impl Into<String>, layout: KvLayout) -> Self {
+        let namespace = namespace.into();
+        FabricKv {
+            client,
+            salt: namespace_salt(&namespace),
+            namespace,
+            wire_layout: wire_layout(&layout),
+            layout,
+            durability: Durability::Memory,
+            counters: FabricKvCounters::default(),
+        }
+    }
+
+    /// Stores with `durability` instead of `memory`.
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> &FabricKvCounters {
+        &self.counters
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The keys of every full block of `tokens`.
+    pub fn keys(&self, tokens: &[u32]) -> Vec<BlockHash> {
+        chain_hashes(self.salt, tokens, self.layout.tokens_per_block as usize, &[])
+    }
+
+    /// The leading full blocks of `tokens` the fabric holds for this
+    /// engine's layout, as bytes ready for
+    /// [`crate::engine::Engine::add_sequence_from_bytes`].
+    pub async fn load_prefix(&self, tokens: &[u32]) -> Result<Vec<Bytes>, ClientError> {
+        let keys: Vec<Bytes> = self.keys(tokens).iter().map(|k| Bytes::copy_from_slice(k)).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let present = match self.client.exists_prefix(&self.namespace, keys.clone()).await {
+            Ok(tiers) => tiers.len(),
+            Err(e) if e.kind() == FabricErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        if present == 0 {
+            return Ok(Vec::new());
+        }
+        let objects = self.client.get_many(&self.namespace, keys[..present].to_vec()).await?;
+        let want = self.layout.block_bytes();
+        let mut out = Vec::with_capacity(present);
+        for (i, o) in objects.into_iter().enumerate() {
+            let Some(o) = o else { break };
+            if o.layout != self.wire_layout {
+                self.counters.layout_mismatches.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    namespace = %self.namespace,
+                    block = i,
+                    found = ?o.layout,
+                    expected = ?self.wire_layout,
+                    "fabric block has another model's layout: not loaded"
+                );
+                break;
+            }
+            if o.value.len() != want {
+                self.counters.bad_lengths.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    namespace = %self.namespace,
+                    block = i,
+                    len = o.value.len(),
+                    want,
+                    "fabric block has the wrong length: not loaded"
+                );
+                break;
+            }
+            out.push(o.value);
+        }
+        self.counters
+            .blocks_loaded
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Stores full blocks of `tokens`: `(index in the sequence, bytes)`.
+    /// Returns how many were stored.
+    pub async fn store(&self, tokens: &[u32], blocks: Vec<(usize, Vec<u8>)>) -> Result<usize, ClientError> {
+        let keys = self.keys(tokens);
+        let objects: Vec<PutObject> = blocks
+            .into_iter()
+            .filter_map(|(i, bytes)| {
+                keys.get(i).map(|k| PutObject {
+                    key: Bytes::copy_from_slice(k),
+                    value: Bytes::from(bytes),
+                    layout: Some(self.wire_layout.clone()),
+                })
+            })
+            .collect();
+        if objects.is_empty() {
+            return Ok(0);
+        }
+        let n = objects.len();
+        self.client.put_many(&self.namespace, objects, self.durability).await?;
+        self.counters.blocks_stored.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}

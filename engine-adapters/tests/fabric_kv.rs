@@ -1,0 +1,124 @@
+//! The reference engine against a real in-process fabric node: blocks one
+//! engine computed are loaded by another, which computes only the rest and
+//! produces the same logits and tokens; a block of another model's layout
+//! under the same key is never loaded.
+
+use anyhow::Result;
+use kvfabric::client::Client;
+use kvfabric::server::{ByteSize, Node, NodeHandle, Settings};
+use kvfabric_engine_adapters::engine::{Engine, GenerationParams, Model, ModelConfig, encode};
+use kvfabric_engine_adapters::fabric_kv::FabricKv;
+
+async fn node(dir: &std::path::Path) -> Result<NodeHandle> {
+    let mut s = Settings {
+        listen: "127.0.0.1:0".parse()?,
+        metrics_listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    s.host.capacity = ByteSize(64 << 20);
+    s.disk.capacity = ByteSize(0);
+    Ok(Node::build(s).await?.start().await?)
+}
+
+fn prompt() -> Vec<u32> {
+    encode(
+        "The fabric keeps every block an engine computed, so the next request with the same prefix skips it.",
+        true,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_engine_loads_the_prefix_and_matches_exactly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = node(dir.path()).await?;
+    let client = Client::connect(node.endpoint()).await?;
+    let cfg = ModelConfig::tiny();
+    let tpb = cfg.tokens_per_block;
+    let tokens = prompt();
+    let full = tokens.len() / tpb;
+    assert!(full >= 4, "the prompt spans several blocks");
+
+    // Engine A: cold, then its full blocks go into the fabric.
+    let mut a = Engine::new(Model::from_seed(&cfg)?, 64)?;
+    let kv_a = FabricKv::new(client.clone(), "tenant-a", a.kv_layout().clone());
+    assert!(
+        kv_a.load_prefix(&tokens).await?.is_empty(),
+        "unknown namespace: nothing cached"
+    );
+    let sa = a.add_sequence(&tokens, &[])?;
+    let ga = a.generate(&[(sa, GenerationParams::greedy(12))])?;
+    let blocks: Vec<(usize, Vec<u8>)> = a
+        .full_blocks(sa)?
+        .into_iter()
+        .filter(|b| b.index < full)
+        .map(|b| Ok((b.index, a.export_block(b.block)?)))
+        .collect::<Result<_>>()?;
+    assert_eq!(kv_a.store(&tokens, blocks).await?, full);
+    let cold = a.prefill_tokens_computed();
+    assert_eq!(cold as usize, tokens.len());
+
+    // Engine B, fresh pool: loads the prefix, computes the tail only.
+    let mut b = Engine::new(Model::from_seed(&cfg)?, 64)?;
+    let kv_b = FabricKv::new(client.clone(), "tenant-a", b.kv_layout().clone());
+    let loaded = kv_b.load_prefix(&tokens).await?;
+    assert_eq!(loaded.len(), full);
+    let sb = b.add_sequence_from_bytes(&tokens, &loaded)?;
+    let gb = b.generate(&[(sb, GenerationParams::greedy(12))])?;
+    assert_eq!(gb[0].tokens, ga[0].tokens, "same generation");
+    let diff = ga[0]
+        .first_logits
+        .iter()
+        .zip(&gb[0].first_logits)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-4, "first-step logits differ by {diff}");
+    let cached = b.sequence(sb).unwrap().cached_tokens();
+    assert!(cached > 0);
+    assert_eq!(b.prefill_tokens_computed() as usize, tokens.len() - cached);
+    assert_eq!(
+        kv_b.counters().blocks_loaded.load(std::sync::atomic::Ordering::Relaxed),
+        full as u64
+    );
+
+    // Another namespace has its own salt: nothing shared.
+    let other = FabricKv::new(client.clone(), "tenant-b", b.kv_layout().clone());
+    assert_ne!(other.keys(&tokens), kv_b.keys(&tokens));
+    assert!(other.load_prefix(&tokens).await?.is_empty());
+    node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_models_blocks_are_never_loaded() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = node(dir.path()).await?;
+    let client = Client::connect(node.endpoint()).await?;
+    let tokens = prompt();
+    let mut cfg = ModelConfig::tiny();
+    let mut a = Engine::new(Model::from_seed(&cfg)?, 64)?;
+    let kv_a = FabricKv::new(client.clone(), "shared", a.kv_layout().clone());
+    let sa = a.add_sequence(&tokens, &[])?;
+    a.prefill(&[sa])?;
+    let blocks = a
+        .full_blocks(sa)?
+        .into_iter()
+        .map(|b| Ok((b.index, a.export_block(b.block)?)))
+        .collect::<Result<Vec<_>>>()?;
+    kv_a.store(&tokens, blocks).await?;
+
+    // Same shapes, another model id: same keys, other layout header.
+    cfg.model_id = "another-model".into();
+    let b = Engine::new(Model::from_seed(&cfg)?, 64)?;
+    let kv_b = FabricKv::new(client, "shared", b.kv_layout().clone());
+    assert_eq!(kv_b.keys(&tokens), kv_a.keys(&tokens));
+    assert!(kv_b.load_prefix(&tokens).await?.is_empty());
+    assert_eq!(
+        kv_b.counters()
+            .layout_mismatches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    node.shutdown().await;
+    Ok(())
+}
