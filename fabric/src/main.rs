@@ -1,12 +1,19 @@
 //! The `kvfabric` command: `serve` runs a node; `put`, `get` and `stats` are
 //! a small client for operators and scripts. Settings come from a TOML file,
 //! then `KVFABRIC_*` environment variables, then flags (later wins).
+//!
+//! `kvfabric router|worker|demo ARGS...` runs the `kvfabric-router`,
+//! `kvfabric-worker` or `kvfabric-demo` binary with ARGS (git-style: those
+//! live in crates that depend on this one, so they cannot be linked in). It
+//! is looked up in `$KVFABRIC_LIBEXEC_DIR`, then beside this executable,
+//! then on `PATH`.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use kvfabric::client::{Client, ClientError, Durability};
 use kvfabric::server::{ByteSize, Node, Settings};
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +40,60 @@ enum Cmd {
     Get(GetArgs),
     /// Per-tier capacity, usage, objects, hits and misses.
     Stats(StatsArgs),
+    /// `router`, `worker` or `demo`: runs `kvfabric-router`,
+    /// `kvfabric-worker` or `kvfabric-demo` with the remaining arguments.
+    #[command(external_subcommand)]
+    External(Vec<OsString>),
+}
+
+/// Subcommands served by other binaries of the workspace, and their crates.
+const EXTERNAL: [(&str, &str); 3] = [
+    ("router", "kvfabric-router"),
+    ("worker", "kvfabric-engine-adapters"),
+    ("demo", "kvfabric-bench"),
+];
+
+/// Where `kvfabric-NAME` is: `$KVFABRIC_LIBEXEC_DIR`, this executable's
+/// directory, then `PATH`.
+fn find_external(bin: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("KVFABRIC_LIBEXEC_DIR") {
+        dirs.push(d.into());
+    }
+    if let Some(d) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
+        dirs.push(d);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.into_iter().map(|d| d.join(bin)).find(|p| p.is_file())
+}
+
+/// Replaces this process with the binary behind an external subcommand.
+fn run_external(args: Vec<OsString>) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let name = args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Some(&(_, krate)) = EXTERNAL.iter().find(|(n, _)| *n == name) else {
+        eprintln!(
+            "error: unrecognized subcommand '{name}' (commands: serve, put, get, stats, {}; see kvfabric --help)",
+            EXTERNAL.map(|(n, _)| n).join(", ")
+        );
+        return 2;
+    };
+    let bin = format!("kvfabric-{name}");
+    let Some(path) = find_external(&bin) else {
+        eprintln!(
+            "error: `kvfabric {name}` runs the `{bin}` binary, which is not in $KVFABRIC_LIBEXEC_DIR, \
+             beside this executable or on PATH; build it with `cargo build --release -p {krate}`"
+        );
+        return 127;
+    };
+    let err = std::process::Command::new(&path).args(&args[1..]).exec();
+    eprintln!("error: cannot run {}: {err}", path.display());
+    126
 }
 
 #[derive(clap::Args, Debug)]
@@ -283,7 +344,7 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
             println!("objects: {}  namespaces: {}", s.objects, s.namespaces.join(","));
             Ok(0)
         }
-        Cmd::Serve(_) => unreachable!("handled in main"),
+        Cmd::Serve(_) | Cmd::External(_) => unreachable!("handled in main"),
     }
 }
 
@@ -291,6 +352,7 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
+        Cmd::External(args) => run_external(args),
         Cmd::Serve(a) => match serve(a).await {
             Ok(()) => 0,
             Err(e) => {
