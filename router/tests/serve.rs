@@ -51,7 +51,13 @@ struct StandIn {
 impl StandIn {
     /// Starts on a free port; `entered` gets the name on every `hang` request.
     async fn start(name: &str, entered: mpsc::UnboundedSender<String>) -> Result<StandIn> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at(name, entered, "127.0.0.1:0", "tcp://127.0.0.1:0").await
+    }
+
+    /// Starts serving on `http` and publishing on `events` (a worker coming
+    /// back where it was).
+    async fn start_at(name: &str, entered: mpsc::UnboundedSender<String>, http: &str, events: &str) -> Result<StandIn> {
+        let listener = tokio::net::TcpListener::bind(http).await?;
         let url = format!("http://{}", listener.local_addr()?);
         let me = name.to_string();
         let complete = move |body: Bytes| {
@@ -96,7 +102,7 @@ impl StandIn {
             }
         });
         let mut publisher = PubSocket::new();
-        let events = publisher.bind("tcp://127.0.0.1:0").await?.to_string();
+        let events = publisher.bind(events).await?.to_string();
         Ok(StandIn {
             name: name.into(),
             url,
@@ -123,6 +129,21 @@ impl StandIn {
         for c in self.conns.lock().drain(..) {
             c.abort();
         }
+    }
+
+    /// Kills the worker and its event publisher, and waits until the HTTP
+    /// port is free again; returns its HTTP address and events endpoint.
+    async fn kill_all(self) -> Result<(String, String)> {
+        self.kill();
+        let _ = self.publisher.close().await;
+        let http = self.url.trim_start_matches("http://").to_string();
+        for _ in 0..500 {
+            if std::net::TcpListener::bind(&http).is_ok() {
+                return Ok((http, self.events));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("{http} never came free")
     }
 
     /// Publishes raw frames.
@@ -501,6 +522,193 @@ async fn a_worker_killed_mid_request_gives_502_and_later_requests_go_to_the_heal
     assert!(body.contains("no_healthy_worker"));
     let (s, _, _) = call(&c, Method::GET, format!("{}/health", r.url()), "").await?;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    Ok(())
+}
+
+/// Polls `f` for up to 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    for _ in 0..1000 {
+        if f() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("timed out waiting until {what}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_was_down_is_routed_to_again_once_healthy() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let mut b = StandIn::start("b", tx.clone()).await?;
+    let r = RouterService::start(base_settings(vec![a.settings(true), b.settings(true)])).await?;
+    let c = client();
+    let ids: Vec<u32> = (0..64).collect();
+    publish_until_seen(&mut b, &r, HolderId(1), &ids).await?;
+    let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+    assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+
+    // b goes down: out of the candidate set, its blocks forgotten.
+    let (http, events) = b.kill_all().await?;
+    eventually("b is taken out", || r.healthy_workers() == vec!["a".to_string()]).await?;
+    assert_eq!(
+        r.router().index().holder_len(HolderId(1)),
+        0,
+        "a down worker's blocks are dropped"
+    );
+    for _ in 0..3 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "a"));
+    }
+
+    // b comes back on the same addresses: health checks bring it back, the
+    // event stream is followed again, and its prefix wins again.
+    let mut b = StandIn::start_at("b", tx, &http, &events).await?;
+    eventually("b is healthy again", || r.healthy_workers().len() == 2).await?;
+    let other: Vec<u32> = (1000..1064).collect();
+    publish_until_seen(&mut b, &r, HolderId(1), &other).await?;
+    let (s, w, _) = complete(&c, &r, json!({"prompt": other})).await?;
+    assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+    let m = metrics(&c, &r).await?;
+    assert!(m.contains("kvfabric_router_worker_healthy{worker=\"b\"} 1"), "{m}");
+    r.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_event_publisher_is_followed_and_resynchronised() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let mut a = StandIn::start("a", tx).await?;
+    let r = RouterService::start(base_settings(vec![a.settings(true)])).await?;
+    let c = client();
+    let old: Vec<u32> = (0..64).collect();
+    publish_until_seen(&mut a, &r, HolderId(0), &old).await?;
+    assert_eq!(r.router().index().holder_len(HolderId(0)), 4);
+    let counters = r.event_counters();
+    let gaps0 = counters.gaps.load(std::sync::atomic::Ordering::Relaxed);
+
+    // The engine restarts: a new publisher on the same endpoint, numbering
+    // from 1 again. What the old one announced is no longer known to hold.
+    let events = a.events.clone();
+    let _ = std::mem::replace(&mut a.publisher, PubSocket::new()).close().await;
+    let mut bound = None;
+    for _ in 0..500 {
+        match a.publisher.bind(&events).await {
+            Ok(e) => {
+                bound = Some(e);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    assert!(bound.is_some(), "the endpoint came free");
+    a.seq = 0;
+    let new: Vec<u32> = (5000..5032).collect();
+    let mut seen = false;
+    for _ in 0..500 {
+        // Every message restarts the numbering until the router is back.
+        a.seq = 0;
+        a.publish(stored(&new)).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let idx = r.router().index();
+        if idx.holder_len(HolderId(0)) == 2 {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the router follows the new publisher and holds only its blocks");
+    assert!(
+        counters.gaps.load(std::sync::atomic::Ordering::Relaxed) > gaps0,
+        "the restart resynchronised"
+    );
+    let (s, w, _) = complete(&c, &r, json!({"prompt": new})).await?;
+    assert_eq!((s, w.as_str()), (StatusCode::OK, "a"));
+    r.shutdown().await;
+    a.kill();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fabric_node_restarted_under_the_router_is_followed_again() -> Result<()> {
+    use kvfabric::client::{Client as FabricClient, Durability, PutObject};
+    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
+    async fn node_at(dir: &std::path::Path, listen: std::net::SocketAddr) -> Result<kvfabric::server::NodeHandle> {
+        let mut ns = NodeSettings {
+            listen,
+            metrics_listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.to_path_buf(),
+            ..Default::default()
+        };
+        ns.host.capacity = ByteSize(8 << 20);
+        ns.disk.capacity = ByteSize(0);
+        Ok(Node::build(ns).await?.start().await?)
+    }
+    async fn put_until_seen(fc: &FabricClient, r: &RouterHandle, tokens: &[u32], want: usize) -> Result<()> {
+        let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), tokens, 16, &[]);
+        for _ in 0..300 {
+            let objs = keys
+                .iter()
+                .map(|k| PutObject::new(k.to_vec(), vec![7u8; 512]))
+                .collect();
+            fc.put_many("ns", objs, Durability::Memory).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if r.router().index().holder_len(HolderId(FABRIC_HOLDER_BASE)) == want {
+                return Ok(());
+            }
+        }
+        bail!("the router never saw the node's blocks")
+    }
+    let dir = tempfile::tempdir()?;
+    let node = node_at(&dir.path().join("1"), "127.0.0.1:0".parse()?).await?;
+    let endpoint = node.endpoint();
+    let listen: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse()?;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx).await?;
+    let mut s = base_settings(vec![a.settings(false)]);
+    s.fabric = vec![FabricEndpoint {
+        name: "n1".into(),
+        url: endpoint.clone(),
+    }];
+    let r = RouterService::start(s).await?;
+    let c = client();
+    let fc = FabricClient::connect(endpoint.clone()).await?;
+    let old: Vec<u32> = (0..64).collect();
+    put_until_seen(&fc, &r, &old, 4).await?;
+
+    // The node restarts empty on the same address: the router reconnects,
+    // forgets what the old process held, and follows the new one.
+    node.shutdown().await;
+    let mut back = None;
+    for _ in 0..500 {
+        match node_at(&dir.path().join("2"), listen).await {
+            Ok(n) => {
+                back = Some(n);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let node = back.context("the node's port never came free")?;
+    let fc = FabricClient::connect(endpoint).await?;
+    let new: Vec<u32> = (7000..7032).collect();
+    put_until_seen(&fc, &r, &new, 2).await?;
+    let m = metrics(&c, &r).await?;
+    assert!(
+        m.contains("kvfabric_router_event_stream_connected{source=\"fabric:n1\"} 1"),
+        "{m}"
+    );
+    let connects = m
+        .lines()
+        .find(|l| l.starts_with("kvfabric_router_event_stream_connects_total{source=\"fabric:n1\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(connects >= 2.0, "reconnected: {m}");
+    r.shutdown().await;
+    node.shutdown().await;
+    a.kill();
     Ok(())
 }
 
