@@ -473,12 +473,25 @@ impl Client {
     /// Subscribes to stored / removed / cleared events (all namespaces when
     /// `namespace` is `None`).
     pub async fn subscribe(&self, namespace: Option<&str>) -> Result<tonic::Streaming<Event>> {
+        self.subscribe_with(namespace, false).await
+    }
+
+    /// Like [`Client::subscribe`], but the stream starts with a snapshot:
+    /// STORED events for everything held now, then one `SnapshotDone`, then
+    /// live events (so a subscriber that joins late, or reconnects, learns
+    /// what was stored before).
+    pub async fn subscribe_from_snapshot(&self, namespace: Option<&str>) -> Result<tonic::Streaming<Event>> {
+        self.subscribe_with(namespace, true).await
+    }
+
+    async fn subscribe_with(&self, namespace: Option<&str>, snapshot: bool) -> Result<tonic::Streaming<Event>> {
         if let Some(ns) = namespace {
             Self::check_ns(ns)?;
         }
         let req = SubscribeRequest {
             tenant: self.tenant.clone(),
             namespace: namespace.unwrap_or("").into(),
+            snapshot,
         };
         Ok(self.control.clone().subscribe(req).await?.into_inner())
     }

@@ -339,6 +339,7 @@ async fn read_side_rpc_errors() {
     let sub = |ns: &str, tenant: &str| SubscribeRequest {
         tenant: tenant.into(),
         namespace: ns.into(),
+        snapshot: false,
     };
     expect(raw.subscribe(sub("nope", "")).await, Code::NotFound, "does not exist");
     expect(

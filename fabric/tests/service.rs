@@ -149,6 +149,63 @@ async fn subscribe_sees_stored_and_removed_events() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_subscription_starts_with_what_is_held_then_goes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small host tier over a disk tier: some objects sit on disk.
+    let (node, c) = start(settings(dir.path(), 64 << 10, 8 << 20)).await;
+    let value = vec![5u8; 16 << 10];
+    let keys: Vec<Bytes> = (0..300u32).map(|i| Bytes::from(format!("k{i}"))).collect();
+    let objs = keys
+        .iter()
+        .map(|k| kvfabric::client::PutObject::new(k.clone(), value.clone()))
+        .collect();
+    c.put_many("snap", objs, Durability::Memory).await.unwrap();
+    c.put("other", &b"elsewhere"[..], &b"x"[..], Durability::Memory)
+        .await
+        .unwrap();
+    let mut sub = c.subscribe_from_snapshot(Some("snap")).await.unwrap();
+    let mut held: std::collections::HashMap<Bytes, Vec<Tier>> = Default::default();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), sub.message())
+            .await
+            .expect("snapshot in time")
+            .unwrap()
+            .expect("stream open");
+        if e.kind() == EventKind::SnapshotDone {
+            break;
+        }
+        assert_eq!(e.kind(), EventKind::Stored, "a snapshot is stored events");
+        assert_eq!(e.namespace, "snap", "only the namespace asked for");
+        assert!(e.keys.len() <= 256);
+        let tier = e.tier();
+        for k in e.keys {
+            held.entry(k).or_default().push(tier);
+        }
+    }
+    assert_eq!(held.len(), 300, "every object is in the snapshot");
+    // It agrees with ExistsPrefix key by key (fastest tier first).
+    for k in &keys {
+        let fastest = c.exists_prefix("snap", vec![k.clone()]).await.unwrap();
+        let tiers = &held[k];
+        assert!(
+            tiers.contains(&fastest[0]),
+            "{k:?}: snapshot {tiers:?}, exists {fastest:?}"
+        );
+    }
+    assert!(held.values().flatten().any(|t| *t == Tier::Disk), "some were on disk");
+    // Then live events follow.
+    c.delete("snap", vec![keys[0].clone()]).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), sub.message())
+        .await
+        .expect("live event in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.kind(), EventKind::Removed);
+    assert_eq!(e.keys[0], keys[0]);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_endpoint_reports_tiers_and_rpcs() {
     let dir = tempfile::tempdir().unwrap();
     let (node, c) = start(settings(dir.path(), 8 << 20, 8 << 20)).await;

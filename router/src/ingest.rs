@@ -7,10 +7,12 @@
 //!   backwards means the publisher restarted, and a broken connection means
 //!   events may have been lost: both resynchronise too
 //!   ([`EngineTracker::restart`]).
-//! - [`fabric_events`]: one `Subscribe` stream per fabric node. A `LAGGED`
-//!   event resynchronises (in [`FabricTracker::apply`]); so does a broken
-//!   stream, since a node's events cannot be replayed: the node's entries
-//!   are dropped and refill from the events after the reconnection.
+//! - [`fabric_events`]: one `Subscribe` stream per fabric node, asked to
+//!   start from a snapshot (STORED events for everything the node holds,
+//!   then live events), so blocks stored before the router started are
+//!   known at once. A `LAGGED` event or a broken stream drops the node's
+//!   entries ([`FabricTracker::apply`], [`FabricTracker::resync`]) and
+//!   subscribes again, refilling from a fresh snapshot.
 //!
 //! Both reconnect for ever with exponential backoff (100 ms doubling to
 //! 5 s, reset by a successful connection). Malformed frames are counted in
@@ -130,7 +132,7 @@ pub(crate) async fn fabric_events(
             let c = kvfabric::client::Client::connect(url.clone())
                 .await?
                 .with_tenant(tenant.clone());
-            c.subscribe(Some(&namespace)).await
+            c.subscribe_from_snapshot(Some(&namespace)).await
         };
         let mut stream = match sub.await {
             Ok(s) => s,
@@ -146,7 +148,12 @@ pub(crate) async fn fabric_events(
         tracing::info!(%source, %url, %namespace, "subscribed to fabric events");
         loop {
             match stream.message().await {
-                Ok(Some(ev)) => tracker.apply(&ev),
+                Ok(Some(ev)) => {
+                    if !tracker.apply(&ev) {
+                        tracing::warn!(%source, "fell behind the fabric event stream; subscribing again from a snapshot");
+                        break;
+                    }
+                }
                 Ok(None) => {
                     tracing::warn!(%source, "fabric event stream ended; reconnecting");
                     break;

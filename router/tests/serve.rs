@@ -631,7 +631,7 @@ async fn a_restarted_event_publisher_is_followed_and_resynchronised() -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fabric_node_restarted_under_the_router_is_followed_again() -> Result<()> {
+async fn fabric_blocks_from_before_the_router_and_after_a_node_restart_are_known() -> Result<()> {
     use kvfabric::client::{Client as FabricClient, Durability, PutObject};
     use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
     async fn node_at(dir: &std::path::Path, listen: std::net::SocketAddr) -> Result<kvfabric::server::NodeHandle> {
@@ -671,11 +671,21 @@ async fn a_fabric_node_restarted_under_the_router_is_followed_again() -> Result<
         name: "n1".into(),
         url: endpoint.clone(),
     }];
-    let r = RouterService::start(s).await?;
-    let c = client();
+    // Blocks stored before the router starts: the snapshot brings them.
     let fc = FabricClient::connect(endpoint.clone()).await?;
     let old: Vec<u32> = (0..64).collect();
-    put_until_seen(&fc, &r, &old, 4).await?;
+    let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), &old, 16, &[]);
+    let objs = keys
+        .iter()
+        .map(|k| PutObject::new(k.to_vec(), vec![7u8; 512]))
+        .collect();
+    fc.put_many("ns", objs, Durability::Memory).await?;
+    let r = RouterService::start(s).await?;
+    let c = client();
+    eventually("the snapshot is applied", || {
+        r.router().index().holder_len(HolderId(FABRIC_HOLDER_BASE)) == 4
+    })
+    .await?;
 
     // The node restarts empty on the same address: the router reconnects,
     // forgets what the old process held, and follows the new one.

@@ -402,6 +402,32 @@ fn to_event(e: &kvfabric_tiers::StackEvent, node: &str) -> Event {
     }
 }
 
+/// A snapshot as STORED events: one per (namespace, tier), keys in batches
+/// of 256 (like the live stream's coalesced runs).
+fn snapshot_events(objects: &[(kvfabric_tiers::ObjectKey, kvfabric_tiers::TierKind)], node: &str) -> Vec<Event> {
+    let mut groups: std::collections::BTreeMap<(&str, i32), Vec<bytes::Bytes>> = Default::default();
+    for (k, t) in objects {
+        groups
+            .entry((k.namespace(), tier_to_proto(*t) as i32))
+            .or_default()
+            .push(k.key().clone());
+    }
+    let mut out = Vec::new();
+    for ((ns, tier), keys) in groups {
+        for part in keys.chunks(256) {
+            out.push(Event {
+                kind: EventKind::Stored as i32,
+                namespace: ns.to_string(),
+                keys: part.to_vec(),
+                tier,
+                lagged: 0,
+                node: node.to_string(),
+            });
+        }
+    }
+    out
+}
+
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -602,12 +628,40 @@ impl KvBlockService for BlockService {
             self.check_read(&tenant, &req.namespace, None)?;
             Some(req.namespace)
         };
+        // Subscribe before the snapshot is taken: what changes while it is
+        // sent waits in `rx` and follows it.
         let mut rx = self.shared.stack.subscribe();
         let (tx, out) = mpsc::channel::<Result<Event, Status>>(64);
         let shared = self.shared.clone();
         let mut stopping = self.shared.stopping.subscribe();
+        let snapshot = req.snapshot;
         tokio::spawn(async move {
             let wanted = |ns: &str| filter.as_deref().is_none_or(|f| f == ns) && shared.namespaces.visible(&tenant, ns);
+            if snapshot {
+                // A cut of the whole index: off the async workers.
+                let (sh, f, t) = (shared.clone(), filter.clone(), tenant.clone());
+                let events = tokio::task::spawn_blocking(move || {
+                    let objects = sh
+                        .stack
+                        .snapshot(|ns| f.as_deref().is_none_or(|x| x == ns) && sh.namespaces.visible(&t, ns));
+                    snapshot_events(&objects, &sh.node_id)
+                })
+                .await
+                .unwrap_or_default();
+                for ev in events {
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                let done = Event {
+                    kind: EventKind::SnapshotDone as i32,
+                    node: shared.node_id.clone(),
+                    ..Default::default()
+                };
+                if tx.send(Ok(done)).await.is_err() {
+                    return;
+                }
+            }
             loop {
                 let first = tokio::select! {
                     _ = tx.closed() => return,

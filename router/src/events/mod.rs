@@ -344,17 +344,23 @@ impl FabricTracker {
 
     /// Applies one event. Keys that are not 16-byte block hashes and events
     /// of other namespaces are skipped (counted as malformed when the key
-    /// is the problem).
-    pub fn apply(&self, ev: &FabricEvent) {
+    /// is the problem). Returns false when the stream lost events (LAGGED):
+    /// the node's blocks are dropped, and the caller should subscribe again
+    /// from a snapshot.
+    pub fn apply(&self, ev: &FabricEvent) -> bool {
         let c = &self.counters;
         let kind = EventKind::try_from(ev.kind).unwrap_or(EventKind::Unspecified);
         if kind == EventKind::Lagged {
             tracing::warn!(holder = %self.holder, lost = ev.lagged, "fabric events lost: resynchronising");
             self.resync();
-            return;
+            return false;
+        }
+        if kind == EventKind::SnapshotDone {
+            tracing::debug!(holder = %self.holder, "fabric snapshot applied");
+            return true;
         }
         if ev.namespace != self.namespace {
-            return;
+            return true;
         }
         let tier = kvfabric_proto::v1::Tier::try_from(ev.tier)
             .ok()
@@ -378,10 +384,11 @@ impl FabricTracker {
             (EventKind::Cleared, _) => self.index.clear(self.holder, None),
             _ => {
                 c.bump(&c.malformed, 1);
-                return;
+                return true;
             }
         }
         c.bump(&c.applied, 1);
+        true
     }
 
     /// Drops everything known about the node (lagged stream, reconnect).

@@ -240,12 +240,22 @@ fn fabric_events_apply_by_key_and_tier() {
     assert_eq!(m.entries()[0].tiers, TierMask::of(Tier::Disk));
     f.apply(&ev(EventKind::Cleared, "kv", vec![], P::Unspecified));
     assert!(ix.is_empty());
-    f.apply(&ev(EventKind::Stored, "kv", keys.clone(), P::Host));
-    f.apply(&FabricEvent {
+    assert!(f.apply(&ev(EventKind::Stored, "kv", keys.clone(), P::Host)));
+    assert!(f.apply(&FabricEvent {
+        kind: EventKind::SnapshotDone as i32,
+        ..Default::default()
+    }));
+    assert_eq!(
+        depth_for(&*ix, &ch, HolderId(100)),
+        2,
+        "the end of a snapshot changes nothing"
+    );
+    let keep_going = f.apply(&FabricEvent {
         kind: EventKind::Lagged as i32,
         lagged: 10,
         ..Default::default()
     });
+    assert!(!keep_going, "a lagged stream asks for a new subscription");
     assert!(ix.is_empty(), "a lagged stream drops what may be stale");
     assert_eq!(c.gaps.load(Relaxed), 1);
 }

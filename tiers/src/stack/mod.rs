@@ -744,6 +744,26 @@ impl TierStack {
             .collect()
     }
 
+    /// Every object held now in the namespaces `wanted` accepts, with each
+    /// tier holding a copy: what a subscriber that joins late needs to
+    /// know. A consistent cut of the index (taken under its lock); the
+    /// events after it tell the rest.
+    pub fn snapshot(&self, wanted: impl Fn(&str) -> bool) -> Vec<(ObjectKey, TierKind)> {
+        let index = self.index.lock();
+        let mut out = Vec::new();
+        for (k, e) in index.iter() {
+            if !wanted(k.namespace()) {
+                continue;
+            }
+            for (i, level) in self.levels.iter().enumerate() {
+                if e.mask & bit(i) != 0 {
+                    out.push((k.clone(), level.tier.kind()));
+                }
+            }
+        }
+        out
+    }
+
     /// Namespaces that currently hold objects.
     pub fn namespaces(&self) -> Vec<String> {
         let mut v: Vec<String> = self.index.lock().keys().map(|k| k.namespace().to_string()).collect();
