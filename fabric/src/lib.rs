@@ -1,8 +1,9 @@
 //! kvfabric: a storage-centric KV cache fabric.
 //!
 //! This crate is the KV block service. Without default features it is only
-//! the client library ([`client`]), the canonical block hash ([`hash`]) and
-//! the argument checks both sides share ([`validate`]): what engines, the
+//! the client library ([`client`]), the canonical block hash ([`hash`]),
+//! cluster placement ([`placement`]) and the argument checks both sides
+//! share ([`validate`]): what engines, the
 //! router and the planner link. With the `server` feature (default) it is
 //! also the node ([`server`]): the gRPC service over the tier stack,
 //! Prometheus metrics and the `kvfabric` binary.
@@ -10,6 +11,7 @@
 pub mod client;
 pub mod hash;
 pub mod local;
+pub mod placement;
 pub mod size;
 pub mod transport;
 pub mod validate;
