@@ -23,6 +23,7 @@
 mod driver;
 mod index;
 mod peers;
+mod placement;
 mod replay;
 
 use anyhow::{Context, bail};
@@ -78,6 +79,9 @@ enum Mode {
     /// Trace replay in virtual time against simulated workers, with the real
     /// router in the loop: round-robin, random, HBM-only and tier-aware routing.
     Replay(replay::ReplayOpts),
+    /// Cluster placement simulated for 100 and 1,000 nodes: balance,
+    /// re-replication after a node loss, a node joining.
+    Placement(placement::PlacementOpts),
 }
 
 /// The disk tier's I/O engine.
@@ -293,6 +297,15 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Mode::Placement(p)) => {
+            return match placement::run(p) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench placement: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Mode::Peers(p)) => {
             return match peers::run(p) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -364,6 +377,7 @@ fn run(mode: &str, opts: Opts) -> anyhow::Result<()> {
     if o.smoke {
         replay::smoke().context("replay smoke run")?;
         index::smoke().context("index smoke run")?;
+        placement::smoke().context("placement smoke run")?;
     }
     eprintln!("# done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
