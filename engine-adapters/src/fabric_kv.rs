@@ -14,11 +14,14 @@
 //!   get. The prefix ends at the first block that is gone by then, has a
 //!   layout that is not this engine's (logged and counted, never loaded) or
 //!   has the wrong length. A namespace the node has never seen holds
-//!   nothing.
+//!   nothing. A worker that already holds the first blocks in its own pool
+//!   asks about and loads only the ones after them
+//!   ([`FabricKv::present_blocks`], [`FabricKv::load_blocks`]).
 //!
 //! [`FabricKv`] is the seam the workers use; its counters feed their
 //! metrics.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -107,15 +110,26 @@ impl FabricKv {
     /// engine's layout, as bytes ready for
     /// [`crate::engine::Engine::add_sequence_from_bytes`].
     pub async fn load_prefix(&self, tokens: &[u32]) -> Result<Vec<Bytes>, ClientError> {
-        let keys: Vec<Bytes> = self.keys(tokens).iter().map(|k| Bytes::copy_from_slice(k)).collect();
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let present = match self.client.exists_prefix(&self.namespace, keys.clone()).await {
-            Ok(tiers) => tiers.len(),
-            Err(e) if e.kind() == FabricErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
-        };
+        self.load_blocks(tokens, 0..usize::MAX).await
+    }
+
+    /// How many of the full blocks `range` of `tokens` the fabric holds,
+    /// counting from `range.start` up to the first missing one
+    /// (`ExistsPrefix` over their keys; the range is clipped to the full
+    /// blocks). A namespace the node has never seen holds nothing.
+    pub async fn present_blocks(&self, tokens: &[u32], range: Range<usize>) -> Result<usize, ClientError> {
+        let keys = self.range_keys(tokens, range);
+        self.present(&keys).await
+    }
+
+    /// Like [`FabricKv::load_prefix`], for the full blocks `range` of
+    /// `tokens` (clipped to the full blocks): the leading ones of the range
+    /// that the fabric holds with this engine's layout, in order, starting
+    /// at block `range.start`. Workers use it to load what follows the
+    /// blocks they already hold.
+    pub async fn load_blocks(&self, tokens: &[u32], range: Range<usize>) -> Result<Vec<Bytes>, ClientError> {
+        let keys = self.range_keys(tokens, range);
+        let present = self.present(&keys).await?;
         if present == 0 {
             return Ok(Vec::new());
         }
@@ -152,6 +166,24 @@ impl FabricKv {
             .blocks_loaded
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
+    }
+
+    fn range_keys(&self, tokens: &[u32], range: Range<usize>) -> Vec<Bytes> {
+        let keys = self.keys(tokens);
+        let end = range.end.min(keys.len());
+        let start = range.start.min(end);
+        keys[start..end].iter().map(|k| Bytes::copy_from_slice(k)).collect()
+    }
+
+    async fn present(&self, keys: &[Bytes]) -> Result<usize, ClientError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        match self.client.exists_prefix(&self.namespace, keys.to_vec()).await {
+            Ok(tiers) => Ok(tiers.len()),
+            Err(e) if e.kind() == FabricErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
     /// Stores full blocks of `tokens`: `(index in the sequence, bytes)`.

@@ -2,3 +2,4 @@
 
 pub mod engine;
 pub mod fabric_kv;
+pub mod worker;

@@ -151,8 +151,8 @@ pub struct Settings {
     /// `/v1/models` lists these.
     pub models: Vec<String>,
     /// A Hugging Face `tokenizer.json` for text prompts. Default unset: text
-    /// is tokenised byte-level (token id = UTF-8 byte, 0..=255), the
-    /// reference engine's vocabulary. Token-id prompts never need one.
+    /// is tokenised as the reference engine does: BOS (256), then one token
+    /// per UTF-8 byte. Token-id prompts never need one.
     pub tokenizer: Option<PathBuf>,
     /// The cost model (tier bandwidths, weights, temperature, block size).
     pub cost: CostSettings,

@@ -4,8 +4,9 @@
 //! - With a Hugging Face `tokenizer.json` (setting `tokenizer`, feature
 //!   `tokenizers`, on by default) text is encoded with it, special tokens
 //!   added as the engine would.
-//! - Without one, text is tokenised byte-level: each UTF-8 byte is one token
-//!   id (0..=255), the vocabulary of the bundled reference engine.
+//! - Without one, text is tokenised the way the bundled reference engine
+//!   does: BOS ([`BYTE_BOS`], 256), then each UTF-8 byte as one token id
+//!   (0..=255), so the router's block hashes are the engine's.
 //!
 //! Chat requests are flattened with a fixed template before tokenising, one
 //! block per message and an open assistant turn at the end:
@@ -19,6 +20,10 @@
 //! sharing leading messages share leading blocks; it need not be the model's.
 
 use std::path::Path;
+
+/// The beginning-of-sequence token the byte-level fallback starts text
+/// with (the reference engine's BOS).
+pub const BYTE_BOS: u32 = 256;
 
 /// Why a tokenizer could not be loaded or a text encoded.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +78,7 @@ impl Tokenizer {
     /// Token ids of `text`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         match self {
-            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Bytes => Ok(std::iter::once(BYTE_BOS).chain(text.bytes().map(u32::from)).collect()),
             #[cfg(feature = "tokenizers")]
             Tokenizer::Hf(t) => t
                 .encode(text, true)
@@ -104,7 +109,7 @@ mod tests {
     #[test]
     fn bytes_fallback_and_template() {
         let t = Tokenizer::load(None).unwrap();
-        assert_eq!(t.encode("hé").unwrap(), vec![104, 195, 169]);
+        assert_eq!(t.encode("hé").unwrap(), vec![BYTE_BOS, 104, 195, 169]);
         assert_eq!(
             chat_text([("system", "be brief"), ("user", "hi")]),
             "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"

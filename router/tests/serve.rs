@@ -278,9 +278,9 @@ async fn routes_to_the_worker_whose_events_show_the_prefix() -> Result<()> {
             "the worker's body comes back: {body}"
         );
     }
-    // Text prompt, tokenised byte-level without a tokenizer file: a holds it.
+    // Text prompt, tokenised like the reference engine (BOS + bytes) without a tokenizer file: a holds it.
     let text = "x".repeat(64);
-    let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+    let bytes: Vec<u32> = std::iter::once(256).chain(text.bytes().map(u32::from)).collect();
     publish_until_seen(&mut a, &r, HolderId(0), &bytes).await?;
     for _ in 0..5 {
         let (s, w, _) = complete(&c, &r, json!({"prompt": text})).await?;

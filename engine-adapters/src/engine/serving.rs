@@ -417,7 +417,19 @@ impl Engine {
         Ok(self.pool.import_block(bytes)?)
     }
 
-    /// Drops a reference the caller holds (from [`Engine::import_block`]).
+    /// Adds a reference to a full block that the caller keeps (a prefix
+    /// cache keeping a finished sequence's blocks); drop it with
+    /// [`Engine::release_block`]. Only full blocks can be shared.
+    pub fn retain_block(&mut self, block: BlockId) -> Result<(), EngineError> {
+        match self.pool.is_full(block) {
+            None => Err(KvError::UnknownBlock(block.index()).into()),
+            Some(false) => Err(KvError::BlockNotFull(block.index()).into()),
+            Some(true) => Ok(self.pool.retain(block)?),
+        }
+    }
+
+    /// Drops a reference the caller holds (from [`Engine::import_block`]
+    /// or [`Engine::retain_block`]).
     pub fn release_block(&mut self, block: BlockId) -> Result<(), EngineError> {
         self.pool.release(block)?;
         Ok(())

@@ -1,0 +1,170 @@
+//! The `kvfabric-worker` command: runs one reference-engine worker
+//! (aggregated, prefill or decode) serving the OpenAI-compatible API the
+//! router forwards to. Settings come from a TOML file, then
+//! `KVFABRIC_WORKER_*` environment variables, then flags (later wins); see
+//! the crate README's worker settings table. SIGINT or SIGTERM stops it
+//! gracefully (requests in flight finish first).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kvfabric::size::ByteSize;
+use kvfabric_engine_adapters::worker::{Overrides, Role, Worker, WorkerSettings};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kvfabric-worker",
+    version,
+    about = "kvfabric's reference engine worker: OpenAI-compatible completions over a tiny CPU Llama, with KV blocks shared through the fabric"
+)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "KVFABRIC_WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// aggregated, prefill or decode.
+    #[arg(long, env = "KVFABRIC_WORKER_ROLE")]
+    role: Option<Role>,
+    /// HTTP listen address (API, /health, /metrics).
+    #[arg(long, env = "KVFABRIC_WORKER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Fabric node endpoint, http://host:port.
+    #[arg(long, env = "KVFABRIC_WORKER_FABRIC")]
+    fabric: Option<String>,
+    /// Fabric tenant.
+    #[arg(long, env = "KVFABRIC_WORKER_TENANT")]
+    tenant: Option<String>,
+    /// Fabric namespace (its salt seeds the block hashes).
+    #[arg(long, env = "KVFABRIC_WORKER_NAMESPACE")]
+    namespace: Option<String>,
+    /// Model config TOML file.
+    #[arg(long, env = "KVFABRIC_WORKER_MODEL")]
+    model: Option<PathBuf>,
+    /// Safetensors weights for the model.
+    #[arg(long, env = "KVFABRIC_WORKER_WEIGHTS")]
+    weights: Option<PathBuf>,
+    /// KV pool capacity in blocks.
+    #[arg(long, env = "KVFABRIC_WORKER_POOL_BLOCKS")]
+    pool_blocks: Option<usize>,
+    /// Most prompt tokens per prefill batch.
+    #[arg(long, env = "KVFABRIC_WORKER_MAX_BATCH_TOKENS")]
+    max_batch_tokens: Option<usize>,
+    /// Most sequences decoding at once.
+    #[arg(long, env = "KVFABRIC_WORKER_MAX_RUNNING")]
+    max_running: Option<usize>,
+    /// Most requests waiting for prefill (more get 503).
+    #[arg(long, env = "KVFABRIC_WORKER_MAX_WAITING")]
+    max_waiting: Option<usize>,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, env = "KVFABRIC_WORKER_MAX_TOKENS_LIMIT")]
+    max_tokens_limit: Option<usize>,
+    /// Engine compute threads (0: automatic).
+    #[arg(long, env = "KVFABRIC_WORKER_THREADS")]
+    threads: Option<usize>,
+    /// ZMQ PUB bind address for KV events, tcp://host:port.
+    #[arg(long, env = "KVFABRIC_WORKER_KV_EVENTS")]
+    kv_events: Option<String>,
+    /// Topic frame of KV event messages.
+    #[arg(long, env = "KVFABRIC_WORKER_KV_EVENTS_TOPIC")]
+    kv_events_topic: Option<String>,
+    /// Whether text prompts get a BOS token.
+    #[arg(long, env = "KVFABRIC_WORKER_ADD_BOS")]
+    add_bos: Option<bool>,
+    /// Model name served (default: the model id).
+    #[arg(long, env = "KVFABRIC_WORKER_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// A prefill worker URL; repeat, or comma-separate in the environment (replaces the file's list).
+    #[arg(
+        long = "prefill-worker",
+        env = "KVFABRIC_WORKER_PREFILL_WORKERS",
+        value_delimiter = ','
+    )]
+    prefill_workers: Option<Vec<String>>,
+    /// Remote prefill only when the uncached part has at least this many tokens.
+    #[arg(long, env = "KVFABRIC_WORKER_DISAGG_MIN_UNCACHED_TOKENS")]
+    disagg_min_uncached_tokens: Option<usize>,
+    /// Remote prefill only when the prefill worker's queue is below this.
+    #[arg(long, env = "KVFABRIC_WORKER_DISAGG_MAX_PREFILL_QUEUE")]
+    disagg_max_prefill_queue: Option<usize>,
+    /// Time a remote prefill may take, ms.
+    #[arg(long, env = "KVFABRIC_WORKER_PREFILL_TIMEOUT_MS")]
+    prefill_timeout_ms: Option<u64>,
+    /// Time a prefill worker's /health may take, ms.
+    #[arg(long, env = "KVFABRIC_WORKER_PREFILL_HEALTH_TIMEOUT_MS")]
+    prefill_health_timeout_ms: Option<u64>,
+    /// Largest request body (e.g. 8MiB).
+    #[arg(long, env = "KVFABRIC_WORKER_MAX_BODY_SIZE")]
+    max_body_size: Option<ByteSize>,
+    /// Log filter (RUST_LOG overrides).
+    #[arg(long, env = "KVFABRIC_WORKER_LOG")]
+    log: Option<String>,
+}
+
+async fn terminated() -> Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        role: cli.role,
+        listen: cli.listen,
+        fabric: cli.fabric,
+        tenant: cli.tenant,
+        namespace: cli.namespace,
+        model: cli.model,
+        weights: cli.weights,
+        pool_blocks: cli.pool_blocks,
+        max_batch_tokens: cli.max_batch_tokens,
+        max_running: cli.max_running,
+        max_waiting: cli.max_waiting,
+        max_tokens_limit: cli.max_tokens_limit,
+        threads: cli.threads,
+        kv_events: cli.kv_events,
+        kv_events_topic: cli.kv_events_topic,
+        served_model_name: cli.served_model_name,
+        add_bos: cli.add_bos,
+        prefill_workers: cli.prefill_workers,
+        disagg_min_uncached_tokens: cli.disagg_min_uncached_tokens,
+        disagg_max_prefill_queue: cli.disagg_max_prefill_queue,
+        prefill_timeout_ms: cli.prefill_timeout_ms,
+        prefill_health_timeout_ms: cli.prefill_health_timeout_ms,
+        max_body_size: cli.max_body_size,
+        log: cli.log,
+    };
+    let settings = WorkerSettings::load(cli.config.as_deref(), overrides).context("loading settings")?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log))
+        .context("log filter")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let handle = Worker::start(settings).await.context("starting the worker")?;
+    println!(
+        "kvfabric-worker ({}) listening on {}{}",
+        handle.role(),
+        handle.url(),
+        handle
+            .kv_events_endpoint()
+            .map(|e| format!(", KV events on {e}"))
+            .unwrap_or_default()
+    );
+    terminated().await?;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,510 @@
+//! Worker settings: the TOML file, then `KVFABRIC_WORKER_*` environment
+//! variables, then command-line flags (later wins; the binary overlays the
+//! last two with [`Overrides`]). Every field's default and bound is in its
+//! doc comment and in the README's worker settings table;
+//! [`WorkerSettings::validate`] runs at load, so a bad value stops the
+//! worker with a message naming the setting.
+//!
+//! The model is either the default [`ModelConfig`], a model config TOML
+//! file (`model`) or a `[model-config]` table inline (in-process users such
+//! as tests and the demo set [`WorkerSettings::model_config`] directly).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use kvfabric::size::ByteSize;
+use serde::Deserialize;
+
+use crate::engine::ModelConfig;
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into settings (unknown key, wrong type).
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of bounds; the message names the setting.
+    #[error("invalid worker settings: {0}")]
+    Invalid(String),
+}
+
+/// What a worker does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Prefills and decodes its own requests (default).
+    #[default]
+    Aggregated,
+    /// Computes KV for decode workers (`POST /v1/prefill`) and stores it in
+    /// the fabric; also serves completions.
+    Prefill,
+    /// Decodes; prefills a request on a prefill worker when its uncached
+    /// part is long and the prefill worker's queue is short (conditional
+    /// disaggregation), else locally.
+    Decode,
+}
+
+impl Role {
+    /// The name in settings and `/health`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Aggregated => "aggregated",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "aggregated" => Ok(Role::Aggregated),
+            "prefill" => Ok(Role::Prefill),
+            "decode" => Ok(Role::Decode),
+            other => Err(format!("role {other:?}: expected aggregated, prefill or decode")),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything a worker is configured with (TOML: kebab-case keys; every
+/// key optional).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkerSettings {
+    /// `aggregated`, `prefill` or `decode`. Default `aggregated`.
+    pub role: Role,
+    /// HTTP listen address (API, `/health`, `/metrics`). Default
+    /// `127.0.0.1:8100`; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Fabric node endpoint, `http://host:port`. Default unset: the worker
+    /// uses only its own pool (no loads, no stores, no disaggregation).
+    pub fabric: Option<String>,
+    /// Fabric tenant the worker acts as. Default empty (the node's default
+    /// tenant).
+    pub tenant: String,
+    /// Fabric namespace of its KV blocks; its salt seeds the block hashes,
+    /// so the router and every worker sharing blocks must use the same one.
+    /// Default `default`; 1..=128 of `[A-Za-z0-9._-]`.
+    pub namespace: String,
+    /// Model config TOML file ([`ModelConfig`]). Default unset: the inline
+    /// `model-config`, else `ModelConfig::default()` (`kvfabric-ref-tiny`).
+    /// Not together with `model-config`.
+    pub model: Option<PathBuf>,
+    /// The model config inline (a `[model-config]` table). Default unset.
+    pub model_config: Option<ModelConfig>,
+    /// Safetensors weights (Hugging Face Llama names) for the model.
+    /// Default unset: weights generated from the config's seed.
+    pub weights: Option<PathBuf>,
+    /// KV pool capacity in blocks (running sequences plus the worker's own
+    /// prefix cache). Default 4096 (128 MiB for the default model); 1 to
+    /// 16 777 216.
+    pub pool_blocks: usize,
+    /// Most prompt tokens computed in one prefill batch; a longer prompt
+    /// still runs, alone. Default 2048; 1 to 1 048 576.
+    pub max_batch_tokens: usize,
+    /// Most sequences decoding at once; more requests wait. Default 64; 1
+    /// to 4096.
+    pub max_running: usize,
+    /// Most requests waiting for prefill; more get 503. Default 1024; 1 to
+    /// 1 048 576.
+    pub max_waiting: usize,
+    /// Largest `max_tokens` a request may ask for. Default 2048; 1 to
+    /// 1 048 576 (the model's context bounds it too).
+    pub max_tokens_limit: usize,
+    /// Compute threads of the engine. Default 0: `available_parallelism`,
+    /// at most 8; 0 to 256.
+    pub threads: usize,
+    /// ZMQ PUB bind address for vLLM-format KV events, `tcp://host:port`
+    /// (port 0 picks a free one). Default unset: no events.
+    pub kv_events: Option<String>,
+    /// Topic frame of every KV event message. Default `kv-events`; at most
+    /// 255 bytes.
+    pub kv_events_topic: String,
+    /// Model name served (`/v1/models`, the `model` field). Default unset:
+    /// the model id.
+    pub served_model_name: Option<String>,
+    /// Text prompts get a BOS token before their bytes. Default true.
+    pub add_bos: bool,
+    /// Prefill workers a decode worker may hand prompts to, base URLs
+    /// `http://host:port`. Default none.
+    pub prefill_workers: Vec<String>,
+    /// A decode worker prefills remotely only when the prompt's uncached
+    /// part (tokens neither in its own pool nor in the fabric) is at least
+    /// this many tokens. Default 256; 1 to 1 048 576.
+    pub disagg_min_uncached_tokens: usize,
+    /// ... and only when the chosen prefill worker's queue depth (its
+    /// `/health`) is below this. Default 8; 1 to 1 048 576.
+    pub disagg_max_prefill_queue: usize,
+    /// Time a remote prefill may take before the decode worker prefills
+    /// locally, ms. Default 30000; 1 to 3 600 000.
+    pub prefill_timeout_ms: u64,
+    /// Time a prefill worker's `/health` may take, ms. Default 1000; 1 to
+    /// 60 000.
+    pub prefill_health_timeout_ms: u64,
+    /// Largest request body accepted; larger ones get 413. Default `8MiB`;
+    /// 1KiB..=1GiB.
+    pub max_body_size: ByteSize,
+    /// Log filter (`tracing` env-filter syntax) of the binary. Default
+    /// `info`; `RUST_LOG` overrides.
+    pub log: String,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            role: Role::Aggregated,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
+            fabric: None,
+            tenant: String::new(),
+            namespace: "default".into(),
+            model: None,
+            model_config: None,
+            weights: None,
+            pool_blocks: 4096,
+            max_batch_tokens: 2048,
+            max_running: 64,
+            max_waiting: 1024,
+            max_tokens_limit: 2048,
+            threads: 0,
+            kv_events: None,
+            kv_events_topic: "kv-events".into(),
+            served_model_name: None,
+            add_bos: true,
+            prefill_workers: Vec::new(),
+            disagg_min_uncached_tokens: 256,
+            disagg_max_prefill_queue: 8,
+            prefill_timeout_ms: 30_000,
+            prefill_health_timeout_ms: 1000,
+            max_body_size: ByteSize(8 << 20),
+            log: "info".into(),
+        }
+    }
+}
+
+/// What the environment and flags may override, applied over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--role` / `KVFABRIC_WORKER_ROLE`.
+    pub role: Option<Role>,
+    /// `--listen` / `KVFABRIC_WORKER_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `--fabric` / `KVFABRIC_WORKER_FABRIC`.
+    pub fabric: Option<String>,
+    /// `--tenant` / `KVFABRIC_WORKER_TENANT`.
+    pub tenant: Option<String>,
+    /// `--namespace` / `KVFABRIC_WORKER_NAMESPACE`.
+    pub namespace: Option<String>,
+    /// `--model` / `KVFABRIC_WORKER_MODEL`.
+    pub model: Option<PathBuf>,
+    /// `--weights` / `KVFABRIC_WORKER_WEIGHTS`.
+    pub weights: Option<PathBuf>,
+    /// `--pool-blocks` / `KVFABRIC_WORKER_POOL_BLOCKS`.
+    pub pool_blocks: Option<usize>,
+    /// `--max-batch-tokens` / `KVFABRIC_WORKER_MAX_BATCH_TOKENS`.
+    pub max_batch_tokens: Option<usize>,
+    /// `--max-running` / `KVFABRIC_WORKER_MAX_RUNNING`.
+    pub max_running: Option<usize>,
+    /// `--max-waiting` / `KVFABRIC_WORKER_MAX_WAITING`.
+    pub max_waiting: Option<usize>,
+    /// `--max-tokens-limit` / `KVFABRIC_WORKER_MAX_TOKENS_LIMIT`.
+    pub max_tokens_limit: Option<usize>,
+    /// `--threads` / `KVFABRIC_WORKER_THREADS`.
+    pub threads: Option<usize>,
+    /// `--kv-events` / `KVFABRIC_WORKER_KV_EVENTS`.
+    pub kv_events: Option<String>,
+    /// `--kv-events-topic` / `KVFABRIC_WORKER_KV_EVENTS_TOPIC`.
+    pub kv_events_topic: Option<String>,
+    /// `--served-model-name` / `KVFABRIC_WORKER_SERVED_MODEL_NAME`.
+    pub served_model_name: Option<String>,
+    /// `--add-bos` / `KVFABRIC_WORKER_ADD_BOS`.
+    pub add_bos: Option<bool>,
+    /// `--prefill-worker` / `KVFABRIC_WORKER_PREFILL_WORKERS` (replaces the
+    /// file's list).
+    pub prefill_workers: Option<Vec<String>>,
+    /// `--disagg-min-uncached-tokens` / `KVFABRIC_WORKER_DISAGG_MIN_UNCACHED_TOKENS`.
+    pub disagg_min_uncached_tokens: Option<usize>,
+    /// `--disagg-max-prefill-queue` / `KVFABRIC_WORKER_DISAGG_MAX_PREFILL_QUEUE`.
+    pub disagg_max_prefill_queue: Option<usize>,
+    /// `--prefill-timeout-ms` / `KVFABRIC_WORKER_PREFILL_TIMEOUT_MS`.
+    pub prefill_timeout_ms: Option<u64>,
+    /// `--prefill-health-timeout-ms` / `KVFABRIC_WORKER_PREFILL_HEALTH_TIMEOUT_MS`.
+    pub prefill_health_timeout_ms: Option<u64>,
+    /// `--max-body-size` / `KVFABRIC_WORKER_MAX_BODY_SIZE`.
+    pub max_body_size: Option<ByteSize>,
+    /// `--log` / `KVFABRIC_WORKER_LOG`.
+    pub log: Option<String>,
+}
+
+impl WorkerSettings {
+    /// Parses TOML (unknown keys are errors) and validates.
+    pub fn from_toml(text: &str) -> Result<WorkerSettings, SettingsError> {
+        let s: WorkerSettings = toml::from_str(text).map_err(|e| SettingsError::Parse(e.to_string()))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Reads and parses a TOML file (`None`: the defaults), applies
+    /// `overrides` and validates the result.
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<WorkerSettings, SettingsError> {
+        let mut s = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| SettingsError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| SettingsError::Parse(format!("{}: {e}", p.display())))?
+            }
+            None => WorkerSettings::default(),
+        };
+        s.apply(overrides);
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Applies environment / flag overrides.
+    pub fn apply(&mut self, o: Overrides) {
+        macro_rules! set {
+            ($($f:ident),*) => {$(
+                if let Some(v) = o.$f {
+                    self.$f = v;
+                }
+            )*};
+        }
+        macro_rules! set_opt {
+            ($($f:ident),*) => {$(
+                if let Some(v) = o.$f {
+                    self.$f = Some(v);
+                }
+            )*};
+        }
+        set!(
+            role,
+            listen,
+            tenant,
+            namespace,
+            pool_blocks,
+            max_batch_tokens,
+            max_running,
+            max_waiting,
+            max_tokens_limit,
+            threads,
+            kv_events_topic,
+            add_bos,
+            prefill_workers,
+            disagg_min_uncached_tokens,
+            disagg_max_prefill_queue,
+            prefill_timeout_ms,
+            prefill_health_timeout_ms,
+            max_body_size,
+            log
+        );
+        set_opt!(fabric, weights, kv_events, served_model_name);
+        if let Some(m) = o.model {
+            self.model = Some(m);
+            self.model_config = None;
+        }
+    }
+
+    /// The model config: `model-config`, else the `model` file, else the
+    /// default; validated.
+    pub fn resolve_model(&self) -> Result<ModelConfig, SettingsError> {
+        let c = match (&self.model_config, &self.model) {
+            (Some(c), _) => c.clone(),
+            (None, Some(p)) => {
+                ModelConfig::from_toml_file(p).map_err(|e| SettingsError::Invalid(format!("model: {e}")))?
+            }
+            (None, None) => ModelConfig::default(),
+        };
+        c.validate()
+            .map_err(|e| SettingsError::Invalid(format!("model-config: {e}")))?;
+        Ok(c)
+    }
+
+    /// Checks bounds and cross-references; the message names the setting.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |m: String| Err(SettingsError::Invalid(m));
+        let range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(SettingsError::Invalid(format!("{name} must be {lo}..={hi}, got {v}")))
+            }
+        };
+        range("pool-blocks", self.pool_blocks as u64, 1, 1 << 24)?;
+        range("max-batch-tokens", self.max_batch_tokens as u64, 1, 1 << 20)?;
+        range("max-running", self.max_running as u64, 1, 4096)?;
+        range("max-waiting", self.max_waiting as u64, 1, 1 << 20)?;
+        range("max-tokens-limit", self.max_tokens_limit as u64, 1, 1 << 20)?;
+        range("threads", self.threads as u64, 0, 256)?;
+        range(
+            "disagg-min-uncached-tokens",
+            self.disagg_min_uncached_tokens as u64,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "disagg-max-prefill-queue",
+            self.disagg_max_prefill_queue as u64,
+            1,
+            1 << 20,
+        )?;
+        range("prefill-timeout-ms", self.prefill_timeout_ms, 1, 3_600_000)?;
+        range("prefill-health-timeout-ms", self.prefill_health_timeout_ms, 1, 60_000)?;
+        range("max-body-size", self.max_body_size.0, 1 << 10, 1 << 30)?;
+        if let Err(e) = kvfabric::validate::name("namespace", &self.namespace) {
+            return invalid(e);
+        }
+        if !self.tenant.is_empty()
+            && let Err(e) = kvfabric::validate::name("tenant", &self.tenant)
+        {
+            return invalid(e);
+        }
+        if let Some(f) = &self.fabric
+            && let Err(e) = check_base_url(f, true)
+        {
+            return invalid(format!("fabric {e}"));
+        }
+        if self.model.is_some() && self.model_config.is_some() {
+            return invalid("model and model-config are both set; use one".into());
+        }
+        if let Some(c) = &self.model_config
+            && let Err(e) = c.validate()
+        {
+            return invalid(format!("model-config: {e}"));
+        }
+        if let Some(e) = &self.kv_events {
+            let ok = e
+                .strip_prefix("tcp://")
+                .and_then(|r| r.rsplit_once(':'))
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return invalid(format!("kv-events {e:?} must be tcp://host:port"));
+            }
+        }
+        if self.kv_events_topic.len() > 255 {
+            return invalid("kv-events-topic must be at most 255 bytes".into());
+        }
+        if let Some(n) = &self.served_model_name
+            && (n.is_empty() || n.len() > 256)
+        {
+            return invalid(format!("served-model-name must be 1..=256 bytes, got {n:?}"));
+        }
+        for (i, w) in self.prefill_workers.iter().enumerate() {
+            if let Err(e) = check_base_url(w, false) {
+                return invalid(format!("prefill-workers[{i}] {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this worker may hand prefills to prefill workers: a decode
+    /// worker with a fabric and at least one prefill worker.
+    pub fn disaggregates(&self) -> bool {
+        self.role == Role::Decode && self.fabric.is_some() && !self.prefill_workers.is_empty()
+    }
+}
+
+/// `http://host:port` (or `https://` when `tls_ok`), no path.
+fn check_base_url(u: &str, tls_ok: bool) -> Result<(), String> {
+    let rest = match u.strip_prefix("http://") {
+        Some(r) => r,
+        None if tls_ok => u
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("{u:?} must be http://host:port or https://host:port"))?,
+        None => return Err(format!("{u:?} must be http://host:port (plain HTTP)")),
+    };
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !rest.contains('/') && p.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("{u:?} must be a base URL with host and port and no path")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_a_full_file_parses() {
+        WorkerSettings::default().validate().unwrap();
+        let s = WorkerSettings::from_toml(
+            r#"
+            role = "decode"
+            listen = "0.0.0.0:9100"
+            fabric = "http://10.0.0.1:50051"
+            namespace = "llama"
+            pool-blocks = 128
+            kv-events = "tcp://0.0.0.0:5557"
+            prefill-workers = ["http://10.0.0.2:8100"]
+            disagg-min-uncached-tokens = 64
+            max-body-size = "1MiB"
+            [model-config]
+            num-layers = 2
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.role, Role::Decode);
+        assert!(s.disaggregates());
+        assert_eq!(s.max_body_size, ByteSize(1 << 20));
+        assert_eq!(s.resolve_model().unwrap().num_layers, 2);
+        assert_eq!(
+            WorkerSettings::default().resolve_model().unwrap(),
+            ModelConfig::default()
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (toml, want) in [
+            ("bogus = 1", "bogus"),
+            ("role = \"both\"", "role"),
+            ("pool-blocks = 0", "pool-blocks"),
+            ("max-running = 0", "max-running"),
+            ("namespace = \"a b\"", "namespace"),
+            ("fabric = \"grpc://x:1\"", "fabric"),
+            ("kv-events = \"ipc:///tmp/x\"", "kv-events"),
+            ("prefill-workers = [\"http://x\"]", "prefill-workers[0]"),
+            ("prefill-timeout-ms = 0", "prefill-timeout-ms"),
+            ("max-body-size = \"2GiB\"", "max-body-size"),
+            ("[model-config]\nnum-kv-heads = 3", "model-config"),
+            ("model = \"/x.toml\"\n[model-config]\nseed = 1", "model-config"),
+        ] {
+            let e = WorkerSettings::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(want), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let mut s = WorkerSettings::from_toml("namespace = \"a\"\npool-blocks = 3").unwrap();
+        s.apply(Overrides {
+            namespace: Some("b".into()),
+            role: Some("prefill".parse().unwrap()),
+            prefill_workers: Some(vec!["http://h:1".into()]),
+            ..Default::default()
+        });
+        assert_eq!(s.namespace, "b");
+        assert_eq!(s.pool_blocks, 3);
+        assert_eq!(s.role, Role::Prefill);
+        assert!(!s.disaggregates());
+        s.validate().unwrap();
+        assert!("x".parse::<Role>().is_err());
+    }
+}

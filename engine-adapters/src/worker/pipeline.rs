@@ -1,0 +1,446 @@
+//! One request's way through the worker, on the async side: the own-pool
+//! lookup (pinning what it finds), the disaggregation decision and remote
+//! prefill (decode role), loading the next blocks from the fabric, the job
+//! on the engine thread, and storing the blocks the engine computed into
+//! the fabric, all of it awaited before the request's last answer, so a
+//! following request can hit them.
+//!
+//! Fabric failures never fail a request: a load that fails computes, a
+//! store that fails is logged and counted (only `/v1/prefill`, whose whole
+//! point is the store, reports it to its caller).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use kvfabric::client::{Client, ClientOptions};
+use kvfabric::hash::{BlockHash, chain_hashes};
+use tokio::sync::{OnceCell, mpsc};
+use tokio::task::JoinHandle;
+
+use super::clock::Clock;
+use super::config::WorkerSettings;
+use super::disagg;
+use super::metrics::Metrics;
+use super::openai::ApiError;
+use super::scheduler::{EngineHandle, Job, JobError, Out};
+use crate::engine::{FinishReason, KvLayout, ModelConfig, Sampling};
+use crate::fabric_kv::FabricKv;
+
+/// The HTTP/1 client towards prefill workers.
+pub(crate) type HttpClient = HyperClient<HttpConnector, Full<Bytes>>;
+
+/// Where a request's prompt was prefilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PrefillPlace {
+    /// Here.
+    Local,
+    /// On a prefill worker (its blocks came through the fabric).
+    Remote,
+    /// A remote prefill failed; prefilled here.
+    RemoteFailedLocal,
+}
+
+impl PrefillPlace {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            PrefillPlace::Local => "local",
+            PrefillPlace::Remote => "remote",
+            PrefillPlace::RemoteFailedLocal => "remote-failed-local",
+        }
+    }
+}
+
+/// The fabric connection, made on first use (a node that is down at start
+/// is retried by later requests).
+#[derive(Debug)]
+pub(crate) struct FabricConn {
+    url: String,
+    tenant: String,
+    namespace: String,
+    layout: KvLayout,
+    kv: OnceCell<Arc<FabricKv>>,
+    metrics: Arc<Metrics>,
+}
+
+impl FabricConn {
+    pub(crate) fn new(settings: &WorkerSettings, url: String, layout: KvLayout, metrics: Arc<Metrics>) -> Self {
+        FabricConn {
+            url,
+            tenant: settings.tenant.clone(),
+            namespace: settings.namespace.clone(),
+            layout,
+            kv: OnceCell::new(),
+            metrics,
+        }
+    }
+
+    /// The connector, connecting if needed; `None` (logged, counted) when
+    /// the node cannot be reached.
+    pub(crate) async fn get(&self) -> Option<Arc<FabricKv>> {
+        let r = self
+            .kv
+            .get_or_try_init(|| async {
+                let opts = ClientOptions {
+                    connect_timeout: std::time::Duration::from_secs(2),
+                    ..ClientOptions::default()
+                };
+                let mut c = Client::connect_with(self.url.clone(), opts).await?;
+                if !self.tenant.is_empty() {
+                    c = c.with_tenant(self.tenant.clone());
+                }
+                tracing::info!(url = %self.url, namespace = %self.namespace, "connected to the fabric");
+                Ok::<_, kvfabric::client::ClientError>(Arc::new(FabricKv::new(
+                    c,
+                    self.namespace.clone(),
+                    self.layout.clone(),
+                )))
+            })
+            .await;
+        match r {
+            Ok(kv) => Some(kv.clone()),
+            Err(e) => {
+                self.metrics.fabric_errors.with_label_values(&["connect"]).inc();
+                tracing::warn!(url = %self.url, error = %e, "fabric unreachable: serving from the own pool only");
+                None
+            }
+        }
+    }
+
+    /// The connector if connected.
+    pub(crate) fn connected(&self) -> Option<&Arc<FabricKv>> {
+        self.kv.get()
+    }
+}
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) settings: WorkerSettings,
+    pub(crate) model: ModelConfig,
+    pub(crate) model_name: String,
+    pub(crate) engine: EngineHandle,
+    pub(crate) fabric: Option<FabricConn>,
+    pub(crate) salt: u64,
+    pub(crate) pool_capacity: usize,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) client: HttpClient,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) next_id: AtomicU64,
+}
+
+impl AppState {
+    /// A fresh request id.
+    pub(crate) fn request_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Keys of the full blocks of `tokens`.
+    pub(crate) fn keys(&self, tokens: &[u32]) -> Vec<BlockHash> {
+        chain_hashes(self.salt, tokens, self.model.tokens_per_block, &[])
+    }
+}
+
+/// Holds a request in the queue-depth gauge until its prefill is done.
+#[derive(Debug)]
+struct QueueGuard(Option<Arc<Metrics>>);
+
+impl QueueGuard {
+    fn new(m: &Arc<Metrics>) -> Self {
+        m.queue_depth.inc();
+        QueueGuard(Some(m.clone()))
+    }
+    fn done(&mut self) {
+        if let Some(m) = self.0.take() {
+            m.queue_depth.dec();
+        }
+    }
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+/// What a request asks the engine for.
+#[derive(Debug, Clone)]
+pub(crate) struct GenRequest {
+    pub(crate) tokens: Vec<u32>,
+    /// 0: prefill only (`/v1/prefill`).
+    pub(crate) max_tokens: usize,
+    pub(crate) sampling: Sampling,
+    pub(crate) ignore_eos: bool,
+}
+
+/// How a finished request went.
+#[derive(Debug, Clone)]
+pub(crate) struct Summary {
+    pub(crate) finish: FinishReason,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) own_pool_tokens: usize,
+    pub(crate) fabric_tokens: usize,
+    pub(crate) computed_tokens: usize,
+    pub(crate) place: PrefillPlace,
+    /// Blocks stored into the fabric.
+    pub(crate) stored_blocks: usize,
+    /// Why a store failed, if one did.
+    pub(crate) store_error: Option<String>,
+}
+
+impl Summary {
+    /// `finish_reason` as OpenAI names it.
+    pub(crate) fn finish_reason(&self) -> &'static str {
+        match self.finish {
+            FinishReason::Eos => "stop",
+            FinishReason::MaxTokens | FinishReason::ContextFull => "length",
+        }
+    }
+
+    /// The `kvfabric` extension object.
+    pub(crate) fn extension(&self) -> serde_json::Value {
+        serde_json::json!({
+            "computed_tokens": self.computed_tokens,
+            "own_pool_tokens": self.own_pool_tokens,
+            "fabric_tokens": self.fabric_tokens,
+            "prefill": self.place.as_str(),
+        })
+    }
+
+    /// The `usage` object.
+    pub(crate) fn usage(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.own_pool_tokens + self.fabric_tokens},
+        })
+    }
+}
+
+/// One step of a running request.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Token(u32),
+    Done(Summary),
+}
+
+type StoreTask = JoinHandle<Result<usize, String>>;
+
+/// A request in the engine (see the module doc).
+#[derive(Debug)]
+pub(crate) struct Generation {
+    rx: mpsc::UnboundedReceiver<Out>,
+    metrics: Arc<Metrics>,
+    kv: Option<Arc<FabricKv>>,
+    prompt: Vec<u32>,
+    place: PrefillPlace,
+    t0: Instant,
+    last: Option<Instant>,
+    queue: QueueGuard,
+    stores: Vec<StoreTask>,
+    own_pool_tokens: usize,
+    fabric_tokens: usize,
+    computed_tokens: usize,
+    generated: usize,
+}
+
+fn job_error(e: JobError) -> ApiError {
+    match e {
+        JobError::Capacity(m) => ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "capacity", m),
+        JobError::Shutdown => ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the worker is shutting down",
+        ),
+        JobError::Engine(m) => ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", m),
+    }
+}
+
+/// Starts a request (validated by the caller) that arrived at `t0`.
+pub(crate) async fn start(state: &Arc<AppState>, req: GenRequest, t0: Instant) -> Result<Generation, ApiError> {
+    if state.metrics.queue_depth.get() >= state.settings.max_waiting as i64 {
+        return Err(ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "{} requests are waiting for prefill (max-waiting); retry later",
+                state.settings.max_waiting
+            ),
+        ));
+    }
+    let queue = QueueGuard::new(&state.metrics);
+    let tpb = state.model.tokens_per_block;
+    let len = req.tokens.len();
+    let usable = len.saturating_sub(1) / tpb;
+    let keys = state.keys(&req.tokens);
+    let pinned = state.engine.lookup(keys[..usable].to_vec()).await.map_err(job_error)?;
+    let own = pinned.len();
+    let kv = match &state.fabric {
+        Some(f) => f.get().await,
+        None => None,
+    };
+    let prefill_only = req.max_tokens == 0;
+    let mut place = PrefillPlace::Local;
+    if let Some(kv) = &kv
+        && state.settings.disaggregates()
+        && !prefill_only
+    {
+        let present = match kv.present_blocks(&req.tokens, own..usable).await {
+            Ok(n) => n,
+            Err(e) => {
+                state.metrics.fabric_errors.with_label_values(&["exists"]).inc();
+                tracing::warn!(error = %e, "fabric ExistsPrefix failed");
+                0
+            }
+        };
+        let uncached = len - (own + present) * tpb;
+        if uncached >= state.settings.disagg_min_uncached_tokens {
+            place = disagg::remote_prefill(state, &req.tokens).await;
+        } else {
+            tracing::debug!(uncached, "prefilling locally: short uncached part");
+        }
+    }
+    let fabric = match &kv {
+        Some(kv) if own < usable => match kv.load_blocks(&req.tokens, own..usable).await {
+            Ok(b) => b,
+            Err(e) => {
+                state.metrics.fabric_errors.with_label_values(&["load"]).inc();
+                tracing::warn!(error = %e, "loading blocks from the fabric failed: computing them");
+                Vec::new()
+            }
+        },
+        _ => Vec::new(),
+    };
+    if place == PrefillPlace::Remote && fabric.len() < usable - own {
+        tracing::warn!(
+            expected = usable - own,
+            loaded = fabric.len(),
+            "the prefill worker's blocks are not all in the fabric: computing the rest"
+        );
+    }
+    let export_from = match &kv {
+        None => None,
+        // A prefill worker makes sure every full block ends up in the
+        // fabric, also those it had in its own pool.
+        Some(kv) if prefill_only && own > 0 => Some(match kv.present_blocks(&req.tokens, 0..own).await {
+            Ok(n) => n,
+            Err(e) => {
+                state.metrics.fabric_errors.with_label_values(&["exists"]).inc();
+                tracing::warn!(error = %e, "fabric ExistsPrefix failed");
+                0
+            }
+        }),
+        Some(_) => Some(own + fabric.len()),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    state
+        .engine
+        .submit(Job {
+            tokens: req.tokens.clone(),
+            pinned,
+            fabric,
+            max_tokens: req.max_tokens,
+            sampling: req.sampling,
+            ignore_eos: req.ignore_eos,
+            export_from,
+            out: tx,
+        })
+        .map_err(job_error)?;
+    Ok(Generation {
+        rx,
+        metrics: state.metrics.clone(),
+        kv,
+        prompt: req.tokens,
+        place,
+        t0,
+        last: None,
+        queue,
+        stores: Vec::new(),
+        own_pool_tokens: 0,
+        fabric_tokens: 0,
+        computed_tokens: 0,
+        generated: 0,
+    })
+}
+
+impl Generation {
+    fn store(&mut self, tokens: Vec<u32>, blocks: Vec<(usize, Vec<u8>)>) {
+        let Some(kv) = self.kv.clone() else { return };
+        if blocks.is_empty() {
+            return;
+        }
+        let m = self.metrics.clone();
+        self.stores.push(tokio::spawn(async move {
+            kv.store(&tokens, blocks).await.map_err(|e| {
+                m.fabric_errors.with_label_values(&["store"]).inc();
+                tracing::warn!(error = %e, "storing blocks in the fabric failed");
+                e.to_string()
+            })
+        }));
+    }
+
+    /// The next token, or the end.
+    pub(crate) async fn next(&mut self) -> Result<Step, ApiError> {
+        loop {
+            let Some(out) = self.rx.recv().await else {
+                return Err(job_error(JobError::Shutdown));
+            };
+            match out {
+                Out::Prefilled {
+                    own_pool_tokens,
+                    fabric_tokens,
+                    computed_tokens,
+                    blocks,
+                } => {
+                    self.queue.done();
+                    self.own_pool_tokens = own_pool_tokens;
+                    self.fabric_tokens = fabric_tokens;
+                    self.computed_tokens = computed_tokens;
+                    let prompt = self.prompt.clone();
+                    self.store(prompt, blocks);
+                }
+                Out::Token(t) => {
+                    let now = Instant::now();
+                    match self.last {
+                        None => self.metrics.ttft.observe((now - self.t0).as_secs_f64()),
+                        Some(l) => self.metrics.itl.observe((now - l).as_secs_f64()),
+                    }
+                    self.last = Some(now);
+                    self.generated += 1;
+                    return Ok(Step::Token(t));
+                }
+                Out::Finished { reason, tokens, blocks } => {
+                    self.store(tokens, blocks);
+                    let mut stored_blocks = 0;
+                    let mut store_error = None;
+                    for t in self.stores.drain(..) {
+                        match t.await {
+                            Ok(Ok(n)) => stored_blocks += n,
+                            Ok(Err(e)) => store_error = Some(e),
+                            Err(e) => store_error = Some(e.to_string()),
+                        }
+                    }
+                    return Ok(Step::Done(Summary {
+                        finish: reason,
+                        prompt_tokens: self.prompt.len(),
+                        completion_tokens: self.generated,
+                        own_pool_tokens: self.own_pool_tokens,
+                        fabric_tokens: self.fabric_tokens,
+                        computed_tokens: self.computed_tokens,
+                        place: self.place,
+                        stored_blocks,
+                        store_error,
+                    }));
+                }
+                Out::Failed(e) => return Err(job_error(e)),
+            }
+        }
+    }
+}
