@@ -21,6 +21,8 @@
 //! includes a short replay of the committed sample.
 
 mod driver;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod index;
 mod peers;
 mod placement;
@@ -82,6 +84,11 @@ enum Mode {
     /// Cluster placement simulated for 100 and 1,000 nodes: balance,
     /// re-replication after a node loss, a node joining.
     Placement(placement::PlacementOpts),
+    /// GPU memory <-> fabric through the zero-copy local path next to raw
+    /// pinned and pageable cuMemcpy of the same sizes (needs `--features cuda`
+    /// and a GPU).
+    #[cfg(feature = "cuda")]
+    Gpu(gpu::GpuOpts),
 }
 
 /// The disk tier's I/O engine.
@@ -302,6 +309,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kvfabric-bench placement: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        #[cfg(feature = "cuda")]
+        Some(Mode::Gpu(g)) => {
+            return match gpu::run(g) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench gpu: error: {e:#}");
                     ExitCode::FAILURE
                 }
             };

@@ -14,7 +14,7 @@ use super::{LocalClient, Reservation, RoundSink};
 use crate::client::{ClientError, Result};
 use crate::proto::v1::{self, Durability, Tier};
 use bytes::Bytes;
-use cudarc::driver::{CudaContext, CudaStream, sys};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, sys};
 use std::sync::Arc;
 
 /// One object to put from device memory.
@@ -126,6 +126,67 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// Queues `ops` without waiting, recording an event after each chunk
+    /// (`ends`: exclusive end index of each chunk, ascending, the last one
+    /// `ops.len()`). Returns the events, one per chunk.
+    async fn queue_with_events(&self, ops: Vec<(usize, u64, usize, bool)>, ends: Vec<usize>) -> Result<Vec<CudaEvent>> {
+        let (ctx, stream) = (self.ctx.clone(), self.stream.clone());
+        tokio::task::spawn_blocking(move || -> Result<Vec<CudaEvent>> {
+            ctx.bind_to_thread()
+                .map_err(|e| gpu_err("binding the CUDA context", e))?;
+            let mut events = Vec::with_capacity(ends.len());
+            let mut start = 0;
+            for end in ends {
+                for &(host, dev, len, dtoh) in &ops[start..end] {
+                    // SAFETY: as in `run`.
+                    let r = unsafe {
+                        if dtoh {
+                            sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev, len, stream.cu_stream())
+                        } else {
+                            sys::cuMemcpyHtoDAsync_v2(dev, host as *const _, len, stream.cu_stream())
+                        }
+                    };
+                    r.result().map_err(|e| gpu_err("queueing a copy", e))?;
+                }
+                events.push(
+                    stream
+                        .record_event(None)
+                        .map_err(|e| gpu_err("recording a CUDA event", e))?,
+                );
+                start = end;
+            }
+            Ok(events)
+        })
+        .await
+        .map_err(|e| gpu_err("copy task", e))?
+    }
+}
+
+/// Bytes of device puts committed together while later copies still run
+/// (see [`DeviceLink::put_from_device`]): large enough that a commit's fixed
+/// cost is amortised over several blocks, small enough that the first
+/// commit starts early in a batch.
+pub const PUT_CHUNK_BYTES: u64 = 8 << 20;
+
+/// Splits objects of `lengths` into consecutive chunks of at least `target`
+/// bytes (the last may be smaller); returns each chunk's exclusive end.
+fn chunk_ends(lengths: &[u64], target: u64) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut acc = 0u64;
+    for (i, &l) in lengths.iter().enumerate() {
+        acc = acc.saturating_add(l);
+        if acc >= target {
+            ends.push(i + 1);
+            acc = 0;
+        }
+    }
+    if ends.last() != Some(&lengths.len()) {
+        ends.push(lengths.len());
+    }
+    ends
+}
+
 impl DeviceLink {
     fn batch(&self) -> Batch {
         Batch {
@@ -136,8 +197,16 @@ impl DeviceLink {
     }
 
     /// Stores objects straight from device memory: reserve, one async
-    /// device-to-host copy per object into its slot, one synchronisation,
-    /// hash, commit.
+    /// device-to-host copy per object into its slot, hash (when checksums
+    /// are on), commit.
+    ///
+    /// Pipelined: every copy is queued at once, with a CUDA event after each
+    /// chunk of about [`PUT_CHUNK_BYTES`]; a chunk is committed as soon as its
+    /// event fires, while the DMA engine goes on with the next chunks, so
+    /// the node's commit work overlaps the copies instead of following them.
+    /// Objects are committed atomically one by one: when an error stops the
+    /// call part-way, chunks already committed stay stored and the rest are
+    /// given back.
     ///
     /// # Safety
     /// Every `ptr .. ptr + len` must be readable device memory of this
@@ -152,39 +221,80 @@ impl DeviceLink {
         for (i, o) in objects.iter().enumerate() {
             crate::validate::key(i, o.key).map_err(ClientError::InvalidArgument)?;
         }
+        if objects.is_empty() {
+            return Ok(Vec::new());
+        }
         let lengths: Vec<u64> = objects.iter().map(|o| o.len).collect();
         let slots: Vec<Reservation> = self.client.reserve(&lengths).await?;
-        let mut batch = self.batch();
-        for (o, r) in objects.iter().zip(&slots) {
-            batch
-                .ops
-                .push((self.dma.ptr as usize + r.offset as usize, o.ptr, o.len as usize, true));
-        }
-        if let Err(e) = batch.run().await {
-            let _ = self.client.abort(slots).await;
-            return Err(e);
-        }
-        let mut items = Vec::with_capacity(objects.len());
-        for (o, r) in objects.iter().zip(slots) {
-            // With checksums on, hash what landed in the slot.
-            let sum = self
-                .client
-                .inner
-                .checksums
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .then(|| {
-                    // SAFETY: the slot is ours and the copy into it has completed.
+        let ends = chunk_ends(&lengths, PUT_CHUNK_BYTES);
+        let ops: Vec<(usize, u64, usize, bool)> = objects
+            .iter()
+            .zip(&slots)
+            .map(|(o, r)| (self.dma.ptr as usize + r.offset as usize, o.ptr, o.len as usize, true))
+            .collect();
+        let events = match self.batch().queue_with_events(ops, ends.clone()).await {
+            Ok(ev) => ev,
+            Err(e) => {
+                let _ = self.client.abort(slots).await;
+                return Err(e);
+            }
+        };
+        let checksums = self.client.inner.checksums.load(std::sync::atomic::Ordering::Relaxed);
+        let mut tiers = Vec::with_capacity(objects.len());
+        let mut first_err = None;
+        let mut slots = slots.into_iter();
+        let mut start = 0;
+        for (end, event) in ends.into_iter().zip(events) {
+            let chunk: Vec<Reservation> = slots.by_ref().take(end - start).collect();
+            if let Err(e) = self.wait(event).await {
+                let _ = self.client.abort(chunk.into_iter().chain(slots).collect()).await;
+                return Err(e);
+            }
+            let mut items = Vec::with_capacity(chunk.len());
+            for (o, r) in objects[start..end].iter().zip(chunk) {
+                // With checksums on, hash what landed in the slot.
+                let sum = checksums.then(|| {
+                    // SAFETY: the slot is ours and the copy into it has completed (its event fired).
                     let bytes =
                         unsafe { std::slice::from_raw_parts(self.client.inner.map.ptr_at(r.offset), r.len as usize) };
                     kvfabric_checksum(bytes)
                 });
-            items.push((r, Bytes::copy_from_slice(o.key), sum, None));
+                items.push((r, Bytes::copy_from_slice(o.key), sum, None));
+            }
+            match self.client.commit(namespace, items, durability).await {
+                Ok(results) => {
+                    for r in results {
+                        match r {
+                            Ok(t) => tiers.push(t),
+                            Err(e) => {
+                                first_err.get_or_insert(e);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = self.client.abort(slots.collect()).await;
+                    return Err(e);
+                }
+            }
+            start = end;
         }
-        self.client
-            .commit(namespace, items, durability)
-            .await?
-            .into_iter()
-            .collect()
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(tiers),
+        }
+    }
+
+    /// Waits (on the blocking pool) until `event`'s work has completed.
+    async fn wait(&self, event: CudaEvent) -> Result<()> {
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || {
+            ctx.bind_to_thread()
+                .map_err(|e| gpu_err("binding the CUDA context", e))?;
+            event.synchronize().map_err(|e| gpu_err("waiting for copies", e))
+        })
+        .await
+        .map_err(|e| gpu_err("copy task", e))?
     }
 
     /// Reads objects straight into device memory: acquire leases, one
@@ -245,4 +355,18 @@ impl DeviceLink {
 
 fn kvfabric_checksum(b: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_ends;
+
+    #[test]
+    fn chunks_cover_every_object_in_order() {
+        assert_eq!(chunk_ends(&[4, 4, 4, 4, 4], 8), vec![2, 4, 5]);
+        assert_eq!(chunk_ends(&[16, 1, 1], 8), vec![1, 3]);
+        assert_eq!(chunk_ends(&[1, 1], 8), vec![2]);
+        assert_eq!(chunk_ends(&[8, 8], 8), vec![1, 2]);
+        assert_eq!(chunk_ends(&[u64::MAX, 1], 8), vec![1, 2]);
+    }
 }

@@ -19,7 +19,7 @@ mod mapping;
 pub(crate) mod wire;
 
 #[cfg(feature = "cuda")]
-pub use cuda::{DeviceLink, DevicePut};
+pub use cuda::{DeviceLink, DevicePut, PUT_CHUNK_BYTES};
 
 use crate::client::{ClientError, Result};
 use crate::proto::LOCAL_PROTOCOL_VERSION;
