@@ -96,6 +96,24 @@ struct Batch {
     ops: Vec<(usize, u64, usize, bool)>,
 }
 
+/// Queues one async copy per op on `stream` (the context bound to this thread).
+fn enqueue(stream: &CudaStream, ops: &[(usize, u64, usize, bool)]) -> Result<()> {
+    for &(host, dev, len, dtoh) in ops {
+        // SAFETY: host ranges are reserved or leased slots of the registered
+        // mapping; device ranges are the caller's (see the safety notes of
+        // the public methods).
+        let r = unsafe {
+            if dtoh {
+                sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev, len, stream.cu_stream())
+            } else {
+                sys::cuMemcpyHtoDAsync_v2(dev, host as *const _, len, stream.cu_stream())
+            }
+        };
+        r.result().map_err(|e| gpu_err("queueing a copy", e))?;
+    }
+    Ok(())
+}
+
 impl Batch {
     async fn run(&mut self) -> Result<()> {
         if self.ops.is_empty() {
@@ -106,19 +124,7 @@ impl Batch {
         tokio::task::spawn_blocking(move || -> Result<()> {
             ctx.bind_to_thread()
                 .map_err(|e| gpu_err("binding the CUDA context", e))?;
-            for (host, dev, len, dtoh) in ops {
-                // SAFETY: host ranges are reserved or leased slots of the
-                // registered mapping; device ranges are the caller's (see
-                // the safety notes of the public methods).
-                let r = unsafe {
-                    if dtoh {
-                        sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev, len, stream.cu_stream())
-                    } else {
-                        sys::cuMemcpyHtoDAsync_v2(dev, host as *const _, len, stream.cu_stream())
-                    }
-                };
-                r.result().map_err(|e| gpu_err("queueing a copy", e))?;
-            }
+            enqueue(&stream, &ops)?;
             stream.synchronize().map_err(|e| gpu_err("waiting for copies", e))
         })
         .await
@@ -138,17 +144,7 @@ impl Batch {
             let mut events = Vec::with_capacity(ends.len());
             let mut start = 0;
             for end in ends {
-                for &(host, dev, len, dtoh) in &ops[start..end] {
-                    // SAFETY: as in `run`.
-                    let r = unsafe {
-                        if dtoh {
-                            sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev, len, stream.cu_stream())
-                        } else {
-                            sys::cuMemcpyHtoDAsync_v2(dev, host as *const _, len, stream.cu_stream())
-                        }
-                    };
-                    r.result().map_err(|e| gpu_err("queueing a copy", e))?;
-                }
+                enqueue(&stream, &ops[start..end])?;
                 events.push(
                     stream
                         .record_event(None)
