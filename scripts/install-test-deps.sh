@@ -7,13 +7,16 @@
 set -euo pipefail
 
 # ---------------------------------------------------------------------------
-# System packages (Debian): protoc for code generation, librocksdb-dev so
+# System packages (Debian): protoc for code generation (with libprotobuf-dev
+# for the well-known .proto files etcd-client's build imports), librocksdb-dev so
 # rocksdb links the system library instead of building C++ for 15 minutes,
 # libclang for bindgen, fio for the disk-tier benchmark limit, and the RDMA
-# headers so `--features rdma` compiles, and DejaVu Sans for the trace replay's
-# plot labels (`kvfabric-bench replay`).
+# headers so `--features rdma` compiles, DejaVu Sans for the trace replay's
+# plot labels (`kvfabric-bench replay`), and etcd (/usr/bin/etcd) for the
+# cluster-membership tests (fabric/tests/cluster.rs start their own etcd on
+# free loopback ports; a system etcd service the package may start is unused).
 # ---------------------------------------------------------------------------
-APT_PACKAGES=(protobuf-compiler librocksdb-dev libclang-dev clang pkg-config fio libibverbs-dev librdmacm-dev python3-venv fonts-dejavu-core)
+APT_PACKAGES=(protobuf-compiler libprotobuf-dev librocksdb-dev libclang-dev clang pkg-config fio libibverbs-dev librdmacm-dev python3-venv fonts-dejavu-core etcd-server)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

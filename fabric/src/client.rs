@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
+pub use crate::cluster_client::{ClusterClient, NodeInfo};
 pub use crate::local::{LocalClient, LocalPut};
 pub use crate::proto::v1::{Durability, Event, EventKind, Layout, Tier};
 

@@ -2,13 +2,16 @@
 //!
 //! This crate is the KV block service. Without default features it is only
 //! the client library ([`client`]), the canonical block hash ([`hash`]),
-//! cluster placement ([`placement`]) and the argument checks both sides
+//! cluster placement ([`placement`]), the cluster-aware client
+//! ([`cluster_client`]) and the argument checks both sides
 //! share ([`validate`]): what engines, the
 //! router and the planner link. With the `server` feature (default) it is
 //! also the node ([`server`]): the gRPC service over the tier stack,
-//! Prometheus metrics and the `kvfabric` binary.
+//! Prometheus metrics and the `kvfabric` binary, and cluster membership on
+//! etcd ([`cluster`]).
 
 pub mod client;
+pub mod cluster_client;
 pub mod hash;
 pub mod local;
 pub mod placement;
@@ -16,6 +19,8 @@ pub mod size;
 pub mod transport;
 pub mod validate;
 
+#[cfg(feature = "server")]
+pub mod cluster;
 #[cfg(feature = "server")]
 pub mod server;
 

@@ -1,5 +1,6 @@
 //! The `kvfabric` command: `serve` runs a node; `put`, `get` and `stats` are
-//! a small client for operators and scripts. Settings come from a TOML file,
+//! a small client for operators and scripts; `cluster status` lists a
+//! cluster's members from etcd. Settings come from a TOML file,
 //! then `KVFABRIC_*` environment variables, then flags (later wins).
 //!
 //! `kvfabric router|worker|demo ARGS...` runs the `kvfabric-router`,
@@ -40,6 +41,9 @@ enum Cmd {
     Get(GetArgs),
     /// Per-tier capacity, usage, objects, hits and misses.
     Stats(StatsArgs),
+    /// Cluster membership (etcd).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// `router`, `worker` or `demo`: runs `kvfabric-router`,
     /// `kvfabric-worker` or `kvfabric-demo` with the remaining arguments.
     #[command(external_subcommand)]
@@ -78,7 +82,7 @@ fn run_external(args: Vec<OsString>) -> i32 {
         .unwrap_or_default();
     let Some(&(_, krate)) = EXTERNAL.iter().find(|(n, _)| *n == name) else {
         eprintln!(
-            "error: unrecognized subcommand '{name}' (commands: serve, put, get, stats, {}; see kvfabric --help)",
+            "error: unrecognized subcommand '{name}' (commands: serve, put, get, stats, cluster, {}; see kvfabric --help)",
             EXTERNAL.map(|(n, _)| n).join(", ")
         );
         return 2;
@@ -122,9 +126,37 @@ struct ServeArgs {
     /// S3 endpoint for the object store, e.g. http://127.0.0.1:8333.
     #[arg(long, env = "KVFABRIC_OBJECT_ENDPOINT")]
     object_endpoint: Option<String>,
-    /// Node id reported in events.
+    /// Node id reported in events (and the member name in cluster mode).
     #[arg(long, env = "KVFABRIC_NODE_ID")]
     node_id: Option<String>,
+    /// Join a cluster: etcd://HOST:PORT[,HOST:PORT...]. Without it the node runs alone.
+    #[arg(long, env = "KVFABRIC_CLUSTER")]
+    cluster: Option<String>,
+    /// Cluster id (default kvfabric).
+    #[arg(long, env = "KVFABRIC_CLUSTER_ID")]
+    cluster_id: Option<String>,
+    /// gRPC HOST:PORT advertised to the cluster (default: the listen address).
+    #[arg(long, env = "KVFABRIC_ADVERTISE")]
+    advertise: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Nodes, state, endpoint, capacity and used bytes per tier.
+    Status(ClusterStatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ClusterStatusArgs {
+    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "KVFABRIC_CLUSTER")]
+    cluster: String,
+    /// Cluster id.
+    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
+    cluster_id: String,
+    /// One JSON array of member records instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -230,6 +262,15 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     }
     if let Some(v) = args.node_id {
         s.node_id = v;
+    }
+    if let Some(v) = args.cluster {
+        s.cluster.etcd = Some(v);
+    }
+    if let Some(v) = args.cluster_id {
+        s.cluster.id = v;
+    }
+    if let Some(v) = args.advertise {
+        s.cluster.advertise = Some(v);
     }
     s.validate()?;
     Ok(s)
@@ -344,8 +385,54 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
             println!("objects: {}  namespaces: {}", s.objects, s.namespaces.join(","));
             Ok(0)
         }
-        Cmd::Serve(_) | Cmd::External(_) => unreachable!("handled in main"),
+        Cmd::Serve(_) | Cmd::External(_) | Cmd::Cluster(_) => unreachable!("handled in main"),
     }
+}
+
+/// `kvfabric cluster status`: one listing of the members from etcd.
+async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
+    use kvfabric::cluster;
+    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
+    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
+    let members = cluster::list_members(&endpoints, &a.cluster_id).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&members)?);
+        return Ok(());
+    }
+    println!("cluster {}: {} node(s)", a.cluster_id, members.len());
+    println!(
+        "{:<20} {:<9} {:<28} {:<7} {:>12} {:>12} {:>10}",
+        "node", "state", "endpoint", "tier", "capacity", "used", "objects"
+    );
+    for m in &members {
+        let tiers: Vec<_> = if m.tiers.is_empty() {
+            vec![None]
+        } else {
+            m.tiers.iter().map(Some).collect()
+        };
+        for (i, t) in tiers.into_iter().enumerate() {
+            let (node, state, endpoint) = if i == 0 {
+                (m.node_id.as_str(), m.state.as_str(), m.endpoint.as_str())
+            } else {
+                ("", "", "")
+            };
+            let (tier, cap, used, objects) = match t {
+                Some(t) => (
+                    t.tier.clone(),
+                    if t.capacity_bytes == u64::MAX {
+                        "unbounded".to_string()
+                    } else {
+                        ByteSize(t.capacity_bytes).to_string()
+                    },
+                    ByteSize(t.used_bytes).to_string(),
+                    t.objects.to_string(),
+                ),
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
+            };
+            println!("{node:<20} {state:<9} {endpoint:<28} {tier:<7} {cap:>12} {used:>12} {objects:>10}");
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -357,6 +444,13 @@ async fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("kvfabric serve: {e:#}");
+                1
+            }
+        },
+        Cmd::Cluster(ClusterCmd::Status(a)) => match cluster_status(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kvfabric cluster status: {e:#}");
                 1
             }
         },

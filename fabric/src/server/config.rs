@@ -35,8 +35,56 @@ pub struct Settings {
     pub local: LocalSettings,
     /// Background demotion and promotion between tiers.
     pub tiering: TieringSettings,
+    /// Cluster membership (etcd). Without `cluster.etcd` the node runs alone.
+    pub cluster: ClusterSettings,
     /// Log filter (`tracing` env-filter syntax). Default `info`; `RUST_LOG` overrides.
     pub log: String,
+}
+
+/// `[cluster]` settings: membership on etcd.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterSettings {
+    /// etcd endpoints, `etcd://HOST:PORT[,HOST:PORT...]`; unset = single
+    /// node, no etcd (default).
+    pub etcd: Option<String>,
+    /// Cluster id: 1 to 64 of `A-Z a-z 0-9 . _ -`. Default `kvfabric`. The
+    /// data directory remembers it; a node whose data directory belongs to
+    /// another cluster refuses to start.
+    pub id: String,
+    /// gRPC address (`HOST:PORT`) other nodes and clients reach this node
+    /// at. Default: the bound listen address, which must then not be a
+    /// wildcard (`0.0.0.0`, `::`).
+    pub advertise: Option<String>,
+    /// Membership lease TTL in seconds: a node that stops renewing (crash,
+    /// partition) leaves the member list this long after its last renewal.
+    /// Default 10; 2..=300.
+    pub lease_ttl_s: u64,
+    /// How often the member record's used bytes are rewritten, in ms.
+    /// Default 3000; 100..=600000.
+    pub refresh_interval_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            etcd: None,
+            id: "kvfabric".into(),
+            advertise: None,
+            lease_ttl_s: 10,
+            refresh_interval_ms: 3000,
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The etcd endpoint URLs (`http://HOST:PORT`), or `None` in single-node mode.
+    pub fn etcd_endpoints(&self) -> Result<Option<Vec<String>>, String> {
+        self.etcd
+            .as_deref()
+            .map(|u| crate::cluster::parse_etcd_url(u).map_err(|e| format!("cluster.etcd: {e}")))
+            .transpose()
+    }
 }
 
 /// `[host]` settings.
@@ -128,6 +176,7 @@ impl Default for Settings {
             limits: LimitSettings::default(),
             local: LocalSettings::default(),
             tiering: TieringSettings::default(),
+            cluster: ClusterSettings::default(),
             log: "info".into(),
         }
     }
@@ -346,6 +395,43 @@ impl Settings {
         if t.promote_queue == 0 {
             return Err("tiering.promote-queue must be at least 1".into());
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), String> {
+        let c = &self.cluster;
+        crate::cluster::validate_id("cluster.id", &c.id)?;
+        if !(2..=300).contains(&c.lease_ttl_s) {
+            return Err(format!("cluster.lease-ttl-s {} is outside 2..=300", c.lease_ttl_s));
+        }
+        if !(100..=600_000).contains(&c.refresh_interval_ms) {
+            return Err(format!(
+                "cluster.refresh-interval-ms {} is outside 100..=600000",
+                c.refresh_interval_ms
+            ));
+        }
+        if c.etcd_endpoints()?.is_none() {
+            return Ok(());
+        }
+        crate::cluster::validate_id("node-id", &self.node_id)?;
+        match &c.advertise {
+            Some(a) => {
+                let ok = a
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p != 0));
+                if !ok {
+                    return Err(format!("cluster.advertise {a:?} is not HOST:PORT"));
+                }
+            }
+            None if self.listen.ip().is_unspecified() => {
+                return Err(format!(
+                    "listen address {} is a wildcard: set cluster.advertise (--advertise HOST:PORT) to the \
+                     address other nodes and clients reach this node at",
+                    self.listen
+                ));
+            }
+            None => {}
+        }
         Ok(())
     }
 }
@@ -384,5 +470,54 @@ mod tests {
         assert_eq!(s.local_socket(), PathBuf::from("/run/kv.sock"));
         assert!(!s.local.verify_commits && !s.tiering.background);
         Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let s = Settings::default();
+        assert_eq!(s.cluster.etcd_endpoints().unwrap(), None);
+        assert_eq!((s.cluster.id.as_str(), s.cluster.lease_ttl_s), ("kvfabric", 10));
+        // Single-node mode needs nothing else, even on a wildcard address.
+        let single = Settings {
+            listen: "0.0.0.0:50051".parse().unwrap(),
+            ..Default::default()
+        };
+        single.validate().unwrap();
+        let s = Settings::from_toml(
+            "node-id = \"n1\"\n[cluster]\netcd = \"etcd://127.0.0.1:2379,10.0.0.2:2379\"\nid = \"prod\"\n\
+             advertise = \"10.0.0.1:50051\"\nlease-ttl-s = 3\nrefresh-interval-ms = 500\n",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(
+            s.cluster.etcd_endpoints().unwrap().unwrap(),
+            vec!["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!((s.cluster.lease_ttl_s, s.cluster.refresh_interval_ms), (3, 500));
+        type Change = fn(&mut Settings);
+        let cases: [(Change, &str); 7] = [
+            (|s| s.cluster.lease_ttl_s = 1, "cluster.lease-ttl-s"),
+            (|s| s.cluster.lease_ttl_s = 301, "cluster.lease-ttl-s"),
+            (|s| s.cluster.refresh_interval_ms = 50, "cluster.refresh-interval-ms"),
+            (|s| s.cluster.id = "a/b".into(), "cluster.id"),
+            (|s| s.cluster.etcd = Some("http://x:1".into()), "cluster.etcd"),
+            (|s| s.cluster.advertise = Some("nohost".into()), "cluster.advertise"),
+            (|s| s.node_id = "a b".into(), "node-id"),
+        ];
+        for (change, name) in cases {
+            let mut bad = s.clone();
+            change(&mut bad);
+            let e = bad.validate().unwrap_err();
+            assert!(e.contains(name), "{name}: {e}");
+        }
+        let mut wild = s.clone();
+        wild.listen = "0.0.0.0:50051".parse().unwrap();
+        wild.cluster.advertise = None;
+        assert!(wild.validate().unwrap_err().contains("--advertise"));
+        assert!(
+            Settings::from_toml("[cluster]\nlease-ttl = 3\n")
+                .unwrap_err()
+                .contains("lease-ttl")
+        );
     }
 }

@@ -34,6 +34,9 @@ pub enum FabricError {
     /// Storage engine error.
     #[error(transparent)]
     Tier(#[from] TierError),
+    /// Joining the cluster failed.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// Something unexpected.
     #[error("internal error: {0}")]
     Internal(String),
@@ -48,6 +51,7 @@ impl FabricError {
             FabricError::PermissionDenied { .. } => ErrorKind::PermissionDenied,
             FabricError::ObjectTooLarge { .. } => ErrorKind::Capacity,
             FabricError::Internal(_) => ErrorKind::Internal,
+            FabricError::Cluster(c) => c.kind(),
             FabricError::Tier(t) => match t {
                 TierError::Full { .. } | TierError::TooLarge { .. } | TierError::CapacityExhausted { .. } => {
                     ErrorKind::Capacity

@@ -10,8 +10,8 @@ mod node;
 mod service;
 
 pub use config::{
-    ByteSize, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings, ObjectSettings, Settings,
-    TieringSettings,
+    ByteSize, ClusterSettings, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings, ObjectSettings,
+    Settings, TieringSettings,
 };
 pub use error::FabricError;
 pub use metrics::Metrics;

@@ -1,8 +1,11 @@
 //! Builds a node from [`Settings`] (tiers, stack, namespace registry,
 //! service) and runs it: the gRPC server and the metrics/health endpoint,
-//! both with graceful shutdown.
+//! both with graceful shutdown. In cluster mode the node registers in etcd
+//! before it serves (and refuses to start on an identity conflict), turns
+//! `serving` once listening, and revokes its lease on shutdown.
 
 use super::{BlockService, FabricError, Metrics, Namespaces, Settings};
+use crate::cluster::{MemberState, Registration, RegistrationConfig, TierUsage, UsageFn};
 use crate::proto::MAX_MESSAGE_BYTES;
 use crate::proto::v1::kv_block_service_server::KvBlockServiceServer;
 use kvfabric_tiers::{
@@ -36,6 +39,7 @@ pub struct NodeHandle {
     shutdown: Option<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
     background: Option<kvfabric_tiers::BackgroundHandle>,
+    registration: Option<Registration>,
 }
 
 /// Largest HTTP/2 frame either side accepts (the protocol default is 16 KiB).
@@ -142,6 +146,7 @@ impl Node {
             .map_err(|e| startup(&format!("binding metrics {}", s.metrics_listen), e))?;
         let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
         let metrics_addr = metrics_l.local_addr().map_err(|e| startup("local addr", e))?;
+        let registration = self.join_cluster(grpc_addr, metrics_addr).await?;
         let service = BlockService::new(
             self.stack.clone(),
             self.namespaces.clone(),
@@ -237,6 +242,9 @@ impl Node {
             }
         });
         tracing::info!(%grpc_addr, %metrics_addr, "kvfabric node serving");
+        if let Some(r) = &registration {
+            r.set_state(MemberState::Serving);
+        }
         let mut tasks = vec![grpc_task, metrics_task];
         tasks.extend(local_task);
         Ok(NodeHandle {
@@ -247,7 +255,52 @@ impl Node {
             shutdown: Some(tx),
             tasks,
             background,
+            registration,
         })
+    }
+
+    /// In cluster mode, registers the node (state `joining`) under the
+    /// advertised endpoints; `None` for a single node.
+    async fn join_cluster(
+        &self,
+        grpc_addr: SocketAddr,
+        metrics_addr: SocketAddr,
+    ) -> Result<Option<Registration>, FabricError> {
+        let s = &self.settings;
+        let Some(etcd) = s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)? else {
+            return Ok(None);
+        };
+        let advertise = s.cluster.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
+        let metrics_endpoint = if metrics_addr.ip().is_unspecified() {
+            let host = advertise.rsplit_once(':').map_or(advertise.as_str(), |(h, _)| h);
+            format!("http://{host}:{}/metrics", metrics_addr.port())
+        } else {
+            format!("http://{metrics_addr}/metrics")
+        };
+        let stack = self.stack.clone();
+        let usage: UsageFn = Arc::new(move || {
+            stack
+                .stats()
+                .iter()
+                .map(|t| TierUsage {
+                    tier: t.kind.map_or("unknown", |k| k.as_str()).to_string(),
+                    capacity_bytes: t.capacity,
+                    used_bytes: t.used,
+                    objects: t.objects,
+                })
+                .collect()
+        });
+        let cfg = RegistrationConfig {
+            etcd,
+            cluster_id: s.cluster.id.clone(),
+            node_id: s.node_id.clone(),
+            endpoint: format!("http://{advertise}"),
+            metrics_endpoint,
+            lease_ttl_s: s.cluster.lease_ttl_s,
+            refresh_interval: std::time::Duration::from_millis(s.cluster.refresh_interval_ms),
+            data_dir: s.data_dir.clone(),
+        };
+        Ok(Some(Registration::join(cfg, usage, self.stack.clock().clone()).await?))
     }
 }
 
@@ -260,6 +313,10 @@ impl NodeHandle {
     /// Stops serving, waits for in-flight requests, then stops background
     /// data movement between two moves.
     pub async fn shutdown(mut self) {
+        // Leave the cluster first, so clients stop choosing this node.
+        if let Some(r) = self.registration.take() {
+            r.leave().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -284,6 +341,14 @@ impl NodeHandle {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        if let Some(r) = self.registration.take() {
+            r.leave().await;
+        }
+    }
+
+    /// The cluster registration (cluster mode only).
+    pub fn registration(&self) -> Option<&Registration> {
+        self.registration.as_ref()
     }
 
     /// A sender that triggers shutdown, for signal handlers.

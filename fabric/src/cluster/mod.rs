@@ -1,0 +1,122 @@
+//! Cluster membership on etcd: the member and cluster records and their key
+//! layout ([`Member`], [`ClusterRecord`]), a node's registration under a
+//! lease ([`Registration`]) and the membership watcher ([`Membership`]).
+//!
+//! Key layout, all under `/kvfabric/<cluster-id>/`:
+//!
+//! - `cluster`: the cluster's identity record, created by the first node
+//!   with a put-if-absent transaction;
+//! - `members/<node-id>`: one JSON [`Member`] per live node, attached to
+//!   that node's lease, so it disappears when the node revokes the lease
+//!   (graceful shutdown) or stops renewing it (crash, partition).
+//!
+//! A node's data directory remembers the cluster it joined (the
+//! `cluster-id` file); a node pointed at another cluster refuses to start.
+
+mod error;
+mod member;
+mod membership;
+mod registration;
+
+pub use error::ClusterError;
+pub use member::{ClusterRecord, Member, MemberState, TierUsage};
+pub use membership::{MemberMap, Membership, list_members};
+pub use registration::{Registration, RegistrationConfig, UsageFn};
+
+/// Root of every key kvfabric writes to etcd.
+pub const KEY_ROOT: &str = "/kvfabric";
+
+/// Name of the file in a node's data directory that records the cluster id.
+pub const DATA_DIR_CLUSTER_FILE: &str = "cluster-id";
+
+/// `/kvfabric/<cluster-id>/cluster`: the cluster's identity record.
+pub fn cluster_key(cluster_id: &str) -> String {
+    format!("{KEY_ROOT}/{cluster_id}/cluster")
+}
+
+/// `/kvfabric/<cluster-id>/members/`: prefix of every member record.
+pub fn members_prefix(cluster_id: &str) -> String {
+    format!("{KEY_ROOT}/{cluster_id}/members/")
+}
+
+/// `/kvfabric/<cluster-id>/members/<node-id>`.
+pub fn member_key(cluster_id: &str, node_id: &str) -> String {
+    format!("{}{node_id}", members_prefix(cluster_id))
+}
+
+/// Checks a cluster or node id: 1 to 64 characters of `A-Z a-z 0-9 . _ -`
+/// (it becomes one segment of an etcd key). `what` names the setting.
+pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("{what} {id:?} must be 1 to 64 characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} {id:?} contains {c:?}; use only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(format!("{what} {id:?} is not a valid id"));
+    }
+    Ok(())
+}
+
+/// Parses `etcd://HOST:PORT[,HOST:PORT...]` into the client's endpoint
+/// URLs (`http://HOST:PORT`). No TLS: the scheme is always plain HTTP/2.
+pub fn parse_etcd_url(url: &str) -> Result<Vec<String>, String> {
+    let rest = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| format!("cluster endpoint {url:?} must look like etcd://HOST:PORT[,HOST:PORT...]"))?;
+    let rest = rest.trim_end_matches('/');
+    let mut out = Vec::new();
+    for part in rest.split(',') {
+        let part = part.trim();
+        let bad = || format!("cluster endpoint {url:?}: {part:?} is not HOST:PORT");
+        let (host, port) = part.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || host.contains('/') || !port.parse::<u16>().is_ok_and(|p| p != 0) {
+            return Err(bad());
+        }
+        out.push(format!("http://{part}"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_layout() {
+        assert_eq!(cluster_key("c1"), "/kvfabric/c1/cluster");
+        assert_eq!(member_key("c1", "n-2"), "/kvfabric/c1/members/n-2");
+        assert!(member_key("c1", "n").starts_with(&members_prefix("c1")));
+    }
+
+    #[test]
+    fn ids_and_urls() {
+        validate_id("cluster.id", "prod-eu_1.a").unwrap();
+        assert!(validate_id("node-id", "").unwrap_err().contains("node-id"));
+        assert!(validate_id("node-id", "a/b").unwrap_err().contains("'/'"));
+        assert!(validate_id("node-id", "..").is_err());
+        assert!(validate_id("node-id", &"x".repeat(65)).is_err());
+        assert_eq!(
+            parse_etcd_url("etcd://127.0.0.1:2379,etcd-b:2379").unwrap(),
+            vec!["http://127.0.0.1:2379", "http://etcd-b:2379"]
+        );
+        assert_eq!(parse_etcd_url("etcd://[::1]:2379/").unwrap(), vec!["http://[::1]:2379"]);
+        for bad in [
+            "http://a:1",
+            "etcd://",
+            "etcd://a",
+            "etcd://a:0",
+            "etcd://a:x",
+            "etcd://a:1,,b:2",
+            "etcd://:1",
+        ] {
+            assert!(parse_etcd_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

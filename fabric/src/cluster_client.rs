@@ -1,0 +1,483 @@
+//! The cluster-aware client: one object namespace over many nodes, with no
+//! extra hop. [`ClusterClient`] follows a membership (the serving nodes with
+//! their endpoints and weights, fed through a `tokio::sync::watch` channel by
+//! whatever watches the cluster: etcd in a deployment, a fixed list in
+//! tests), places every key with weighted rendezvous hashing
+//! ([`Placement`]) and sends each request straight to the key's owners,
+//! batching keys per node and calling the nodes concurrently:
+//!
+//! - **put**: every owner (the namespace's replication factor, default 1)
+//!   stores the object; the call succeeds when all of them acknowledged;
+//! - **get**: the first owner is asked; a key it does not hold, or a node
+//!   that does not answer, is retried on the next owner in order, so a read
+//!   succeeds while any replica is up;
+//! - **exists_prefix**: a chain spread over nodes is answered in one call:
+//!   each node is asked for the keys of the chain it owns (in chain order),
+//!   and the answers are merged: the prefix ends at the first key any node
+//!   reports missing;
+//! - **delete**: every owner deletes.
+//!
+//! Connections are pooled per endpoint ([`Client`]) and reused across calls
+//! and membership changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::{Mutex, watch};
+
+use crate::client::{Client, ClientError, ClientOptions, Durability, Object, PutObject, Result, Tier};
+use crate::placement::{Placement, object_hash};
+use crate::{ErrorKind, validate};
+
+/// A serving node as the client sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeInfo {
+    /// Node id (unique in the cluster; placement hashes it).
+    pub id: String,
+    /// gRPC endpoint, `http://host:port`.
+    pub endpoint: String,
+    /// Relative capacity (placement weight), positive.
+    pub weight: f64,
+}
+
+/// One membership, placed.
+#[derive(Debug)]
+struct View {
+    placement: Placement,
+    endpoints: HashMap<String, String>,
+}
+
+impl View {
+    fn build(members: &[NodeInfo]) -> Result<View> {
+        let placement = Placement::new(members.iter().map(|m| (m.id.clone(), m.weight)))
+            .map_err(|e| ClientError::InvalidArgument(format!("membership: {e}")))?;
+        let endpoints = members.iter().map(|m| (m.id.clone(), m.endpoint.clone())).collect();
+        Ok(View { placement, endpoints })
+    }
+}
+
+/// A client of a whole cluster (see the module doc). Cheap to clone; clones
+/// share connections and settings.
+#[derive(Clone, Debug)]
+pub struct ClusterClient {
+    members: watch::Receiver<Vec<NodeInfo>>,
+    view: Arc<cache::Cached>,
+    pool: Arc<Mutex<HashMap<String, Client>>>,
+    options: ClientOptions,
+    tenant: Option<String>,
+    replication: Arc<std::sync::RwLock<HashMap<String, usize>>>,
+    default_replication: usize,
+}
+
+/// The placement of the last membership seen, rebuilt only when the
+/// membership changes (std locks: the client build has no parking_lot).
+mod cache {
+    use super::{NodeInfo, Result, View};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Default)]
+    pub(super) struct Cached(Mutex<Option<(Vec<NodeInfo>, Arc<View>)>>);
+
+    impl Cached {
+        pub(super) fn get(&self, members: &[NodeInfo]) -> Result<Arc<View>> {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((m, v)) = g.as_ref()
+                && m.as_slice() == members
+            {
+                return Ok(v.clone());
+            }
+            let v = Arc::new(View::build(members)?);
+            *g = Some((members.to_vec(), v.clone()));
+            Ok(v)
+        }
+    }
+}
+
+/// Keys of one call grouped by node: node id -> (position in the call, key).
+type Groups = BTreeMap<String, Vec<(usize, Bytes)>>;
+
+fn unavailable(message: String) -> ClientError {
+    ClientError::Status {
+        kind: ErrorKind::Unavailable,
+        code: tonic::Code::Unavailable,
+        message,
+    }
+}
+
+/// Whether trying another replica may help.
+fn retryable(e: &ClientError) -> bool {
+    matches!(e.kind(), ErrorKind::Unavailable)
+}
+
+impl ClusterClient {
+    /// A client following `members` (the serving nodes; updates are picked
+    /// up at the next call).
+    pub fn new(members: watch::Receiver<Vec<NodeInfo>>, options: ClientOptions) -> ClusterClient {
+        ClusterClient {
+            members,
+            view: Arc::default(),
+            pool: Arc::default(),
+            options,
+            tenant: None,
+            replication: Arc::default(),
+            default_replication: 1,
+        }
+    }
+
+    /// A client over a fixed membership.
+    pub fn fixed(members: Vec<NodeInfo>, options: ClientOptions) -> ClusterClient {
+        let (_tx, rx) = watch::channel(members);
+        Self::new(rx, options)
+    }
+
+    /// Acts for `tenant` on every node.
+    pub fn with_tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Copies of each object in `namespace` (1 to the number of nodes; more
+    /// than there are nodes places one copy per node). Shared by clones.
+    pub fn set_replication(&self, namespace: &str, replicas: usize) -> Result<()> {
+        validate::name("namespace", namespace).map_err(ClientError::InvalidArgument)?;
+        if !(1..=16).contains(&replicas) {
+            return Err(ClientError::InvalidArgument(format!(
+                "replication for {namespace} must be 1..=16, got {replicas}"
+            )));
+        }
+        self.replication
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(namespace.to_string(), replicas);
+        Ok(())
+    }
+
+    fn replicas(&self, namespace: &str) -> usize {
+        self.replication
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.default_replication)
+    }
+
+    fn view(&self) -> Result<Arc<View>> {
+        let members = self.members.borrow().clone();
+        if members.is_empty() {
+            return Err(unavailable("no serving node in the cluster membership".into()));
+        }
+        self.view.get(&members)
+    }
+
+    /// The owners of `namespace`/`key`, best first (ids).
+    pub fn owners(&self, namespace: &str, key: &[u8]) -> Result<Vec<String>> {
+        let v = self.view()?;
+        Ok(v.placement
+            .owners(namespace, key, self.replicas(namespace))
+            .into_iter()
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The pooled client of node `id`.
+    async fn node(&self, view: &View, id: &str) -> Result<Client> {
+        let endpoint = view
+            .endpoints
+            .get(id)
+            .ok_or_else(|| unavailable(format!("node {id} left the membership")))?;
+        let mut pool = self.pool.lock().await;
+        if let Some(c) = pool.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = Client::connect_with(endpoint.clone(), self.options.clone())
+            .await
+            .map_err(|e| unavailable(format!("node {id} ({endpoint}): {e}")))?;
+        let c = match &self.tenant {
+            Some(t) => c.with_tenant(t.clone()),
+            None => c,
+        };
+        pool.insert(endpoint.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Owners of each key, best first.
+    fn place(&self, view: &View, namespace: &str, keys: &[Bytes]) -> Vec<Vec<String>> {
+        let r = self.replicas(namespace);
+        keys.iter()
+            .map(|k| {
+                view.placement
+                    .owners_of_hash(object_hash(namespace, k), r)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Stores a batch on every owner of each object; returns, per object,
+    /// the tier of its first owner's copy.
+    pub async fn put_many(
+        &self,
+        namespace: &str,
+        objects: Vec<PutObject>,
+        durability: Durability,
+    ) -> Result<Vec<Tier>> {
+        let view = self.view()?;
+        let keys: Vec<Bytes> = objects.iter().map(|o| o.key.clone()).collect();
+        validate::keys(&keys, usize::MAX).map_err(ClientError::InvalidArgument)?;
+        let owners = self.place(&view, namespace, &keys);
+        // (node, rank) -> positions; rank 0 answers the tier.
+        let mut batches: BTreeMap<(String, usize), Vec<usize>> = BTreeMap::new();
+        for (i, os) in owners.iter().enumerate() {
+            for (rank, id) in os.iter().enumerate() {
+                batches.entry((id.clone(), rank.min(1))).or_default().push(i);
+            }
+        }
+        let calls = batches.into_iter().map(|((id, rank), pos)| {
+            let view = view.clone();
+            let batch: Vec<PutObject> = pos.iter().map(|&i| objects[i].clone()).collect();
+            async move {
+                let c = self.node(&view, &id).await?;
+                let tiers = c
+                    .put_many(namespace, batch, durability)
+                    .await
+                    .map_err(|e| with_node(&id, e))?;
+                Ok::<_, ClientError>((rank, pos, tiers))
+            }
+        });
+        let mut out = vec![Tier::Unspecified; objects.len()];
+        for r in join_all(calls).await {
+            let (rank, pos, tiers) = r?;
+            if rank == 0 {
+                for (i, t) in pos.into_iter().zip(tiers) {
+                    out[i] = t;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores one object.
+    pub async fn put(
+        &self,
+        namespace: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        durability: Durability,
+    ) -> Result<Tier> {
+        let mut t = self
+            .put_many(namespace, vec![PutObject::new(key, value)], durability)
+            .await?;
+        Ok(t.pop().unwrap_or(Tier::Unspecified))
+    }
+
+    /// Reads a batch; one entry per key, in order. Keys a node does not
+    /// hold, or whose node does not answer, are asked of their next owner;
+    /// a key is `None` when an owner answered and none holds it, and the
+    /// call fails only when no owner of some key answered.
+    pub async fn get_many(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Option<Object>>> {
+        let view = self.view()?;
+        validate::keys(&keys, usize::MAX).map_err(ClientError::InvalidArgument)?;
+        let owners = self.place(&view, namespace, &keys);
+        let mut out: Vec<Option<Object>> = (0..keys.len()).map(|_| None).collect();
+        let mut answered = vec![false; keys.len()];
+        let mut last_err: Vec<Option<ClientError>> = (0..keys.len()).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let max_rank = owners.iter().map(Vec::len).max().unwrap_or(0);
+        for rank in 0..max_rank {
+            let mut groups: Groups = BTreeMap::new();
+            for &i in &pending {
+                if let Some(id) = owners[i].get(rank) {
+                    groups.entry(id.clone()).or_default().push((i, keys[i].clone()));
+                }
+            }
+            if groups.is_empty() {
+                break;
+            }
+            let calls = groups.into_iter().map(|(id, items)| {
+                let view = view.clone();
+                async move {
+                    let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
+                    let r = match self.node(&view, &id).await {
+                        Ok(c) => c.get_many(namespace, ks).await.map_err(|e| with_node(&id, e)),
+                        Err(e) => Err(e),
+                    };
+                    (items, r)
+                }
+            });
+            let mut next = Vec::new();
+            for (items, r) in join_all(calls).await {
+                match r {
+                    Ok(found) => {
+                        for ((i, _), f) in items.into_iter().zip(found) {
+                            answered[i] = true;
+                            match f {
+                                Some(o) => out[i] = Some(o),
+                                None => next.push(i),
+                            }
+                        }
+                    }
+                    Err(e) if retryable(&e) => {
+                        let msg = e.to_string();
+                        for (i, _) in items {
+                            next.push(i);
+                            last_err[i] = Some(unavailable(msg.clone()));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            pending = next;
+        }
+        for i in pending {
+            if !answered[i]
+                && let Some(e) = last_err[i].take()
+            {
+                return Err(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads one object.
+    pub async fn get(&self, namespace: &str, key: impl Into<Bytes>) -> Result<Option<Object>> {
+        Ok(self.get_many(namespace, vec![key.into()]).await?.pop().flatten())
+    }
+
+    /// For a chain of keys spread over nodes: the tier of each leading key
+    /// present (see the module doc), in one call.
+    pub async fn exists_prefix(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Tier>> {
+        let view = self.view()?;
+        validate::keys(&keys, usize::MAX).map_err(ClientError::InvalidArgument)?;
+        let owners = self.place(&view, namespace, &keys);
+        let mut groups: BTreeMap<String, (Vec<usize>, Vec<Vec<String>>)> = BTreeMap::new();
+        for (i, os) in owners.iter().enumerate() {
+            let g = groups.entry(os[0].clone()).or_default();
+            g.0.push(i);
+            g.1.push(os[1..].to_vec());
+        }
+        let calls = groups.into_iter().map(|(id, (pos, fallbacks))| {
+            let view = view.clone();
+            let keys = &keys;
+            async move {
+                let ks: Vec<Bytes> = pos.iter().map(|&i| keys[i].clone()).collect();
+                // The first owner, then (when it does not answer) the next
+                // owners of this group's first key, in order.
+                let mut tried = vec![id.clone()];
+                tried.extend(fallbacks.first().cloned().unwrap_or_default());
+                let mut last = None;
+                for node in tried {
+                    let r = match self.node(&view, &node).await {
+                        Ok(c) => c
+                            .exists_prefix(namespace, ks.clone())
+                            .await
+                            .map_err(|e| with_node(&node, e)),
+                        Err(e) => Err(e),
+                    };
+                    match r {
+                        Ok(t) => return Ok((pos, t)),
+                        Err(e) if retryable(&e) => last = Some(e),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| unavailable(format!("node {id} did not answer"))))
+            }
+        });
+        let mut tiers: Vec<Option<Tier>> = vec![None; keys.len()];
+        let mut end = keys.len();
+        for r in join_all(calls).await {
+            let (pos, t) = r?;
+            if t.len() < pos.len() {
+                end = end.min(pos[t.len()]);
+            }
+            for (&i, tier) in pos.iter().zip(t) {
+                tiers[i] = Some(tier);
+            }
+        }
+        Ok(tiers[..end].iter().map(|t| t.unwrap_or(Tier::Unspecified)).collect())
+    }
+
+    /// Deletes keys on every owner; returns how many keys existed on their
+    /// first owner.
+    pub async fn delete(&self, namespace: &str, keys: Vec<Bytes>) -> Result<u64> {
+        let view = self.view()?;
+        validate::keys(&keys, usize::MAX).map_err(ClientError::InvalidArgument)?;
+        let owners = self.place(&view, namespace, &keys);
+        let mut batches: BTreeMap<(String, bool), Vec<Bytes>> = BTreeMap::new();
+        for (k, os) in keys.iter().zip(&owners) {
+            for (rank, id) in os.iter().enumerate() {
+                batches.entry((id.clone(), rank == 0)).or_default().push(k.clone());
+            }
+        }
+        let calls = batches.into_iter().map(|((id, first), ks)| {
+            let view = view.clone();
+            async move {
+                let c = self.node(&view, &id).await?;
+                let n = c.delete(namespace, ks).await.map_err(|e| with_node(&id, e))?;
+                Ok::<_, ClientError>(if first { n } else { 0 })
+            }
+        });
+        let mut total = 0;
+        for r in join_all(calls).await {
+            total += r?;
+        }
+        Ok(total)
+    }
+}
+
+/// Names the node in an error's message (keeps its kind and code).
+fn with_node(id: &str, e: ClientError) -> ClientError {
+    match e {
+        ClientError::Status { kind, code, message } => ClientError::Status {
+            kind,
+            code,
+            message: format!("node {id}: {message}"),
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> Vec<NodeInfo> {
+        (0..n)
+            .map(|i| NodeInfo {
+                id: format!("n{i}"),
+                endpoint: format!("http://127.0.0.1:{}", 1 + i),
+                weight: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn owners_follow_the_membership() {
+        let (tx, rx) = watch::channel(members(3));
+        let c = ClusterClient::new(rx, ClientOptions::default());
+        c.set_replication("ns", 2).unwrap();
+        let before = c.owners("ns", b"k").unwrap();
+        assert_eq!(before.len(), 2);
+        assert_ne!(before[0], before[1]);
+        // Drop the first owner: the second becomes first.
+        let left: Vec<NodeInfo> = members(3).into_iter().filter(|m| m.id != before[0]).collect();
+        tx.send(left).unwrap();
+        assert_eq!(c.owners("ns", b"k").unwrap()[0], before[1]);
+        assert_eq!(c.owners("other", b"k").unwrap().len(), 1, "default replication is 1");
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let c = ClusterClient::fixed(members(1), ClientOptions::default());
+        assert!(c.set_replication("ns", 0).is_err());
+        assert!(c.set_replication("", 1).is_err());
+        let empty = ClusterClient::fixed(Vec::new(), ClientOptions::default());
+        assert!(matches!(empty.owners("ns", b"k"), Err(e) if e.kind() == ErrorKind::Unavailable));
+        let mut dup = members(2);
+        dup[1].id = dup[0].id.clone();
+        let c = ClusterClient::fixed(dup, ClientOptions::default());
+        assert!(matches!(c.owners("ns", b"k"), Err(ClientError::InvalidArgument(_))));
+    }
+}

@@ -1,0 +1,636 @@
+//! Cluster membership against a real etcd (Debian's `etcd-server`, started
+//! by each test on free loopback ports over a temporary data directory):
+//! in-process nodes and the real `kvfabric` binary register under leases, a
+//! `Membership` watcher sees them, a graceful shutdown removes a node at
+//! once, `kill -9` removes it after the lease TTL, a wrong cluster id and a
+//! duplicate node id are refused, and a node keeps serving data while etcd
+//! is down and registers again once it is back. Every wait is bounded.
+
+mod common;
+
+use bytes::Bytes;
+use kvfabric::client::Durability;
+use kvfabric::cluster::{ClusterRecord, MemberMap, MemberState, Membership, cluster_key, list_members};
+use kvfabric::server::{Node, Settings};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private single-member etcd on loopback; killed on drop.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    async fn start() -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        e.spawn().await;
+        e
+    }
+
+    fn bin() -> PathBuf {
+        std::env::var_os("KVFABRIC_TEST_ETCD_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("etcd"))
+    }
+
+    /// Starts etcd (same data dir and ports every time) and waits until it answers.
+    async fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
+        let child = Command::new(Self::bin())
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run etcd ({}: {e}); the cluster tests need a real etcd: run \
+                     scripts/install-test-deps.sh (installs Debian's etcd-server), or point \
+                     KVFABRIC_TEST_ETCD_BIN at an etcd binary",
+                    Self::bin().display()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if list_members(&self.endpoints(), "probe").await.is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("etcd exited with {status}; log: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer within 20 s; log: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, then reap.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.client_port)
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        vec![format!("http://127.0.0.1:{}", self.client_port)]
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real `kvfabric serve` process; killed on drop.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn node_settings(dir: &Path, etcd: &Etcd, cluster: &str, node: &str, ttl_s: u64) -> Settings {
+    let mut s = common::settings(dir, 8 << 20, 0);
+    s.local.enabled = false;
+    s.node_id = node.into();
+    s.cluster.etcd = Some(etcd.url());
+    s.cluster.id = cluster.into();
+    s.cluster.lease_ttl_s = ttl_s;
+    s.cluster.refresh_interval_ms = 200;
+    s
+}
+
+fn serving(m: &MemberMap, node: &str) -> bool {
+    m.get(node).is_some_and(|m| m.state == MemberState::Serving)
+}
+
+async fn watch(etcd: &Etcd, cluster: &str) -> Membership {
+    Membership::start(etcd.endpoints(), cluster.into())
+        .await
+        .expect("membership watcher starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_register_are_watched_and_leave_on_shutdown() {
+    let etcd = Etcd::start().await;
+    let (da, db, dc) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    // A long TTL: a node that disappears within a few seconds was revoked, not expired.
+    let (a, ca) = common::start(node_settings(da.path(), &etcd, "c1", "a", 30)).await;
+    let (b, _cb) = common::start(node_settings(db.path(), &etcd, "c1", "b", 30)).await;
+    let m = watch(&etcd, "c1").await;
+    let snap = m
+        .wait_for(Duration::from_secs(10), |m| serving(m, "a") && serving(m, "b"))
+        .await
+        .unwrap_or_else(|last| panic!("both nodes never served: {last:?}"));
+    assert_eq!(snap.len(), 2, "{snap:?}");
+    for (h, id) in [(&a, "a"), (&b, "b")] {
+        let rec = &snap[id];
+        assert_eq!(rec.endpoint, h.endpoint());
+        assert_eq!(rec.cluster_id, "c1");
+        assert_eq!(rec.metrics_endpoint, format!("http://{}/metrics", h.metrics_addr));
+        let host = rec.tiers.iter().find(|t| t.tier == "host").expect("host tier listed");
+        assert_eq!(host.capacity_bytes, 8 << 20);
+        assert!(rec.started_at_ms > 0 && rec.updated_at_ms >= rec.started_at_ms);
+    }
+    assert_eq!(
+        std::fs::read_to_string(da.path().join("cluster-id")).unwrap().trim(),
+        "c1"
+    );
+
+    // Used bytes are refreshed.
+    for i in 0..8u64 {
+        ca.put(
+            "ns",
+            Bytes::from(format!("k{i}")),
+            common::payload(i, 64 << 10),
+            Durability::Memory,
+        )
+        .await
+        .unwrap();
+    }
+    m.wait_for(Duration::from_secs(5), |m| {
+        m.get("a").is_some_and(|a| a.used_bytes() >= 8 * (64 << 10))
+    })
+    .await
+    .unwrap_or_else(|last| panic!("used bytes never refreshed: {last:?}"));
+
+    // A second node with a live node's id is refused, and the first keeps its record.
+    let dup = node_settings(dc.path(), &etcd, "c1", "b", 30);
+    let err = Node::build(dup).await.unwrap().start().await.unwrap_err().to_string();
+    assert!(err.contains("node id \"b\" is already registered"), "{err}");
+    assert!(err.contains(&b.endpoint()), "{err}");
+    assert_eq!(m.snapshot()["b"].endpoint, b.endpoint());
+
+    // A malformed record under the prefix (someone else's write) is left out,
+    // never guessed at; the watcher and the CLI keep working.
+    let mut etc = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    etc.put("/kvfabric/c1/members/junk", "not json", None).await.unwrap();
+    etc.put("/kvfabric/c1/members/zz", "{}", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let snap = m.snapshot();
+    assert_eq!(snap.keys().collect::<Vec<_>>(), ["a", "b"], "{snap:?}");
+
+    // An identity record naming another cluster is refused.
+    let bogus = ClusterRecord {
+        id: "zzz".into(),
+        created_by: "x".into(),
+        created_at_ms: 1,
+        version: "0".into(),
+    };
+    etc.put(cluster_key("c5"), bogus.encode(), None).await.unwrap();
+    let dd = tempfile::tempdir().unwrap();
+    let err = Node::build(node_settings(dd.path(), &etcd, "c5", "d", 30))
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds the identity of cluster \"zzz\", expected \"c5\""),
+        "{err}"
+    );
+    assert!(!dd.path().join("cluster-id").exists());
+
+    // `kvfabric cluster status` lists both nodes.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args(["cluster", "status", "--cluster", &etcd.url(), "--cluster-id", "c1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("cluster c1: 2 node(s)"), "{text}");
+    for (h, id) in [(&a, "a"), (&b, "b")] {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("no line for {id}: {text}"));
+        assert!(line.contains("serving") && line.contains(&h.endpoint()), "{line}");
+        assert!(line.contains("host") && line.contains("8MiB"), "{line}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args([
+            "cluster",
+            "status",
+            "--json",
+            "--cluster",
+            &etcd.url(),
+            "--cluster-id",
+            "c1",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().map(|a| a.len()), Some(2), "{v}");
+
+    // Graceful shutdown revokes the lease: gone at once (TTL is 30 s).
+    let t = Instant::now();
+    a.shutdown().await;
+    m.wait_for(Duration::from_secs(3), |m| !m.contains_key("a") && serving(m, "b"))
+        .await
+        .unwrap_or_else(|last| panic!("a still listed after shutdown: {last:?}"));
+    assert!(t.elapsed() < Duration::from_secs(3));
+
+    // Its data directory belongs to c1: starting it for c2 is refused.
+    let err = Node::build(node_settings(da.path(), &etcd, "c2", "a", 30))
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("belongs to cluster \"c1\"") && err.contains("configured for cluster \"c2\""),
+        "{err}"
+    );
+    assert!(list_members(&etcd.endpoints(), "c2").await.unwrap().is_empty());
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_binary_expires_after_its_lease_and_wrong_cluster_is_refused() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kvfabric.toml");
+    std::fs::write(&config, "[cluster]\nlease-ttl-s = 2\nrefresh-interval-ms = 200\n").unwrap();
+    let serve = |cluster_id: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kvfabric"));
+        c.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--host-capacity", "8MiB", "--disk-capacity", "0"])
+            .args(["--cluster", &etcd.url(), "--cluster-id", cluster_id, "--node-id", "n1"]);
+        c
+    };
+    let mut node = Proc(
+        serve("c9")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let m = watch(&etcd, "c9").await;
+    m.wait_for(Duration::from_secs(20), |m| serving(m, "n1"))
+        .await
+        .unwrap_or_else(|last| panic!("n1 never served: {last:?}"));
+
+    // kill -9: nobody revokes the lease; the record goes when the TTL runs out.
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(m.snapshot().contains_key("n1"), "removed before the lease could expire");
+    m.wait_for(Duration::from_secs(8), |m| !m.contains_key("n1"))
+        .await
+        .unwrap_or_else(|last| panic!("n1 still listed 8 s after kill -9: {last:?}"));
+    let gone = killed.elapsed();
+    assert!(gone <= Duration::from_secs(5), "lease of 2 s took {gone:?}");
+    eprintln!("killed node left the member list after {gone:?} (lease TTL 2 s)");
+
+    // The same data directory started for another cluster: refused, non-zero exit.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::from(serve("other")).output(),
+    )
+    .await
+    .expect("a refused node exits within 20 s")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started for the wrong cluster; stderr: {stderr}");
+    assert!(
+        stderr.contains("belongs to cluster \"c9\"") && stderr.contains("configured for cluster \"other\""),
+        "{stderr}"
+    );
+    assert!(list_members(&etcd.endpoints(), "other").await.unwrap().is_empty());
+
+    // Started again for its own cluster, then stopped with SIGTERM: the lease
+    // is revoked on the way out (gone well before the 30 s TTL).
+    std::fs::write(&config, "[cluster]\nlease-ttl-s = 30\n").unwrap();
+    let node = Proc(
+        serve("c9")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    m.wait_for(Duration::from_secs(20), |m| serving(m, "n1"))
+        .await
+        .unwrap_or_else(|last| panic!("n1 never served again: {last:?}"));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(node.0.id() as i32, libc::SIGTERM) }, 0);
+    m.wait_for(Duration::from_secs(5), |m| !m.contains_key("n1"))
+        .await
+        .unwrap_or_else(|last| panic!("n1 still listed 5 s after SIGTERM (lease TTL 30 s): {last:?}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_serves_through_etcd_outage_and_registers_again() {
+    let mut etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (h, client) = common::start(node_settings(dir.path(), &etcd, "c3", "n", 2)).await;
+    let m = watch(&etcd, "c3").await;
+    m.wait_for(Duration::from_secs(10), |m| serving(m, "n"))
+        .await
+        .unwrap_or_else(|last| panic!("n never served: {last:?}"));
+    let reg = h.registration().expect("cluster mode");
+
+    // The lease disappears behind the node's back: it registers under a new one.
+    let first = reg.lease_id();
+    assert_ne!(first, 0);
+    let mut etc = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    etc.lease_revoke(first).await.unwrap();
+    let mut leases = reg.lease_changes();
+    tokio::time::timeout(Duration::from_secs(5), leases.wait_for(|l| *l != 0 && *l != first))
+        .await
+        .expect("a new lease within 5 s")
+        .unwrap();
+    m.wait_for(Duration::from_secs(5), |m| serving(m, "n"))
+        .await
+        .unwrap_or_else(|last| panic!("n not registered again after losing its lease: {last:?}"));
+
+    // etcd goes away for longer than the lease TTL: data keeps flowing.
+    let before = reg.lease_id();
+    etcd.kill();
+    let outage = Instant::now();
+    let mut written = 0u64;
+    let mut i = 0u64;
+    while outage.elapsed() < Duration::from_secs(3) {
+        let key = Bytes::from(format!("outage-{i}"));
+        let value = common::payload(i, 32 << 10);
+        let r = tokio::time::timeout(Duration::from_secs(2), async {
+            client.put("ns", key.clone(), value.clone(), Durability::Memory).await?;
+            client.get("ns", key.clone()).await
+        })
+        .await
+        .unwrap_or_else(|_| panic!("request {i} stalled while etcd was down"))
+        .unwrap_or_else(|e| panic!("request {i} failed while etcd was down: {e}"));
+        assert_eq!(r.expect("just stored").value, value);
+        written += value.len() as u64;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(i >= 10, "only {i} requests in 3 s");
+    assert_eq!(reg.lease_id(), 0, "the node did not notice etcd was gone");
+
+    // etcd is back (same data, same ports): the node registers again, and its
+    // record reflects what was written during the outage.
+    etcd.spawn().await;
+    let second = tokio::time::timeout(Duration::from_secs(10), leases.wait_for(|l| *l != 0))
+        .await
+        .expect("registered again within 10 s of etcd's restart")
+        .map(|l| *l)
+        .unwrap();
+    // etcd keeps leases across a restart (renewed when it becomes leader), so
+    // the node usually resumes its lease; a new one is as good.
+    eprintln!("after etcd's restart the node holds lease {second:x} (before: {before:x})");
+    m.wait_for(Duration::from_secs(10), |m| {
+        serving(m, "n") && m.get("n").is_some_and(|n| n.used_bytes() >= written)
+    })
+    .await
+    .unwrap_or_else(|last| panic!("watcher never saw n again with {written} bytes used: {last:?}"));
+
+    // etcd loses everything (a new, empty etcd on the same ports): lease,
+    // member and identity records are gone; the node recreates them.
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.dir.path().join("data")).unwrap();
+    etcd.spawn().await;
+    let third = tokio::time::timeout(Duration::from_secs(10), leases.wait_for(|l| *l != 0 && *l != second))
+        .await
+        .expect("registered under a new lease within 10 s of etcd coming back empty")
+        .map(|l| *l)
+        .unwrap();
+    m.wait_for(Duration::from_secs(10), |m| serving(m, "n"))
+        .await
+        .unwrap_or_else(|last| panic!("watcher never saw n in the new etcd: {last:?}"));
+    let mut etc = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    let identity = etc.get(cluster_key("c3"), None).await.unwrap();
+    assert_eq!(identity.kvs().len(), 1, "identity record not recreated");
+    let rec = etc.get(kvfabric::cluster::member_key("c3", "n"), None).await.unwrap();
+    assert_eq!(rec.kvs().first().map(|kv| kv.lease()), Some(third));
+
+    h.shutdown().await;
+    assert!(list_members(&etcd.endpoints(), "c3").await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// The cluster-aware client (`kvfabric::client::ClusterClient`).
+// ---------------------------------------------------------------------------
+
+use kvfabric::client::{ClientOptions, ClusterClient, NodeInfo, PutObject};
+use kvfabric::placement::Placement;
+
+fn keys(prefix: &str, n: usize) -> Vec<Bytes> {
+    (0..n).map(|i| Bytes::from(format!("{prefix}-{i}"))).collect()
+}
+
+/// Three plain nodes behind a fixed membership: every object lands on the
+/// node placement names (and nowhere else), 10k objects spread within 10%,
+/// reads come back intact, a chain spread over the nodes is answered in one
+/// call, and with replication 2 every read still succeeds after one node is
+/// gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_client_places_merges_and_reads_through_a_lost_replica() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for d in &dirs {
+        let mut s = common::settings(d.path(), 64 << 20, 0);
+        s.local.enabled = false;
+        nodes.push(common::start(s).await);
+    }
+    let members: Vec<NodeInfo> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| NodeInfo {
+            id: format!("n{i}"),
+            endpoint: h.endpoint(),
+            weight: 1.0,
+        })
+        .collect();
+    let cc = ClusterClient::fixed(members.clone(), ClientOptions::default());
+    let placement = Placement::new(members.iter().map(|m| (m.id.clone(), 1.0))).unwrap();
+
+    // 10k objects, batched.
+    let ks = keys("obj", 10_000);
+    for chunk in ks.chunks(1000) {
+        let objs: Vec<PutObject> = chunk.iter().map(|k| PutObject::new(k.clone(), k.repeat(4))).collect();
+        cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    }
+    let mut expected = [0usize; 3];
+    for k in &ks {
+        let owner = placement.owners("ns", k, 1)[0];
+        expected[owner[1..].parse::<usize>().unwrap()] += 1;
+    }
+    let held: Vec<usize> = nodes.iter().map(|(h, _)| h.stack.len()).collect();
+    assert_eq!(held, expected, "each node holds exactly what placement assigns it");
+    assert_eq!(held.iter().sum::<usize>(), 10_000, "one copy per object");
+    let mean = 10_000.0 / 3.0;
+    for &n in &held {
+        assert!((n as f64 - mean).abs() / mean <= 0.10, "balance within 10%: {held:?}");
+    }
+    let got = cc.get_many("ns", ks[..2000].to_vec()).await.unwrap();
+    for (k, g) in ks.iter().zip(&got) {
+        assert_eq!(g.as_ref().expect("stored").value, k.repeat(4));
+    }
+    assert!(cc.get("ns", "absent").await.unwrap().is_none());
+
+    // A 64-key chain over three nodes, first 40 stored: one call says 40.
+    let chain = keys("chain", 64);
+    let objs: Vec<PutObject> = chain[..40]
+        .iter()
+        .map(|k| PutObject::new(k.clone(), vec![1u8; 32]))
+        .collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let owners_used: std::collections::BTreeSet<&str> =
+        chain[..40].iter().map(|k| placement.owners("ns", k, 1)[0]).collect();
+    assert_eq!(owners_used.len(), 3, "the chain spans every node");
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 40);
+    // A hole at 20 (on whichever node owns it) cuts the prefix there.
+    assert_eq!(cc.delete("ns", vec![chain[20].clone()]).await.unwrap(), 1);
+    let tiers = cc.exists_prefix("ns", chain.clone()).await.unwrap();
+    assert_eq!(tiers.len(), 20);
+    assert!(tiers.iter().all(|t| *t == kvfabric::client::Tier::Host));
+
+    // Replication 2: two copies of each; reads survive losing a node.
+    cc.set_replication("dup", 2).unwrap();
+    let dk = keys("dup", 600);
+    let objs: Vec<PutObject> = dk.iter().map(|k| PutObject::new(k.clone(), k.repeat(2))).collect();
+    cc.put_many("dup", objs, Durability::Memory).await.unwrap();
+    let total: usize = nodes.iter().map(|(h, _)| h.stack.len()).sum();
+    assert_eq!(total, 10_000 + 39 + 2 * 600, "two copies of each replicated object");
+    let (lost, _) = nodes.remove(0);
+    lost.shutdown().await;
+    let got = cc.get_many("dup", dk.clone()).await.unwrap();
+    assert!(
+        dk.iter()
+            .zip(&got)
+            .all(|(k, g)| g.as_ref().is_some_and(|o| o.value == k.repeat(2))),
+        "every replicated object is read from its surviving copy"
+    );
+    let chain2 = keys("dchain", 32);
+    let objs: Vec<PutObject> = chain2.iter().map(|k| PutObject::new(k.clone(), vec![2u8; 8])).collect();
+    // Writes need every owner: with n0 gone, the objects it owns fail...
+    let err = cc.put_many("dup", objs.clone(), Durability::Memory).await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("n0"), "the error names the lost node: {err}");
+    // ...but once the membership drops it, they go to the survivors.
+    let cc2 = ClusterClient::fixed(members[1..].to_vec(), ClientOptions::default());
+    cc2.set_replication("dup", 2).unwrap();
+    cc2.put_many("dup", objs, Durability::Memory).await.unwrap();
+    assert_eq!(
+        cc.exists_prefix("dup", chain2.clone()).await.unwrap().len(),
+        32,
+        "prefix answered by the next owner"
+    );
+    // Unreplicated objects owned by the lost node are gone, and a read of
+    // them says the node is unavailable rather than "not found".
+    let on_lost: Vec<Bytes> = ks
+        .iter()
+        .filter(|k| placement.owners("ns", k, 1)[0] == "n0")
+        .take(3)
+        .cloned()
+        .collect();
+    let err = cc.get_many("ns", on_lost).await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::Unavailable, "{err}");
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
+/// The client fed by the etcd membership watcher: it sees both nodes,
+/// spreads objects over them, and after one node leaves (graceful
+/// shutdown revokes its lease) sends everything to the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_client_follows_the_etcd_membership() {
+    let etcd = Etcd::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _) = common::start(node_settings(da.path(), &etcd, "cc", "a", 30)).await;
+    let (b, _) = common::start(node_settings(db.path(), &etcd, "cc", "b", 30)).await;
+    let m = watch(&etcd, "cc").await;
+    let mut nodes = m.serving_nodes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes.borrow().len() < 2 {
+        assert!(Instant::now() < deadline, "never saw both nodes: {:?}", *nodes.borrow());
+        let _ = tokio::time::timeout(Duration::from_millis(200), nodes.changed()).await;
+    }
+    let seen = nodes.borrow().clone();
+    assert_eq!(seen.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(seen[0].endpoint, a.endpoint());
+    assert_eq!(seen[0].weight, (8 << 20) as f64, "weight = node-local capacity");
+    let cc = ClusterClient::new(nodes.clone(), ClientOptions::default());
+    let ks = keys("e", 300);
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(3))).collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let (na, nb) = (a.stack.len(), b.stack.len());
+    assert_eq!(na + nb, 300);
+    assert!(na > 0 && nb > 0, "both nodes hold a share: {na} / {nb}");
+
+    b.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes.borrow().len() != 1 {
+        assert!(Instant::now() < deadline, "b never left: {:?}", *nodes.borrow());
+        let _ = tokio::time::timeout(Duration::from_millis(200), nodes.changed()).await;
+    }
+    let more = keys("after", 50);
+    let objs: Vec<PutObject> = more.iter().map(|k| PutObject::new(k.clone(), vec![9u8; 16])).collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    assert_eq!(a.stack.len(), na + 50, "everything goes to the survivor");
+    assert!(cc.get_many("ns", more).await.unwrap().iter().all(Option::is_some));
+    a.shutdown().await;
+}
