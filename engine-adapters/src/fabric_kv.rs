@@ -18,6 +18,14 @@
 //!   asks about and loads only the ones after them
 //!   ([`FabricKv::present_blocks`], [`FabricKv::load_blocks`]).
 //!
+//! - **Co-located engines** ([`FabricKv::with_local`]): block bytes move
+//!   through the node's zero-copy local path (one copy into or out of the
+//!   node's shared arena, no socket), with the same layout checks; only
+//!   `ExistsPrefix` (a control call) still goes over gRPC. Blocks the node
+//!   no longer holds in host memory are not visible there, so a local read
+//!   that comes back short is completed over gRPC (which reaches every
+//!   tier).
+//!
 //! [`FabricKv`] is the seam the workers use; its counters feed their
 //! metrics.
 
@@ -26,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use kvfabric::ErrorKind as FabricErrorKind;
-use kvfabric::client::{Client, ClientError, Durability, Layout, PutObject};
+use kvfabric::client::{Client, ClientError, Durability, Layout, LocalClient, LocalPut, PutObject};
 use kvfabric::hash::{BlockHash, chain_hashes, namespace_salt};
 
 use crate::engine::KvLayout;
@@ -42,12 +50,17 @@ pub struct FabricKvCounters {
     pub layout_mismatches: AtomicU64,
     /// Blocks found with the right layout but the wrong payload length.
     pub bad_lengths: AtomicU64,
+    /// Of `blocks_loaded`, those read through the zero-copy local path.
+    pub blocks_loaded_local: AtomicU64,
+    /// Of `blocks_stored`, those written through the zero-copy local path.
+    pub blocks_stored_local: AtomicU64,
 }
 
 /// The engine's view of the fabric (see the module doc).
 #[derive(Debug)]
 pub struct FabricKv {
     client: Client,
+    local: Option<LocalClient>,
     namespace: String,
     salt: u64,
     layout: KvLayout,
@@ -76,6 +89,7 @@ impl FabricKv {
         let namespace = namespace.into();
         FabricKv {
             client,
+            local: None,
             salt: namespace_salt(&namespace),
             namespace,
             wire_layout: wire_layout(&layout),
@@ -89,6 +103,19 @@ impl FabricKv {
     pub fn with_durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
         self
+    }
+
+    /// Moves block bytes through the node's zero-copy local path (`local`
+    /// connected to the same node as the gRPC client, acting for the same
+    /// tenant).
+    pub fn with_local(mut self, local: LocalClient) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Whether block bytes go through the zero-copy local path.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
     }
 
     /// Its counters.
@@ -133,38 +160,67 @@ impl FabricKv {
         if present == 0 {
             return Ok(Vec::new());
         }
-        let objects = self.client.get_many(&self.namespace, keys[..present].to_vec()).await?;
+        let objects = self.fetch(&keys[..present]).await?;
         let want = self.layout.block_bytes();
         let mut out = Vec::with_capacity(present);
+        let mut local = 0u64;
         for (i, o) in objects.into_iter().enumerate() {
-            let Some(o) = o else { break };
-            if o.layout != self.wire_layout {
+            let Some((value, layout, via_local)) = o else { break };
+            if layout != self.wire_layout {
                 self.counters.layout_mismatches.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     namespace = %self.namespace,
                     block = i,
-                    found = ?o.layout,
+                    found = ?layout,
                     expected = ?self.wire_layout,
                     "fabric block has another model's layout: not loaded"
                 );
                 break;
             }
-            if o.value.len() != want {
+            if value.len() != want {
                 self.counters.bad_lengths.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     namespace = %self.namespace,
                     block = i,
-                    len = o.value.len(),
+                    len = value.len(),
                     want,
                     "fabric block has the wrong length: not loaded"
                 );
                 break;
             }
-            out.push(o.value);
+            local += u64::from(via_local);
+            out.push(value);
         }
         self.counters
             .blocks_loaded
             .fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.counters.blocks_loaded_local.fetch_add(local, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Reads `keys`: through the local path when there is one, completing
+    /// what it did not find over gRPC. Per key: (bytes, layout, via local).
+    async fn fetch(&self, keys: &[Bytes]) -> Result<Vec<Option<(Bytes, Layout, bool)>>, ClientError> {
+        let mut out: Vec<Option<(Bytes, Layout, bool)>> = vec![None; keys.len()];
+        if let Some(local) = &self.local {
+            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_ref()).collect();
+            for (slot, got) in out
+                .iter_mut()
+                .zip(local.get_many_with_layout(&self.namespace, &refs).await?)
+            {
+                *slot = got.map(|(v, l)| (Bytes::from(v), l, true));
+            }
+        }
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+        if !missing.is_empty() {
+            let ks: Vec<Bytes> = missing.iter().map(|&i| keys[i].clone()).collect();
+            for (i, o) in missing
+                .into_iter()
+                .zip(self.client.get_many(&self.namespace, ks).await?)
+            {
+                out[i] = o.map(|o| (o.value, o.layout, false));
+            }
+        }
         Ok(out)
     }
 
@@ -204,7 +260,23 @@ impl FabricKv {
             return Ok(0);
         }
         let n = objects.len();
-        self.client.put_many(&self.namespace, objects, self.durability).await?;
+        match &self.local {
+            Some(local) => {
+                let puts: Vec<LocalPut<'_>> = objects
+                    .iter()
+                    .map(|o| LocalPut {
+                        key: &o.key,
+                        value: &o.value,
+                        layout: Some(&self.wire_layout),
+                    })
+                    .collect();
+                local.put_many(&self.namespace, &puts, self.durability).await?;
+                self.counters.blocks_stored_local.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            None => {
+                self.client.put_many(&self.namespace, objects, self.durability).await?;
+            }
+        }
         self.counters.blocks_stored.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }

@@ -21,6 +21,20 @@ async fn node(dir: &std::path::Path) -> Result<NodeHandle> {
     Ok(Node::build(s).await?.start().await?)
 }
 
+/// Largest absolute difference between two logit vectors.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+}
+
+/// The first `full` full blocks of sequence `seq`, exported as bytes.
+fn export_full(e: &Engine, seq: kvfabric_engine_adapters::engine::SeqId, full: usize) -> Result<Vec<(usize, Vec<u8>)>> {
+    e.full_blocks(seq)?
+        .into_iter()
+        .filter(|b| b.index < full)
+        .map(|b| Ok((b.index, e.export_block(b.block)?)))
+        .collect()
+}
+
 fn prompt() -> Vec<u32> {
     encode(
         "The fabric keeps every block an engine computed, so the next request with the same prefix skips it.",
@@ -48,12 +62,7 @@ async fn a_second_engine_loads_the_prefix_and_matches_exactly() -> Result<()> {
     );
     let sa = a.add_sequence(&tokens, &[])?;
     let ga = a.generate(&[(sa, GenerationParams::greedy(12))])?;
-    let blocks: Vec<(usize, Vec<u8>)> = a
-        .full_blocks(sa)?
-        .into_iter()
-        .filter(|b| b.index < full)
-        .map(|b| Ok((b.index, a.export_block(b.block)?)))
-        .collect::<Result<_>>()?;
+    let blocks = export_full(&a, sa, full)?;
     assert_eq!(kv_a.store(&tokens, blocks).await?, full);
     let cold = a.prefill_tokens_computed();
     assert_eq!(cold as usize, tokens.len());
@@ -66,12 +75,7 @@ async fn a_second_engine_loads_the_prefix_and_matches_exactly() -> Result<()> {
     let sb = b.add_sequence_from_bytes(&tokens, &loaded)?;
     let gb = b.generate(&[(sb, GenerationParams::greedy(12))])?;
     assert_eq!(gb[0].tokens, ga[0].tokens, "same generation");
-    let diff = ga[0]
-        .first_logits
-        .iter()
-        .zip(&gb[0].first_logits)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&ga[0].first_logits, &gb[0].first_logits);
     assert!(diff <= 1e-4, "first-step logits differ by {diff}");
     let cached = b.sequence(sb).unwrap().cached_tokens();
     assert!(cached > 0);
@@ -119,6 +123,70 @@ async fn another_models_blocks_are_never_loaded() -> Result<()> {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Co-located engines through the zero-copy local path: engine A stores its
+/// blocks through the node's shared arena, engine B (its own local
+/// connection) loads them the same way, with the same logits and tokens as
+/// A; a gRPC-only reader sees the same blocks (one store, two paths); an
+/// engine of another model is refused the blocks on the local path too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn co_located_engines_share_blocks_through_the_local_path() -> Result<()> {
+    use kvfabric::client::LocalClient;
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir()?;
+    let node = node(dir.path()).await?;
+    let socket = node.local_socket.clone().expect("the node serves the local path");
+    let client = Client::connect(node.endpoint()).await?;
+    let cfg = ModelConfig::tiny();
+    let tokens = prompt();
+    let full = tokens.len() / cfg.tokens_per_block;
+
+    let mut a = Engine::new(Model::from_seed(&cfg)?, 64)?;
+    let kv_a =
+        FabricKv::new(client.clone(), "colo", a.kv_layout().clone()).with_local(LocalClient::connect(&socket).await?);
+    assert!(kv_a.is_local());
+    let sa = a.add_sequence(&tokens, &[])?;
+    let ga = a.generate(&[(sa, GenerationParams::greedy(12))])?;
+    let blocks = export_full(&a, sa, full)?;
+    assert_eq!(kv_a.store(&tokens, blocks).await?, full);
+    assert_eq!(kv_a.counters().blocks_stored_local.load(Relaxed), full as u64);
+
+    let mut b = Engine::new(Model::from_seed(&cfg)?, 64)?;
+    let kv_b =
+        FabricKv::new(client.clone(), "colo", b.kv_layout().clone()).with_local(LocalClient::connect(&socket).await?);
+    let loaded = kv_b.load_prefix(&tokens).await?;
+    assert_eq!(loaded.len(), full);
+    assert_eq!(
+        kv_b.counters().blocks_loaded_local.load(Relaxed),
+        full as u64,
+        "every block came through the arena"
+    );
+    let sb = b.add_sequence_from_bytes(&tokens, &loaded)?;
+    let gb = b.generate(&[(sb, GenerationParams::greedy(12))])?;
+    assert_eq!(gb[0].tokens, ga[0].tokens, "same generation");
+    let diff = max_abs_diff(&ga[0].first_logits, &gb[0].first_logits);
+    assert!(diff <= 1e-4, "first-step logits differ by {diff}");
+    assert_eq!(
+        b.prefill_tokens_computed() as usize,
+        tokens.len() - full * cfg.tokens_per_block
+    );
+
+    // The same objects over gRPC, byte for byte.
+    let kv_grpc = FabricKv::new(client.clone(), "colo", b.kv_layout().clone());
+    let over_grpc = kv_grpc.load_prefix(&tokens).await?;
+    assert_eq!(over_grpc, loaded);
+    assert_eq!(kv_grpc.counters().blocks_loaded_local.load(Relaxed), 0);
+
+    // Another model's engine is refused them on the local path as well.
+    let mut other = cfg.clone();
+    other.model_id = "another-model".into();
+    let c = Engine::new(Model::from_seed(&other)?, 64)?;
+    let kv_c = FabricKv::new(client, "colo", c.kv_layout().clone()).with_local(LocalClient::connect(&socket).await?);
+    assert!(kv_c.load_prefix(&tokens).await?.is_empty());
+    assert_eq!(kv_c.counters().layout_mismatches.load(Relaxed), 1);
     node.shutdown().await;
     Ok(())
 }

@@ -721,3 +721,64 @@ async fn bad_input_gets_4xx_and_the_worker_keeps_serving() -> Result<()> {
     w.shutdown().await;
     Ok(())
 }
+
+/// Workers co-located with the node (`fabric-socket`): blocks are stored
+/// and loaded through the node's zero-copy local path, with the same
+/// output as over gRPC; a socket that does not exist falls back to gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn co_located_workers_use_the_local_path() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = node(dir.path()).await?;
+    let socket = node.local_socket.clone().expect("the node serves the local path");
+    let c = http();
+    let local = |sock: std::path::PathBuf| WorkerSettings {
+        fabric_socket: Some(sock),
+        ..settings(Some(&node))
+    };
+    let a = Worker::start(local(socket.clone())).await?;
+    let text = long_text("colocated", 200);
+    let prompt = encode(&text, true);
+    let usable = (prompt.len() - 1) / TPB * TPB;
+    let body = json!({"prompt": text, "max_tokens": 8, "ignore_eos": true});
+    let first = complete(&c, &a, body.clone()).await?;
+    let st = a.stats();
+    assert!(st.fabric_blocks_stored >= (prompt.len() / TPB) as u64, "{st:?}");
+    assert_eq!(
+        st.fabric_local_blocks_stored, st.fabric_blocks_stored,
+        "stored through the arena: {st:?}"
+    );
+
+    let b = Worker::start(local(socket)).await?;
+    let second = complete(&c, &b, body.clone()).await?;
+    assert_eq!(
+        ids(&second),
+        ids(&first),
+        "identical output from blocks read through the arena"
+    );
+    assert_eq!(ext(&second, "fabric_tokens") as usize, usable);
+    let st = b.stats();
+    assert_eq!(st.fabric_blocks_loaded as usize, usable / TPB);
+    assert_eq!(st.fabric_local_blocks_loaded, st.fabric_blocks_loaded, "{st:?}");
+    let (_, metrics) = get(&c, &format!("{}/metrics", b.url())).await?;
+    assert!(
+        metrics.contains(&format!(
+            "kvfabric_worker_fabric_local_blocks_total{{op=\"loaded\"}} {}",
+            usable / TPB
+        )),
+        "{metrics}"
+    );
+
+    // A socket that is not there: logged, and the worker goes over gRPC.
+    let d = Worker::start(local(dir.path().join("no-such.sock"))).await?;
+    let third = complete(&c, &d, body).await?;
+    assert_eq!(ids(&third), ids(&first));
+    assert_eq!(ext(&third, "fabric_tokens") as usize, usable);
+    let st = d.stats();
+    assert_eq!(st.fabric_local_blocks_loaded, 0);
+    assert_eq!(st.fabric_blocks_loaded as usize, usable / TPB);
+    for w in [a, b, d] {
+        w.shutdown().await;
+    }
+    node.shutdown().await;
+    Ok(())
+}

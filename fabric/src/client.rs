@@ -196,6 +196,7 @@ pub struct Client {
     control: KvBlockServiceClient<Channel>,
     tenant: String,
     chunk: usize,
+    forwarded: bool,
 }
 
 impl Client {
@@ -246,6 +247,7 @@ impl Client {
             control,
             tenant: String::new(),
             chunk: DEFAULT_CHUNK_BYTES,
+            forwarded: false,
         })
     }
 
@@ -258,6 +260,15 @@ impl Client {
     /// Acts as `tenant` (default: the node's default tenant).
     pub fn with_tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = tenant.into();
+        self
+    }
+
+    /// Marks every Put, Get, ExistsPrefix and Delete as forwarded by a
+    /// node (the receiving node serves it locally and never forwards it
+    /// again). For the node's own forwarding, not for applications.
+    #[doc(hidden)]
+    pub fn forwarded(mut self, forwarded: bool) -> Self {
+        self.forwarded = forwarded;
         self
     }
 
@@ -306,6 +317,7 @@ impl Client {
                 namespace: namespace.to_string(),
                 durability: durability as i32,
                 expected_objects: objects.len() as u32,
+                forwarded: self.forwarded,
             })),
         };
         let chunk = self.chunk;
@@ -352,6 +364,7 @@ impl Client {
             namespace: namespace.into(),
             keys,
             chunk_size: self.chunk as u32,
+            forwarded: self.forwarded,
         };
         let mut stream = self.data().get(req).await?.into_inner();
         let mut out: Vec<Option<Object>> = (0..n).map(|_| None).collect();
@@ -419,6 +432,7 @@ impl Client {
                 tenant: self.tenant.clone(),
                 namespace: namespace.into(),
                 keys,
+                forwarded: self.forwarded,
             })
             .await?
             .into_inner();
@@ -434,6 +448,7 @@ impl Client {
             namespace: namespace.into(),
             keys,
             all: false,
+            forwarded: self.forwarded,
         };
         Ok(self.control.clone().delete(req).await?.into_inner().deleted)
     }
@@ -446,6 +461,7 @@ impl Client {
             namespace: namespace.into(),
             keys: vec![],
             all: true,
+            forwarded: self.forwarded,
         };
         Ok(self.control.clone().delete(req).await?.into_inner().deleted)
     }

@@ -17,6 +17,11 @@
 //!   reports missing;
 //! - **delete**: every owner deletes.
 //!
+//! Namespaces are known per node (created by a node's first put in them),
+//! so a node that never stored one answers NOT_FOUND for it: that node is
+//! taken to hold none of the keys asked, and a call is NOT_FOUND only when
+//! every node that answered said so.
+//!
 //! Connections are pooled per endpoint ([`Client`]) and reused across calls
 //! and membership changes.
 
@@ -67,6 +72,7 @@ pub struct ClusterClient {
     pool: Arc<Mutex<HashMap<String, Client>>>,
     options: ClientOptions,
     tenant: Option<String>,
+    forwarded: bool,
     replication: Arc<std::sync::RwLock<HashMap<String, usize>>>,
     default_replication: usize,
 }
@@ -121,6 +127,7 @@ impl ClusterClient {
             pool: Arc::default(),
             options,
             tenant: None,
+            forwarded: false,
             replication: Arc::default(),
             default_replication: 1,
         }
@@ -136,6 +143,30 @@ impl ClusterClient {
     pub fn with_tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
         self
+    }
+
+    /// A clone (sharing connections and settings) that acts for `tenant`
+    /// and marks its requests forwarded: what a node uses to carry out a
+    /// client's request on the keys' owners. Not for applications.
+    #[doc(hidden)]
+    pub fn forwarding_for(&self, tenant: &str) -> ClusterClient {
+        let mut c = self.clone();
+        c.tenant = Some(tenant.to_string());
+        c.forwarded = true;
+        c
+    }
+
+    /// Whether node `id` alone owns every key (each key's only owner).
+    /// Also true when the membership is empty or unusable: a node that
+    /// knows no serving node serves locally.
+    #[doc(hidden)]
+    pub fn owned_only_by(&self, id: &str, namespace: &str, keys: &[Bytes]) -> bool {
+        let Ok(v) = self.view() else { return true };
+        let r = self.replicas(namespace);
+        keys.iter().all(|k| {
+            let os = v.placement.owners_of_hash(object_hash(namespace, k), r);
+            os.len() == 1 && os[0] == id
+        })
     }
 
     /// Copies of each object in `namespace` (1 to the number of nodes; more
@@ -187,19 +218,26 @@ impl ClusterClient {
             .endpoints
             .get(id)
             .ok_or_else(|| unavailable(format!("node {id} left the membership")))?;
-        let mut pool = self.pool.lock().await;
-        if let Some(c) = pool.get(endpoint) {
-            return Ok(c.clone());
-        }
-        let c = Client::connect_with(endpoint.clone(), self.options.clone())
-            .await
-            .map_err(|e| unavailable(format!("node {id} ({endpoint}): {e}")))?;
+        let c = {
+            let mut pool = self.pool.lock().await;
+            match pool.get(endpoint) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Client::connect_with(endpoint.clone(), self.options.clone())
+                        .await
+                        .map_err(|e| unavailable(format!("node {id} ({endpoint}): {e}")))?;
+                    pool.insert(endpoint.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        // Pooled clients are shared by every tenant; this call's settings
+        // apply to its copy.
         let c = match &self.tenant {
             Some(t) => c.with_tenant(t.clone()),
             None => c,
         };
-        pool.insert(endpoint.clone(), c.clone());
-        Ok(c)
+        Ok(c.forwarded(self.forwarded))
     }
 
     /// Owners of each key, best first.
@@ -285,6 +323,7 @@ impl ClusterClient {
         let mut answered = vec![false; keys.len()];
         let mut last_err: Vec<Option<ClientError>> = (0..keys.len()).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let (mut known_ns, mut unknown_ns) = (false, None);
         let max_rank = owners.iter().map(Vec::len).max().unwrap_or(0);
         for rank in 0..max_rank {
             let mut groups: Groups = BTreeMap::new();
@@ -311,6 +350,7 @@ impl ClusterClient {
             for (items, r) in join_all(calls).await {
                 match r {
                     Ok(found) => {
+                        known_ns = true;
                         for ((i, _), f) in items.into_iter().zip(found) {
                             answered[i] = true;
                             match f {
@@ -326,6 +366,15 @@ impl ClusterClient {
                             last_err[i] = Some(unavailable(msg.clone()));
                         }
                     }
+                    // A node that never stored the namespace does not know
+                    // it: it holds none of these keys.
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        for (i, _) in items {
+                            answered[i] = true;
+                            next.push(i);
+                        }
+                        unknown_ns = Some(e);
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -338,7 +387,10 @@ impl ClusterClient {
                 return Err(e);
             }
         }
-        Ok(out)
+        match unknown_ns {
+            Some(e) if !known_ns => Err(e),
+            _ => Ok(out),
+        }
     }
 
     /// Reads one object.
@@ -367,7 +419,7 @@ impl ClusterClient {
                 // owners of this group's first key, in order.
                 let mut tried = vec![id.clone()];
                 tried.extend(fallbacks.first().cloned().unwrap_or_default());
-                let mut last = None;
+                let (mut last, mut unknown_ns) = (None, None);
                 for node in tried {
                     let r = match self.node(&view, &node).await {
                         Ok(c) => c
@@ -377,18 +429,34 @@ impl ClusterClient {
                         Err(e) => Err(e),
                     };
                     match r {
-                        Ok(t) => return Ok((pos, t)),
+                        Ok(t) => return Ok((pos, Ok(t))),
                         Err(e) if retryable(&e) => last = Some(e),
+                        // Does not know the namespace: holds none of these keys.
+                        Err(e) if e.kind() == ErrorKind::NotFound => unknown_ns = Some(e),
                         Err(e) => return Err(e),
                     }
                 }
-                Err(last.unwrap_or_else(|| unavailable(format!("node {id} did not answer"))))
+                match unknown_ns {
+                    Some(e) => Ok((pos, Err(e))),
+                    None => Err(last.unwrap_or_else(|| unavailable(format!("node {id} did not answer")))),
+                }
             }
         });
         let mut tiers: Vec<Option<Tier>> = vec![None; keys.len()];
         let mut end = keys.len();
+        let (mut known_ns, mut unknown_ns) = (false, None);
         for r in join_all(calls).await {
             let (pos, t) = r?;
+            let t = match t {
+                Ok(t) => {
+                    known_ns = true;
+                    t
+                }
+                Err(e) => {
+                    unknown_ns = Some(e);
+                    Vec::new()
+                }
+            };
             if t.len() < pos.len() {
                 end = end.min(pos[t.len()]);
             }
@@ -396,7 +464,45 @@ impl ClusterClient {
                 tiers[i] = Some(tier);
             }
         }
+        if let Some(e) = unknown_ns
+            && !known_ns
+        {
+            return Err(e);
+        }
         Ok(tiers[..end].iter().map(|t| t.unwrap_or(Tier::Unspecified)).collect())
+    }
+
+    /// Deletes every object of `namespace` on every serving node; returns
+    /// how many there were.
+    pub async fn clear(&self, namespace: &str) -> Result<u64> {
+        let view = self.view()?;
+        validate::name("namespace", namespace).map_err(ClientError::InvalidArgument)?;
+        let calls = view.endpoints.keys().map(|id| {
+            let view = view.clone();
+            async move {
+                let c = self.node(&view, id).await?;
+                c.clear(namespace).await.map_err(|e| with_node(id, e))
+            }
+        });
+        // A node that never stored the namespace does not know it: that is
+        // NOT_FOUND only when no node knows it.
+        let mut total = 0;
+        let mut not_found = None;
+        let mut known = false;
+        for r in join_all(calls).await {
+            match r {
+                Ok(n) => {
+                    total += n;
+                    known = true;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => not_found = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        match not_found {
+            Some(e) if !known => Err(e),
+            _ => Ok(total),
+        }
     }
 
     /// Deletes keys on every owner; returns how many keys existed on their
@@ -420,10 +526,22 @@ impl ClusterClient {
             }
         });
         let mut total = 0;
+        let (mut known_ns, mut unknown_ns) = (false, None);
         for r in join_all(calls).await {
-            total += r?;
+            match r {
+                Ok(n) => {
+                    total += n;
+                    known_ns = true;
+                }
+                // Does not know the namespace: held none of these keys.
+                Err(e) if e.kind() == ErrorKind::NotFound => unknown_ns = Some(e),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(total)
+        match unknown_ns {
+            Some(e) if !known_ns => Err(e),
+            _ => Ok(total),
+        }
     }
 }
 

@@ -19,6 +19,7 @@ fn open(ns: &str, expected: u32) -> PutRequest {
             namespace: ns.into(),
             durability: 0,
             expected_objects: expected,
+            forwarded: false,
         })),
     }
 }
@@ -230,6 +231,7 @@ async fn read_side_rpc_errors() {
         namespace: ns.into(),
         keys,
         chunk_size: chunk,
+        forwarded: false,
     };
     expect(
         raw.get(get("nope", vec![k(b"a")], 0)).await,
@@ -267,6 +269,7 @@ async fn read_side_rpc_errors() {
         tenant: String::new(),
         namespace: ns.into(),
         keys,
+        forwarded: false,
     };
     expect(
         raw.exists_prefix(ex("nope", vec![k(b"a")])).await,
@@ -290,6 +293,7 @@ async fn read_side_rpc_errors() {
         namespace: ns.into(),
         keys,
         all,
+        forwarded: false,
     };
     expect(
         raw.delete(del("nope", vec![k(b"a")], false)).await,

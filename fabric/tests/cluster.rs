@@ -184,7 +184,7 @@ async fn nodes_register_are_watched_and_leave_on_shutdown() {
         "c1"
     );
 
-    // Used bytes are refreshed.
+    // Used bytes are refreshed (a forwards what b owns: count both).
     for i in 0..8u64 {
         ca.put(
             "ns",
@@ -196,7 +196,8 @@ async fn nodes_register_are_watched_and_leave_on_shutdown() {
         .unwrap();
     }
     m.wait_for(Duration::from_secs(5), |m| {
-        m.get("a").is_some_and(|a| a.used_bytes() >= 8 * (64 << 10))
+        let used = |id: &str| m.get(id).map_or(0, |n| n.used_bytes());
+        used("a") + used("b") >= 8 * (64 << 10)
     })
     .await
     .unwrap_or_else(|last| panic!("used bytes never refreshed: {last:?}"));
@@ -613,6 +614,10 @@ async fn cluster_client_follows_the_etcd_membership() {
     assert_eq!(seen.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     assert_eq!(seen[0].endpoint, a.endpoint());
     assert_eq!(seen[0].weight, (8 << 20) as f64, "weight = node-local capacity");
+    // The nodes forward by their own view: wait until it matches too.
+    for h in [&a, &b] {
+        wait_view(h, 2).await;
+    }
     let cc = ClusterClient::new(nodes.clone(), ClientOptions::default());
     let ks = keys("e", 300);
     let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(3))).collect();
@@ -627,10 +632,221 @@ async fn cluster_client_follows_the_etcd_membership() {
         assert!(Instant::now() < deadline, "b never left: {:?}", *nodes.borrow());
         let _ = tokio::time::timeout(Duration::from_millis(200), nodes.changed()).await;
     }
+    wait_view(&a, 1).await;
     let more = keys("after", 50);
     let objs: Vec<PutObject> = more.iter().map(|k| PutObject::new(k.clone(), vec![9u8; 16])).collect();
     cc.put_many("ns", objs, Durability::Memory).await.unwrap();
     assert_eq!(a.stack.len(), na + 50, "everything goes to the survivor");
     assert!(cc.get_many("ns", more).await.unwrap().iter().all(Option::is_some));
     a.shutdown().await;
+}
+
+/// Waits (bounded) until node `h` sees `n` serving members; returns them.
+async fn wait_view(h: &kvfabric::server::NodeHandle, n: usize) -> Vec<NodeInfo> {
+    let mut view = h.serving_nodes().expect("a cluster node watches the membership");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while view.borrow().len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "node {} never saw {n} serving members: {:?}",
+            h.endpoint(),
+            *view.borrow()
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), view.changed()).await;
+    }
+    view.borrow().clone()
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// A plain `Client` pointed at any node of a three-node cluster sees the
+/// whole namespace: puts through one node land on their placement owners,
+/// reads through another return every object intact (a multi-chunk one
+/// too), a chain spread over the nodes is answered through a third, a
+/// delete through one node removes objects another holds (and a clear
+/// clears every node), tenancy and bad
+/// input are answered as on a single node, an owner that does not answer
+/// is UNAVAILABLE with its name, and forwarded requests are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_forwards_to_the_owners() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (d, id) in dirs.iter().zip(["a", "b", "c"]) {
+        nodes.push(common::start(node_settings(d.path(), &etcd, "fw", id, 30)).await);
+    }
+    let mut view = Vec::new();
+    for (h, _) in &nodes {
+        view = wait_view(h, 3).await;
+    }
+    let ids: Vec<&str> = view.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let idx = |id: &str| ids.iter().position(|i| *i == id).unwrap();
+    let (ca, cb, cc) = (nodes[0].1.clone(), nodes[1].1.clone(), nodes[2].1.clone());
+
+    // 200 objects through a (one of 3 MiB: several chunks each way).
+    let ks = keys("fw", 200);
+    let value = |i: usize, k: &Bytes| {
+        if i == 7 {
+            common::payload(7, 3 << 20)
+        } else {
+            k.repeat(1 + i % 5).into()
+        }
+    };
+    let objs: Vec<PutObject> = ks
+        .iter()
+        .enumerate()
+        .map(|(i, k)| PutObject::new(k.clone(), value(i, k)))
+        .collect();
+    let tiers = ca.put_many("ns", objs, Durability::Memory).await.unwrap();
+    assert_eq!(tiers.len(), 200);
+    assert!(tiers.iter().all(|t| *t == kvfabric::client::Tier::Host), "{tiers:?}");
+    let mut expected = [0usize; 3];
+    for k in &ks {
+        expected[idx(placement.owners("ns", k, 1)[0])] += 1;
+    }
+    let held: Vec<usize> = nodes.iter().map(|(h, _)| h.stack.len()).collect();
+    assert_eq!(held, expected, "each object on its placement owner only");
+    assert!(expected.iter().all(|&n| n > 0), "every node owns some: {expected:?}");
+
+    // Every object read back through b, intact; a missing key is missing.
+    let mut ask = ks.clone();
+    ask.push(Bytes::from_static(b"absent"));
+    let got = cb.get_many("ns", ask).await.unwrap();
+    for (i, (k, g)) in ks.iter().zip(&got).enumerate() {
+        assert_eq!(g.as_ref().expect("found through b").value, value(i, k), "object {i}");
+    }
+    assert!(got[200].is_none());
+
+    // A chain over the nodes, 20 of 30 stored: ExistsPrefix through c says 20.
+    let chain = keys("chain", 30);
+    let objs: Vec<PutObject> = chain[..20]
+        .iter()
+        .map(|k| PutObject::new(k.clone(), vec![3u8; 64]))
+        .collect();
+    ca.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let spread: std::collections::BTreeSet<&str> =
+        chain[..20].iter().map(|k| placement.owners("ns", k, 1)[0]).collect();
+    assert!(spread.len() >= 2, "the chain spans nodes: {spread:?}");
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 20);
+
+    // Delete through a of objects b holds.
+    let on_b: Vec<Bytes> = ks
+        .iter()
+        .filter(|k| placement.owners("ns", k, 1)[0] == "b")
+        .take(10)
+        .cloned()
+        .collect();
+    let before = nodes[1].0.stack.len();
+    assert_eq!(ca.delete("ns", on_b.clone()).await.unwrap(), 10);
+    assert_eq!(nodes[1].0.stack.len(), before - 10, "deleted on their owner");
+    assert!(cc.get_many("ns", on_b).await.unwrap().iter().all(Option::is_none));
+
+    // A namespace only some nodes know (they learn it from a put): the
+    // others hold none of its keys; a request is NOT_FOUND only when no
+    // node it reached knows the namespace.
+    let owned_by = |id: &str| {
+        keys("solo", 100)
+            .into_iter()
+            .find(|k| placement.owners("solo", k, 1)[0] == id)
+            .unwrap()
+    };
+    let (kb, kc) = (owned_by("b"), owned_by("c"));
+    ca.put("solo", kb.clone(), "only", Durability::Memory).await.unwrap();
+    let got = cc.get_many("solo", vec![kb.clone(), kc.clone()]).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().value, "only");
+    assert!(got[1].is_none());
+    assert_eq!(
+        ca.exists_prefix("solo", vec![kb.clone(), kc.clone()])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(cc.delete("solo", vec![kc.clone(), kb.clone()]).await.unwrap(), 1);
+    let err = cb.delete("solo", vec![kc.clone()]).await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::NotFound, "only c was asked: {err}");
+    let err = ca.get_many("nope", vec![kb, kc]).await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::NotFound, "{err}");
+
+    // Tenancy and bad input as on a single node.
+    let t1 = ca.clone().with_tenant("t1");
+    t1.put_many("t1ns", vec![PutObject::new(ks[0].clone(), "x")], Durability::Memory)
+        .await
+        .unwrap();
+    assert_eq!(
+        cb.clone()
+            .with_tenant("t1")
+            .get("t1ns", ks[0].clone())
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        "x"
+    );
+    let err = cb
+        .clone()
+        .with_tenant("t2")
+        .get("t1ns", ks[0].clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::PermissionDenied, "{err}");
+    let err = cb
+        .raw()
+        .get(kvfabric::proto::v1::GetRequest {
+            namespace: "ns".into(),
+            keys: vec![Bytes::new()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // An owner that does not answer: UNAVAILABLE, naming it. (A record for
+    // a serving node "zz" whose endpoint is a closed port.)
+    let mut ghost = list_members(&etcd.endpoints(), "fw").await.unwrap()[0].clone();
+    ghost.node_id = "zz".into();
+    ghost.endpoint = format!("http://127.0.0.1:{}", free_port());
+    let mut etc = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    etc.put(kvfabric::cluster::member_key("fw", "zz"), ghost.encode(), None)
+        .await
+        .unwrap();
+    let view4 = wait_view(&nodes[0].0, 4).await;
+    let p4 = Placement::new(view4.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let lost = keys("lost", 100)
+        .into_iter()
+        .find(|k| p4.owners("ns", k, 1)[0] == "zz")
+        .expect("zz owns some key");
+    let err = ca.put("ns", lost.clone(), "v", Durability::Memory).await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("zz"), "the error names the owner: {err}");
+    let err = ca.get("ns", lost).await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::Unavailable, "{err}");
+    etc.delete(kvfabric::cluster::member_key("fw", "zz"), None)
+        .await
+        .unwrap();
+
+    // Clearing a namespace through one node clears it on every node.
+    assert_eq!(cc.clear("ns").await.unwrap(), 200 - 10 + 20);
+    assert!(ca.get_many("ns", ks.clone()).await.unwrap().iter().all(Option::is_none));
+
+    let body = http_get(nodes[0].0.metrics_addr, "/metrics").await;
+    assert!(body.contains("kvfabric_forwarded_total{method=\"put\"}"), "{body}");
+    let body = http_get(nodes[1].0.metrics_addr, "/metrics").await;
+    assert!(body.contains("kvfabric_forwarded_total{method=\"get\"}"), "{body}");
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
 }

@@ -32,6 +32,9 @@ struct Cli {
     /// Fabric node endpoint, http://host:port.
     #[arg(long, env = "KVFABRIC_WORKER_FABRIC")]
     fabric: Option<String>,
+    /// Unix socket of the node's zero-copy local path (co-located node).
+    #[arg(long, env = "KVFABRIC_WORKER_FABRIC_SOCKET")]
+    fabric_socket: Option<PathBuf>,
     /// Fabric tenant.
     #[arg(long, env = "KVFABRIC_WORKER_TENANT")]
     tenant: Option<String>,
@@ -123,6 +126,7 @@ async fn main() -> Result<()> {
         role: cli.role,
         listen: cli.listen,
         fabric: cli.fabric,
+        fabric_socket: cli.fabric_socket,
         tenant: cli.tenant,
         namespace: cli.namespace,
         model: cli.model,

@@ -96,6 +96,12 @@ pub struct WorkerSettings {
     /// Fabric node endpoint, `http://host:port`. Default unset: the worker
     /// uses only its own pool (no loads, no stores, no disaggregation).
     pub fabric: Option<String>,
+    /// Unix socket of that node's zero-copy local path (`data-dir/kvfabric.sock`
+    /// on the node), for a worker on the same host: block bytes then move
+    /// through the node's shared arena instead of over gRPC. Default unset
+    /// (gRPC only). A socket that cannot be opened is logged and the worker
+    /// falls back to gRPC.
+    pub fabric_socket: Option<PathBuf>,
     /// Fabric tenant the worker acts as. Default empty (the node's default
     /// tenant).
     pub tenant: String,
@@ -172,6 +178,7 @@ impl Default for WorkerSettings {
             role: Role::Aggregated,
             listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
             fabric: None,
+            fabric_socket: None,
             tenant: String::new(),
             namespace: "default".into(),
             model: None,
@@ -207,6 +214,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--fabric` / `KVFABRIC_WORKER_FABRIC`.
     pub fabric: Option<String>,
+    /// `--fabric-socket` / `KVFABRIC_WORKER_FABRIC_SOCKET`.
+    pub fabric_socket: Option<PathBuf>,
     /// `--tenant` / `KVFABRIC_WORKER_TENANT`.
     pub tenant: Option<String>,
     /// `--namespace` / `KVFABRIC_WORKER_NAMESPACE`.
@@ -315,7 +324,7 @@ impl WorkerSettings {
             max_body_size,
             log
         );
-        set_opt!(fabric, weights, kv_events, served_model_name);
+        set_opt!(fabric, fabric_socket, weights, kv_events, served_model_name);
         if let Some(m) = o.model {
             self.model = Some(m);
             self.model_config = None;
@@ -380,6 +389,9 @@ impl WorkerSettings {
             && let Err(e) = check_base_url(f, true)
         {
             return invalid(format!("fabric {e}"));
+        }
+        if self.fabric_socket.is_some() && self.fabric.is_none() {
+            return invalid("fabric-socket needs fabric (the node's gRPC endpoint answers ExistsPrefix)".into());
         }
         if self.model.is_some() && self.model_config.is_some() {
             return invalid("model and model-config are both set; use one".into());
@@ -479,6 +491,7 @@ mod tests {
             ("max-running = 0", "max-running"),
             ("namespace = \"a b\"", "namespace"),
             ("fabric = \"grpc://x:1\"", "fabric"),
+            ("fabric-socket = \"/run/kvfabric.sock\"", "fabric-socket"),
             ("kv-events = \"ipc:///tmp/x\"", "kv-events"),
             ("prefill-workers = [\"http://x\"]", "prefill-workers[0]"),
             ("prefill-timeout-ms = 0", "prefill-timeout-ms"),

@@ -15,6 +15,7 @@
 //! | `pool_blocks` | gauge | `state`: `free`, `cached` (own prefix cache), `capacity` |
 //! | `own_cache_evictions_total` | counter | |
 //! | `fabric_blocks_total` | counter | `op`: `loaded`, `stored` (from the fabric connector) |
+//! | `fabric_local_blocks_total` | counter | `op`: `loaded`, `stored`: of those, the blocks moved through the node's zero-copy local path (`fabric-socket`) |
 //! | `fabric_layout_mismatches_total`, `fabric_bad_lengths_total` | counter | (from the fabric connector) |
 //! | `fabric_errors_total` | counter | `op`: `connect`, `exists`, `load`, `store` |
 //! | `kv_events_total` | counter | `state`: `queued`, `published`, `dropped` |
@@ -51,6 +52,7 @@ pub(crate) struct Metrics {
     pub(crate) pool_blocks: IntGaugeVec,
     pub(crate) evictions: IntCounter,
     pub(crate) fabric_blocks: IntCounterVec,
+    pub(crate) fabric_local_blocks: IntCounterVec,
     pub(crate) layout_mismatches: IntCounter,
     pub(crate) bad_lengths: IntCounter,
     pub(crate) fabric_errors: IntCounterVec,
@@ -118,6 +120,11 @@ impl Metrics {
                 "KV blocks loaded from and stored into the fabric.",
                 &["op"],
             ),
+            fabric_local_blocks: cv(
+                "fabric_local_blocks_total",
+                "KV blocks loaded from and stored into the fabric through its zero-copy local path.",
+                &["op"],
+            ),
             layout_mismatches: c(
                 "fabric_layout_mismatches_total",
                 "Fabric blocks not loaded: another model's layout.",
@@ -139,6 +146,7 @@ impl Metrics {
         }
         for op in ["loaded", "stored"] {
             m.fabric_blocks.with_label_values(&[op]);
+            m.fabric_local_blocks.with_label_values(&[op]);
         }
         m
     }
@@ -158,6 +166,14 @@ impl Metrics {
         up(
             &self.fabric_blocks.with_label_values(&["stored"]),
             c.blocks_stored.load(Relaxed),
+        );
+        up(
+            &self.fabric_local_blocks.with_label_values(&["loaded"]),
+            c.blocks_loaded_local.load(Relaxed),
+        );
+        up(
+            &self.fabric_local_blocks.with_label_values(&["stored"]),
+            c.blocks_stored_local.load(Relaxed),
         );
         up(&self.layout_mismatches, c.layout_mismatches.load(Relaxed));
         up(&self.bad_lengths, c.bad_lengths.load(Relaxed));
@@ -203,6 +219,8 @@ impl Metrics {
             evicted_blocks: self.evictions.get(),
             fabric_blocks_loaded: count(&self.fabric_blocks, "loaded"),
             fabric_blocks_stored: count(&self.fabric_blocks, "stored"),
+            fabric_local_blocks_loaded: count(&self.fabric_local_blocks, "loaded"),
+            fabric_local_blocks_stored: count(&self.fabric_local_blocks, "stored"),
             fabric_layout_mismatches: self.layout_mismatches.get(),
             kv_event_batches_published: count(&self.kv_events, "published"),
             kv_event_batches_dropped: count(&self.kv_events, "dropped"),
@@ -246,6 +264,10 @@ pub struct WorkerStats {
     pub fabric_blocks_loaded: u64,
     /// Blocks stored into the fabric.
     pub fabric_blocks_stored: u64,
+    /// Of `fabric_blocks_loaded`, those read through the zero-copy local path.
+    pub fabric_local_blocks_loaded: u64,
+    /// Of `fabric_blocks_stored`, those written through the zero-copy local path.
+    pub fabric_local_blocks_stored: u64,
     /// Fabric blocks refused for another model's layout.
     pub fabric_layout_mismatches: u64,
     /// KV event batches sent on the PUB socket.

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use kvfabric::client::{Client, ClientOptions};
+use kvfabric::client::{Client, ClientOptions, LocalClient};
 use kvfabric::hash::{BlockHash, chain_hashes};
 use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinHandle;
@@ -61,6 +61,7 @@ impl PrefillPlace {
 #[derive(Debug)]
 pub(crate) struct FabricConn {
     url: String,
+    socket: Option<std::path::PathBuf>,
     tenant: String,
     namespace: String,
     layout: KvLayout,
@@ -72,6 +73,7 @@ impl FabricConn {
     pub(crate) fn new(settings: &WorkerSettings, url: String, layout: KvLayout, metrics: Arc<Metrics>) -> Self {
         FabricConn {
             url,
+            socket: settings.fabric_socket.clone(),
             tenant: settings.tenant.clone(),
             namespace: settings.namespace.clone(),
             layout,
@@ -94,12 +96,23 @@ impl FabricConn {
                 if !self.tenant.is_empty() {
                     c = c.with_tenant(self.tenant.clone());
                 }
-                tracing::info!(url = %self.url, namespace = %self.namespace, "connected to the fabric");
-                Ok::<_, kvfabric::client::ClientError>(Arc::new(FabricKv::new(
-                    c,
-                    self.namespace.clone(),
-                    self.layout.clone(),
-                )))
+                let mut kv = FabricKv::new(c, self.namespace.clone(), self.layout.clone());
+                if let Some(socket) = &self.socket {
+                    let local = if self.tenant.is_empty() {
+                        LocalClient::connect(socket).await
+                    } else {
+                        LocalClient::connect_as(socket, &self.tenant).await
+                    };
+                    match local {
+                        Ok(l) => kv = kv.with_local(l),
+                        Err(e) => {
+                            self.metrics.fabric_errors.with_label_values(&["connect"]).inc();
+                            tracing::warn!(socket = %socket.display(), error = %e, "fabric local path unavailable: moving blocks over gRPC");
+                        }
+                    }
+                }
+                tracing::info!(url = %self.url, namespace = %self.namespace, local = kv.is_local(), "connected to the fabric");
+                Ok::<_, kvfabric::client::ClientError>(Arc::new(kv))
             })
             .await;
         match r {

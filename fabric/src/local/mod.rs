@@ -602,6 +602,35 @@ impl LocalClient {
         Ok(found.iter().zip(sink.lens).map(|(f, n)| f.then_some(n)).collect())
     }
 
+    /// Reads objects into new buffers (one copy out of the arena each),
+    /// each with the layout header it was stored with (engines check it
+    /// before loading a KV block).
+    pub async fn get_many_with_layout(
+        &self,
+        namespace: &str,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<(Vec<u8>, Layout)>>> {
+        struct WithLayout<'a> {
+            map: &'a Mapping,
+            out: Vec<Option<(Vec<u8>, Layout)>>,
+        }
+        impl RoundSink for WithLayout<'_> {
+            fn copy(&mut self, i: usize, l: &v1::LocalLease) -> Result<()> {
+                let mut v = vec![0u8; l.length as usize];
+                // SAFETY: as in `get_many_into`.
+                unsafe { self.map.copy_out(l.offset, &mut v) };
+                self.out[i] = Some((v, l.layout.clone().unwrap_or_default()));
+                Ok(())
+            }
+        }
+        let mut sink = WithLayout {
+            map: &self.inner.map,
+            out: vec![None; keys.len()],
+        };
+        self.read_rounds(namespace, keys, &mut sink).await?;
+        Ok(sink.out)
+    }
+
     /// Reads objects into new buffers (one copy out of the arena each).
     pub async fn get_many(&self, namespace: &str, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
         struct ToVecs<'a> {

@@ -1,6 +1,6 @@
 //! Prometheus metrics of a node: per-tier counters and gauges mirrored from
-//! the tier stack at scrape time, plus RPC latency histograms, error counts
-//! and bytes in/out recorded by the service.
+//! the tier stack at scrape time, plus RPC latency histograms, error counts,
+//! bytes in/out and forwarded requests recorded by the service.
 
 use kvfabric_tiers::TierStack;
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -15,6 +15,9 @@ pub struct Metrics {
     pub rpc_errors: IntCounterVec,
     /// Payload bytes received (`in`) and sent (`out`) over gRPC.
     pub rpc_bytes: IntCounterVec,
+    /// Requests a cluster node carried out on other nodes (the keys'
+    /// owners), by method.
+    pub forwarded: IntCounterVec,
     tier_counters: IntCounterVec,
     tier_gauges: IntGaugeVec,
 }
@@ -55,6 +58,14 @@ impl Metrics {
             &["direction"],
         )
         .expect("valid");
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                "forwarded_total",
+                "requests carried out on the keys' owners (cluster mode), by method",
+            ),
+            &["method"],
+        )
+        .expect("valid");
         let tier_counters = IntCounterVec::new(
             Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped, promotions_skipped, background_demotions"),
             &["tier", "event"],
@@ -69,6 +80,7 @@ impl Metrics {
             Box::new(rpc_seconds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(rpc_errors.clone()),
             Box::new(rpc_bytes.clone()),
+            Box::new(forwarded.clone()),
             Box::new(tier_counters.clone()),
             Box::new(tier_gauges.clone()),
         ] {
@@ -79,6 +91,7 @@ impl Metrics {
             rpc_seconds,
             rpc_errors,
             rpc_bytes,
+            forwarded,
             tier_counters,
             tier_gauges,
         }

@@ -3,6 +3,7 @@
 
 mod config;
 mod error;
+mod forward;
 mod local;
 mod metrics;
 mod namespaces;

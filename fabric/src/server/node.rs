@@ -2,10 +2,14 @@
 //! service) and runs it: the gRPC server and the metrics/health endpoint,
 //! both with graceful shutdown. In cluster mode the node registers in etcd
 //! before it serves (and refuses to start on an identity conflict), turns
-//! `serving` once listening, and revokes its lease on shutdown.
+//! `serving` once listening, and revokes its lease on shutdown; it also
+//! watches the membership and forwards client requests for keys it does not
+//! alone own to their owners.
 
+use super::forward::Forwarder;
 use super::{BlockService, FabricError, Metrics, Namespaces, Settings};
-use crate::cluster::{MemberState, Registration, RegistrationConfig, TierUsage, UsageFn};
+use crate::client::NodeInfo;
+use crate::cluster::{MemberState, Membership, Registration, RegistrationConfig, TierUsage, UsageFn};
 use crate::proto::MAX_MESSAGE_BYTES;
 use crate::proto::v1::kv_block_service_server::KvBlockServiceServer;
 use kvfabric_tiers::{
@@ -40,6 +44,7 @@ pub struct NodeHandle {
     tasks: Vec<JoinHandle<()>>,
     background: Option<kvfabric_tiers::BackgroundHandle>,
     registration: Option<Registration>,
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 /// Largest HTTP/2 frame either side accepts (the protocol default is 16 KiB).
@@ -147,12 +152,25 @@ impl Node {
         let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
         let metrics_addr = metrics_l.local_addr().map_err(|e| startup("local addr", e))?;
         let registration = self.join_cluster(grpc_addr, metrics_addr).await?;
-        let service = BlockService::new(
+        let forwarder = match (
+            &registration,
+            s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)?,
+        ) {
+            (Some(_), Some(etcd)) => {
+                let membership = Membership::start(etcd, s.cluster.id.clone())
+                    .await
+                    .map_err(|e| startup("watching the cluster membership", e))?;
+                Some(Arc::new(Forwarder::new(membership, s.node_id.clone())))
+            }
+            _ => None,
+        };
+        let service = BlockService::with_forwarder(
             self.stack.clone(),
             self.namespaces.clone(),
             self.metrics.clone(),
             s.limits.clone(),
             s.node_id.clone(),
+            forwarder.clone(),
         );
         let streams = service.clone();
         let background = if s.tiering.background {
@@ -256,6 +274,7 @@ impl Node {
             tasks,
             background,
             registration,
+            forwarder,
         })
     }
 
@@ -317,6 +336,9 @@ impl NodeHandle {
         if let Some(r) = self.registration.take() {
             r.leave().await;
         }
+        if let Some(f) = self.forwarder.take() {
+            f.stop();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -344,6 +366,15 @@ impl NodeHandle {
         if let Some(r) = self.registration.take() {
             r.leave().await;
         }
+        if let Some(f) = self.forwarder.take() {
+            f.stop();
+        }
+    }
+
+    /// The serving members this node forwards to, as it sees them (cluster
+    /// mode only).
+    pub fn serving_nodes(&self) -> Option<tokio::sync::watch::Receiver<Vec<NodeInfo>>> {
+        self.forwarder.as_ref().map(|f| f.serving_nodes())
     }
 
     /// The cluster registration (cluster mode only).

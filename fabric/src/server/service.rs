@@ -3,7 +3,9 @@
 //! limits, stream framing) and answers a precise status; nothing a client
 //! sends can panic the node or touch data it did not name.
 
+use super::forward::{Forwarder, to_status};
 use super::{FabricError, LimitSettings, Metrics, Namespaces, namespaces::DEFAULT_TENANT};
+use crate::client::PutObject;
 use crate::proto::v1::{
     self, DeleteRequest, DeleteResponse, Event, EventKind, ExistsPrefixRequest, ExistsPrefixResponse, GetRequest,
     GetResponse, LeaseRequest, LeaseResponse, PutRequest, PutResponse, PutResult, StatsRequest, StatsResponse,
@@ -83,6 +85,8 @@ struct Shared {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Budget of payload bytes buffered by Put streams, in 64 KiB units.
     inflight: Arc<tokio::sync::Semaphore>,
+    /// Cluster mode: carries out client requests on the keys' owners.
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 /// Unit of the in-flight put budget.
@@ -132,6 +136,19 @@ impl BlockService {
         limits: LimitSettings,
         node_id: String,
     ) -> Self {
+        Self::with_forwarder(stack, namespaces, metrics, limits, node_id, None)
+    }
+
+    /// A service that, in cluster mode, forwards client requests for keys
+    /// this node does not alone own to their owners.
+    pub(crate) fn with_forwarder(
+        stack: Arc<TierStack>,
+        namespaces: Arc<Namespaces>,
+        metrics: Metrics,
+        limits: LimitSettings,
+        node_id: String,
+        forwarder: Option<Arc<Forwarder>>,
+    ) -> Self {
         let (stopping, _) = tokio::sync::watch::channel(false);
         let budget = inflight_units(limits.max_inflight_put_bytes.0) as usize;
         let inflight = Arc::new(tokio::sync::Semaphore::new(
@@ -146,6 +163,7 @@ impl BlockService {
                 node_id,
                 stopping,
                 inflight,
+                forwarder,
             }),
         }
     }
@@ -177,14 +195,102 @@ impl BlockService {
         Ok(t)
     }
 
-    fn check_read(&self, tenant: &str, namespace: &str, keys: Option<&[Bytes]>) -> Result<String, Status> {
+    /// Checks a request's tenant, namespace name and keys (not whether
+    /// this node knows the namespace); returns the tenant.
+    fn check_args(&self, tenant: &str, namespace: &str, keys: Option<&[Bytes]>) -> Result<String, Status> {
         let tenant = self.tenant(tenant)?;
         validate::name("namespace", namespace).map_err(invalid)?;
         if let Some(keys) = keys {
             validate::keys(keys, self.shared.limits.max_batch_keys).map_err(invalid)?;
         }
-        self.shared.namespaces.for_read(tenant, namespace)?;
         Ok(tenant.to_string())
+    }
+
+    fn check_read(&self, tenant: &str, namespace: &str, keys: Option<&[Bytes]>) -> Result<String, Status> {
+        let tenant = self.check_args(tenant, namespace, keys)?;
+        self.shared.namespaces.for_read(&tenant, namespace)?;
+        Ok(tenant)
+    }
+
+    /// The forwarder for a request a client sent (cluster mode; `None` for
+    /// a single node and for a request another node forwarded).
+    fn forwarder(&self, forwarded: bool) -> Option<&Arc<Forwarder>> {
+        if forwarded {
+            None
+        } else {
+            self.shared.forwarder.as_ref()
+        }
+    }
+
+    /// The forwarder when `keys` must be carried out elsewhere: this node
+    /// is not the only owner of all of them.
+    fn forward_keys(&self, forwarded: bool, namespace: &str, keys: &[Bytes]) -> Option<Arc<Forwarder>> {
+        self.forwarder(forwarded)
+            .filter(|f| !f.is_local(namespace, keys))
+            .cloned()
+    }
+
+    fn count_forwarded(&self, method: &str) {
+        self.shared.metrics.forwarded.with_label_values(&[method]).inc();
+    }
+
+    /// Stores a batch a client streamed to this node in cluster mode: here
+    /// when this node alone owns every key, else on the owners.
+    async fn flush(
+        &self,
+        f: &Forwarder,
+        tenant: &str,
+        ns: &Arc<str>,
+        durability: Durability,
+        batch: Vec<Pending>,
+    ) -> Result<Vec<PutResult>, Status> {
+        let keys: Vec<Bytes> = batch.iter().map(|p| p.key.clone()).collect();
+        if f.is_local(ns, &keys) {
+            let mut out = Vec::with_capacity(batch.len());
+            for p in batch {
+                out.push(self.commit(ns, p, durability).await?);
+            }
+            return Ok(out);
+        }
+        // The batch's share of the in-flight budget is returned before the
+        // owners are called: one node's budget never waits on another's
+        // (two nodes forwarding to each other could otherwise deadlock).
+        let mut objects = Vec::with_capacity(batch.len());
+        for p in batch {
+            let value = match p.single {
+                Some(b) => b,
+                None => p.buf.freeze(),
+            };
+            if let Some(sum) = p.checksum {
+                let got = kvfabric_tiers::offload(value.len(), || xxhash_rust::xxh3::xxh3_64(&value));
+                if got != sum {
+                    return Err(status(
+                        ErrorKind::DataCorruption,
+                        format!(
+                            "object {}: checksum {got:#018x} computed over the received bytes differs from the client's {sum:#018x}; not stored",
+                            hex(&p.key)
+                        ),
+                    ));
+                }
+            }
+            objects.push(PutObject {
+                key: p.key,
+                value,
+                layout: Some(layout_to_proto(&p.layout)),
+            });
+        }
+        self.count_forwarded("put");
+        let wire = match durability {
+            Durability::Memory => v1::Durability::Memory,
+            Durability::Disk => v1::Durability::Disk,
+            Durability::Object => v1::Durability::Object,
+        };
+        let tiers = f.client(tenant).put_many(ns, objects, wire).await.map_err(to_status)?;
+        Ok(keys
+            .into_iter()
+            .zip(tiers)
+            .map(|(key, t)| PutResult { key, tier: t as i32 })
+            .collect())
     }
 
     async fn commit(&self, ns: &Arc<str>, p: Pending, durability: Durability) -> Result<PutResult, Status> {
@@ -247,6 +353,13 @@ impl BlockService {
             )));
         }
         self.shared.namespaces.for_write(&tenant, &open.namespace)?;
+        // Cluster mode: objects are collected (validated, holding their
+        // share of the in-flight budget) and stored by `flush`, here or on
+        // their owners, whenever they hold half the budget and at the end.
+        let fwd = self.forwarder(open.forwarded).cloned();
+        let half_budget = u64::from(inflight_units(limits.max_inflight_put_bytes.0)) / 2;
+        let mut collected: Vec<Pending> = Vec::new();
+        let mut held: u64 = 0;
         let ns: Arc<str> = open.namespace.into();
         let mut results: Vec<PutResult> = Vec::new();
         let mut cur: Option<Pending> = None;
@@ -277,13 +390,13 @@ impl BlockService {
                             committed(results.len())
                         )));
                     }
-                    let index = results.len();
+                    let index = results.len() + collected.len();
                     validate::key(index, &b.key).map_err(invalid)?;
                     if index >= limits.max_batch_keys || (expected != 0 && index >= expected) {
                         let cap = if expected != 0 { expected } else { limits.max_batch_keys };
                         return Err(invalid(format!(
                             "more than {cap} objects in one put stream; {}",
-                            committed(index)
+                            committed(results.len())
                         )));
                     }
                     if b.length > limits.max_object_size.0 {
@@ -292,11 +405,20 @@ impl BlockService {
                             size: b.length,
                             max: limits.max_object_size.0,
                         };
-                        return Err(status(e.kind(), format!("{e}; {}", committed(index))));
+                        return Err(status(e.kind(), format!("{e}; {}", committed(results.len()))));
                     }
                     check_layout(&b.layout).map_err(invalid)?;
                     // Wait for room in the in-flight budget (backpressure).
                     let units = inflight_units(b.length).min(inflight_units(limits.max_inflight_put_bytes.0));
+                    if let Some(f) = &fwd {
+                        // Never wait for budget this stream holds itself.
+                        if !collected.is_empty() && held + u64::from(units) > half_budget {
+                            let batch = std::mem::take(&mut collected);
+                            results.extend(self.flush(f, &tenant, &ns, durability, batch).await?);
+                            held = 0;
+                        }
+                        held += u64::from(units);
+                    }
                     let budget = self
                         .shared
                         .inflight
@@ -313,7 +435,9 @@ impl BlockService {
                         buf: BytesMut::new(),
                         single: None,
                     };
-                    if p.length == 0 {
+                    if p.length == 0 && fwd.is_some() {
+                        collected.push(p);
+                    } else if p.length == 0 {
                         results.push(self.commit(&ns, p, durability).await?);
                     } else {
                         cur = Some(p);
@@ -345,7 +469,11 @@ impl BlockService {
                     }
                     if got == p.length {
                         let p = cur.take().expect("pending object");
-                        results.push(self.commit(&ns, p, durability).await?);
+                        if fwd.is_some() {
+                            collected.push(p);
+                        } else {
+                            results.push(self.commit(&ns, p, durability).await?);
+                        }
                     }
                 }
                 Some(put_request::Msg::Open(_)) => {
@@ -363,14 +491,57 @@ impl BlockService {
                 committed(results.len())
             )));
         }
-        if expected != 0 && results.len() != expected {
+        let count = results.len() + collected.len();
+        if expected != 0 && count != expected {
             return Err(invalid(format!(
-                "put stream carried {} object(s) but `open` announced {expected}; {}",
-                results.len(),
+                "put stream carried {count} object(s) but `open` announced {expected}; {}",
                 committed(results.len())
             )));
         }
+        if let Some(f) = &fwd
+            && !collected.is_empty()
+        {
+            results.extend(self.flush(f, &tenant, &ns, durability, collected).await?);
+        }
         Ok(PutResponse { results })
+    }
+}
+
+/// Streams objects the owners returned, in the Get response format
+/// (found + data chunks of at most `chunk` bytes, or missing, per key).
+async fn send_found(
+    tx: &mpsc::Sender<Result<GetResponse, Status>>,
+    found: Vec<Option<crate::client::Object>>,
+    chunk: usize,
+) {
+    let msg = |m| Ok(GetResponse { msg: Some(m) });
+    for (i, o) in found.into_iter().enumerate() {
+        let Some(o) = o else {
+            if tx.send(msg(get_response::Msg::Missing(i as u32))).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let f = v1::ObjectFound {
+            index: i as u32,
+            length: o.value.len() as u64,
+            layout: Some(o.layout),
+            checksum: o.checksum,
+            created_ms: o.created_ms,
+            tier: o.tier as i32,
+        };
+        if tx.send(msg(get_response::Msg::Found(f))).await.is_err() {
+            return;
+        }
+        let p = o.value;
+        let mut off = 0;
+        while off < p.len() {
+            let end = (off + chunk).min(p.len());
+            if tx.send(msg(get_response::Msg::Data(p.slice(off..end)))).await.is_err() {
+                return;
+            }
+            off = end;
+        }
     }
 }
 
@@ -445,7 +616,11 @@ impl KvBlockService for BlockService {
         let start = Instant::now();
         let req = request.into_inner();
         let r = (|| {
-            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let fwd = self.forward_keys(req.forwarded, &req.namespace, &req.keys);
+            if fwd.is_none() {
+                self.shared.namespaces.for_read(&tenant, &req.namespace)?;
+            }
             let chunk = match req.chunk_size as usize {
                 0 => self.shared.limits.chunk_size.0 as usize,
                 c if (4096..=MAX_CHUNK_BYTES).contains(&c) => c,
@@ -453,11 +628,23 @@ impl KvBlockService for BlockService {
                     return Err(invalid(format!("chunk_size {c} is outside 4096..={MAX_CHUNK_BYTES}")));
                 }
             };
-            Ok(chunk)
+            Ok((chunk, tenant, fwd))
         })();
         self.observe("get", start, &r);
-        let chunk = r?;
+        let (chunk, tenant, fwd) = r?;
         let (tx, rx) = mpsc::channel::<Result<GetResponse, Status>>(8);
+        if let Some(f) = fwd {
+            self.count_forwarded("get");
+            tokio::spawn(async move {
+                match f.client(&tenant).get_many(&req.namespace, req.keys).await {
+                    Ok(found) => send_found(&tx, found, chunk).await,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                    }
+                }
+            });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         let shared = self.shared.clone();
         let ns: Arc<str> = req.namespace.into();
         tokio::spawn(async move {
@@ -515,15 +702,30 @@ impl KvBlockService for BlockService {
     ) -> Result<Response<ExistsPrefixResponse>, Status> {
         let start = Instant::now();
         let req = request.into_inner();
-        let r = self.check_read(&req.tenant, &req.namespace, Some(&req.keys)).map(|_| {
+        let r = async {
+            let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
+            if let Some(f) = self.forward_keys(req.forwarded, &req.namespace, &req.keys) {
+                self.count_forwarded("exists_prefix");
+                let tiers = f
+                    .client(&tenant)
+                    .exists_prefix(&req.namespace, req.keys)
+                    .await
+                    .map_err(to_status)?;
+                return Ok(ExistsPrefixResponse {
+                    count: tiers.len() as u32,
+                    tiers: tiers.into_iter().map(|t| t as i32).collect(),
+                });
+            }
+            self.shared.namespaces.for_read(&tenant, &req.namespace)?;
             let ns: Arc<str> = req.namespace.into();
             let keys: Vec<ObjectKey> = req.keys.into_iter().map(|k| ObjectKey::new(ns.clone(), k)).collect();
             let found = self.shared.stack.exists_prefix(&keys);
-            ExistsPrefixResponse {
+            Ok(ExistsPrefixResponse {
                 count: found.len() as u32,
                 tiers: found.iter().map(|e| tier_to_proto(e.tier) as i32).collect(),
-            }
-        });
+            })
+        }
+        .await;
         self.observe("exists_prefix", start, &r);
         r.map(Response::new)
     }
@@ -536,7 +738,15 @@ impl KvBlockService for BlockService {
                 if !req.keys.is_empty() {
                     return Err(invalid("delete with `all` must not list keys"));
                 }
-                self.check_read(&req.tenant, &req.namespace, None)?;
+                let tenant = self.check_args(&req.tenant, &req.namespace, None)?;
+                if let Some(f) = self.forwarder(req.forwarded)
+                    && !f.alone()
+                {
+                    self.count_forwarded("delete");
+                    let n = f.client(&tenant).clear(&req.namespace).await.map_err(to_status)?;
+                    return Ok(DeleteResponse { deleted: n });
+                }
+                self.shared.namespaces.for_read(&tenant, &req.namespace)?;
                 let n = self
                     .shared
                     .stack
@@ -545,7 +755,17 @@ impl KvBlockService for BlockService {
                     .map_err(FabricError::from)?;
                 return Ok(DeleteResponse { deleted: n });
             }
-            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
+            if let Some(f) = self.forward_keys(req.forwarded, &req.namespace, &req.keys) {
+                self.count_forwarded("delete");
+                let n = f
+                    .client(&tenant)
+                    .delete(&req.namespace, req.keys)
+                    .await
+                    .map_err(to_status)?;
+                return Ok(DeleteResponse { deleted: n });
+            }
+            self.shared.namespaces.for_read(&tenant, &req.namespace)?;
             let ns: Arc<str> = req.namespace.into();
             let mut deleted = 0;
             for k in req.keys {
