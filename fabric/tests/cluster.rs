@@ -837,6 +837,10 @@ async fn any_node_forwards_to_the_owners() {
     etc.delete(kvfabric::cluster::member_key("fw", "zz"), None)
         .await
         .unwrap();
+    // Every node sees zz gone before the namespace-wide clear below.
+    for (h, _) in &nodes {
+        wait_view(h, 3).await;
+    }
 
     // Clearing a namespace through one node clears it on every node.
     assert_eq!(cc.clear("ns").await.unwrap(), 200 - 10 + 20);
