@@ -657,19 +657,6 @@ async fn wait_view(h: &kvfabric::server::NodeHandle, n: usize) -> Vec<NodeInfo> 
     view.borrow().clone()
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
 /// A plain `Client` pointed at any node of a three-node cluster sees the
 /// whole namespace: puts through one node land on their placement owners,
 /// reads through another return every object intact (a multi-chunk one
@@ -846,9 +833,9 @@ async fn any_node_forwards_to_the_owners() {
     assert_eq!(cc.clear("ns").await.unwrap(), 200 - 10 + 20);
     assert!(ca.get_many("ns", ks.clone()).await.unwrap().iter().all(Option::is_none));
 
-    let body = http_get(nodes[0].0.metrics_addr, "/metrics").await;
+    let body = common::http_get(nodes[0].0.metrics_addr, "/metrics").await;
     assert!(body.contains("kvfabric_forwarded_total{method=\"put\"}"), "{body}");
-    let body = http_get(nodes[1].0.metrics_addr, "/metrics").await;
+    let body = common::http_get(nodes[1].0.metrics_addr, "/metrics").await;
     assert!(body.contains("kvfabric_forwarded_total{method=\"get\"}"), "{body}");
     for (h, _) in nodes {
         h.shutdown().await;

@@ -5,7 +5,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{payload, settings, start};
+use common::{http_get, payload, settings, start};
 use kvfabric::client::{Durability, EventKind, PutObject, Tier};
 use std::time::Duration;
 
@@ -224,19 +224,6 @@ async fn metrics_endpoint_reports_tiers_and_rpcs() {
     }
     assert_eq!(http_get(node.metrics_addr, "/health").await.trim(), "ok");
     node.shutdown().await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

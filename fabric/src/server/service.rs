@@ -530,19 +530,38 @@ async fn send_found(
             created_ms: o.created_ms,
             tier: o.tier as i32,
         };
-        if tx.send(msg(get_response::Msg::Found(f))).await.is_err() {
+        if !send_object(tx, f, o.value, chunk).await {
             return;
         }
-        let p = o.value;
-        let mut off = 0;
-        while off < p.len() {
-            let end = (off + chunk).min(p.len());
-            if tx.send(msg(get_response::Msg::Data(p.slice(off..end)))).await.is_err() {
-                return;
-            }
-            off = end;
-        }
     }
+}
+
+/// Sends one found object: its `ObjectFound`, then its payload in data
+/// chunks of at most `chunk` bytes (zero-copy slices). False when the
+/// receiver is gone.
+async fn send_object(
+    tx: &mpsc::Sender<Result<GetResponse, Status>>,
+    found: v1::ObjectFound,
+    payload: Bytes,
+    chunk: usize,
+) -> bool {
+    let msg = |m| Ok(GetResponse { msg: Some(m) });
+    if tx.send(msg(get_response::Msg::Found(found))).await.is_err() {
+        return false;
+    }
+    let mut off = 0;
+    while off < payload.len() {
+        let end = (off + chunk).min(payload.len());
+        if tx
+            .send(msg(get_response::Msg::Data(payload.slice(off..end))))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        off = end;
+    }
+    true
 }
 
 fn hex(b: &[u8]) -> String {
@@ -662,23 +681,11 @@ impl KvBlockService for BlockService {
                             created_ms: h.created_ms,
                             tier: tier_to_proto(tier) as i32,
                         };
-                        if tx.send(msg(get_response::Msg::Found(found))).await.is_err() {
+                        let sent = block.payload.len() as u64;
+                        if !send_object(&tx, found, block.payload, chunk).await {
                             return;
                         }
-                        let p = block.payload;
-                        let mut off = 0;
-                        while off < p.len() {
-                            let end = (off + chunk).min(p.len());
-                            if tx.send(msg(get_response::Msg::Data(p.slice(off..end)))).await.is_err() {
-                                return;
-                            }
-                            off = end;
-                        }
-                        shared
-                            .metrics
-                            .rpc_bytes
-                            .with_label_values(&["out"])
-                            .inc_by(p.len() as u64);
+                        shared.metrics.rpc_bytes.with_label_values(&["out"]).inc_by(sent);
                     }
                     Ok(None) => {
                         if tx.send(msg(get_response::Msg::Missing(i as u32))).await.is_err() {

@@ -32,3 +32,17 @@ pub async fn start(s: Settings) -> (NodeHandle, Client) {
 pub fn payload(seed: u64, len: usize) -> bytes::Bytes {
     kvfabric_tiers::conformance::payload(seed, len)
 }
+
+/// GET `path` from the node's HTTP (metrics / health) listener; the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
