@@ -30,7 +30,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
 use super::openai::{self, Api, ApiError, GenerateRequest, Prompt};
@@ -78,6 +78,14 @@ async fn generate(s: Arc<AppState>, api: Api, headers: HeaderMap, body: Body) ->
     r
 }
 
+/// How much of an oversized body the worker still reads (and discards)
+/// before it answers 413, so that a client still writing its body reads the
+/// answer instead of a reset connection. Past this (or [`DRAIN_TIME`]) the
+/// connection is closed.
+const DRAIN_BYTES: u64 = 16 << 20;
+/// How long the worker keeps draining an oversized body.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -87,19 +95,51 @@ async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes,
             format!("the request body exceeds the worker's limit of {max} bytes"),
         )
     };
-    if let Some(n) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && n > max as u64
-    {
-        return Err(too_large());
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut over = declared.is_some_and(|n| n > max as u64);
+    let mut seen = 0u64;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    loop {
+        let frame = if over {
+            // Discard mode: bounded in bytes and time.
+            if seen > max as u64 + DRAIN_BYTES {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(f) => f,
+                Err(_) => break,
+            }
+        } else {
+            body.frame().await
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) if over => {
+                tracing::debug!(error = %e, "oversized request body ended early");
+                break;
+            }
+            Some(Err(e)) => {
+                return Err(ApiError::invalid(None, format!("could not read the request body: {e}")));
+            }
+            Some(Ok(f)) => {
+                let Ok(data) = f.into_data() else { continue };
+                seen += data.len() as u64;
+                if !over && buf.len() + data.len() > max {
+                    over = true;
+                    buf = bytes::BytesMut::new();
+                }
+                if !over {
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
     }
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::invalid(None, format!("could not read the request body: {e}"))),
-    }
+    if over { Err(too_large()) } else { Ok(buf.freeze()) }
 }
 
 /// Checks a prompt against the model and the pool.
