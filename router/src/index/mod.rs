@@ -190,7 +190,8 @@ impl MatchRun {
 /// shared prefix that many workers hold whole) form one [`MatchRun`], so a
 /// lookup's output and the scoring over it grow with the number of distinct
 /// holder sets along the chain, not with depth times holders. Built only by
-/// [`ChainMatch::push`], so two indexes that agree produce equal matches.
+/// [`ChainMatch::push`] (and `extend_last`, where the holders are known to
+/// be the last run's), so two indexes that agree produce equal matches.
 #[derive(Clone, Default, Debug, PartialEq, Eq)]
 pub struct ChainMatch {
     /// Leading blocks of the chain that somebody holds.
@@ -229,6 +230,15 @@ impl ChainMatch {
             holders_len: hs.len() as u32,
         });
         self.holders.extend_from_slice(hs);
+        self.depth += 1;
+    }
+
+    /// Appends position `depth` with the same holders as the last run (the
+    /// caller knows they are the same; `push` would have merged them too).
+    #[inline]
+    pub(crate) fn extend_last(&mut self) {
+        let last = self.runs.last_mut().expect("a run to extend");
+        last.end += 1;
         self.depth += 1;
     }
 

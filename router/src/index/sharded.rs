@@ -125,10 +125,15 @@ impl PrefixIndex for ShardedIndex {
             }
         }
         // Probe a chunk of positions at a time: prefetch every home slot
-        // first, so their cache misses overlap, then find them (prefetching
-        // spilled holder lists), then append them in order.
+        // first, so their cache misses overlap, then find them, then append
+        // them in order. A position whose holder set has the fingerprint and
+        // length of the one before extends the run without reading its
+        // holder list (see `table`), so only a run's first position
+        // prefetches (and later reads) a spilled list.
         const CHUNK: usize = 16;
-        let mut found: [Option<&Holders>; CHUNK] = [None; CHUNK];
+        let mut found: [Option<(u64, &Holders)>; CHUNK] = [None; CHUNK];
+        let mut prefetched: Option<(u64, usize)> = None;
+        let mut last: Option<(u64, usize)> = None;
         for (part, hashes) in chain.chunks(CHUNK).zip(hashes.chunks(CHUNK)) {
             for &h in hashes {
                 if let Some(g) = &guards[shard_of(h)] {
@@ -136,14 +141,24 @@ impl PrefixIndex for ShardedIndex {
                 }
             }
             for ((slot, &b), &h) in found.iter_mut().zip(part).zip(hashes) {
-                *slot = guards[shard_of(h)].as_ref().and_then(|g| g.get(b, h));
-                if let Some(hs) = slot {
-                    BlockTable::prefetch_holders(hs);
+                *slot = guards[shard_of(h)].as_ref().and_then(|g| g.get_with_fingerprint(b, h));
+                if let Some((fp, hs)) = slot {
+                    let id = Some((*fp, hs.len()));
+                    if id != prefetched {
+                        BlockTable::prefetch_holders(hs);
+                        prefetched = id;
+                    }
                 }
             }
-            for hs in found.iter().take(part.len()) {
-                let Some(hs) = hs else { return };
-                out.push(hs);
+            for f in found.iter().take(part.len()) {
+                let Some((fp, hs)) = f else { return };
+                let id = Some((*fp, hs.len()));
+                if id == last {
+                    out.extend_last();
+                } else {
+                    out.push(hs);
+                    last = id;
+                }
             }
         }
     }

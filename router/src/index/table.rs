@@ -3,10 +3,17 @@
 //! per block (two for a block with many holders) and the misses of a whole
 //! chain can be in flight at once.
 //!
-//! - **Slots** are 64 bytes, one cache line each: the key and a
-//!   `SmallVec` of holders, [`INLINE`] of them in the slot and more on the
-//!   heap (a shared prefix held by many workers). An empty slot has no
-//!   holders; a live one always has one.
+//! - **Slots** are 64 bytes, one cache line each: the key, the holder
+//!   set's fingerprint and a `SmallVec` of holders, [`INLINE`] of them in
+//!   the slot and more on the heap (a shared prefix held by many workers).
+//!   An empty slot has no holders; a live one always has one.
+//! - The **fingerprint** is a sum of a strong 64-bit hash of each (holder,
+//!   tiers) pair, kept up to date in O(1) per change. Two positions of a
+//!   chain with equal fingerprints and lengths hold the same set (distinct
+//!   sets collide with probability about 2^-64 per comparison), so a lookup
+//!   extends a run of identical holders without reading the holder list: a
+//!   shared prefix whose holders spilled to the heap costs one dependent
+//!   miss per run, not one per block.
 //! - **Linear probing** from the key's home slot (low bits of its mixed
 //!   hash), with **backward-shift deletion** (no tombstones, so probe runs
 //!   stay short under the heavy eviction the router sees), and doubling
@@ -23,7 +30,7 @@ use smallvec::SmallVec;
 use super::{BlockId, HolderId, Holding, TierMask};
 
 /// Holders kept inside the slot; more move to the heap.
-pub(crate) const INLINE: usize = 5;
+pub(crate) const INLINE: usize = 4;
 
 /// One holder's tiers of a block.
 pub(crate) type Holder = Holding;
@@ -35,8 +42,28 @@ pub(crate) type Holders = SmallVec<[Holder; INLINE]>;
 #[repr(C, align(64))]
 struct Slot {
     key: BlockId,
+    /// [`fingerprint`] of `holders` (0 in a free slot).
+    fp: u64,
     /// Empty: a free slot.
     holders: Holders,
+}
+
+/// The fingerprint term of one holder's tiers of a block (0 for none): a
+/// strong mix (SplitMix64's finaliser) of the pair, summed over holders.
+#[inline]
+fn term(holder: HolderId, tiers: TierMask) -> u64 {
+    if tiers.is_empty() {
+        return 0;
+    }
+    let mut z = ((holder.0 as u64) << 8 | tiers.0 as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The fingerprint of a holder set: what the table keeps beside it.
+pub(crate) fn fingerprint(hs: &[Holder]) -> u64 {
+    hs.iter().fold(0u64, |a, &(h, t)| a.wrapping_add(term(h, t)))
 }
 
 /// The table (see the module doc).
@@ -171,16 +198,26 @@ impl BlockTable {
         self.find(b, hash).map(|i| &self.slots[i].holders)
     }
 
+    /// `b`'s holders and their [`fingerprint`]; reads only the slot's own
+    /// cache line (not a spilled list) until the holders are read.
+    #[inline]
+    pub(crate) fn get_with_fingerprint(&self, b: BlockId, hash: u64) -> Option<(u64, &Holders)> {
+        self.find(b, hash).map(|i| (self.slots[i].fp, &self.slots[i].holders))
+    }
+
     /// Applies `f` to `holder`'s tiers of block `b` (absent = empty); an
     /// empty result removes the holder, and the block once nobody holds it.
     pub(crate) fn update(&mut self, b: BlockId, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
         let hash = mix(b);
         match self.find(b, hash) {
             Some(i) => {
-                let hs = &mut self.slots[i].holders;
+                let slot = &mut self.slots[i];
+                let hs = &mut slot.holders;
                 match hs.binary_search_by_key(&holder, |e| e.0) {
                     Ok(k) => {
-                        let new = f(hs[k].1);
+                        let old = hs[k].1;
+                        let new = f(old);
+                        slot.fp = slot.fp.wrapping_sub(term(holder, old)).wrapping_add(term(holder, new));
                         if !new.is_empty() {
                             hs[k].1 = new;
                             return;
@@ -189,6 +226,7 @@ impl BlockTable {
                         if hs.is_empty() {
                             // Keep no heap buffer in a free slot.
                             *hs = Holders::new();
+                            slot.fp = 0;
                             self.remove_at(i);
                         }
                     }
@@ -196,6 +234,7 @@ impl BlockTable {
                         let new = f(TierMask::EMPTY);
                         if !new.is_empty() {
                             hs.insert(k, (holder, new));
+                            slot.fp = slot.fp.wrapping_add(term(holder, new));
                         }
                     }
                 }
@@ -211,6 +250,7 @@ impl BlockTable {
                 let i = self.free_slot_for(hash);
                 let s = &mut self.slots[i];
                 s.key = b;
+                s.fp = term(holder, new);
                 s.holders.push((holder, new));
                 self.len += 1;
             }
@@ -269,14 +309,15 @@ impl BlockTable {
     pub(crate) fn retain(&mut self, mut f: impl FnMut(&mut Holders)) {
         let mut i = 0;
         while i < self.slots.len() {
-            let hs = &mut self.slots[i].holders;
-            if hs.is_empty() {
+            let slot = &mut self.slots[i];
+            if slot.holders.is_empty() {
                 i += 1;
                 continue;
             }
-            f(hs);
-            if hs.is_empty() {
-                *hs = Holders::new();
+            f(&mut slot.holders);
+            slot.fp = fingerprint(&slot.holders);
+            if slot.holders.is_empty() {
+                slot.holders = Holders::new();
                 // Backward shift may move a later slot into i: look at i again.
                 self.remove_at(i);
                 continue;
@@ -322,6 +363,8 @@ mod tests {
         for h in 0..6 {
             tb.update(7, HolderId(h), |_| TierMask::EMPTY);
         }
+        let (fp, hs) = tb.get_with_fingerprint(7, mix(7)).unwrap();
+        assert_eq!(fp, fingerprint(hs));
         let hs = tb.get(7, mix(7)).unwrap();
         assert_eq!(hs.iter().map(|e| e.0.0).collect::<Vec<_>>(), vec![6, 7, 8]);
         for h in 6..9 {
@@ -383,6 +426,10 @@ mod tests {
                 prop_assert_eq!(got, want, "key {}", k);
             }
             prop_assert_eq!(tb.values().count(), model.len());
+            // Every live slot's fingerprint matches its holders; free ones are 0.
+            for s in tb.slots.iter() {
+                prop_assert_eq!(s.fp, fingerprint(&s.holders));
+            }
         }
     }
 }
