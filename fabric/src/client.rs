@@ -6,8 +6,9 @@
 //! engines use [`LocalClient`] instead, which moves no bytes over a socket.
 
 use crate::proto::v1::{
-    self, DeleteRequest, ExistsPrefixRequest, GetRequest, LeaseRequest, ObjectBegin, PutOpen, PutRequest, StatsRequest,
-    StatsResponse, SubscribeRequest, get_response, kv_block_service_client::KvBlockServiceClient, put_request,
+    self, CreateNamespaceRequest, DeleteRequest, DescribeNamespaceRequest, DrainRequest, ExistsPrefixRequest,
+    GetRequest, LeaseRequest, LocateRequest, ObjectBegin, PutOpen, PutRequest, StatsRequest, StatsResponse,
+    SubscribeRequest, get_response, kv_block_service_client::KvBlockServiceClient, put_request,
 };
 use crate::proto::{DEFAULT_CHUNK_BYTES, ErrorKind, MAX_MESSAGE_BYTES, from_status};
 use crate::validate;
@@ -19,7 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use crate::cluster_client::{ClusterClient, NodeInfo};
 pub use crate::local::{LocalClient, LocalPut};
-pub use crate::proto::v1::{Durability, Event, EventKind, Layout, Tier};
+pub use crate::proto::v1::{DrainResponse, Durability, Event, EventKind, Layout, NamespaceInfo, Tier};
 
 /// Most keys the client sends in one request (matches the server default).
 pub const MAX_BATCH_KEYS: usize = 4096;
@@ -480,6 +481,59 @@ impl Client {
             ttl_seconds,
         };
         Ok(self.control.clone().lease(req).await?.into_inner().leased)
+    }
+
+    /// Which tiers of the node asked hold each key (empty for a key it
+    /// lacks); never forwarded.
+    pub async fn locate(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Vec<Tier>>> {
+        Self::check_ns(namespace)?;
+        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        let n = keys.len();
+        let req = LocateRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.into(),
+            keys,
+        };
+        let r = self.control.clone().locate(req).await?.into_inner();
+        if r.locations.len() != n {
+            return Err(ClientError::Protocol(format!(
+                "locate of {n} keys answered {} locations",
+                r.locations.len()
+            )));
+        }
+        Ok(r.locations.iter().map(|l| l.tiers().collect()).collect())
+    }
+
+    /// Creates `namespace` for this client's tenant with `replication`
+    /// copies per object, or changes the replication of a namespace the
+    /// tenant owns (cluster-wide in cluster mode).
+    pub async fn create_namespace(&self, namespace: &str, replication: u32) -> Result<NamespaceInfo> {
+        Self::check_ns(namespace)?;
+        let req = CreateNamespaceRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.into(),
+            replication,
+        };
+        Ok(self.control.clone().create_namespace(req).await?.into_inner())
+    }
+
+    /// A namespace's owner and replication factor.
+    pub async fn describe_namespace(&self, namespace: &str) -> Result<NamespaceInfo> {
+        Self::check_ns(namespace)?;
+        let req = DescribeNamespaceRequest {
+            tenant: self.tenant.clone(),
+            namespace: namespace.into(),
+        };
+        Ok(self.control.clone().describe_namespace(req).await?.into_inner())
+    }
+
+    /// Starts (or follows) draining node `node_id`, which must be the node
+    /// this client talks to.
+    pub async fn drain(&self, node_id: &str) -> Result<DrainResponse> {
+        let req = DrainRequest {
+            node_id: node_id.into(),
+        };
+        Ok(self.control.clone().drain(req).await?.into_inner())
     }
 
     /// Node statistics.

@@ -212,6 +212,14 @@ impl ClusterClient {
             .collect())
     }
 
+    /// The pooled client of serving node `id`, with this client's tenant
+    /// and forwarding flag (what cluster repair uses to reach one node).
+    #[doc(hidden)]
+    pub async fn node_client(&self, id: &str) -> Result<Client> {
+        let view = self.view()?;
+        self.node(&view, id).await
+    }
+
     /// The pooled client of node `id`.
     async fn node(&self, view: &View, id: &str) -> Result<Client> {
         let endpoint = view

@@ -1,6 +1,8 @@
 //! The `kvfabric` command: `serve` runs a node; `put`, `get` and `stats` are
-//! a small client for operators and scripts; `cluster status` lists a
-//! cluster's members from etcd. Settings come from a TOML file,
+//! a small client for operators and scripts; `namespace create|describe|list`
+//! sets and shows namespaces' replication; `cluster status` lists a
+//! cluster's members from etcd and `cluster drain` empties a node before it
+//! leaves. Settings come from a TOML file,
 //! then `KVFABRIC_*` environment variables, then flags (later wins).
 //!
 //! `kvfabric router|worker|demo ARGS...` runs the `kvfabric-router`,
@@ -41,9 +43,12 @@ enum Cmd {
     Get(GetArgs),
     /// Per-tier capacity, usage, objects, hits and misses.
     Stats(StatsArgs),
-    /// Cluster membership (etcd).
+    /// Cluster membership (etcd): status, drain.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Namespaces: create (with a replication factor), describe, list.
+    #[command(subcommand)]
+    Namespace(NamespaceCmd),
     /// `router`, `worker` or `demo`: runs `kvfabric-router`,
     /// `kvfabric-worker` or `kvfabric-demo` with the remaining arguments.
     #[command(external_subcommand)]
@@ -82,7 +87,7 @@ fn run_external(args: Vec<OsString>) -> i32 {
         .unwrap_or_default();
     let Some(&(_, krate)) = EXTERNAL.iter().find(|(n, _)| *n == name) else {
         eprintln!(
-            "error: unrecognized subcommand '{name}' (commands: serve, put, get, stats, cluster, {}; see kvfabric --help)",
+            "error: unrecognized subcommand '{name}' (commands: serve, put, get, stats, cluster, namespace, {}; see kvfabric --help)",
             EXTERNAL.map(|(n, _)| n).join(", ")
         );
         return 2;
@@ -142,8 +147,70 @@ struct ServeArgs {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
-    /// Nodes, state, endpoint, capacity and used bytes per tier.
+    /// Nodes, state, endpoint, capacity and used bytes per tier,
+    /// under-replicated objects.
     Status(ClusterStatusArgs),
+    /// Takes NODE out of placement and waits until it has handed every
+    /// object to its owners (then stop it).
+    Drain(ClusterDrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ClusterDrainArgs {
+    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "KVFABRIC_CLUSTER")]
+    cluster: String,
+    /// Cluster id.
+    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
+    cluster_id: String,
+    /// Give up waiting after this many seconds (the node keeps draining).
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// Start the drain and return at once.
+    #[arg(long)]
+    no_wait: bool,
+    /// Node id.
+    node: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum NamespaceCmd {
+    /// Creates NAME for the tenant, or changes its replication factor
+    /// (cluster-wide in cluster mode).
+    Create(NamespaceCreateArgs),
+    /// Owner and replication factor of NAME.
+    Describe(NamespaceDescribeArgs),
+    /// The cluster's namespace records in etcd.
+    List(NamespaceListArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct NamespaceCreateArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Copies of each object, 1 to 16.
+    #[arg(long, default_value_t = 1)]
+    replication: u32,
+    /// Namespace.
+    name: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct NamespaceDescribeArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Namespace.
+    name: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct NamespaceListArgs {
+    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "KVFABRIC_CLUSTER")]
+    cluster: String,
+    /// Cluster id.
+    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
+    cluster_id: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -385,7 +452,93 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
             println!("objects: {}  namespaces: {}", s.objects, s.namespaces.join(","));
             Ok(0)
         }
-        Cmd::Serve(_) | Cmd::External(_) | Cmd::Cluster(_) => unreachable!("handled in main"),
+        Cmd::Namespace(NamespaceCmd::Create(a)) => {
+            let client = connect(&a.conn).await?;
+            let info = client.create_namespace(&a.name, a.replication).await?;
+            print_namespace(&info);
+            Ok(0)
+        }
+        Cmd::Namespace(NamespaceCmd::Describe(a)) => {
+            let client = connect(&a.conn).await?;
+            let info = client.describe_namespace(&a.name).await?;
+            print_namespace(&info);
+            Ok(0)
+        }
+        Cmd::Serve(_) | Cmd::External(_) | Cmd::Cluster(_) | Cmd::Namespace(NamespaceCmd::List(_)) => {
+            unreachable!("handled in main")
+        }
+    }
+}
+
+fn print_namespace(info: &kvfabric::client::NamespaceInfo) {
+    println!(
+        "namespace {} owner {} replication {} ({})",
+        info.namespace,
+        info.owner,
+        info.replication,
+        if info.cluster_wide { "cluster-wide" } else { "this node" }
+    );
+}
+
+/// `kvfabric namespace list`: the cluster's namespace records.
+async fn namespace_list(a: NamespaceListArgs) -> Result<()> {
+    use kvfabric::cluster;
+    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
+    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
+    println!("{:<32} {:<20} {:>11}", "namespace", "owner", "replication");
+    for r in cluster::list_namespaces(&endpoints, &a.cluster_id).await? {
+        println!("{:<32} {:<20} {:>11}", r.name, r.owner, r.replication);
+    }
+    Ok(())
+}
+
+/// `kvfabric cluster drain NODE`: asks the node (found in etcd) to drain,
+/// then follows it until it holds nothing.
+async fn cluster_drain(a: ClusterDrainArgs) -> Result<()> {
+    use kvfabric::cluster;
+    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
+    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
+    let members = cluster::list_members(&endpoints, &a.cluster_id).await?;
+    let Some(m) = members.iter().find(|m| m.node_id == a.node) else {
+        let known: Vec<&str> = members.iter().map(|m| m.node_id.as_str()).collect();
+        anyhow::bail!(
+            "no node {:?} in cluster {:?} (members: {})",
+            a.node,
+            a.cluster_id,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let client = Client::connect(m.endpoint.clone()).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_s);
+    loop {
+        let r = client.drain(&a.node).await?;
+        println!(
+            "node {} {}: {} object(s), {} left",
+            a.node,
+            r.state,
+            r.objects_left,
+            ByteSize(r.bytes_left)
+        );
+        if r.objects_left == 0 {
+            println!("node {} holds nothing; it can be stopped", a.node);
+            return Ok(());
+        }
+        if a.no_wait {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "node {} still holds {} object(s) after {} s (it keeps draining)",
+                a.node,
+                r.objects_left,
+                a.timeout_s
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 
@@ -399,10 +552,15 @@ async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&members)?);
         return Ok(());
     }
-    println!("cluster {}: {} node(s)", a.cluster_id, members.len());
+    let under: u64 = members.iter().map(|m| m.under_replicated).sum();
     println!(
-        "{:<20} {:<9} {:<28} {:<7} {:>12} {:>12} {:>10}",
-        "node", "state", "endpoint", "tier", "capacity", "used", "objects"
+        "cluster {}: {} node(s), {under} under-replicated object(s)",
+        a.cluster_id,
+        members.len()
+    );
+    println!(
+        "{:<20} {:<9} {:<28} {:<7} {:>12} {:>12} {:>10} {:>10}",
+        "node", "state", "endpoint", "tier", "capacity", "used", "objects", "under-rep"
     );
     for m in &members {
         let tiers: Vec<_> = if m.tiers.is_empty() {
@@ -411,10 +569,15 @@ async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
             m.tiers.iter().map(Some).collect()
         };
         for (i, t) in tiers.into_iter().enumerate() {
-            let (node, state, endpoint) = if i == 0 {
-                (m.node_id.as_str(), m.state.as_str(), m.endpoint.as_str())
+            let (node, state, endpoint, under) = if i == 0 {
+                (
+                    m.node_id.as_str(),
+                    m.state.as_str(),
+                    m.endpoint.as_str(),
+                    m.under_replicated.to_string(),
+                )
             } else {
-                ("", "", "")
+                ("", "", "", String::new())
             };
             let (tier, cap, used, objects) = match t {
                 Some(t) => (
@@ -429,7 +592,7 @@ async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
                 ),
                 None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
-            println!("{node:<20} {state:<9} {endpoint:<28} {tier:<7} {cap:>12} {used:>12} {objects:>10}");
+            println!("{node:<20} {state:<9} {endpoint:<28} {tier:<7} {cap:>12} {used:>12} {objects:>10} {under:>10}");
         }
     }
     Ok(())
@@ -451,6 +614,20 @@ async fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("kvfabric cluster status: {e:#}");
+                1
+            }
+        },
+        Cmd::Cluster(ClusterCmd::Drain(a)) => match cluster_drain(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kvfabric cluster drain: {e:#}");
+                1
+            }
+        },
+        Cmd::Namespace(NamespaceCmd::List(a)) => match namespace_list(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kvfabric namespace list: {e:#}");
                 1
             }
         },

@@ -4,7 +4,9 @@
 //! `Membership` watcher sees them, a graceful shutdown removes a node at
 //! once, `kill -9` removes it after the lease TTL, a wrong cluster id and a
 //! duplicate node id are refused, and a node keeps serving data while etcd
-//! is down and registers again once it is back. Every wait is bounded.
+//! is down and registers again once it is back; the cluster-aware client
+//! and forwarding; replicated namespaces surviving `kill -9` (repair) and
+//! `kvfabric cluster drain`. Every wait is bounded.
 
 mod common;
 
@@ -474,7 +476,7 @@ async fn node_serves_through_etcd_outage_and_registers_again() {
 // The cluster-aware client (`kvfabric::client::ClusterClient`).
 // ---------------------------------------------------------------------------
 
-use kvfabric::client::{ClientOptions, ClusterClient, NodeInfo, PutObject};
+use kvfabric::client::{Client, ClientOptions, ClusterClient, NodeInfo, PutObject, Tier};
 use kvfabric::placement::Placement;
 
 fn keys(prefix: &str, n: usize) -> Vec<Bytes> {
@@ -837,6 +839,298 @@ async fn any_node_forwards_to_the_owners() {
     assert!(body.contains("kvfabric_forwarded_total{method=\"put\"}"), "{body}");
     let body = common::http_get(nodes[1].0.metrics_addr, "/metrics").await;
     assert!(body.contains("kvfabric_forwarded_total{method=\"get\"}"), "{body}");
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
+/// Every node's `Locate` for `ks`: per key, the ids of the nodes holding a
+/// copy on a persistent tier (disk or object).
+async fn durable_holders(nodes: &[(&str, Client)], ns: &str, ks: &[Bytes]) -> Vec<Vec<String>> {
+    let mut out = vec![Vec::new(); ks.len()];
+    for (id, c) in nodes {
+        let locs = match c.locate(ns, ks.to_vec()).await {
+            Ok(l) => l,
+            Err(e) if e.kind() == kvfabric::ErrorKind::NotFound => continue,
+            Err(e) => panic!("locate on {id}: {e}"),
+        };
+        for (o, tiers) in out.iter_mut().zip(locs) {
+            if tiers.iter().any(|t| matches!(t, Tier::Disk | Tier::Object)) {
+                o.push(id.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Polls `durable_holders` until `ok` holds for every key (bounded).
+async fn wait_holders(
+    nodes: &[(&str, Client)],
+    ns: &str,
+    ks: &[Bytes],
+    what: &str,
+    ok: impl Fn(&Bytes, &[String]) -> bool,
+) -> Duration {
+    let t = Instant::now();
+    loop {
+        let h = durable_holders(nodes, ns, ks).await;
+        let bad: Vec<_> = ks.iter().zip(&h).filter(|(k, h)| !ok(k, h)).collect();
+        if bad.is_empty() {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: {} of {} keys still wrong after 60 s, e.g. {:?}",
+            bad.len(),
+            ks.len(),
+            &bad[..bad.len().min(3)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Three real `kvfabric serve` processes on a real etcd. A namespace
+/// created with `kvfabric namespace create --replication 2` is known to
+/// every node; 300 objects put with `disk` durability through one node
+/// land on exactly their two placement owners, on disk. One owner is
+/// killed with `kill -9`: every object reads back byte-identical at once
+/// (the next replica answers), and once its lease expires the survivors
+/// restore two durable copies of everything (repair). The killed node
+/// restarts on its intact data directory and is reconciled: in the end
+/// every object has exactly its two placement owners' copies, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_durable_object_and_replication_is_restored() {
+    let etcd = Etcd::start().await;
+    let base = tempfile::tempdir().unwrap();
+    let config = base.path().join("kvfabric.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nlease-ttl-s = 2\nrefresh-interval-ms = 200\nrepair-interval-ms = 500\n",
+    )
+    .unwrap();
+    let ids = ["a", "b", "c"];
+    let ports: Vec<u16> = ids.iter().map(|_| free_port()).collect();
+    let serve = |i: usize| {
+        let child = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", ports[i]),
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(base.path().join(ids[i]))
+            .args(["--host-capacity", "8MiB", "--disk-capacity", "64MiB"])
+            .args(["--cluster", &etcd.url(), "--cluster-id", "rep", "--node-id", ids[i]])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    };
+    let mut procs: Vec<Option<Proc>> = (0..3).map(|i| Some(serve(i))).collect();
+    let m = watch(&etcd, "rep").await;
+    m.wait_for(Duration::from_secs(30), |m| ids.iter().all(|id| serving(m, id)))
+        .await
+        .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
+    let endpoint = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push((ids[i], Client::connect(endpoint(i)).await.unwrap()));
+    }
+
+    // The namespace, through the CLI; every node learns its replication.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args([
+            "namespace",
+            "create",
+            "--replication",
+            "2",
+            "--endpoint",
+            &endpoint(0),
+            "durable",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("replication 2") && text.contains("cluster-wide"),
+        "{text}"
+    );
+    for (id, c) in &clients {
+        let t = Instant::now();
+        while c.describe_namespace("durable").await.map(|i| i.replication).ok() != Some(2) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{id} never learned replication 2"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args(["namespace", "list", "--cluster", &etcd.url(), "--cluster-id", "rep"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["durable", "default", "2"]),
+        "{text}"
+    );
+
+    // 300 durable objects through a; each on exactly its two owners.
+    let view: Vec<NodeInfo> = m.serving_nodes().borrow().clone();
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let owners = |p: &Placement, k: &Bytes| {
+        let mut o: Vec<String> = p.owners("durable", k, 2).into_iter().map(str::to_string).collect();
+        o.sort();
+        o
+    };
+    let ks = keys("d", 300);
+    let value = |k: &Bytes| Bytes::from(k.repeat(40));
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), value(k))).collect();
+    let tiers = clients[0].1.put_many("durable", objs, Durability::Disk).await.unwrap();
+    assert!(tiers.iter().all(|t| *t == Tier::Disk), "{tiers:?}");
+    wait_holders(&clients, "durable", &ks, "placed", |k, h| h == owners(&placement, k)).await;
+
+    // kill -9 b: reads through c succeed at once, byte-identical.
+    let victim = 1;
+    drop(procs[victim].take());
+    let got = clients[2].1.get_many("durable", ks.clone()).await.unwrap();
+    for (k, o) in ks.iter().zip(&got) {
+        assert_eq!(
+            o.as_ref().map(|o| &o.value),
+            Some(&value(k)),
+            "key {k:?} right after kill -9"
+        );
+    }
+    m.wait_for(Duration::from_secs(10), |m| !m.contains_key("b"))
+        .await
+        .unwrap_or_else(|last| panic!("b never left: {last:?}"));
+    let survivors: Vec<(&str, Client)> = [0, 2].iter().map(|&i| clients[i].clone()).collect();
+    let took = wait_holders(&survivors, "durable", &ks, "re-replicated", |_, h| h.len() == 2).await;
+    eprintln!("replication 2 restored on the survivors {took:?} after b left");
+    let got = clients[0].1.get_many("durable", ks.clone()).await.unwrap();
+    assert!(
+        ks.iter()
+            .zip(&got)
+            .all(|(k, o)| o.as_ref().map(|o| &o.value) == Some(&value(k)))
+    );
+    // Repair reports nothing left under-replicated.
+    let t = Instant::now();
+    while !m.snapshot().values().all(|m| m.under_replicated == 0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", m.snapshot());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // b comes back on its intact disk: reconciled to exactly the owners.
+    procs[victim] = Some(serve(victim));
+    m.wait_for(Duration::from_secs(30), |m| serving(m, "b"))
+        .await
+        .unwrap_or_else(|last| panic!("b never served again: {last:?}"));
+    let took = wait_holders(&clients, "durable", &ks, "reconciled", |k, h| {
+        h == owners(&placement, k)
+    })
+    .await;
+    eprintln!("reconciled to the placement owners {took:?} after b rejoined");
+    let got = clients[1].1.get_many("durable", ks.clone()).await.unwrap();
+    assert!(
+        ks.iter()
+            .zip(&got)
+            .all(|(k, o)| o.as_ref().map(|o| &o.value) == Some(&value(k)))
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args(["cluster", "status", "--cluster", &etcd.url(), "--cluster-id", "rep"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cluster rep: 3 node(s), 0 under-replicated object(s)"),
+        "{text}"
+    );
+}
+
+/// `kvfabric cluster drain NODE` takes the node out of placement and waits
+/// until it has handed every object to its new owner; nothing is lost,
+/// and the rest of the cluster serves all of it. Bad drain requests get
+/// clear errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_hands_every_object_to_its_owners() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (d, id) in dirs.iter().zip(["a", "b", "c"]) {
+        let mut s = node_settings(d.path(), &etcd, "dr", id, 30);
+        s.cluster.repair_interval_ms = 500;
+        nodes.push(common::start(s).await);
+    }
+    for (h, _) in &nodes {
+        wait_view(h, 3).await;
+    }
+    let ks = keys("dr", 200);
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(7))).collect();
+    nodes[0].1.put_many("kv", objs, Durability::Memory).await.unwrap();
+    let on_b = nodes[1].0.stack.len();
+    assert!(on_b > 0, "b holds a share");
+
+    // Bad requests: a wrong node id, an unknown node.
+    let err = nodes[1].1.drain("a").await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::InvalidArgument, "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args(["cluster", "drain", "--cluster", &etcd.url(), "--cluster-id", "dr", "zz"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no node \"zz\""), "{stderr}");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args([
+            "cluster",
+            "drain",
+            "--cluster",
+            &etcd.url(),
+            "--cluster-id",
+            "dr",
+            "--timeout-s",
+            "60",
+            "b",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("node b holds nothing"), "{text}");
+    assert_eq!(nodes[1].0.stack.len(), 0);
+    assert_eq!(
+        nodes[0].0.stack.len() + nodes[2].0.stack.len(),
+        200,
+        "moved, not copied twice"
+    );
+    let m = watch(&etcd, "dr").await;
+    assert_eq!(m.snapshot()["b"].state, MemberState::Draining);
+    // Every object reads back through every node, b included.
+    for (_, c) in &nodes {
+        let got = c.get_many("kv", ks.clone()).await.unwrap();
+        assert!(
+            ks.iter()
+                .zip(&got)
+                .all(|(k, o)| o.as_ref().map(|o| o.value.to_vec()) == Some(k.repeat(7)))
+        );
+    }
+    // A single node cannot drain.
+    let d = tempfile::tempdir().unwrap();
+    let (solo, sc) = common::start(common::settings(d.path(), 1 << 20, 0)).await;
+    let err = sc.drain("kvfabric-node").await.unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("not in cluster mode"), "{err}");
+    solo.shutdown().await;
     for (h, _) in nodes {
         h.shutdown().await;
     }

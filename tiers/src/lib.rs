@@ -29,8 +29,8 @@ pub use host::{HostLease, HostReservation, HostTier};
 pub use object::{ObjectTier, ObjectTierConfig};
 pub use policy::{EvictionPolicy, LruPolicy};
 pub use stack::{
-    BackgroundConfig, BackgroundHandle, Durability, ExistsEntry, StackEvent, StackEventKind, StackMetrics, TierStack,
-    TierStats,
+    BackgroundConfig, BackgroundHandle, Durability, ExistsEntry, Located, StackEvent, StackEventKind, StackMetrics,
+    TierStack, TierStats,
 };
 pub use tier::{Tier, TierKind};
 

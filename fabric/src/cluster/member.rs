@@ -68,6 +68,11 @@ pub struct Member {
     /// Unique per node process: tells a node's own earlier record (to
     /// replace after etcd lost its lease) from another process's.
     pub incarnation: String,
+    /// Objects this node is responsible for that have fewer copies than
+    /// their namespace's replication asks for, as its last repair pass
+    /// left them (0 from nodes that predate the field).
+    #[serde(default)]
+    pub under_replicated: u64,
 }
 
 impl Member {
@@ -149,6 +154,7 @@ mod tests {
             updated_at_ms: 2,
             version: "0.1.0".into(),
             incarnation: "1-1-0".into(),
+            under_replicated: 0,
         }
     }
 

@@ -8,7 +8,9 @@
 //!   with a put-if-absent transaction;
 //! - `members/<node-id>`: one JSON [`Member`] per live node, attached to
 //!   that node's lease, so it disappears when the node revokes the lease
-//!   (graceful shutdown) or stops renewing it (crash, partition).
+//!   (graceful shutdown) or stops renewing it (crash, partition);
+//! - `namespaces/<name>`: one JSON [`NamespaceRecord`] per namespace created
+//!   with `CreateNamespace`: owner tenant and replication factor.
 //!
 //! A node's data directory remembers the cluster it joined (the
 //! `cluster-id` file); a node pointed at another cluster refuses to start.
@@ -16,12 +18,19 @@
 mod error;
 mod member;
 mod membership;
+mod namespace;
 mod registration;
+mod watch;
 
 pub use error::ClusterError;
 pub use member::{ClusterRecord, Member, MemberState, TierUsage};
 pub use membership::{MemberMap, Membership, list_members};
+pub use namespace::{
+    MAX_REPLICATION, NamespaceMap, NamespaceRecord, NamespaceWatch, PublishError, check_replication,
+    follow_replication, list_namespaces, namespace_key, namespaces_prefix, publish, watch_namespaces,
+};
 pub use registration::{Registration, RegistrationConfig, UsageFn};
+pub use watch::{PrefixWatch, Record, RecordMap};
 
 /// Root of every key kvfabric writes to etcd.
 pub const KEY_ROOT: &str = "/kvfabric";

@@ -52,6 +52,9 @@ pub struct RegistrationConfig {
     pub refresh_interval: Duration,
     /// The node's data directory (holds the `cluster-id` file).
     pub data_dir: PathBuf,
+    /// Under-replicated objects, as the node's repair last counted them
+    /// (written into the record at each refresh).
+    pub under_replicated: Arc<AtomicU64>,
 }
 
 /// A live registration; dropping it without [`Registration::leave`] stops
@@ -193,6 +196,11 @@ impl Registration {
         self.state.send_replace(state);
     }
 
+    /// A handle that changes the advertised state (see [`Registration::set_state`]).
+    pub fn state_handle(&self) -> Arc<watch::Sender<MemberState>> {
+        self.state.clone()
+    }
+
     /// The lease the record currently lives under (0 while re-registering).
     pub fn lease_id(&self) -> i64 {
         *self.lease.borrow()
@@ -236,6 +244,7 @@ impl Worker {
             updated_at_ms: self.clock.now_ms(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             incarnation: self.incarnation.clone(),
+            under_replicated: self.cfg.under_replicated.load(Ordering::Relaxed),
         }
     }
 

@@ -63,6 +63,13 @@ pub struct ClusterSettings {
     /// How often the member record's used bytes are rewritten, in ms.
     /// Default 3000; 100..=600000.
     pub refresh_interval_ms: u64,
+    /// Time between repair passes (re-replication and hand-off of objects
+    /// to their owners) when the membership does not change; a change
+    /// starts one at once. Default 10000; 100..=3600000.
+    pub repair_interval_ms: u64,
+    /// Payload bytes per second repair may copy to other nodes, so
+    /// foreground traffic keeps its latency; 0 = unlimited. Default 64MiB.
+    pub repair_bytes_per_s: ByteSize,
 }
 
 impl Default for ClusterSettings {
@@ -73,6 +80,8 @@ impl Default for ClusterSettings {
             advertise: None,
             lease_ttl_s: 10,
             refresh_interval_ms: 3000,
+            repair_interval_ms: 10_000,
+            repair_bytes_per_s: ByteSize(64 << 20),
         }
     }
 }
@@ -408,6 +417,12 @@ impl Settings {
             return Err(format!(
                 "cluster.refresh-interval-ms {} is outside 100..=600000",
                 c.refresh_interval_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&c.repair_interval_ms) {
+            return Err(format!(
+                "cluster.repair-interval-ms {} is outside 100..=3600000",
+                c.repair_interval_ms
             ));
         }
         if c.etcd_endpoints()?.is_none() {

@@ -5,9 +5,10 @@
 //! owners serve them locally and never forward them again.
 
 use crate::client::{ClientError, ClientOptions, ClusterClient, NodeInfo};
-use crate::cluster::Membership;
+use crate::cluster::{MemberState, Membership, NamespaceWatch};
 use crate::proto::{ErrorKind, status};
 use bytes::Bytes;
+use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -16,8 +17,25 @@ pub(crate) struct Forwarder {
     client: ClusterClient,
     members: watch::Receiver<Vec<NodeInfo>>,
     node_id: String,
-    /// The etcd watcher feeding `members`; dropped (stopped) at shutdown.
-    membership: std::sync::Mutex<Option<Membership>>,
+    /// The etcd watchers feeding `members` and the namespace registry;
+    /// dropped (stopped) at shutdown.
+    membership: std::sync::Mutex<Option<(Membership, Option<NamespaceWatch>)>>,
+    /// What the node's cluster-wide operations need.
+    pub(crate) ctl: ClusterCtl,
+}
+
+/// A cluster node's handles for cluster-wide operations: publishing
+/// namespaces, changing its own state, starting a repair pass.
+#[derive(Clone, Debug)]
+pub(crate) struct ClusterCtl {
+    /// etcd endpoints.
+    pub(crate) etcd: Vec<String>,
+    /// Cluster id.
+    pub(crate) cluster_id: String,
+    /// The node's advertised state.
+    pub(crate) state: Arc<tokio::sync::watch::Sender<MemberState>>,
+    /// Starts a repair pass now.
+    pub(crate) kick: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -29,13 +47,26 @@ impl std::fmt::Debug for Forwarder {
 impl Forwarder {
     /// Forwards over the serving members `membership` watches; `node_id`
     /// is this node's id in it.
-    pub(crate) fn new(membership: Membership, node_id: String) -> Forwarder {
+    pub(crate) fn new(
+        membership: Membership,
+        namespaces: Option<NamespaceWatch>,
+        node_id: String,
+        ctl: ClusterCtl,
+    ) -> Forwarder {
         let members = membership.serving_nodes();
         Forwarder {
             client: ClusterClient::new(members.clone(), ClientOptions::default()),
             members,
             node_id,
-            membership: std::sync::Mutex::new(Some(membership)),
+            membership: std::sync::Mutex::new(Some((membership, namespaces))),
+            ctl,
+        }
+    }
+
+    /// Sets the replication the forwarding client places `namespace` with.
+    pub(crate) fn set_replication(&self, namespace: &str, replicas: u32) {
+        if let Err(e) = self.client.set_replication(namespace, replicas as usize) {
+            tracing::warn!(namespace, error = %e, "ignoring replication");
         }
     }
 

@@ -3,7 +3,9 @@
 //! bytes in/out and forwarded requests recorded by the service.
 
 use kvfabric_tiers::TierStack;
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The node's metrics registry and handles.
 #[derive(Debug, Clone)]
@@ -18,6 +20,16 @@ pub struct Metrics {
     /// Requests a cluster node carried out on other nodes (the keys'
     /// owners), by method.
     pub forwarded: IntCounterVec,
+    /// Repair passes run (cluster mode).
+    pub repair_passes: IntCounter,
+    /// Objects repair copied to owners (`copied`) or removed here once
+    /// their owners held them (`handed_off`).
+    pub repair_objects: IntCounterVec,
+    /// Payload bytes repair copied to other nodes.
+    pub repair_bytes: IntCounter,
+    /// Objects this node is responsible for with fewer copies than their
+    /// namespace asks for, after the last repair pass.
+    pub under_replicated: IntGauge,
     tier_counters: IntCounterVec,
     tier_gauges: IntGaugeVec,
 }
@@ -66,6 +78,25 @@ impl Metrics {
             &["method"],
         )
         .expect("valid");
+        let repair_passes = IntCounter::new("repair_passes_total", "cluster repair passes run").expect("valid");
+        let repair_objects = IntCounterVec::new(
+            Opts::new(
+                "repair_objects_total",
+                "objects cluster repair copied to their owners (copied) or removed here once the owners held them (handed_off)",
+            ),
+            &["action"],
+        )
+        .expect("valid");
+        let repair_bytes = IntCounter::new(
+            "repair_bytes_total",
+            "payload bytes cluster repair copied to other nodes",
+        )
+        .expect("valid");
+        let under_replicated = IntGauge::new(
+            "under_replicated_objects",
+            "objects this node is responsible for with fewer copies than their namespace's replication, after the last repair pass",
+        )
+        .expect("valid");
         let tier_counters = IntCounterVec::new(
             Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped, promotions_skipped, background_demotions"),
             &["tier", "event"],
@@ -81,6 +112,10 @@ impl Metrics {
             Box::new(rpc_errors.clone()),
             Box::new(rpc_bytes.clone()),
             Box::new(forwarded.clone()),
+            Box::new(repair_passes.clone()),
+            Box::new(repair_objects.clone()),
+            Box::new(repair_bytes.clone()),
+            Box::new(under_replicated.clone()),
             Box::new(tier_counters.clone()),
             Box::new(tier_gauges.clone()),
         ] {
@@ -92,6 +127,10 @@ impl Metrics {
             rpc_errors,
             rpc_bytes,
             forwarded,
+            repair_passes,
+            repair_objects,
+            repair_bytes,
+            under_replicated,
             tier_counters,
             tier_gauges,
         }

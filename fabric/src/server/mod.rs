@@ -8,6 +8,7 @@ mod local;
 mod metrics;
 mod namespaces;
 mod node;
+mod repair;
 mod service;
 
 pub use config::{
@@ -16,6 +17,6 @@ pub use config::{
 };
 pub use error::FabricError;
 pub use metrics::Metrics;
-pub use namespaces::{DEFAULT_TENANT, Namespaces};
+pub use namespaces::{DEFAULT_TENANT, NamespaceEntry, Namespaces};
 pub use node::{Node, NodeHandle};
 pub use service::BlockService;

@@ -1,10 +1,16 @@
-//! The namespace registry: which namespaces exist and which tenant owns
-//! each. A namespace comes into being on its owner's first put; reads of a
-//! namespace nobody created are `NOT_FOUND`; another tenant's namespace is
-//! `PERMISSION_DENIED`. Persisted as a small text file (`namespaces` in the
-//! data directory, `name<TAB>owner` per line, replaced atomically).
+//! The namespace registry: which namespaces exist, which tenant owns each
+//! and how many copies of each object it keeps. A namespace comes into
+//! being on its owner's first put (replication 1) or with
+//! `CreateNamespace`; reads of a namespace nobody created are `NOT_FOUND`;
+//! another tenant's namespace is `PERMISSION_DENIED`. In cluster mode the
+//! records of namespaces created with `CreateNamespace` come from etcd
+//! ([`Namespaces::apply_cluster`]) and win over what the node knew.
+//! Persisted as a small text file (`namespaces` in the data directory,
+//! `name<TAB>owner<TAB>replication` per line, replaced atomically; lines
+//! without a replication, from older nodes, mean 1).
 
 use super::FabricError;
+use crate::cluster::NamespaceRecord;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,11 +18,32 @@ use std::path::PathBuf;
 /// Tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "default";
 
-/// Registry of namespaces and owners.
+/// What the registry knows of one namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceEntry {
+    /// Owning tenant.
+    pub owner: String,
+    /// Copies of each object.
+    pub replication: u32,
+    /// Known from the cluster's registry in etcd.
+    pub cluster_wide: bool,
+}
+
+impl NamespaceEntry {
+    fn local(owner: &str) -> Self {
+        NamespaceEntry {
+            owner: owner.to_string(),
+            replication: 1,
+            cluster_wide: false,
+        }
+    }
+}
+
+/// Registry of namespaces, owners and replication.
 #[derive(Debug)]
 pub struct Namespaces {
     path: Option<PathBuf>,
-    owners: Mutex<BTreeMap<String, String>>,
+    owners: Mutex<BTreeMap<String, NamespaceEntry>>,
 }
 
 impl Namespaces {
@@ -27,9 +54,16 @@ impl Namespaces {
             match std::fs::read_to_string(p) {
                 Ok(text) => {
                     for line in text.lines() {
-                        if let Some((ns, owner)) = line.split_once('\t') {
-                            owners.insert(ns.to_string(), owner.to_string());
+                        let mut f = line.split('\t');
+                        let (Some(ns), Some(owner)) = (f.next(), f.next()) else {
+                            continue;
+                        };
+                        let mut e = NamespaceEntry::local(owner);
+                        if let Some(r) = f.next().and_then(|r| r.parse::<u32>().ok()).filter(|r| *r >= 1) {
+                            e.replication = r;
                         }
+                        e.cluster_wide = f.next() == Some("cluster");
+                        owners.insert(ns.to_string(), e);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -42,12 +76,23 @@ impl Namespaces {
         })
     }
 
-    fn save(&self, owners: &BTreeMap<String, String>) -> std::io::Result<()> {
+    fn save(&self, owners: &BTreeMap<String, NamespaceEntry>) -> std::io::Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
         let tmp = p.with_extension("tmp");
-        let text: String = owners.iter().map(|(n, o)| format!("{n}\t{o}\n")).collect();
+        let text: String = owners
+            .iter()
+            .map(|(n, e)| {
+                let scope = if e.cluster_wide { "cluster" } else { "local" };
+                format!("{n}\t{}\t{}\t{scope}\n", e.owner, e.replication)
+            })
+            .collect();
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, p)
+    }
+
+    fn saved(&self, owners: &BTreeMap<String, NamespaceEntry>) -> Result<(), FabricError> {
+        self.save(owners)
+            .map_err(|e| FabricError::Internal(format!("saving namespace registry: {e}")))
     }
 
     /// Adds namespaces found in recovered data (owner: default tenant) that
@@ -57,7 +102,7 @@ impl Namespaces {
         let mut changed = false;
         for n in names {
             if let std::collections::btree_map::Entry::Vacant(e) = owners.entry(n) {
-                e.insert(DEFAULT_TENANT.to_string());
+                e.insert(NamespaceEntry::local(DEFAULT_TENANT));
                 changed = true;
             }
         }
@@ -69,25 +114,99 @@ impl Namespaces {
     pub fn for_write(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
         let mut owners = self.owners.lock();
         match owners.get(namespace) {
-            Some(o) if o == tenant => Ok(()),
+            Some(o) if o.owner == tenant => Ok(()),
             Some(_) => Err(FabricError::PermissionDenied {
                 tenant: tenant.into(),
                 namespace: namespace.into(),
             }),
             None => {
-                owners.insert(namespace.to_string(), tenant.to_string());
-                self.save(&owners)
-                    .map_err(|e| FabricError::Internal(format!("saving namespace registry: {e}")))?;
+                owners.insert(namespace.to_string(), NamespaceEntry::local(tenant));
+                self.saved(&owners)?;
                 tracing::info!(namespace, tenant, "namespace created");
                 Ok(())
             }
         }
     }
 
+    /// Creates `namespace` for `tenant` with `replication` copies, or
+    /// changes the replication of one `tenant` owns.
+    pub fn create(
+        &self,
+        tenant: &str,
+        namespace: &str,
+        replication: u32,
+        cluster_wide: bool,
+    ) -> Result<NamespaceEntry, FabricError> {
+        let mut owners = self.owners.lock();
+        if let Some(o) = owners.get(namespace)
+            && o.owner != tenant
+        {
+            return Err(FabricError::PermissionDenied {
+                tenant: tenant.into(),
+                namespace: namespace.into(),
+            });
+        }
+        let e = NamespaceEntry {
+            owner: tenant.to_string(),
+            replication,
+            cluster_wide,
+        };
+        if owners.get(namespace) != Some(&e) {
+            owners.insert(namespace.to_string(), e.clone());
+            self.saved(&owners)?;
+            tracing::info!(namespace, tenant, replication, "namespace created or updated");
+        }
+        Ok(e)
+    }
+
+    /// Applies the cluster's namespace records (they win over local
+    /// knowledge: owner and replication). Namespaces that were cluster-wide
+    /// and lost their record keep their owner and fall back to replication
+    /// 1. Returns the names whose entry changed.
+    pub fn apply_cluster<'a>(&self, records: impl IntoIterator<Item = &'a NamespaceRecord>) -> Vec<String> {
+        let mut owners = self.owners.lock();
+        let mut changed = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for r in records {
+            seen.insert(r.name.clone());
+            let e = NamespaceEntry {
+                owner: r.owner.clone(),
+                replication: r.replication,
+                cluster_wide: true,
+            };
+            let old = owners.insert(r.name.clone(), e.clone());
+            if old.as_ref() != Some(&e) {
+                if let Some(o) = old.filter(|o| o.owner != e.owner) {
+                    tracing::warn!(namespace = %r.name, local = %o.owner, cluster = %e.owner,
+                        "namespace owner differs from the cluster's record; the cluster's wins");
+                }
+                changed.push(r.name.clone());
+            }
+        }
+        for (n, e) in owners.iter_mut() {
+            if e.cluster_wide && !seen.contains(n) {
+                e.cluster_wide = false;
+                e.replication = 1;
+                changed.push(n.clone());
+            }
+        }
+        if !changed.is_empty()
+            && let Err(e) = self.save(&owners)
+        {
+            tracing::warn!(error = %e, "saving namespace registry");
+        }
+        changed
+    }
+
     /// For a read: the namespace must exist and belong to `tenant`.
     pub fn for_read(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
+        self.describe(tenant, namespace).map(|_| ())
+    }
+
+    /// The namespace's entry, if `tenant` may read it.
+    pub fn describe(&self, tenant: &str, namespace: &str) -> Result<NamespaceEntry, FabricError> {
         match self.owners.lock().get(namespace) {
-            Some(o) if o == tenant => Ok(()),
+            Some(o) if o.owner == tenant => Ok(o.clone()),
             Some(_) => Err(FabricError::PermissionDenied {
                 tenant: tenant.into(),
                 namespace: namespace.into(),
@@ -98,7 +217,17 @@ impl Namespaces {
 
     /// Whether `tenant` may see events of `namespace`.
     pub fn visible(&self, tenant: &str, namespace: &str) -> bool {
-        self.owners.lock().get(namespace).is_some_and(|o| o == tenant)
+        self.owners.lock().get(namespace).is_some_and(|o| o.owner == tenant)
+    }
+
+    /// The owner of `namespace`, if known.
+    pub fn owner(&self, namespace: &str) -> Option<String> {
+        self.owners.lock().get(namespace).map(|o| o.owner.clone())
+    }
+
+    /// Copies per object in `namespace` (1 when unknown).
+    pub fn replication(&self, namespace: &str) -> u32 {
+        self.owners.lock().get(namespace).map_or(1, |o| o.replication)
     }
 
     /// All namespaces.
@@ -123,8 +252,41 @@ mod tests {
             r.for_write("b", "ns"),
             Err(FabricError::PermissionDenied { .. })
         ));
-        let again = Namespaces::load(Some(p)).unwrap();
+        r.create("a", "weights", 3, false).unwrap();
+        assert!(matches!(
+            r.create("b", "weights", 2, false),
+            Err(FabricError::PermissionDenied { .. })
+        ));
+        let again = Namespaces::load(Some(p.clone())).unwrap();
         again.for_read("a", "ns").unwrap();
-        assert_eq!(again.names(), vec!["ns".to_string()]);
+        assert_eq!(again.names(), vec!["ns".to_string(), "weights".to_string()]);
+        assert_eq!(again.replication("weights"), 3);
+        assert_eq!(again.replication("ns"), 1);
+        assert_eq!(again.replication("unknown"), 1);
+        assert_eq!(again.owner("weights").as_deref(), Some("a"));
+        // A file from an older node (two columns) still loads.
+        std::fs::write(&p, "old\tt\n").unwrap();
+        let old = Namespaces::load(Some(p)).unwrap();
+        assert_eq!(old.describe("t", "old").unwrap(), NamespaceEntry::local("t"));
+    }
+
+    #[test]
+    fn cluster_records_win_and_retire() {
+        let r = Namespaces::load(None).unwrap();
+        r.for_write("a", "kv").unwrap();
+        let rec = |name: &str, owner: &str, replication| NamespaceRecord {
+            name: name.into(),
+            owner: owner.into(),
+            replication,
+            updated_at_ms: 0,
+        };
+        let recs = [rec("kv", "a", 2), rec("w", "b", 3)];
+        assert_eq!(r.apply_cluster(&recs), vec!["kv".to_string(), "w".to_string()]);
+        assert!(r.apply_cluster(&recs).is_empty(), "applying twice changes nothing");
+        assert_eq!(r.replication("kv"), 2);
+        assert!(r.describe("b", "w").unwrap().cluster_wide);
+        // The record of "w" is deleted: the namespace stays, replication 1.
+        assert_eq!(r.apply_cluster(&recs[..1]), vec!["w".to_string()]);
+        assert_eq!(r.describe("b", "w").unwrap(), NamespaceEntry::local("b"));
     }
 }

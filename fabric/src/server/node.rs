@@ -4,12 +4,14 @@
 //! before it serves (and refuses to start on an identity conflict), turns
 //! `serving` once listening, and revokes its lease on shutdown; it also
 //! watches the membership and forwards client requests for keys it does not
-//! alone own to their owners.
+//! alone own to their owners, applies the cluster's namespace records
+//! (replication) and runs repair (re-replication, hand-off, drain).
 
-use super::forward::Forwarder;
+use super::forward::{ClusterCtl, Forwarder};
+use super::repair::Repairer;
 use super::{BlockService, FabricError, Metrics, Namespaces, Settings};
 use crate::client::NodeInfo;
-use crate::cluster::{MemberState, Membership, Registration, RegistrationConfig, TierUsage, UsageFn};
+use crate::cluster::{MemberState, Membership, Registration, RegistrationConfig, TierUsage, UsageFn, watch_namespaces};
 use crate::proto::MAX_MESSAGE_BYTES;
 use crate::proto::v1::kv_block_service_server::KvBlockServiceServer;
 use kvfabric_tiers::{
@@ -45,6 +47,10 @@ pub struct NodeHandle {
     background: Option<kvfabric_tiers::BackgroundHandle>,
     registration: Option<Registration>,
     forwarder: Option<Arc<Forwarder>>,
+    /// Stops the repair task.
+    repair_stop: tokio::sync::watch::Sender<bool>,
+    /// Cluster background tasks (namespace records, repair).
+    cluster_tasks: Vec<JoinHandle<()>>,
 }
 
 /// Largest HTTP/2 frame either side accepts (the protocol default is 16 KiB).
@@ -151,16 +157,70 @@ impl Node {
             .map_err(|e| startup(&format!("binding metrics {}", s.metrics_listen), e))?;
         let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
         let metrics_addr = metrics_l.local_addr().map_err(|e| startup("local addr", e))?;
-        let registration = self.join_cluster(grpc_addr, metrics_addr).await?;
+        let under_replicated = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let registration = self
+            .join_cluster(grpc_addr, metrics_addr, under_replicated.clone())
+            .await?;
+        let (repair_stop, repair_stop_rx) = tokio::sync::watch::channel(false);
+        let mut cluster_tasks = Vec::new();
         let forwarder = match (
             &registration,
             s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)?,
         ) {
-            (Some(_), Some(etcd)) => {
-                let membership = Membership::start(etcd, s.cluster.id.clone())
+            (Some(reg), Some(etcd)) => {
+                let membership = Membership::start(etcd.clone(), s.cluster.id.clone())
                     .await
                     .map_err(|e| startup("watching the cluster membership", e))?;
-                Some(Arc::new(Forwarder::new(membership, s.node_id.clone())))
+                let ns_watch = watch_namespaces(etcd.clone(), &s.cluster.id)
+                    .await
+                    .map_err(|e| startup("watching the cluster's namespaces", e))?;
+                let mut ns_rx = ns_watch.subscribe();
+                let ctl = ClusterCtl {
+                    etcd,
+                    cluster_id: s.cluster.id.clone(),
+                    state: reg.state_handle(),
+                    kick: Arc::new(tokio::sync::Notify::new()),
+                };
+                let f = Arc::new(Forwarder::new(membership, Some(ns_watch), s.node_id.clone(), ctl));
+                // Apply the cluster's namespace records to the registry and
+                // the forwarding client, now and on every change.
+                let apply = {
+                    let (f, namespaces) = (f.clone(), self.namespaces.clone());
+                    move |map: &crate::cluster::NamespaceMap| {
+                        let changed = namespaces.apply_cluster(map.values());
+                        // Every record (the registry may have known them
+                        // from its file, unchanged), and the retired ones.
+                        for r in map.values() {
+                            f.set_replication(&r.name, r.replication);
+                        }
+                        for n in &changed {
+                            f.set_replication(n, namespaces.replication(n));
+                        }
+                        if !changed.is_empty() {
+                            f.ctl.kick.notify_one();
+                        }
+                    }
+                };
+                apply(&ns_rx.borrow_and_update());
+                cluster_tasks.push(tokio::spawn(async move {
+                    while ns_rx.changed().await.is_ok() {
+                        let map = ns_rx.borrow_and_update().clone();
+                        apply(&map);
+                    }
+                }));
+                let repairer = Repairer {
+                    stack: self.stack.clone(),
+                    namespaces: self.namespaces.clone(),
+                    forwarder: f.clone(),
+                    metrics: self.metrics.clone(),
+                    node_id: s.node_id.clone(),
+                    interval: std::time::Duration::from_millis(s.cluster.repair_interval_ms),
+                    bytes_per_s: s.cluster.repair_bytes_per_s.0,
+                    under_replicated,
+                    kick: f.ctl.kick.clone(),
+                };
+                cluster_tasks.push(tokio::spawn(repairer.run(repair_stop_rx)));
+                Some(f)
             }
             _ => None,
         };
@@ -275,6 +335,8 @@ impl Node {
             background,
             registration,
             forwarder,
+            repair_stop,
+            cluster_tasks,
         })
     }
 
@@ -284,6 +346,7 @@ impl Node {
         &self,
         grpc_addr: SocketAddr,
         metrics_addr: SocketAddr,
+        under_replicated: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Option<Registration>, FabricError> {
         let s = &self.settings;
         let Some(etcd) = s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)? else {
@@ -318,6 +381,7 @@ impl Node {
             lease_ttl_s: s.cluster.lease_ttl_s,
             refresh_interval: std::time::Duration::from_millis(s.cluster.refresh_interval_ms),
             data_dir: s.data_dir.clone(),
+            under_replicated,
         };
         Ok(Some(Registration::join(cfg, usage, self.stack.clock().clone()).await?))
     }
@@ -332,6 +396,7 @@ impl NodeHandle {
     /// Stops serving, waits for in-flight requests, then stops background
     /// data movement between two moves.
     pub async fn shutdown(mut self) {
+        self.stop_cluster_tasks().await;
         // Leave the cluster first, so clients stop choosing this node.
         if let Some(r) = self.registration.take() {
             r.leave().await;
@@ -350,6 +415,14 @@ impl NodeHandle {
         }
     }
 
+    async fn stop_cluster_tasks(&mut self) {
+        self.repair_stop.send_replace(true);
+        for t in self.cluster_tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
     /// Stops the background demoter and promoter (for tests that inspect the
     /// stack at rest); serving goes on, with inline demotion and promotion.
     pub async fn stop_background(&mut self) {
@@ -363,6 +436,7 @@ impl NodeHandle {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        self.stop_cluster_tasks().await;
         if let Some(r) = self.registration.take() {
             r.leave().await;
         }

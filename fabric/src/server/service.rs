@@ -6,10 +6,12 @@
 use super::forward::{Forwarder, to_status};
 use super::{FabricError, LimitSettings, Metrics, Namespaces, namespaces::DEFAULT_TENANT};
 use crate::client::PutObject;
+use crate::cluster::{MemberState, NamespaceRecord, PublishError, check_replication, publish};
 use crate::proto::v1::{
-    self, DeleteRequest, DeleteResponse, Event, EventKind, ExistsPrefixRequest, ExistsPrefixResponse, GetRequest,
-    GetResponse, LeaseRequest, LeaseResponse, PutRequest, PutResponse, PutResult, StatsRequest, StatsResponse,
-    SubscribeRequest, get_response, kv_block_service_server::KvBlockService, put_request,
+    self, CreateNamespaceRequest, DeleteRequest, DeleteResponse, DescribeNamespaceRequest, DrainRequest, DrainResponse,
+    Event, EventKind, ExistsPrefixRequest, ExistsPrefixResponse, GetRequest, GetResponse, KeyLocation, LeaseRequest,
+    LeaseResponse, LocateRequest, LocateResponse, NamespaceInfo, PutRequest, PutResponse, PutResult, StatsRequest,
+    StatsResponse, SubscribeRequest, get_response, kv_block_service_server::KvBlockService, put_request,
 };
 use crate::proto::{ErrorKind, MAX_CHUNK_BYTES, status};
 use crate::validate;
@@ -812,6 +814,127 @@ impl KvBlockService for BlockService {
         })();
         self.observe("lease", start, &r);
         r.map(Response::new)
+    }
+
+    async fn locate(&self, request: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = (|| {
+            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let ns: Arc<str> = req.namespace.into();
+            let keys: Vec<ObjectKey> = req.keys.into_iter().map(|k| ObjectKey::new(ns.clone(), k)).collect();
+            let locations = self
+                .shared
+                .stack
+                .locate(&keys)
+                .into_iter()
+                .map(|l| match l {
+                    Some(l) => KeyLocation {
+                        tiers: l.tiers.into_iter().map(|t| tier_to_proto(t) as i32).collect(),
+                        length: l.len,
+                        checksum: l.checksum,
+                    },
+                    None => KeyLocation::default(),
+                })
+                .collect();
+            Ok(LocateResponse { locations })
+        })();
+        self.observe("locate", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn create_namespace(
+        &self,
+        request: Request<CreateNamespaceRequest>,
+    ) -> Result<Response<NamespaceInfo>, Status> {
+        let start = Instant::now();
+        let req = request.into_inner();
+        let r = async {
+            let tenant = self.check_args(&req.tenant, &req.namespace, None)?;
+            let replication = req.replication.max(1);
+            check_replication(&req.namespace, replication).map_err(invalid)?;
+            let ns = &self.shared.namespaces;
+            // Another tenant's namespace, as far as this node knows.
+            if let Err(e @ FabricError::PermissionDenied { .. }) = ns.describe(&tenant, &req.namespace) {
+                return Err(e.into());
+            }
+            let cluster_wide = match &self.shared.forwarder {
+                Some(f) => {
+                    let rec = NamespaceRecord {
+                        name: req.namespace.clone(),
+                        owner: tenant.clone(),
+                        replication,
+                        updated_at_ms: self.shared.stack.clock().now_ms(),
+                    };
+                    publish(&f.ctl.etcd, &f.ctl.cluster_id, &rec)
+                        .await
+                        .map_err(|e| match e {
+                            PublishError::OtherOwner { .. } => FabricError::PermissionDenied {
+                                tenant: tenant.clone(),
+                                namespace: req.namespace.clone(),
+                            },
+                            PublishError::Cluster(c) => FabricError::Cluster(c),
+                        })?;
+                    f.set_replication(&req.namespace, replication);
+                    f.ctl.kick.notify_one();
+                    true
+                }
+                None => false,
+            };
+            let e = ns.create(&tenant, &req.namespace, replication, cluster_wide)?;
+            Ok(NamespaceInfo {
+                namespace: req.namespace.clone(),
+                owner: e.owner,
+                replication: e.replication,
+                cluster_wide: e.cluster_wide,
+            })
+        }
+        .await;
+        self.observe("create_namespace", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn describe_namespace(
+        &self,
+        request: Request<DescribeNamespaceRequest>,
+    ) -> Result<Response<NamespaceInfo>, Status> {
+        let req = request.into_inner();
+        let tenant = self.check_args(&req.tenant, &req.namespace, None)?;
+        let e = self.shared.namespaces.describe(&tenant, &req.namespace)?;
+        Ok(Response::new(NamespaceInfo {
+            namespace: req.namespace,
+            owner: e.owner,
+            replication: e.replication,
+            cluster_wide: e.cluster_wide,
+        }))
+    }
+
+    async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let req = request.into_inner();
+        let me = &self.shared.node_id;
+        if req.node_id != *me {
+            return Err(invalid(format!(
+                "this is node {me:?}, not {:?}: send the drain to the node being drained",
+                req.node_id
+            )));
+        }
+        let Some(f) = &self.shared.forwarder else {
+            return Err(status(
+                ErrorKind::FailedPrecondition,
+                format!("node {me:?} is not in cluster mode: there is nowhere to drain to"),
+            ));
+        };
+        if *f.ctl.state.borrow() != MemberState::Draining {
+            tracing::info!(node = %me, "draining: leaving placement and handing every object to its owners");
+            f.ctl.state.send_replace(MemberState::Draining);
+        }
+        f.ctl.kick.notify_one();
+        let stats = self.shared.stack.stats();
+        Ok(Response::new(DrainResponse {
+            state: MemberState::Draining.as_str().to_string(),
+            objects_left: self.shared.stack.len() as u64,
+            bytes_left: stats.iter().map(|t| t.used).sum(),
+        }))
     }
 
     async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {

@@ -116,6 +116,17 @@ pub struct StackMetrics {
     pub background_demotions: AtomicU64,
 }
 
+/// Where one object lives in a stack ([`TierStack::locate`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// Tiers holding a copy, fastest first.
+    pub tiers: Vec<TierKind>,
+    /// Payload length.
+    pub len: u64,
+    /// xxh3-64 of the payload.
+    pub checksum: u64,
+}
+
 /// Point-in-time view of one tier.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TierStats {
@@ -543,12 +554,24 @@ impl TierStack {
     /// Reads an object from the fastest tier holding a good copy; promotes a
     /// hit below the fastest tier.
     pub async fn get(&self, key: &ObjectKey) -> TierResult<Option<(Block, TierKind)>> {
+        self.get_with(key, true).await
+    }
+
+    /// Reads an object like [`TierStack::get`] (verified, bad copies
+    /// dropped) without promoting it or touching its eviction rank: for
+    /// copying objects elsewhere (cluster repair), which must not flush the
+    /// hot set.
+    pub async fn read_for_copy(&self, key: &ObjectKey) -> TierResult<Option<Block>> {
+        Ok(self.get_with(key, false).await?.map(|(b, _)| b))
+    }
+
+    async fn get_with(&self, key: &ObjectKey, promote: bool) -> TierResult<Option<(Block, TierKind)>> {
         let mut mask = self.index.lock().get(key).map(|e| e.mask).unwrap_or(0);
         // A concurrent demotion can move the object between reading the
         // index and reading the tier; one retry with the new placement
         // turns that race into a hit instead of a spurious miss.
         for _attempt in 0..2 {
-            match self.get_from(key, mask).await? {
+            match self.get_from(key, mask, promote).await? {
                 Some(hit) => return Ok(Some(hit)),
                 None => {
                     let now = self.index.lock().get(key).map(|e| e.mask).unwrap_or(0);
@@ -562,7 +585,7 @@ impl TierStack {
         Ok(None)
     }
 
-    async fn get_from(&self, key: &ObjectKey, mask: u8) -> TierResult<Option<(Block, TierKind)>> {
+    async fn get_from(&self, key: &ObjectKey, mask: u8, promote: bool) -> TierResult<Option<(Block, TierKind)>> {
         let mut last_err = None;
         for (i, level) in self.levels.iter().enumerate() {
             if mask & bit(i) == 0 {
@@ -573,8 +596,10 @@ impl TierStack {
                 Ok(Some(block)) => {
                     level.metrics.hits.fetch_add(1, Relaxed);
                     level.metrics.bytes_out.fetch_add(block.header.length, Relaxed);
-                    level.policy.lock().touch(key);
-                    if i > 0 {
+                    if promote {
+                        level.policy.lock().touch(key);
+                    }
+                    if i > 0 && promote {
                         match self.bg.get() {
                             // Foreground gets never wait for a promotion;
                             // a full queue skips it (promotion is a hint).
@@ -717,6 +742,24 @@ impl TierStack {
             });
         }
         out
+    }
+
+    /// For each key, the tiers holding a copy (fastest first), its length
+    /// and checksum; `None` for a key not held.
+    pub fn locate(&self, keys: &[ObjectKey]) -> Vec<Option<Located>> {
+        let index = self.index.lock();
+        keys.iter()
+            .map(|k| {
+                index.get(k).map(|e| Located {
+                    tiers: (0..self.levels.len())
+                        .filter(|&i| e.mask & bit(i) != 0)
+                        .map(|i| self.levels[i].tier.kind())
+                        .collect(),
+                    len: e.len,
+                    checksum: e.checksum,
+                })
+            })
+            .collect()
     }
 
     /// Whether a key is present in any tier.
