@@ -193,7 +193,7 @@ impl BlockTable {
     }
 
     /// `b`'s holders, sorted by holder id (`hash` = [`mix`]`(b)`).
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn get(&self, b: BlockId, hash: u64) -> Option<&Holders> {
         self.find(b, hash).map(|i| &self.slots[i].holders)
     }
