@@ -940,8 +940,8 @@ async fn kill_9_loses_no_durable_object_and_replication_is_restored() {
         .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
     let endpoint = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
     let mut clients = Vec::new();
-    for i in 0..3 {
-        clients.push((ids[i], Client::connect(endpoint(i)).await.unwrap()));
+    for (i, id) in ids.iter().enumerate() {
+        clients.push((*id, Client::connect(endpoint(i)).await.unwrap()));
     }
 
     // The namespace, through the CLI; every node learns its replication.
