@@ -81,6 +81,9 @@ enum Mode {
     /// Trace replay in virtual time against simulated workers, with the real
     /// router in the loop: round-robin, random, HBM-only and tier-aware routing.
     Replay(replay::ReplayOpts),
+    /// The same client load against 1, 2 and 3 in-process nodes through the
+    /// cluster-aware client: aggregate put/get GB/s and ExistsPrefix latency.
+    Cluster(driver::cluster::ClusterOpts),
     /// Cluster placement simulated for 100 and 1,000 nodes: balance,
     /// re-replication after a node loss, a node joining.
     Placement(placement::PlacementOpts),
@@ -304,6 +307,15 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Mode::Cluster(c)) => {
+            return match driver::cluster::run(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench cluster: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Mode::Placement(p)) => {
             return match placement::run(p) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -395,6 +407,7 @@ fn run(mode: &str, opts: Opts) -> anyhow::Result<()> {
         replay::smoke().context("replay smoke run")?;
         index::smoke().context("index smoke run")?;
         placement::smoke().context("placement smoke run")?;
+        driver::cluster::smoke().context("cluster smoke run")?;
     }
     eprintln!("# done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -8,6 +8,7 @@
 //! The submodules own the stores (`grpc`, `disk`), the fio limit (`fio`) and
 //! the result table (`report`).
 
+pub(crate) mod cluster;
 pub(crate) mod control;
 pub(crate) mod disk;
 pub(crate) mod fio;
