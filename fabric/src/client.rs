@@ -7,8 +7,8 @@
 
 use crate::proto::v1::{
     self, CreateNamespaceRequest, DeleteRequest, DescribeNamespaceRequest, DrainRequest, ExistsPrefixRequest,
-    GetRequest, LeaseRequest, LocateRequest, ObjectBegin, PutOpen, PutRequest, StatsRequest, StatsResponse,
-    SubscribeRequest, get_response, kv_block_service_client::KvBlockServiceClient, put_request,
+    GetRequest, LeaseRequest, LocateRequest, MembersRequest, ObjectBegin, PutOpen, PutRequest, StatsRequest,
+    StatsResponse, SubscribeRequest, get_response, kv_block_service_client::KvBlockServiceClient, put_request,
 };
 use crate::proto::{DEFAULT_CHUNK_BYTES, ErrorKind, MAX_MESSAGE_BYTES, from_status};
 use crate::validate;
@@ -20,7 +20,9 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use crate::cluster_client::{ClusterClient, NodeInfo};
 pub use crate::local::{LocalClient, LocalPut};
-pub use crate::proto::v1::{DrainResponse, Durability, Event, EventKind, Layout, NamespaceInfo, Tier};
+pub use crate::proto::v1::{
+    DrainResponse, Durability, Event, EventKind, Layout, MembersResponse, NamespaceInfo, NodeMember, Tier,
+};
 
 /// Most keys the client sends in one request (matches the server default).
 pub const MAX_BATCH_KEYS: usize = 4096;
@@ -534,6 +536,12 @@ impl Client {
             node_id: node_id.into(),
         };
         Ok(self.control.clone().drain(req).await?.into_inner())
+    }
+
+    /// The serving nodes as the node asked sees them (`cluster` false and
+    /// only itself, with an empty endpoint, for a single node).
+    pub async fn members(&self) -> Result<MembersResponse> {
+        Ok(self.control.clone().members(MembersRequest {}).await?.into_inner())
     }
 
     /// Node statistics.

@@ -23,6 +23,8 @@ pub mod validate;
 pub mod cluster;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "test-util")]
+pub mod testutil;
 
 pub use kvfabric_proto as proto;
 pub use kvfabric_proto::ErrorKind;

@@ -14,116 +14,10 @@ use bytes::Bytes;
 use kvfabric::client::Durability;
 use kvfabric::cluster::{ClusterRecord, MemberMap, MemberState, Membership, cluster_key, list_members};
 use kvfabric::server::{Node, Settings};
-use std::path::{Path, PathBuf};
+use kvfabric::testutil::{Etcd, free_port};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A private single-member etcd on loopback; killed on drop.
-struct Etcd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-}
-
-impl Etcd {
-    async fn start() -> Etcd {
-        let mut e = Etcd {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-        };
-        e.spawn().await;
-        e
-    }
-
-    fn bin() -> PathBuf {
-        std::env::var_os("KVFABRIC_TEST_ETCD_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("etcd"))
-    }
-
-    /// Starts etcd (same data dir and ports every time) and waits until it answers.
-    async fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .unwrap();
-        let child = Command::new(Self::bin())
-            .args(["--name", "t", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run etcd ({}: {e}); the cluster tests need a real etcd: run \
-                     scripts/install-test-deps.sh (installs Debian's etcd-server), or point \
-                     KVFABRIC_TEST_ETCD_BIN at an etcd binary",
-                    Self::bin().display()
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if list_members(&self.endpoints(), "probe").await.is_ok() {
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("etcd exited with {status}; log: {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not answer within 20 s; log: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        vec![format!("http://127.0.0.1:{}", self.client_port)]
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A real `kvfabric serve` process; killed on drop.
 struct Proc(Child);
@@ -452,7 +346,7 @@ async fn node_serves_through_etcd_outage_and_registers_again() {
     // etcd loses everything (a new, empty etcd on the same ports): lease,
     // member and identity records are gone; the node recreates them.
     etcd.kill();
-    std::fs::remove_dir_all(etcd.dir.path().join("data")).unwrap();
+    std::fs::remove_dir_all(etcd.data_dir()).unwrap();
     etcd.spawn().await;
     let third = tokio::time::timeout(Duration::from_secs(10), leases.wait_for(|l| *l != 0 && *l != second))
         .await

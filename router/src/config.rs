@@ -140,6 +140,12 @@ pub struct Settings {
     /// Fabric nodes to follow: strings `URL` / `NAME=URL` or tables
     /// `{ url, name }`. Default none (engine events only).
     pub fabric: Vec<FabricEndpoint>,
+    /// Every this many ms, ask each `fabric` node for the cluster's serving
+    /// members (`Members`) and follow every member's events too (a node
+    /// joining is subscribed to, a node leaving is forgotten); a single
+    /// node answers that it is alone and nothing changes. 0 turns it off.
+    /// Default 2000; 0 or 100..=600000.
+    pub fabric_discover_ms: u64,
     /// Fabric tenant the subscriptions act as. Default empty (`default`).
     pub tenant: String,
     /// Fabric namespace whose blocks the router follows; its salt seeds the
@@ -190,6 +196,7 @@ impl Default for Settings {
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             fabric: Vec::new(),
+            fabric_discover_ms: 2000,
             tenant: String::new(),
             namespace: "default".into(),
             models: Vec::new(),
@@ -300,6 +307,9 @@ impl Settings {
             }
         };
         range("health-interval-ms", self.health_interval_ms, 10, 600_000)?;
+        if self.fabric_discover_ms != 0 {
+            range("fabric-discover-ms", self.fabric_discover_ms, 100, 600_000)?;
+        }
         range("health-timeout-ms", self.health_timeout_ms, 10, 600_000)?;
         range("request-timeout-ms", self.request_timeout_ms, 10, 86_400_000)?;
         range("approximate-ttl-ms", self.approximate_ttl_ms, 1, 86_400_000)?;

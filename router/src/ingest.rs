@@ -14,6 +14,14 @@
 //!   entries ([`FabricTracker::apply`], [`FabricTracker::resync`]) and
 //!   subscribes again, refilling from a fresh snapshot.
 //!
+//! - [`discover_fabric`]: asks the configured fabric nodes, every
+//!   `fabric-discover-ms`, for their cluster's serving members and runs a
+//!   [`fabric_events`] task per member not configured, under a holder id of
+//!   its own; a member that leaves is forgotten (its task stopped, its
+//!   blocks dropped from the index). So one configured node of a cluster is
+//!   enough for the router to see every node's stored / removed events,
+//!   each with its node and tier.
+//!
 //! Both reconnect for ever with exponential backoff (100 ms doubling to
 //! 5 s, reset by a successful connection). Malformed frames are counted in
 //! [`EventCounters`](crate::events::EventCounters) and logged; nothing here
@@ -169,4 +177,111 @@ pub(crate) async fn fabric_events(
         tracker.resync();
         backoff.wait().await;
     }
+}
+
+/// What [`discover_fabric`] needs to follow a discovered node.
+pub(crate) struct Discovery {
+    /// Configured fabric nodes: (name, url).
+    pub(crate) entries: Vec<(String, String)>,
+    pub(crate) interval: Duration,
+    pub(crate) tenant: String,
+    pub(crate) namespace: String,
+    pub(crate) router: Arc<crate::Router>,
+    pub(crate) index: Arc<dyn crate::index::PrefixIndex>,
+    pub(crate) counters: Arc<EventCounters>,
+    pub(crate) metrics: Metrics,
+    /// First holder id for discovered nodes.
+    pub(crate) first_holder: u32,
+}
+
+/// Follows the members of the clusters the configured fabric nodes belong
+/// to (see the module doc). Runs for ever.
+pub(crate) async fn discover_fabric(d: Discovery) {
+    use std::collections::{BTreeMap, HashMap};
+    let configured: std::collections::HashSet<String> = d.entries.iter().map(|(_, u)| norm(u)).collect();
+    // Node id -> holder, stable for the router's lifetime.
+    let mut holders: HashMap<String, crate::index::HolderId> = HashMap::new();
+    let mut following: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    let mut clients: HashMap<String, kvfabric::client::Client> = HashMap::new();
+    let mut tick = tokio::time::interval(d.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Members by node id (endpoint), from every entry that answers; an
+        // entry that does not answer changes nothing this round.
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut answered = false;
+        for (name, url) in &d.entries {
+            let c = match clients.get(url) {
+                Some(c) => c.clone(),
+                None => match kvfabric::client::Client::connect(url.clone()).await {
+                    Ok(c) => {
+                        clients.insert(url.clone(), c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        tracing::debug!(fabric = %name, error = %e, "fabric discovery: cannot connect");
+                        continue;
+                    }
+                },
+            };
+            match c.members().await {
+                Ok(m) => {
+                    answered = true;
+                    if m.cluster {
+                        for n in m.members {
+                            if !n.endpoint.is_empty() && !configured.contains(&norm(&n.endpoint)) {
+                                seen.insert(n.node_id, n.endpoint);
+                            }
+                        }
+                    }
+                }
+                // A node without the call (older version) is a single node.
+                Err(kvfabric::client::ClientError::Status {
+                    code: tonic::Code::Unimplemented,
+                    ..
+                }) => answered = true,
+                Err(e) => tracing::debug!(fabric = %name, error = %e, "fabric discovery: Members failed"),
+            }
+        }
+        if !answered {
+            continue;
+        }
+        let gone: Vec<String> = following.keys().filter(|id| !seen.contains_key(*id)).cloned().collect();
+        for id in gone {
+            if let Some(t) = following.remove(&id) {
+                t.abort();
+            }
+            if let Some(h) = holders.get(&id) {
+                d.router.remove_fabric_node(*h);
+            }
+            tracing::info!(node = %id, "fabric node left the cluster; forgetting its blocks");
+        }
+        for (id, endpoint) in seen {
+            if following.contains_key(&id) {
+                continue;
+            }
+            let next = d.first_holder + holders.len() as u32;
+            let holder = *holders.entry(id.clone()).or_insert(crate::index::HolderId(next));
+            d.router.add_fabric_node(holder);
+            let tracker = FabricTracker::new(holder, d.namespace.clone(), d.index.clone(), d.counters.clone());
+            tracing::info!(node = %id, %endpoint, %holder, "following a discovered fabric node");
+            following.insert(
+                id.clone(),
+                tokio::spawn(fabric_events(
+                    format!("fabric:{id}"),
+                    endpoint,
+                    d.tenant.clone(),
+                    d.namespace.clone(),
+                    tracker,
+                    d.metrics.clone(),
+                )),
+            );
+        }
+    }
+}
+
+/// An endpoint compared loosely: without a trailing slash.
+fn norm(url: &str) -> String {
+    url.trim_end_matches('/').to_string()
 }

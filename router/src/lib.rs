@@ -36,4 +36,4 @@ pub mod tokenize;
 mod workers;
 
 pub use router::{Decision, Router, WorkerInfo};
-pub use service::{FABRIC_HOLDER_BASE, RouterHandle, RouterService, ServeError};
+pub use service::{DISCOVERED_HOLDER_OFFSET, FABRIC_HOLDER_BASE, RouterHandle, RouterService, ServeError};

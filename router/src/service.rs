@@ -5,7 +5,9 @@
 //! checks, then the periodic checker, and serves the HTTP front end.
 //!
 //! Holder ids: worker `i` of `workers` is `HolderId(i)`; fabric node `j`
-//! of `fabric` is `HolderId(FABRIC_HOLDER_BASE + j)`.
+//! of `fabric` is `HolderId(FABRIC_HOLDER_BASE + j)`; cluster members found
+//! through them (`fabric-discover-ms`) count up from
+//! `FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +27,9 @@ use crate::{Router, ingest};
 
 /// Holder id of the first fabric node.
 pub const FABRIC_HOLDER_BASE: u32 = 1 << 20;
+/// Discovered fabric nodes (cluster members not configured) get holder ids
+/// from `FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET` on.
+pub const DISCOVERED_HOLDER_OFFSET: u32 = 1 << 16;
 
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +111,23 @@ impl RouterService {
                 tracker,
                 metrics.clone(),
             )));
+        }
+        if settings.fabric_discover_ms > 0 && !settings.fabric.is_empty() {
+            tasks.push(tokio::spawn(ingest::discover_fabric(ingest::Discovery {
+                entries: settings
+                    .fabric
+                    .iter()
+                    .map(|f| (f.name.clone(), f.url.clone()))
+                    .collect(),
+                interval: Duration::from_millis(settings.fabric_discover_ms),
+                tenant: settings.tenant.clone(),
+                namespace: settings.namespace.clone(),
+                router: router.clone(),
+                index: index.clone(),
+                counters: counters.clone(),
+                metrics: metrics.clone(),
+                first_holder: FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET,
+            })));
         }
         let specs = settings
             .workers

@@ -928,3 +928,91 @@ async fn the_binary_serves_and_rejects_bad_settings() -> Result<()> {
     a.kill();
     Ok(())
 }
+
+/// A three-node fabric cluster on a real etcd, of which the router is told
+/// one node: it asks that node for the members (`Members`), follows every
+/// node's events under a holder of its own (snapshot first, so blocks put
+/// before the router started count), and forgets a node that leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cluster_node_is_followed_through_one_configured_node() -> Result<()> {
+    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
+    use kvfabric_router::DISCOVERED_HOLDER_OFFSET;
+    let etcd = kvfabric::testutil::Etcd::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let mut nodes = Vec::new();
+    for (d, id) in dirs.iter().zip(["a", "b", "c"]) {
+        let mut ns = NodeSettings {
+            listen: "127.0.0.1:0".parse()?,
+            metrics_listen: "127.0.0.1:0".parse()?,
+            data_dir: d.path().to_path_buf(),
+            node_id: id.into(),
+            ..Default::default()
+        };
+        ns.host.capacity = ByteSize(8 << 20);
+        ns.disk.capacity = ByteSize(0);
+        ns.local.enabled = false;
+        ns.cluster.etcd = Some(etcd.url());
+        ns.cluster.id = "rt".into();
+        ns.cluster.refresh_interval_ms = 200;
+        nodes.push(Node::build(ns).await?.start().await?);
+    }
+    for n in &nodes {
+        let view = n.serving_nodes().context("cluster mode")?;
+        eventually("every node sees three members", || view.borrow().len() == 3).await?;
+    }
+    // 64 blocks put through a: the nodes forward them to their owners.
+    let fc = kvfabric::client::Client::connect(nodes[0].endpoint()).await?;
+    let ids: Vec<u32> = (0..1024).collect();
+    let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), &ids, 16, &[]);
+    let objs = keys
+        .iter()
+        .map(|k| kvfabric::client::PutObject::new(k.to_vec(), vec![7u8; 256]))
+        .collect();
+    fc.put_many("ns", objs, kvfabric::client::Durability::Memory).await?;
+    let held: Vec<usize> = nodes.iter().map(|n| n.stack.len()).collect();
+    assert!(held.iter().all(|&h| h > 0), "every node holds a share: {held:?}");
+
+    let mut s = base_settings(vec![]);
+    s.fabric = vec![FabricEndpoint {
+        name: "a".into(),
+        url: nodes[0].endpoint(),
+    }];
+    s.fabric_discover_ms = 100;
+    let r = RouterService::start(s).await?;
+    let holders = [
+        HolderId(FABRIC_HOLDER_BASE),
+        HolderId(FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET),
+        HolderId(FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET + 1),
+    ];
+    let index = r.router().index().clone();
+    let seen = || holders.map(|h| index.holder_len(h));
+    for _ in 0..1000 {
+        if seen().iter().zip(&held).all(|(s, h)| s == h) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        seen().to_vec(),
+        held,
+        "a's blocks, then b's and c's (discovered, in id order)"
+    );
+    let m = metrics(&client(), &r).await?;
+    for src in ["fabric:a", "fabric:b", "fabric:c"] {
+        assert!(
+            m.contains(&format!("kvfabric_router_event_stream_connected{{source=\"{src}\"}} 1")),
+            "{src}: {m}"
+        );
+    }
+
+    // c leaves: its blocks are forgotten.
+    let c = nodes.pop().context("three nodes")?;
+    c.shutdown().await;
+    eventually("c's blocks forgotten", || index.holder_len(holders[2]) == 0).await?;
+    assert_eq!(index.holder_len(holders[1]), held[1], "b's blocks stay");
+    r.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}

@@ -10,8 +10,9 @@ use crate::cluster::{MemberState, NamespaceRecord, PublishError, check_replicati
 use crate::proto::v1::{
     self, CreateNamespaceRequest, DeleteRequest, DeleteResponse, DescribeNamespaceRequest, DrainRequest, DrainResponse,
     Event, EventKind, ExistsPrefixRequest, ExistsPrefixResponse, GetRequest, GetResponse, KeyLocation, LeaseRequest,
-    LeaseResponse, LocateRequest, LocateResponse, NamespaceInfo, PutRequest, PutResponse, PutResult, StatsRequest,
-    StatsResponse, SubscribeRequest, get_response, kv_block_service_server::KvBlockService, put_request,
+    LeaseResponse, LocateRequest, LocateResponse, MembersRequest, MembersResponse, NamespaceInfo, NodeMember,
+    PutRequest, PutResponse, PutResult, StatsRequest, StatsResponse, SubscribeRequest, get_response,
+    kv_block_service_server::KvBlockService, put_request,
 };
 use crate::proto::{ErrorKind, MAX_CHUNK_BYTES, status};
 use crate::validate;
@@ -935,6 +936,31 @@ impl KvBlockService for BlockService {
             objects_left: self.shared.stack.len() as u64,
             bytes_left: stats.iter().map(|t| t.used).sum(),
         }))
+    }
+
+    async fn members(&self, _request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+        let r = match &self.shared.forwarder {
+            Some(f) => MembersResponse {
+                members: f
+                    .serving_nodes()
+                    .borrow()
+                    .iter()
+                    .map(|n| NodeMember {
+                        node_id: n.id.clone(),
+                        endpoint: n.endpoint.clone(),
+                    })
+                    .collect(),
+                cluster: true,
+            },
+            None => MembersResponse {
+                members: vec![NodeMember {
+                    node_id: self.shared.node_id.clone(),
+                    endpoint: String::new(),
+                }],
+                cluster: false,
+            },
+        };
+        Ok(Response::new(r))
     }
 
     async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
