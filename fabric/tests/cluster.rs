@@ -1171,3 +1171,73 @@ async fn rolling_restart_under_load_fails_no_read() {
         &bad[..bad.len().min(5)]
     );
 }
+
+/// A node joining a two-node cluster takes its share in the background:
+/// the objects placement now gives it are handed to it (and removed from
+/// their old holders once it has them), none lost or duplicated. The new
+/// node's clock is a day ahead (a skewed clock): membership is etcd's
+/// lease, never a comparison of clocks, so it joins and serves like any
+/// other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_takes_its_share_even_with_a_skewed_clock() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let settings = |i: usize, id: &str| {
+        let mut s = node_settings(dirs[i].path(), &etcd, "join", id, 30);
+        s.cluster.repair_interval_ms = 500;
+        s
+    };
+    let (a, ca) = common::start(settings(0, "a")).await;
+    let (b, _) = common::start(settings(1, "b")).await;
+    for h in [&a, &b] {
+        wait_view(h, 2).await;
+    }
+    let ks = keys("j", 300);
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(5))).collect();
+    ca.put_many("kv", objs, Durability::Memory).await.unwrap();
+    assert_eq!(a.stack.len() + b.stack.len(), 300);
+
+    // c joins with a clock 24 h ahead.
+    let real = kvfabric_tiers::SystemClock;
+    use kvfabric_tiers::Clock;
+    let skewed = std::sync::Arc::new(kvfabric_tiers::ManualClock::new(real.now_ms() + 86_400_000));
+    let c = Node::build_with_clock(settings(2, "c"), skewed)
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let view = wait_view(&c, 3).await;
+    for h in [&a, &b] {
+        wait_view(h, 3).await;
+    }
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let want_c = ks.iter().filter(|k| placement.owners("kv", k, 1)[0] == "c").count();
+    assert!(want_c > 50, "c's share by placement: {want_c}");
+    let t = Instant::now();
+    while c.stack.len() != want_c || a.stack.len() + b.stack.len() + c.stack.len() != 300 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "c holds {} of its {want_c}; a {} b {}",
+            c.stack.len(),
+            a.stack.len(),
+            b.stack.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("c took its share of {want_c} objects in {:?}", t.elapsed());
+    // Every object is on its owner and reads back through any node.
+    for (id, h) in [("a", &a), ("b", &b), ("c", &c)] {
+        let owned = ks.iter().filter(|k| placement.owners("kv", k, 1)[0] == id).count();
+        assert_eq!(h.stack.len(), owned, "{id} holds exactly what it owns");
+    }
+    let got = ca.get_many("kv", ks.clone()).await.unwrap();
+    assert!(
+        ks.iter()
+            .zip(&got)
+            .all(|(k, o)| o.as_ref().map(|o| o.value.to_vec()) == Some(k.repeat(5)))
+    );
+    for h in [a, b, c] {
+        h.shutdown().await;
+    }
+}
