@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 pub use crate::cluster_client::{ClusterClient, NodeInfo};
 pub use crate::local::{LocalClient, LocalPut};
 pub use crate::proto::v1::{
-    DrainResponse, Durability, Event, EventKind, Layout, MembersResponse, NamespaceInfo, NodeMember, Tier,
+    DrainResponse, Durability, Event, EventKind, KeyLocation, Layout, MembersResponse, NamespaceInfo, NodeMember, Tier,
 };
 
 /// Most keys the client sends in one request (matches the server default).
@@ -308,6 +308,28 @@ impl Client {
         objects: Vec<PutObject>,
         durability: Durability,
     ) -> Result<Vec<Tier>> {
+        let ages = vec![None; objects.len()];
+        self.put_many_aged(namespace, objects, ages, durability).await
+    }
+
+    /// Like [`Client::put_many`], with each object's age in ms (how long
+    /// ago it was first stored), which a node honours only on a forwarded
+    /// put: what a node copying its own objects (cluster repair) uses.
+    #[doc(hidden)]
+    pub async fn put_many_aged(
+        &self,
+        namespace: &str,
+        objects: Vec<PutObject>,
+        ages: Vec<Option<u64>>,
+        durability: Durability,
+    ) -> Result<Vec<Tier>> {
+        if ages.len() != objects.len() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} ages for {} objects",
+                ages.len(),
+                objects.len()
+            )));
+        }
         Self::check_ns(namespace)?;
         validate::keys(
             &objects.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
@@ -325,13 +347,14 @@ impl Client {
         };
         let chunk = self.chunk;
         let n = objects.len();
-        let msgs = std::iter::once(open).chain(objects.into_iter().flat_map(move |o| {
+        let msgs = std::iter::once(open).chain(objects.into_iter().zip(ages).flat_map(move |(o, age_ms)| {
             let begin = PutRequest {
                 msg: Some(put_request::Msg::Begin(ObjectBegin {
                     key: o.key,
                     length: o.value.len() as u64,
                     layout: o.layout,
                     checksum: Some(xxhash_rust::xxh3::xxh3_64(&o.value)),
+                    age_ms,
                 })),
             };
             let v = o.value;
@@ -485,9 +508,10 @@ impl Client {
         Ok(self.control.clone().lease(req).await?.into_inner().leased)
     }
 
-    /// Which tiers of the node asked hold each key (empty for a key it
-    /// lacks); never forwarded.
-    pub async fn locate(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Vec<Tier>>> {
+    /// Where the node asked holds each key: tiers (empty for a key it
+    /// lacks), length, checksum, age, and the age of a tombstone; never
+    /// forwarded.
+    pub async fn locate(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<KeyLocation>> {
         Self::check_ns(namespace)?;
         validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
         let n = keys.len();
@@ -503,7 +527,7 @@ impl Client {
                 r.locations.len()
             )));
         }
-        Ok(r.locations.iter().map(|l| l.tiers().collect()).collect())
+        Ok(r.locations)
     }
 
     /// Creates `namespace` for this client's tenant with `replication`

@@ -112,9 +112,17 @@ fn unavailable(message: String) -> ClientError {
     }
 }
 
-/// Whether trying another replica may help.
+/// Whether a read should try another replica: on anything but a problem
+/// with the request itself (bad argument, tenancy) or an unknown namespace
+/// (handled apart). A node going away fails in-flight calls in several ways
+/// (refused connection: UNAVAILABLE; a stream cut by its GOAWAY: an h2
+/// error, INTERNAL or CANCELLED), and a replica answering DATA_LOSS has a
+/// bad copy that another may not.
 fn retryable(e: &ClientError) -> bool {
-    matches!(e.kind(), ErrorKind::Unavailable)
+    !matches!(
+        e.kind(),
+        ErrorKind::InvalidArgument | ErrorKind::PermissionDenied | ErrorKind::NotFound
+    )
 }
 
 impl ClusterClient {
@@ -605,5 +613,26 @@ mod tests {
         dup[1].id = dup[0].id.clone();
         let c = ClusterClient::fixed(dup, ClientOptions::default());
         assert!(matches!(c.owners("ns", b"k"), Err(ClientError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn reads_retry_on_node_failures_not_on_request_errors() {
+        let st = |code| ClientError::from(tonic::Status::new(code, "m"));
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::Internal,
+            tonic::Code::Unknown,
+            tonic::Code::Cancelled,
+            tonic::Code::DataLoss,
+        ] {
+            assert!(retryable(&st(code)), "{code:?}");
+        }
+        for code in [
+            tonic::Code::InvalidArgument,
+            tonic::Code::PermissionDenied,
+            tonic::Code::NotFound,
+        ] {
+            assert!(!retryable(&st(code)), "{code:?}");
+        }
     }
 }

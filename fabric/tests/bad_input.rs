@@ -30,6 +30,7 @@ fn begin(key: &[u8], len: u64) -> PutRequest {
             length: len,
             layout: None,
             checksum: None,
+            age_ms: None,
         })),
     }
 }

@@ -748,8 +748,8 @@ async fn durable_holders(nodes: &[(&str, Client)], ns: &str, ks: &[Bytes]) -> Ve
             Err(e) if e.kind() == kvfabric::ErrorKind::NotFound => continue,
             Err(e) => panic!("locate on {id}: {e}"),
         };
-        for (o, tiers) in out.iter_mut().zip(locs) {
-            if tiers.iter().any(|t| matches!(t, Tier::Disk | Tier::Object)) {
+        for (o, l) in out.iter_mut().zip(locs) {
+            if l.tiers().any(|t| matches!(t, Tier::Disk | Tier::Object)) {
                 o.push(id.to_string());
             }
         }
@@ -1239,5 +1239,99 @@ async fn a_joining_node_takes_its_share_even_with_a_skewed_clock() {
     );
     for h in [a, b, c] {
         h.shutdown().await;
+    }
+}
+
+/// A replica that was killed while objects of a replication-2 namespace
+/// were deleted and overwritten comes back on its old disk: repair drops
+/// its stale copies (the owners' tombstones and newer versions win, by age,
+/// never by comparing clocks), so no deleted object comes back, every read
+/// through any node returns the new version, and each object ends on
+/// exactly its owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
+    let etcd = Etcd::start().await;
+    let nodes = RealNodes::new(&etcd, "stale", &["a", "b", "c"]);
+    let mut procs: Vec<Option<Proc>> = (0..3).map(|i| Some(nodes.serve(i))).collect();
+    let m = watch(&etcd, "stale").await;
+    m.wait_for(Duration::from_secs(30), |m| nodes.ids.iter().all(|id| serving(m, id)))
+        .await
+        .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
+    let clients = nodes.clients().await;
+    clients[0].1.create_namespace("w", 2).await.unwrap();
+    wait_replication(&clients, "w", 2).await;
+    let view: Vec<NodeInfo> = m.serving_nodes().borrow().clone();
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let owners = |k: &Bytes| {
+        let mut o: Vec<String> = placement.owners("w", k, 2).into_iter().map(str::to_string).collect();
+        o.sort();
+        o
+    };
+    let ks = keys("s", 150);
+    let v1 = |k: &Bytes| Bytes::from(k.repeat(20));
+    let v2 = |k: &Bytes| Bytes::from([&b"version-2 of "[..], k].concat());
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), v1(k))).collect();
+    clients[0].1.put_many("w", objs, Durability::Disk).await.unwrap();
+    wait_holders(&clients, "w", &ks, "placed", |k, h| h == owners(k)).await;
+
+    // b is killed; meanwhile 20 of its objects are deleted, 20 overwritten.
+    let on_b: Vec<Bytes> = ks
+        .iter()
+        .filter(|k| owners(k).contains(&"b".to_string()))
+        .cloned()
+        .collect();
+    assert!(on_b.len() >= 60, "b holds {} objects", on_b.len());
+    let (gone, changed) = (on_b[..20].to_vec(), on_b[20..40].to_vec());
+    drop(procs[1].take());
+    m.wait_for(Duration::from_secs(10), |m| !m.contains_key("b"))
+        .await
+        .unwrap_or_else(|last| panic!("b never left: {last:?}"));
+    assert_eq!(clients[0].1.delete("w", gone.clone()).await.unwrap(), 20);
+    let objs: Vec<PutObject> = changed.iter().map(|k| PutObject::new(k.clone(), v2(k))).collect();
+    clients[2].1.put_many("w", objs, Durability::Disk).await.unwrap();
+    let survivors: Vec<(&str, Client)> = [0, 2].iter().map(|&i| clients[i].clone()).collect();
+    let kept: Vec<Bytes> = ks.iter().filter(|k| !gone.contains(k)).cloned().collect();
+    wait_holders(&survivors, "w", &kept, "re-replicated", |_, h| h.len() == 2).await;
+    // Let b's copies grow older than the deletes by more than repair's grace.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    procs[1] = Some(nodes.serve(1));
+    m.wait_for(Duration::from_secs(30), |m| serving(m, "b"))
+        .await
+        .unwrap_or_else(|last| panic!("b never served again: {last:?}"));
+    wait_holders(&clients, "w", &gone, "deleted objects stay deleted", |_, h| {
+        h.is_empty()
+    })
+    .await;
+    wait_holders(&clients, "w", &kept, "reconciled", |k, h| h == owners(k)).await;
+    // Every copy of a changed object is version 2.
+    let t = Instant::now();
+    loop {
+        let mut old = 0;
+        for (_, c) in &clients {
+            for (k, l) in changed.iter().zip(c.locate("w", changed.clone()).await.unwrap()) {
+                if !l.tiers.is_empty() && l.checksum != xxhash_rust::xxh3::xxh3_64(&v2(k)) {
+                    old += 1;
+                }
+            }
+        }
+        if old == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{old} old copies left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (id, c) in &clients {
+        let got = c.get_many("w", ks.clone()).await.unwrap();
+        for (k, o) in ks.iter().zip(got) {
+            let want = if gone.contains(k) {
+                None
+            } else if changed.contains(k) {
+                Some(v2(k))
+            } else {
+                Some(v1(k))
+            };
+            assert_eq!(o.map(|o| o.value), want, "{k:?} read through {id}");
+        }
     }
 }

@@ -70,6 +70,11 @@ pub struct ClusterSettings {
     /// Payload bytes per second repair may copy to other nodes, so
     /// foreground traffic keeps its latency; 0 = unlimited. Default 64MiB.
     pub repair_bytes_per_s: ByteSize,
+    /// How long a delete in a replicated namespace is remembered (a
+    /// tombstone), in seconds: a replica down for less than this does not
+    /// bring deleted objects back when it returns. Default 86400;
+    /// 60..=31536000.
+    pub tombstone_ttl_s: u64,
 }
 
 impl Default for ClusterSettings {
@@ -82,6 +87,7 @@ impl Default for ClusterSettings {
             refresh_interval_ms: 3000,
             repair_interval_ms: 10_000,
             repair_bytes_per_s: ByteSize(64 << 20),
+            tombstone_ttl_s: 86_400,
         }
     }
 }
@@ -423,6 +429,12 @@ impl Settings {
             return Err(format!(
                 "cluster.repair-interval-ms {} is outside 100..=3600000",
                 c.repair_interval_ms
+            ));
+        }
+        if !(60..=31_536_000).contains(&c.tombstone_ttl_s) {
+            return Err(format!(
+                "cluster.tombstone-ttl-s {} is outside 60..=31536000",
+                c.tombstone_ttl_s
             ));
         }
         if c.etcd_endpoints()?.is_none() {

@@ -22,8 +22,9 @@ pub struct Metrics {
     pub forwarded: IntCounterVec,
     /// Repair passes run (cluster mode).
     pub repair_passes: IntCounter,
-    /// Objects repair copied to owners (`copied`) or removed here once
-    /// their owners held them (`handed_off`).
+    /// Objects repair copied to owners (`copied`), removed here once
+    /// their owners held them (`handed_off`), or dropped as stale
+    /// (`dropped_stale`).
     pub repair_objects: IntCounterVec,
     /// Payload bytes repair copied to other nodes.
     pub repair_bytes: IntCounter,
@@ -82,7 +83,7 @@ impl Metrics {
         let repair_objects = IntCounterVec::new(
             Opts::new(
                 "repair_objects_total",
-                "objects cluster repair copied to their owners (copied) or removed here once the owners held them (handed_off)",
+                "objects cluster repair copied to their owners (copied), removed here once the owners held them (handed_off), or dropped here as stale (dropped_stale: deleted or replaced while this node was away)",
             ),
             &["action"],
         )

@@ -10,6 +10,7 @@ mod namespaces;
 mod node;
 mod repair;
 mod service;
+mod tombstones;
 
 pub use config::{
     ByteSize, ClusterSettings, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings, ObjectSettings,

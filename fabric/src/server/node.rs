@@ -9,6 +9,7 @@
 
 use super::forward::{ClusterCtl, Forwarder};
 use super::repair::Repairer;
+use super::tombstones::Tombstones;
 use super::{BlockService, FabricError, Metrics, Namespaces, Settings};
 use crate::client::NodeInfo;
 use crate::cluster::{MemberState, Membership, Registration, RegistrationConfig, TierUsage, UsageFn, watch_namespaces};
@@ -224,6 +225,14 @@ impl Node {
             }
             _ => None,
         };
+        let tombstones = Arc::new(
+            Tombstones::load(
+                Some(s.data_dir.join("tombstones")),
+                s.cluster.tombstone_ttl_s * 1000,
+                self.stack.clock().now_ms(),
+            )
+            .map_err(|e| startup("loading tombstones", e))?,
+        );
         let service = BlockService::with_forwarder(
             self.stack.clone(),
             self.namespaces.clone(),
@@ -231,6 +240,7 @@ impl Node {
             s.limits.clone(),
             s.node_id.clone(),
             forwarder.clone(),
+            tombstones,
         );
         let streams = service.clone();
         let background = if s.tiering.background {

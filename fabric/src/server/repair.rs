@@ -17,7 +17,15 @@
 //!   a copy, deletes its own (hand-off). Nothing is deleted before the
 //!   owners confirmed their copies.
 //!
-//! A copy counts only where it is as durable as the local one: an object
+//! Before that, a copy is dropped as **stale** when an owner reports a
+//! tombstone (it deleted the key, in a replicated namespace) younger than
+//! the copy, or holds a different version younger than it: what a replica
+//! that was away finds when it comes back. Ages, not timestamps, are
+//! compared (each measured on its own node's clock), and a copy keeps its
+//! age when repair moves it (`age_ms` on the forwarded put).
+//!
+//! A copy counts only where it is as durable as the local one (and the
+//! same version): an object
 //! held on disk (or in the object store) is copied with `disk` durability
 //! (falling back to `memory` on an owner without a disk tier) and needs a
 //! persistent copy on the owner. Copies travel as ordinary forwarded `Put`s
@@ -32,13 +40,13 @@
 
 use super::forward::Forwarder;
 use super::{Metrics, Namespaces};
-use crate::client::PutObject;
+use crate::client::{KeyLocation, PutObject};
 use crate::proto::ErrorKind;
 use crate::proto::v1::Durability;
 use crate::proto::v1::Tier;
 use bytes::Bytes;
-use kvfabric_tiers::{ObjectKey, TierKind, TierStack};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use kvfabric_tiers::{ObjectKey, TierStack};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -48,6 +56,10 @@ use tokio::sync::{Notify, watch};
 const BATCH: usize = 256;
 /// Payload bytes gathered before a batch of copies is sent.
 const FLUSH_BYTES: u64 = 32 << 20;
+/// How much older than a tombstone (or than another owner's different
+/// version) a local copy must be before it counts as stale: a put racing a
+/// delete (or another put) within this window is left alone.
+const GRACE_MS: u64 = 1000;
 /// Quiet time after a membership change before a pass starts (changes
 /// arrive in bursts: a node's record and its state).
 const SETTLE: Duration = Duration::from_millis(300);
@@ -84,6 +96,9 @@ pub(crate) struct PassReport {
     /// Objects with fewer copies than wanted that the pass could not fix
     /// (an owner did not answer, a copy failed).
     pub(crate) under_replicated: u64,
+    /// Local copies dropped as stale: an owner deleted the object after
+    /// this copy was stored (tombstone), or holds a newer version.
+    pub(crate) stale: u64,
 }
 
 /// A copy to make: local object `key` onto node `to`.
@@ -121,15 +136,17 @@ impl Repairer {
             m.repair_passes.inc();
             m.repair_objects.with_label_values(&["copied"]).inc_by(r.copied);
             m.repair_objects.with_label_values(&["handed_off"]).inc_by(r.handed_off);
+            m.repair_objects.with_label_values(&["dropped_stale"]).inc_by(r.stale);
             m.repair_bytes.inc_by(r.bytes);
             m.under_replicated.set(r.under_replicated as i64);
             self.under_replicated.store(r.under_replicated, Ordering::Relaxed);
-            if r.copied + r.handed_off + r.under_replicated > 0 {
+            if r.copied + r.handed_off + r.under_replicated + r.stale > 0 {
                 tracing::info!(
                     scanned = r.scanned,
                     copied = r.copied,
                     bytes = r.bytes,
                     handed_off = r.handed_off,
+                    stale = r.stale,
                     under_replicated = r.under_replicated,
                     ms = start.elapsed().as_millis() as u64,
                     "repair pass"
@@ -144,47 +161,40 @@ impl Repairer {
         if self.forwarder.serving_nodes().borrow().is_empty() {
             return report;
         }
-        // Local objects by namespace, each with the tiers holding it here.
-        let mut by_ns: BTreeMap<Arc<str>, BTreeMap<Bytes, Vec<TierKind>>> = BTreeMap::new();
-        for (k, tier) in self.stack.snapshot(|_| true) {
+        // Local keys by namespace.
+        let mut by_ns: BTreeMap<Arc<str>, BTreeSet<Bytes>> = BTreeMap::new();
+        for (k, _) in self.stack.snapshot(|_| true) {
             by_ns
                 .entry(k.namespace_arc().clone())
                 .or_default()
-                .entry(k.key().clone())
-                .or_default()
-                .push(tier);
+                .insert(k.key().clone());
         }
-        for (ns, objects) in by_ns {
+        for (ns, keys) in by_ns {
             let Some(tenant) = self.namespaces.owner(&ns) else {
                 continue;
             };
-            let objects: Vec<(Bytes, Vec<TierKind>)> = objects.into_iter().collect();
-            for batch in objects.chunks(BATCH) {
+            let keys: Vec<Bytes> = keys.into_iter().collect();
+            for batch in keys.chunks(BATCH) {
                 self.repair_batch(&ns, &tenant, batch, &mut report).await;
             }
         }
         report
     }
 
-    async fn repair_batch(
-        &self,
-        ns: &Arc<str>,
-        tenant: &str,
-        batch: &[(Bytes, Vec<TierKind>)],
-        report: &mut PassReport,
-    ) {
+    async fn repair_batch(&self, ns: &Arc<str>, tenant: &str, batch: &[Bytes], report: &mut PassReport) {
         let me = self.node_id.as_str();
         let client = self.forwarder.client(tenant);
         report.scanned += batch.len() as u64;
+        let object_keys: Vec<ObjectKey> = batch.iter().map(|k| ObjectKey::new(ns.clone(), k.clone())).collect();
         let mut owners = Vec::with_capacity(batch.len());
-        for (k, _) in batch {
+        for k in batch {
             match client.owners(ns, k) {
                 Ok(o) => owners.push(o),
                 // No usable membership: nothing to do this pass.
                 Err(_) => return,
             }
         }
-        // Ask every other owner which of these it holds.
+        // Ask every other owner what it holds of these (or deleted).
         let mut per_peer: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, os) in owners.iter().enumerate() {
             for o in os.iter().filter(|o| *o != me) {
@@ -193,7 +203,7 @@ impl Repairer {
         }
         let asks = per_peer.iter().map(|(peer, idx)| {
             let client = client.clone();
-            let keys: Vec<Bytes> = idx.iter().map(|&i| batch[i].0.clone()).collect();
+            let keys: Vec<Bytes> = idx.iter().map(|&i| batch[i].clone()).collect();
             async move {
                 let r = async {
                     let c = client.node_client(peer).await?;
@@ -203,15 +213,13 @@ impl Repairer {
                 (*peer, r)
             }
         });
-        let mut held: HashMap<(&str, usize), Vec<Tier>> = HashMap::new();
+        let mut seen: HashMap<(String, usize), KeyLocation> = HashMap::new();
         let mut silent: HashSet<&str> = HashSet::new();
         for (peer, r) in futures::future::join_all(asks).await {
             match r {
                 Ok(locs) => {
-                    for (&i, tiers) in per_peer[peer].iter().zip(locs) {
-                        if !tiers.is_empty() {
-                            held.insert((peer, i), tiers);
-                        }
+                    for (&i, l) in per_peer[peer].iter().zip(locs) {
+                        seen.insert((peer.to_string(), i), l);
                     }
                 }
                 // A node that does not know the namespace holds none of it.
@@ -222,22 +230,46 @@ impl Repairer {
                 }
             }
         }
+        // What this node holds now (the snapshot may be stale).
+        let local = self.stack.locate(&object_keys);
+        let now = self.stack.clock().now_ms();
         let replication = self.namespaces.replication(ns) as usize;
         let mut pending: Vec<Pending> = Vec::new();
         let mut handoff: Vec<usize> = Vec::new();
-        for (i, ((_, local), os)) in batch.iter().zip(&owners).enumerate() {
+        let mut stale: Vec<usize> = Vec::new();
+        for (i, (mine, os)) in local.iter().zip(&owners).enumerate() {
+            let Some(mine) = mine else { continue };
             if os.iter().any(|o| silent.contains(o.as_str())) {
                 if replication > 1 {
                     report.under_replicated += 1;
                 }
                 continue;
             }
-            let durable = local.iter().any(|t| t.is_persistent());
+            let my_age = now.saturating_sub(mine.created_ms);
+            let at = |o: &str| seen.get(&(o.to_string(), i));
+            let other = |o: &str| at(o).filter(|l| !l.tiers.is_empty());
+            // Deleted (by an owner's tombstone) after this copy was stored,
+            // or replaced by a newer version: this copy is stale.
+            let deleted = os.iter().filter(|o| *o != me).any(|o| {
+                other(o).is_none()
+                    && at(o)
+                        .and_then(|l| l.tombstone_age_ms)
+                        .is_some_and(|t| my_age > t.saturating_add(GRACE_MS))
+            });
+            let superseded = os.iter().filter(|o| *o != me).any(|o| {
+                other(o).is_some_and(|l| l.checksum != mine.checksum && l.age_ms.saturating_add(GRACE_MS) < my_age)
+            });
+            if deleted || superseded {
+                stale.push(i);
+                continue;
+            }
+            let durable = mine.tiers.iter().any(|t| t.is_persistent());
             let holds = |o: &str| {
                 o == me
-                    || held
-                        .get(&(o, i))
-                        .is_some_and(|ts| !durable || ts.iter().any(|t| matches!(t, Tier::Disk | Tier::Object)))
+                    || other(o).is_some_and(|l| {
+                        l.checksum == mine.checksum
+                            && (!durable || l.tiers().any(|t| matches!(t, Tier::Disk | Tier::Object)))
+                    })
             };
             let missing: Vec<&String> = os.iter().filter(|o| !holds(o)).collect();
             let owner = os.iter().any(|o| o == me);
@@ -246,9 +278,6 @@ impl Repairer {
                 if missing.is_empty() || os.iter().find(|o| holds(o)).map(String::as_str) != Some(me) {
                     continue;
                 }
-            } else if missing.is_empty() {
-                handoff.push(i);
-                continue;
             } else {
                 handoff.push(i);
             }
@@ -267,13 +296,14 @@ impl Repairer {
             groups.entry((p.to.clone(), p.durable)).or_default().push(p.index);
         }
         for ((to, durable), idx) in groups {
-            let mut objects: Vec<(usize, PutObject)> = Vec::new();
+            let mut objects: Vec<(usize, PutObject, Option<u64>)> = Vec::new();
             let mut bytes = 0u64;
             for (n, &i) in idx.iter().enumerate() {
-                let key = ObjectKey::new(ns.clone(), batch[i].0.clone());
-                match self.stack.read_for_copy(&key).await {
+                let key = &object_keys[i];
+                match self.stack.read_for_copy(key).await {
                     Ok(Some(block)) => {
                         bytes += block.header.length;
+                        let age = self.stack.clock().now_ms().saturating_sub(block.header.created_ms);
                         objects.push((
                             i,
                             PutObject {
@@ -281,6 +311,7 @@ impl Repairer {
                                 value: block.payload,
                                 layout: Some(super::service::layout_to_proto(&block.header.layout)),
                             },
+                            Some(age),
                         ));
                     }
                     // Deleted since the snapshot: nothing to copy.
@@ -300,21 +331,31 @@ impl Repairer {
                 }
             }
         }
-        for (i, _) in batch.iter().enumerate() {
-            if failed.contains(&i) && replication > 1 && owners[i].iter().any(|o| o == me) {
+        for (i, os) in owners.iter().enumerate() {
+            if failed.contains(&i) && replication > 1 && os.iter().any(|o| o == me) {
                 report.under_replicated += 1;
             }
         }
-        // Hand off: every owner now holds a copy.
-        for i in handoff {
+        // Hand off (every owner now holds this version) and drop stale
+        // copies; a newer version stored here meanwhile stays.
+        for (i, stale) in handoff
+            .into_iter()
+            .map(|i| (i, false))
+            .chain(stale.into_iter().map(|i| (i, true)))
+        {
             if failed.contains(&i) {
                 continue;
             }
-            let key = ObjectKey::new(ns.clone(), batch[i].0.clone());
-            match self.stack.delete(&key).await {
+            let Some(mine) = &local[i] else { continue };
+            let key = &object_keys[i];
+            match self.stack.delete_version(key, mine.checksum).await {
+                Ok(true) if stale => {
+                    tracing::info!(%key, "repair: dropped a stale copy (deleted or replaced while this node was away)");
+                    report.stale += 1;
+                }
                 Ok(true) => report.handed_off += 1,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(%key, error = %e, "repair: deleting a handed-off copy failed"),
+                Err(e) => tracing::warn!(%key, error = %e, "repair: deleting a copy failed"),
             }
         }
     }
@@ -327,7 +368,7 @@ impl Repairer {
         ns: &str,
         to: &str,
         durable: bool,
-        objects: Vec<(usize, PutObject)>,
+        objects: Vec<(usize, PutObject, Option<u64>)>,
         bytes: u64,
         failed: &mut HashSet<usize>,
         report: &mut PassReport,
@@ -335,14 +376,23 @@ impl Repairer {
         if objects.is_empty() {
             return;
         }
-        let (idx, objects): (Vec<usize>, Vec<PutObject>) = objects.into_iter().unzip();
+        let mut idx = Vec::with_capacity(objects.len());
+        let mut ages = Vec::with_capacity(objects.len());
+        let objects: Vec<PutObject> = objects
+            .into_iter()
+            .map(|(i, o, age)| {
+                idx.push(i);
+                ages.push(age);
+                o
+            })
+            .collect();
         let r = async {
             let c = client.node_client(to).await?;
             let want = if durable { Durability::Disk } else { Durability::Memory };
-            match c.put_many(ns, objects.clone(), want).await {
+            match c.put_many_aged(ns, objects.clone(), ages.clone(), want).await {
                 // An owner without a disk tier gets a memory copy.
                 Err(e) if durable && e.kind() == ErrorKind::FailedPrecondition => {
-                    c.put_many(ns, objects, Durability::Memory).await
+                    c.put_many_aged(ns, objects, ages, Durability::Memory).await
                 }
                 r => r,
             }

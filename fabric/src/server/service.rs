@@ -4,6 +4,7 @@
 //! sends can panic the node or touch data it did not name.
 
 use super::forward::{Forwarder, to_status};
+use super::tombstones::{DEFAULT_TOMBSTONE_TTL_MS, Tombstones};
 use super::{FabricError, LimitSettings, Metrics, Namespaces, namespaces::DEFAULT_TENANT};
 use crate::client::PutObject;
 use crate::cluster::{MemberState, NamespaceRecord, PublishError, check_replication, publish};
@@ -90,6 +91,8 @@ struct Shared {
     inflight: Arc<tokio::sync::Semaphore>,
     /// Cluster mode: carries out client requests on the keys' owners.
     forwarder: Option<Arc<Forwarder>>,
+    /// Deletes in replicated namespaces, remembered for repair.
+    tombstones: Arc<Tombstones>,
 }
 
 /// Unit of the in-flight put budget.
@@ -118,6 +121,8 @@ struct Pending {
     length: u64,
     layout: Layout,
     checksum: Option<u64>,
+    /// Age to keep (a node's copy in a forwarded put), ms.
+    age_ms: Option<u64>,
     buf: BytesMut,
     single: Option<Bytes>,
     /// Share of the in-flight budget, returned when the object is stored or dropped.
@@ -139,7 +144,10 @@ impl BlockService {
         limits: LimitSettings,
         node_id: String,
     ) -> Self {
-        Self::with_forwarder(stack, namespaces, metrics, limits, node_id, None)
+        let tombstones = Arc::new(
+            Tombstones::load(None, DEFAULT_TOMBSTONE_TTL_MS, 0).expect("in-memory tombstones cannot fail to load"),
+        );
+        Self::with_forwarder(stack, namespaces, metrics, limits, node_id, None, tombstones)
     }
 
     /// A service that, in cluster mode, forwards client requests for keys
@@ -151,6 +159,7 @@ impl BlockService {
         limits: LimitSettings,
         node_id: String,
         forwarder: Option<Arc<Forwarder>>,
+        tombstones: Arc<Tombstones>,
     ) -> Self {
         let (stopping, _) = tokio::sync::watch::channel(false);
         let budget = inflight_units(limits.max_inflight_put_bytes.0) as usize;
@@ -167,6 +176,7 @@ impl BlockService {
                 stopping,
                 inflight,
                 forwarder,
+                tombstones,
             }),
         }
     }
@@ -302,7 +312,8 @@ impl BlockService {
             None => p.buf.freeze(),
         };
         let now = self.shared.stack.clock().now_ms();
-        let block = kvfabric_tiers::offload(payload.len(), || Block::new(payload, p.layout, now));
+        let created = p.age_ms.map_or(now, |age| now.saturating_sub(age));
+        let block = kvfabric_tiers::offload(payload.len(), || Block::new(payload, p.layout, created));
         if let Some(sum) = p.checksum
             && sum != block.header.checksum
         {
@@ -320,6 +331,7 @@ impl BlockService {
             let e = FabricError::from(e);
             status(e.kind(), format!("object {}: {e}", hex(&p.key)))
         })?;
+        self.shared.tombstones.clear(ns, &p.key);
         self.shared
             .metrics
             .rpc_bytes
@@ -341,6 +353,8 @@ impl BlockService {
         };
         let tenant = self.tenant(&open.tenant)?.to_string();
         validate::name("namespace", &open.namespace).map_err(invalid)?;
+        // Only a node copying its own objects may carry their age over.
+        let keep_age = open.forwarded;
         let durability = match v1::Durability::try_from(open.durability) {
             Ok(v1::Durability::Memory) => Durability::Memory,
             Ok(v1::Durability::Disk) => Durability::Disk,
@@ -435,6 +449,7 @@ impl BlockService {
                         length: b.length,
                         layout: layout_from_proto(b.layout),
                         checksum: b.checksum,
+                        age_ms: if keep_age { b.age_ms } else { None },
                         buf: BytesMut::new(),
                         single: None,
                     };
@@ -776,9 +791,16 @@ impl KvBlockService for BlockService {
                 return Ok(DeleteResponse { deleted: n });
             }
             self.shared.namespaces.for_read(&tenant, &req.namespace)?;
+            let replicated = self.shared.namespaces.replication(&req.namespace) >= 2;
             let ns: Arc<str> = req.namespace.into();
+            let now = self.shared.stack.clock().now_ms();
             let mut deleted = 0;
             for k in req.keys {
+                // Remembered whether or not this node held it: a replica
+                // that was away must not bring it back.
+                if replicated {
+                    self.shared.tombstones.record(&ns, &k, now);
+                }
                 if self
                     .shared
                     .stack
@@ -824,18 +846,25 @@ impl KvBlockService for BlockService {
             self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
             let ns: Arc<str> = req.namespace.into();
             let keys: Vec<ObjectKey> = req.keys.into_iter().map(|k| ObjectKey::new(ns.clone(), k)).collect();
+            let now = self.shared.stack.clock().now_ms();
             let locations = self
                 .shared
                 .stack
                 .locate(&keys)
                 .into_iter()
-                .map(|l| match l {
+                .zip(&keys)
+                .map(|(l, k)| match l {
                     Some(l) => KeyLocation {
                         tiers: l.tiers.into_iter().map(|t| tier_to_proto(t) as i32).collect(),
                         length: l.len,
                         checksum: l.checksum,
+                        age_ms: now.saturating_sub(l.created_ms),
+                        tombstone_age_ms: None,
                     },
-                    None => KeyLocation::default(),
+                    None => KeyLocation {
+                        tombstone_age_ms: self.shared.tombstones.age(&ns, k.key(), now),
+                        ..KeyLocation::default()
+                    },
                 })
                 .collect();
             Ok(LocateResponse { locations })

@@ -125,6 +125,9 @@ pub struct Located {
     pub len: u64,
     /// xxh3-64 of the payload.
     pub checksum: u64,
+    /// When this version was first stored, ms since the epoch (this node's
+    /// clock, or carried over when the object was copied here).
+    pub created_ms: u64,
 }
 
 /// Point-in-time view of one tier.
@@ -177,6 +180,8 @@ struct Entry {
     len: u64,
     checksum: u64,
     lease_until_ms: u64,
+    /// When this version was first stored (its header's `created_ms`).
+    created_ms: u64,
 }
 
 /// The stack of tiers of one node.
@@ -278,6 +283,7 @@ impl TierStack {
                     len: h.length,
                     checksum: h.checksum,
                     lease_until_ms: 0,
+                    created_ms: h.created_ms,
                 },
             );
         }
@@ -384,12 +390,16 @@ impl TierStack {
                 len: header.length,
                 checksum: header.checksum,
                 lease_until_ms: 0,
+                created_ms: header.created_ms,
             });
             // A pending checksum (local-path commit) never proves two
             // versions equal: the older copies go.
             let same = e.checksum != CHECKSUM_PENDING && e.checksum == header.checksum && e.len == header.length;
             let stale = if same { 0 } else { e.mask & !placed };
             e.mask = if same { e.mask | placed } else { placed };
+            if !same {
+                e.created_ms = header.created_ms;
+            }
             e.len = header.length;
             e.checksum = header.checksum;
             stale
@@ -689,6 +699,28 @@ impl TierStack {
         let Some(entry) = self.index.lock().remove(key) else {
             return Ok(false);
         };
+        self.drop_copies(key, &entry).await
+    }
+
+    /// Deletes `key` only if the version held is the one with `checksum`
+    /// (a newer version stored meanwhile stays); returns whether it went.
+    pub async fn delete_version(&self, key: &ObjectKey, checksum: u64) -> TierResult<bool> {
+        let _g = self.stripe(key).lock().await;
+        let entry = {
+            let mut index = self.index.lock();
+            match index.get(key) {
+                Some(e) if e.checksum == checksum => index.remove(key),
+                _ => None,
+            }
+        };
+        match entry {
+            Some(e) => self.drop_copies(key, &e).await,
+            None => Ok(false),
+        }
+    }
+
+    /// Removes every copy of an entry already taken out of the index.
+    async fn drop_copies(&self, key: &ObjectKey, entry: &Entry) -> TierResult<bool> {
         let mut first_err = None;
         for (i, level) in self.levels.iter().enumerate() {
             if entry.mask & bit(i) != 0 {
@@ -757,6 +789,7 @@ impl TierStack {
                         .collect(),
                     len: e.len,
                     checksum: e.checksum,
+                    created_ms: e.created_ms,
                 })
             })
             .collect()

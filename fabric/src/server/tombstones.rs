@@ -1,0 +1,209 @@
+//! Tombstones: the deletes a node carried out in replicated namespaces
+//! (replication >= 2), remembered for `cluster.tombstone-ttl-s`, so that a
+//! replica that was down while an object was deleted does not bring it
+//! back when it returns (cluster repair asks the owners with `Locate`,
+//! which reports a tombstone's age). Storing the key again clears it.
+//!
+//! Persisted as an append-only text file (`tombstones` in the data
+//! directory; `+ NS HEXKEY MS` records a delete, `- NS HEXKEY` a later
+//! store), read back and compacted at start (expired and cleared entries
+//! dropped) and compacted again whenever it holds more than twice the live
+//! entries. Writes are not synced: a tombstone is lost only with the
+//! machine, and then only for objects deleted in the last moments.
+//! Times are this node's clock; only ages (durations) leave the node.
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Default of `cluster.tombstone-ttl-s`, in ms (one day).
+pub(crate) const DEFAULT_TOMBSTONE_TTL_MS: u64 = 86_400_000;
+
+/// The tombstones of one node.
+#[derive(Debug)]
+pub(crate) struct Tombstones {
+    path: Option<PathBuf>,
+    ttl_ms: u64,
+    /// Live entries, read without the lock on the put path.
+    live: AtomicUsize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: HashMap<(Arc<str>, Bytes), u64>,
+    file: Option<std::fs::File>,
+    /// Lines in the file.
+    lines: usize,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Bytes> {
+    if !s.len().is_multiple_of(2) || s.is_empty() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()
+        .map(Bytes::from)
+}
+
+impl Tombstones {
+    /// Loads (and compacts) the tombstones at `path`, dropping those older
+    /// than `ttl_ms` at `now_ms`; `None` keeps them in memory only.
+    pub(crate) fn load(path: Option<PathBuf>, ttl_ms: u64, now_ms: u64) -> std::io::Result<Tombstones> {
+        let mut map = HashMap::new();
+        if let Some(p) = &path {
+            match std::fs::read_to_string(p) {
+                Ok(text) => {
+                    for line in text.lines() {
+                        let f: Vec<&str> = line.split(' ').collect();
+                        match f.as_slice() {
+                            ["+", ns, key, ms] => {
+                                if let (Some(k), Ok(ms)) = (unhex(key), ms.parse::<u64>()) {
+                                    map.insert((Arc::<str>::from(*ns), k), ms);
+                                }
+                            }
+                            ["-", ns, key] => {
+                                if let Some(k) = unhex(key) {
+                                    map.remove(&(Arc::<str>::from(*ns), k));
+                                }
+                            }
+                            // A torn last line (crash mid-write) or junk: skipped.
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        map.retain(|_, ms| ms.saturating_add(ttl_ms) > now_ms);
+        let t = Tombstones {
+            path,
+            ttl_ms,
+            live: AtomicUsize::new(map.len()),
+            inner: Mutex::new(Inner {
+                map,
+                file: None,
+                lines: 0,
+            }),
+        };
+        t.rewrite(&mut t.inner.lock())?;
+        Ok(t)
+    }
+
+    /// Writes the live entries to a fresh file and appends from there.
+    fn rewrite(&self, inner: &mut Inner) -> std::io::Result<()> {
+        let Some(p) = &self.path else { return Ok(()) };
+        let tmp = p.with_extension("tmp");
+        let text: String = inner
+            .map
+            .iter()
+            .map(|((ns, k), ms)| format!("+ {ns} {} {ms}\n", hex(k)))
+            .collect();
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, p)?;
+        inner.file = Some(std::fs::OpenOptions::new().append(true).open(p)?);
+        inner.lines = inner.map.len();
+        Ok(())
+    }
+
+    fn append(&self, inner: &mut Inner, line: String) {
+        if self.path.is_none() {
+            return;
+        }
+        inner.lines += 1;
+        if inner.lines > 2 * inner.map.len() + 1024 {
+            if let Err(e) = self.rewrite(inner) {
+                tracing::warn!(error = %e, "compacting the tombstone file");
+            }
+            return;
+        }
+        if let Some(f) = &mut inner.file
+            && let Err(e) = f.write_all(line.as_bytes())
+        {
+            tracing::warn!(error = %e, "writing a tombstone");
+        }
+    }
+
+    /// Records that `key` of `namespace` was deleted at `now_ms`.
+    pub(crate) fn record(&self, namespace: &Arc<str>, key: &Bytes, now_ms: u64) {
+        let mut inner = self.inner.lock();
+        inner.map.insert((namespace.clone(), key.clone()), now_ms);
+        self.live.store(inner.map.len(), Ordering::Relaxed);
+        self.append(&mut inner, format!("+ {namespace} {} {now_ms}\n", hex(key)));
+    }
+
+    /// Forgets `key`'s tombstone (it was stored again).
+    pub(crate) fn clear(&self, namespace: &Arc<str>, key: &Bytes) {
+        if self.live.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        if inner.map.remove(&(namespace.clone(), key.clone())).is_some() {
+            self.live.store(inner.map.len(), Ordering::Relaxed);
+            self.append(&mut inner, format!("- {namespace} {}\n", hex(key)));
+        }
+    }
+
+    /// How long ago `key` was deleted, if it has a live tombstone.
+    pub(crate) fn age(&self, namespace: &Arc<str>, key: &Bytes, now_ms: u64) -> Option<u64> {
+        if self.live.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let at = *self.inner.lock().map.get(&(namespace.clone(), key.clone()))?;
+        let age = now_ms.saturating_sub(at);
+        (age < self.ttl_ms).then_some(age)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_clear_expire_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tombstones");
+        let ns: Arc<str> = "w".into();
+        let (k1, k2, k3) = (
+            Bytes::from_static(b"a"),
+            Bytes::from_static(b"b"),
+            Bytes::from_static(b"c"),
+        );
+        let t = Tombstones::load(Some(p.clone()), 10_000, 1_000).unwrap();
+        assert_eq!(t.age(&ns, &k1, 1_000), None);
+        t.record(&ns, &k1, 1_000);
+        t.record(&ns, &k2, 2_000);
+        t.record(&ns, &k3, 2_500);
+        t.clear(&ns, &k3);
+        assert_eq!(t.age(&ns, &k1, 1_500), Some(500));
+        assert_eq!(t.age(&ns, &k3, 3_000), None, "stored again");
+        assert_eq!(t.age(&ns, &k1, 11_000), None, "expired");
+        drop(t);
+        // A torn line at the end is skipped.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"+ w 6").unwrap();
+        drop(f);
+        let t = Tombstones::load(Some(p.clone()), 10_000, 5_000).unwrap();
+        assert_eq!(t.age(&ns, &k1, 5_000), Some(4_000));
+        assert_eq!(t.age(&ns, &k2, 5_000), Some(3_000));
+        assert_eq!(t.age(&ns, &k3, 5_000), None);
+        // Reloaded past k1's expiry: only k2 is left, and the file was compacted.
+        drop(t);
+        let t = Tombstones::load(Some(p.clone()), 10_000, 11_500).unwrap();
+        assert_eq!(t.age(&ns, &k1, 11_500), None);
+        assert_eq!(t.age(&ns, &k2, 11_500), Some(9_500));
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 1);
+        assert!(unhex("0").is_none() && unhex("zz").is_none() && unhex("").is_none());
+    }
+}
