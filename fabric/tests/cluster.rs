@@ -824,7 +824,10 @@ impl RealNodes {
             .args(["--host-capacity", "8MiB", "--disk-capacity", "64MiB"])
             .args(["--cluster", &self.etcd_url, "--cluster-id", self.cluster])
             .args(["--node-id", self.ids[i]])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("KVFABRIC_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -1094,6 +1097,7 @@ async fn rolling_restart_under_load_fails_no_read() {
     let value = |k: &Bytes| Bytes::from(k.repeat(30));
     let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), value(k))).collect();
     cc.put_many("roll", objs, Durability::Disk).await.unwrap();
+    wait_holders(&clients, "roll", &ks, "placed on two nodes", |_, h| h.len() == 2).await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
@@ -1295,10 +1299,32 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
     // Let b's copies grow older than the deletes by more than repair's grace.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
+    let check_reads = |clients: &[(&'static str, Client)]| {
+        let (clients, ks, gone, changed) = (clients.to_vec(), ks.clone(), gone.clone(), changed.clone());
+        async move {
+            for (id, c) in &clients {
+                let got = c.get_many("w", ks.clone()).await.unwrap();
+                for (k, o) in ks.iter().zip(got) {
+                    let want = if gone.contains(k) {
+                        None
+                    } else if changed.contains(k) {
+                        Some(v2(k))
+                    } else {
+                        Some(v1(k))
+                    };
+                    assert_eq!(o.map(|o| o.value), want, "{k:?} read through {id}");
+                }
+            }
+        }
+    };
+
+    // b reconciles before it serves: from its first moment serving, no
+    // read (through b itself or any other node) sees a stale copy.
     procs[1] = Some(nodes.serve(1));
     m.wait_for(Duration::from_secs(30), |m| serving(m, "b"))
         .await
         .unwrap_or_else(|last| panic!("b never served again: {last:?}"));
+    check_reads(&clients).await;
     wait_holders(&clients, "w", &gone, "deleted objects stay deleted", |_, h| {
         h.is_empty()
     })
@@ -1321,17 +1347,5 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
         assert!(t.elapsed() < Duration::from_secs(30), "{old} old copies left");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for (id, c) in &clients {
-        let got = c.get_many("w", ks.clone()).await.unwrap();
-        for (k, o) in ks.iter().zip(got) {
-            let want = if gone.contains(k) {
-                None
-            } else if changed.contains(k) {
-                Some(v2(k))
-            } else {
-                Some(v1(k))
-            };
-            assert_eq!(o.map(|o| o.value), want, "{k:?} read through {id}");
-        }
-    }
+    check_reads(&clients).await;
 }

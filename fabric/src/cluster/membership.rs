@@ -79,6 +79,17 @@ impl Membership {
         rx
     }
 
+    /// The serving members plus member `id` whatever its state (a node
+    /// still joining): the placement it will serve under once it turns
+    /// serving.
+    pub fn serving_with(&self, id: &str) -> Vec<NodeInfo> {
+        let map = self.snapshot();
+        map.values()
+            .filter(|m| m.state == MemberState::Serving || m.node_id == id)
+            .map(node_info)
+            .collect()
+    }
+
     /// A receiver notified on every change of the map.
     pub fn subscribe(&self) -> watch::Receiver<Arc<MemberMap>> {
         self.inner.subscribe()
@@ -99,18 +110,21 @@ impl Membership {
 fn serving(map: &MemberMap) -> Vec<NodeInfo> {
     map.values()
         .filter(|m| m.state == MemberState::Serving)
-        .map(|m| {
-            let local: u64 = m
-                .tiers
-                .iter()
-                .filter(|t| t.tier != "object" && t.capacity_bytes != u64::MAX)
-                .map(|t| t.capacity_bytes)
-                .fold(0u64, u64::saturating_add);
-            NodeInfo {
-                id: m.node_id.clone(),
-                endpoint: m.endpoint.clone(),
-                weight: if local == 0 { 1.0 } else { local as f64 },
-            }
-        })
+        .map(node_info)
         .collect()
+}
+
+/// A member as the client sees it: id, endpoint and placement weight.
+fn node_info(m: &Member) -> NodeInfo {
+    let local: u64 = m
+        .tiers
+        .iter()
+        .filter(|t| t.tier != "object" && t.capacity_bytes != u64::MAX)
+        .map(|t| t.capacity_bytes)
+        .fold(0u64, u64::saturating_add);
+    NodeInfo {
+        id: m.node_id.clone(),
+        endpoint: m.endpoint.clone(),
+        weight: if local == 0 { 1.0 } else { local as f64 },
+    }
 }

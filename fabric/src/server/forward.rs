@@ -92,6 +92,14 @@ impl Forwarder {
         self.members.clone()
     }
 
+    /// The serving members plus this node (while it is still joining).
+    pub(crate) fn serving_and_me(&self) -> Vec<NodeInfo> {
+        let g = self.membership.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()
+            .map(|(m, _)| m.serving_with(&self.node_id))
+            .unwrap_or_default()
+    }
+
     /// Stops watching the membership.
     pub(crate) fn stop(&self) {
         drop(self.membership.lock().unwrap_or_else(|p| p.into_inner()).take());

@@ -54,6 +54,10 @@ pub struct NodeHandle {
     cluster_tasks: Vec<JoinHandle<()>>,
 }
 
+/// Longest a node that comes back with data spends reconciling with the
+/// cluster before it serves.
+const RECONCILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Largest HTTP/2 frame either side accepts (the protocol default is 16 KiB).
 const MAX_FRAME_BYTES: u32 = 4 << 20;
 
@@ -164,6 +168,7 @@ impl Node {
             .await?;
         let (repair_stop, repair_stop_rx) = tokio::sync::watch::channel(false);
         let mut cluster_tasks = Vec::new();
+        let mut repairer_slot = None;
         let forwarder = match (
             &registration,
             s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)?,
@@ -220,7 +225,7 @@ impl Node {
                     under_replicated,
                     kick: f.ctl.kick.clone(),
                 };
-                cluster_tasks.push(tokio::spawn(repairer.run(repair_stop_rx)));
+                repairer_slot = Some(repairer);
                 Some(f)
             }
             _ => None,
@@ -329,6 +334,20 @@ impl Node {
                 tracing::error!(error = %e, "metrics server failed");
             }
         });
+        if let Some(repairer) = repairer_slot {
+            // Back with data: drop what was deleted or replaced meanwhile
+            // before anyone is sent here (bounded: peers may not answer).
+            if !self.stack.is_empty()
+                && tokio::time::timeout(RECONCILE_TIMEOUT, repairer.reconcile())
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    "reconciling with the cluster took over {RECONCILE_TIMEOUT:?}; serving anyway (repair goes on)"
+                );
+            }
+            cluster_tasks.push(tokio::spawn(repairer.run(repair_stop_rx)));
+        }
         tracing::info!(%grpc_addr, %metrics_addr, "kvfabric node serving");
         if let Some(r) = &registration {
             r.set_state(MemberState::Serving);

@@ -33,6 +33,11 @@
 //! so foreground traffic keeps its latency. Local reads for copying do not
 //! promote (a repair scan must not flush the hot set).
 //!
+//! A node that comes back with data first **reconciles** (while still
+//! `joining`, so no request reaches it): it drops the stale copies of its
+//! replicated namespaces, judged against the placement it is about to
+//! serve under, and only then turns `serving`.
+//!
 //! Passes run after every membership change (once it settles), every
 //! `cluster.repair-interval-ms`, and at once when a drain starts. An owner
 //! that does not answer makes its objects wait for the next pass (counted
@@ -40,7 +45,7 @@
 
 use super::forward::Forwarder;
 use super::{Metrics, Namespaces};
-use crate::client::{KeyLocation, PutObject};
+use crate::client::{ClientError, ClientOptions, ClusterClient, KeyLocation, PutObject};
 use crate::proto::ErrorKind;
 use crate::proto::v1::Durability;
 use crate::proto::v1::Tier;
@@ -60,6 +65,8 @@ const FLUSH_BYTES: u64 = 32 << 20;
 /// version) a local copy must be before it counts as stale: a put racing a
 /// delete (or another put) within this window is left alone.
 const GRACE_MS: u64 = 1000;
+/// Longest wait for one `Locate` (and the base of a copy's limit).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Quiet time after a membership change before a pass starts (changes
 /// arrive in bursts: a node's record and its state).
 const SETTLE: Duration = Duration::from_millis(300);
@@ -106,6 +113,21 @@ struct Pending {
     index: usize,
     to: String,
     durable: bool,
+}
+
+/// Runs a call to node `node` under `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    node: &str,
+    f: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+        Err(ClientError::Status {
+            kind: ErrorKind::Unavailable,
+            code: tonic::Code::DeadlineExceeded,
+            message: format!("node {node} did not answer within {limit:?}"),
+        })
+    })
 }
 
 impl Repairer {
@@ -157,13 +179,41 @@ impl Repairer {
 
     /// One pass over every local object.
     pub(crate) async fn pass(&self) -> PassReport {
-        let mut report = PassReport::default();
         if self.forwarder.serving_nodes().borrow().is_empty() {
-            return report;
+            return PassReport::default();
         }
+        self.walk(None, |_| true).await
+    }
+
+    /// Before a node that came back with data turns serving: drops the
+    /// copies of replicated namespaces that were deleted or replaced while
+    /// it was away, judged against the placement it is about to serve under
+    /// (the serving members plus itself), so it never serves them. Copies
+    /// nothing and hands nothing off (the regular passes do, once it
+    /// serves).
+    pub(crate) async fn reconcile(&self) -> PassReport {
+        let members = self.forwarder.serving_and_me();
+        if members.len() < 2 || !members.iter().any(|m| m.id == self.node_id) {
+            return PassReport::default();
+        }
+        let placement = ClusterClient::fixed(members, ClientOptions::default());
+        let namespaces = self.namespaces.clone();
+        let r = self
+            .walk(Some(&placement), move |ns| namespaces.replication(ns) >= 2)
+            .await;
+        if r.stale > 0 {
+            tracing::info!(stale = r.stale, scanned = r.scanned, "reconciled before serving");
+        }
+        r
+    }
+
+    /// Walks the local objects of the namespaces `wanted` accepts, batch by
+    /// batch; with `placement`, only drops stale copies (see `reconcile`).
+    async fn walk(&self, placement: Option<&ClusterClient>, wanted: impl Fn(&str) -> bool) -> PassReport {
+        let mut report = PassReport::default();
         // Local keys by namespace.
         let mut by_ns: BTreeMap<Arc<str>, BTreeSet<Bytes>> = BTreeMap::new();
-        for (k, _) in self.stack.snapshot(|_| true) {
+        for (k, _) in self.stack.snapshot(&wanted) {
             by_ns
                 .entry(k.namespace_arc().clone())
                 .or_default()
@@ -173,17 +223,36 @@ impl Repairer {
             let Some(tenant) = self.namespaces.owner(&ns) else {
                 continue;
             };
+            let client = match placement {
+                Some(p) => {
+                    let c = p.forwarding_for(&tenant);
+                    if c.set_replication(&ns, self.namespaces.replication(&ns) as usize)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    c
+                }
+                None => self.forwarder.client(&tenant),
+            };
             let keys: Vec<Bytes> = keys.into_iter().collect();
             for batch in keys.chunks(BATCH) {
-                self.repair_batch(&ns, &tenant, batch, &mut report).await;
+                self.repair_batch(&ns, &client, batch, placement.is_some(), &mut report)
+                    .await;
             }
         }
         report
     }
 
-    async fn repair_batch(&self, ns: &Arc<str>, tenant: &str, batch: &[Bytes], report: &mut PassReport) {
+    async fn repair_batch(
+        &self,
+        ns: &Arc<str>,
+        client: &ClusterClient,
+        batch: &[Bytes],
+        stale_only: bool,
+        report: &mut PassReport,
+    ) {
         let me = self.node_id.as_str();
-        let client = self.forwarder.client(tenant);
         report.scanned += batch.len() as u64;
         let object_keys: Vec<ObjectKey> = batch.iter().map(|k| ObjectKey::new(ns.clone(), k.clone())).collect();
         let mut owners = Vec::with_capacity(batch.len());
@@ -205,10 +274,10 @@ impl Repairer {
             let client = client.clone();
             let keys: Vec<Bytes> = idx.iter().map(|&i| batch[i].clone()).collect();
             async move {
-                let r = async {
+                let r = bounded(CALL_TIMEOUT, peer, async {
                     let c = client.node_client(peer).await?;
                     c.locate(ns, keys).await
-                }
+                })
                 .await;
                 (*peer, r)
             }
@@ -289,6 +358,20 @@ impl Repairer {
                 });
             }
         }
+        // Hand off only while this node sees itself serving (or draining):
+        // a node whose own record is gone from its view (lease lost, etcd
+        // unreachable) may be the one others count on for these copies.
+        if stale_only {
+            pending.clear();
+            handoff.clear();
+        } else if !handoff.is_empty() && !self.may_hand_off() {
+            // Copies still go to the owners; nothing is deleted here.
+            tracing::debug!(
+                objects = handoff.len(),
+                "repair: not serving in its own view; no hand-off this pass"
+            );
+            handoff.clear();
+        }
         // Copy, in batches per (owner, durability) bounded in bytes.
         let mut failed: HashSet<usize> = HashSet::new();
         let mut groups: BTreeMap<(String, bool), Vec<usize>> = BTreeMap::new();
@@ -326,7 +409,7 @@ impl Repairer {
                 if bytes >= FLUSH_BYTES || n + 1 == idx.len() {
                     let batch_objects = std::mem::take(&mut objects);
                     let sent = std::mem::take(&mut bytes);
-                    self.copy(&client, ns, &to, durable, batch_objects, sent, &mut failed, report)
+                    self.copy(client, ns, &to, durable, batch_objects, sent, &mut failed, report)
                         .await;
                 }
             }
@@ -360,11 +443,23 @@ impl Repairer {
         }
     }
 
+    /// Whether this node may delete copies it no longer owns: it is
+    /// draining, or it is serving in its own view of the membership.
+    fn may_hand_off(&self) -> bool {
+        *self.forwarder.ctl.state.borrow() == crate::cluster::MemberState::Draining
+            || self
+                .forwarder
+                .serving_nodes()
+                .borrow()
+                .iter()
+                .any(|n| n.id == self.node_id)
+    }
+
     /// Puts `objects` on node `to`; marks the ones that failed.
     #[allow(clippy::too_many_arguments)]
     async fn copy(
         &self,
-        client: &crate::client::ClusterClient,
+        client: &ClusterClient,
         ns: &str,
         to: &str,
         durable: bool,
@@ -386,7 +481,10 @@ impl Repairer {
                 o
             })
             .collect();
-        let r = async {
+        // Time for the bytes at 1 MB/s on top of the base: a stuck stream
+        // must not stall repair, a slow link must not fail it.
+        let limit = CALL_TIMEOUT + Duration::from_micros(bytes);
+        let r = bounded(limit, to, async {
             let c = client.node_client(to).await?;
             let want = if durable { Durability::Disk } else { Durability::Memory };
             match c.put_many_aged(ns, objects.clone(), ages.clone(), want).await {
@@ -396,7 +494,7 @@ impl Repairer {
                 }
                 r => r,
             }
-        }
+        })
         .await;
         match r {
             Ok(_) => {
