@@ -1290,6 +1290,14 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
     m.wait_for(Duration::from_secs(10), |m| !m.contains_key("b"))
         .await
         .unwrap_or_else(|last| panic!("b never left: {last:?}"));
+    // Writes go to every owner: wait until the survivors' own views agree.
+    for (id, c) in [&clients[0], &clients[2]] {
+        let t = Instant::now();
+        while c.members().await.unwrap().members.iter().any(|n| n.node_id == "b") {
+            assert!(t.elapsed() < Duration::from_secs(10), "{id} still sees b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     assert_eq!(clients[0].1.delete("w", gone.clone()).await.unwrap(), 20);
     let objs: Vec<PutObject> = changed.iter().map(|k| PutObject::new(k.clone(), v2(k))).collect();
     clients[2].1.put_many("w", objs, Durability::Disk).await.unwrap();
