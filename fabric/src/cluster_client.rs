@@ -24,6 +24,11 @@
 //!
 //! Connections are pooled per endpoint ([`Client`]) and reused across calls
 //! and membership changes.
+//!
+//! [`ClusterClient::discover`] needs no etcd: given any node(s), it learns
+//! the serving members (with the weights the nodes place by) and the
+//! cluster-wide namespaces' replication from the `Members` call, and keeps
+//! them current by asking again every `refresh`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -101,6 +106,60 @@ mod cache {
     }
 }
 
+/// The replication map shared by a client's clones, for the discovery task.
+struct ReplicationHandle(Arc<std::sync::RwLock<HashMap<String, usize>>>);
+
+impl ReplicationHandle {
+    fn set(&self, namespace: String, replicas: usize) {
+        if (1..=16).contains(&replicas) {
+            self.0
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(namespace, replicas);
+        }
+    }
+}
+
+/// Asks the node at `endpoint` for the serving members and the cluster-wide
+/// namespaces' replication.
+async fn ask_members(endpoint: &str, options: &ClientOptions) -> Result<(Vec<NodeInfo>, Vec<(String, usize)>)> {
+    let c = Client::connect_with(endpoint.to_string(), options.clone()).await?;
+    let r = tokio::time::timeout(std::time::Duration::from_secs(5), c.members())
+        .await
+        .map_err(|_| unavailable(format!("{endpoint} did not answer Members within 5 s")))??;
+    let members = if r.cluster {
+        r.members
+            .into_iter()
+            .map(|m| NodeInfo {
+                id: m.node_id,
+                endpoint: m.endpoint,
+                weight: if m.weight > 0.0 && m.weight.is_finite() {
+                    m.weight
+                } else {
+                    1.0
+                },
+            })
+            .collect()
+    } else {
+        // A single node: itself, at the endpoint asked.
+        r.members
+            .into_iter()
+            .take(1)
+            .map(|m| NodeInfo {
+                id: m.node_id,
+                endpoint: endpoint.to_string(),
+                weight: 1.0,
+            })
+            .collect()
+    };
+    let replication = r
+        .namespaces
+        .into_iter()
+        .map(|n| (n.namespace, n.replication as usize))
+        .collect();
+    Ok((members, replication))
+}
+
 /// Keys of one call grouped by node: node id -> (position in the call, key).
 type Groups = BTreeMap<String, Vec<(usize, Bytes)>>;
 
@@ -139,6 +198,72 @@ impl ClusterClient {
             replication: Arc::default(),
             default_replication: 1,
         }
+    }
+
+    /// A client that learns the cluster through `seeds` (any of its nodes):
+    /// the serving members and the cluster-wide namespaces' replication,
+    /// asked again every `refresh` (from a seed or any member known) until
+    /// the last clone of the client is dropped. A single node (not in
+    /// cluster mode) is a cluster of one. Fails when no seed answers.
+    pub async fn discover(
+        seeds: Vec<String>,
+        options: ClientOptions,
+        refresh: std::time::Duration,
+    ) -> Result<ClusterClient> {
+        if seeds.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "no seed endpoint to discover the cluster from".into(),
+            ));
+        }
+        let mut last = None;
+        let mut first = None;
+        for seed in &seeds {
+            match ask_members(seed, &options).await {
+                Ok(m) => {
+                    first = Some(m);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some((members, replication)) = first else {
+            return Err(last.unwrap_or_else(|| unavailable("no seed answered".into())));
+        };
+        let (tx, rx) = watch::channel(members);
+        let client = ClusterClient::new(rx, options.clone());
+        for (ns, r) in &replication {
+            client.set_replication(ns, *r)?;
+        }
+        let follower = client.clone_replication_handle();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh.max(std::time::Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if tx.is_closed() {
+                    return;
+                }
+                // The seeds, then every member known.
+                let known: Vec<String> = tx.borrow().iter().map(|n| n.endpoint.clone()).collect();
+                for ep in seeds.iter().chain(&known) {
+                    if let Ok((members, replication)) = ask_members(ep, &options).await {
+                        for (ns, r) in replication {
+                            follower.set(ns, r);
+                        }
+                        if *tx.borrow() != members {
+                            tx.send_replace(members);
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(client)
+    }
+
+    fn clone_replication_handle(&self) -> ReplicationHandle {
+        ReplicationHandle(self.replication.clone())
     }
 
     /// A client over a fixed membership.

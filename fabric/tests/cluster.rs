@@ -1357,3 +1357,91 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
     }
     check_reads(&clients).await;
 }
+
+/// A cluster-aware client with no etcd of its own: it learns the serving
+/// members, their placement weights and a namespace's replication from one
+/// node (`ClusterClient::discover`, the `Members` call), places every key
+/// exactly as the nodes do, and follows a node leaving. A single node is a
+/// cluster of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_discovers_the_cluster_through_one_node() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (d, id) in dirs.iter().zip(["a", "b", "c"]) {
+        nodes.push(common::start(node_settings(d.path(), &etcd, "disc", id, 30)).await);
+    }
+    let mut view = Vec::new();
+    for (h, _) in &nodes {
+        view = wait_view(h, 3).await;
+    }
+    nodes[0].1.create_namespace("rep2", 2).await.unwrap();
+    let t = Instant::now();
+    while nodes[1].1.describe_namespace("rep2").await.map(|i| i.replication).ok() != Some(2) {
+        assert!(t.elapsed() < Duration::from_secs(10), "b never learned the namespace");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cc = ClusterClient::discover(
+        vec!["http://127.0.0.1:1".into(), nodes[1].0.endpoint()],
+        ClientOptions::default(),
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap();
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let ks = keys("d", 300);
+    for k in &ks {
+        let want: Vec<String> = placement.owners("rep2", k, 2).into_iter().map(str::to_string).collect();
+        assert_eq!(cc.owners("rep2", k).unwrap(), want, "placement of {k:?}");
+    }
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(2))).collect();
+    cc.put_many("rep2", objs, Durability::Memory).await.unwrap();
+    for (h, _) in &nodes {
+        let id = view.iter().find(|n| n.endpoint == h.endpoint()).unwrap().id.clone();
+        let owned = ks
+            .iter()
+            .filter(|k| placement.owners("rep2", k, 2).contains(&id.as_str()))
+            .count();
+        assert_eq!(h.stack.len(), owned, "{id} holds exactly the keys it owns");
+    }
+
+    // c leaves: the client follows within a few refreshes, reads go on.
+    let (c, _) = nodes.pop().unwrap();
+    c.shutdown().await;
+    let t = Instant::now();
+    while ks
+        .iter()
+        .any(|k| cc.owners("rep2", k).unwrap().contains(&"c".to_string()))
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "the client still places on c");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = cc.get_many("rep2", ks.clone()).await.unwrap();
+    assert!(
+        ks.iter()
+            .zip(&got)
+            .all(|(k, o)| o.as_ref().map(|o| o.value.to_vec()) == Some(k.repeat(2)))
+    );
+
+    // A single node, and no seed that answers.
+    let d = tempfile::tempdir().unwrap();
+    let (solo, _) = common::start(common::settings(d.path(), 1 << 20, 0)).await;
+    let one = ClusterClient::discover(vec![solo.endpoint()], ClientOptions::default(), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(one.owners("x", b"k").unwrap(), vec!["kvfabric-node".to_string()]);
+    one.put("x", "k", "v", Durability::Memory).await.unwrap();
+    assert_eq!(one.get("x", "k").await.unwrap().unwrap().value, "v");
+    let err = ClusterClient::discover(
+        vec!["http://127.0.0.1:1".into()],
+        ClientOptions::default(),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::Unavailable, "{err}");
+    solo.shutdown().await;
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}

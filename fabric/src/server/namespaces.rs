@@ -230,6 +230,16 @@ impl Namespaces {
         self.owners.lock().get(namespace).map_or(1, |o| o.replication)
     }
 
+    /// The cluster-wide namespaces and their replication.
+    pub fn cluster_wide(&self) -> Vec<(String, u32)> {
+        self.owners
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.cluster_wide)
+            .map(|(n, e)| (n.clone(), e.replication))
+            .collect()
+    }
+
     /// All namespaces.
     pub fn names(&self) -> Vec<String> {
         self.owners.lock().keys().cloned().collect()

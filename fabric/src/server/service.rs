@@ -11,8 +11,8 @@ use crate::cluster::{MemberState, NamespaceRecord, PublishError, check_replicati
 use crate::proto::v1::{
     self, CreateNamespaceRequest, DeleteRequest, DeleteResponse, DescribeNamespaceRequest, DrainRequest, DrainResponse,
     Event, EventKind, ExistsPrefixRequest, ExistsPrefixResponse, GetRequest, GetResponse, KeyLocation, LeaseRequest,
-    LeaseResponse, LocateRequest, LocateResponse, MembersRequest, MembersResponse, NamespaceInfo, NodeMember,
-    PutRequest, PutResponse, PutResult, StatsRequest, StatsResponse, SubscribeRequest, get_response,
+    LeaseResponse, LocateRequest, LocateResponse, MembersRequest, MembersResponse, NamespaceInfo, NamespaceReplication,
+    NodeMember, PutRequest, PutResponse, PutResult, StatsRequest, StatsResponse, SubscribeRequest, get_response,
     kv_block_service_server::KvBlockService, put_request,
 };
 use crate::proto::{ErrorKind, MAX_CHUNK_BYTES, status};
@@ -977,16 +977,26 @@ impl KvBlockService for BlockService {
                     .map(|n| NodeMember {
                         node_id: n.id.clone(),
                         endpoint: n.endpoint.clone(),
+                        weight: n.weight,
                     })
                     .collect(),
                 cluster: true,
+                namespaces: self
+                    .shared
+                    .namespaces
+                    .cluster_wide()
+                    .into_iter()
+                    .map(|(namespace, replication)| NamespaceReplication { namespace, replication })
+                    .collect(),
             },
             None => MembersResponse {
                 members: vec![NodeMember {
                     node_id: self.shared.node_id.clone(),
                     endpoint: String::new(),
+                    weight: 1.0,
                 }],
                 cluster: false,
+                namespaces: Vec::new(),
             },
         };
         Ok(Response::new(r))
