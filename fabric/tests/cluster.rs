@@ -1263,7 +1263,13 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
         .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
     let clients = nodes.clients().await;
     clients[0].1.create_namespace("w", 2).await.unwrap();
+    clients[0].1.create_namespace("w2", 2).await.unwrap();
     wait_replication(&clients, "w", 2).await;
+    wait_replication(&clients, "w2", 2).await;
+    // A second namespace, cleared whole while b is away.
+    let cleared = keys("c", 30);
+    let objs: Vec<PutObject> = cleared.iter().map(|k| PutObject::new(k.clone(), k.clone())).collect();
+    clients[0].1.put_many("w2", objs, Durability::Disk).await.unwrap();
     let view: Vec<NodeInfo> = m.serving_nodes().borrow().clone();
     let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
     let owners = |k: &Bytes| {
@@ -1299,6 +1305,7 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
         }
     }
     assert_eq!(clients[0].1.delete("w", gone.clone()).await.unwrap(), 20);
+    clients[0].1.clear("w2").await.unwrap();
     let objs: Vec<PutObject> = changed.iter().map(|k| PutObject::new(k.clone(), v2(k))).collect();
     clients[2].1.put_many("w", objs, Durability::Disk).await.unwrap();
     let survivors: Vec<(&str, Client)> = [0, 2].iter().map(|&i| clients[i].clone()).collect();
@@ -1334,6 +1341,10 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
         .unwrap_or_else(|last| panic!("b never served again: {last:?}"));
     check_reads(&clients).await;
     wait_holders(&clients, "w", &gone, "deleted objects stay deleted", |_, h| {
+        h.is_empty()
+    })
+    .await;
+    wait_holders(&clients, "w2", &cleared, "a cleared namespace stays empty", |_, h| {
         h.is_empty()
     })
     .await;

@@ -772,6 +772,12 @@ impl KvBlockService for BlockService {
                     return Ok(DeleteResponse { deleted: n });
                 }
                 self.shared.namespaces.for_read(&tenant, &req.namespace)?;
+                if self.shared.namespaces.replication(&req.namespace) >= 2 {
+                    let ns: Arc<str> = req.namespace.as_str().into();
+                    self.shared
+                        .tombstones
+                        .record_clear(&ns, self.shared.stack.clock().now_ms());
+                }
                 let n = self
                     .shared
                     .stack

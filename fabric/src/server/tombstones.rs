@@ -4,9 +4,12 @@
 //! back when it returns (cluster repair asks the owners with `Locate`,
 //! which reports a tombstone's age). Storing the key again clears it.
 //!
+//! Clearing a whole replicated namespace leaves one namespace tombstone,
+//! which covers every key of it not stored since.
+//!
 //! Persisted as an append-only text file (`tombstones` in the data
 //! directory; `+ NS HEXKEY MS` records a delete, `- NS HEXKEY` a later
-//! store), read back and compacted at start (expired and cleared entries
+//! store, `* NS MS` a clear), read back and compacted at start (expired and cleared entries
 //! dropped) and compacted again whenever it holds more than twice the live
 //! entries. Writes are not synced: a tombstone is lost only with the
 //! machine, and then only for objects deleted in the last moments.
@@ -36,6 +39,8 @@ pub(crate) struct Tombstones {
 #[derive(Debug, Default)]
 struct Inner {
     map: HashMap<(Arc<str>, Bytes), u64>,
+    /// Namespaces cleared, and when.
+    clears: HashMap<Arc<str>, u64>,
     file: Option<std::fs::File>,
     /// Lines in the file.
     lines: usize,
@@ -61,6 +66,7 @@ impl Tombstones {
     /// than `ttl_ms` at `now_ms`; `None` keeps them in memory only.
     pub(crate) fn load(path: Option<PathBuf>, ttl_ms: u64, now_ms: u64) -> std::io::Result<Tombstones> {
         let mut map = HashMap::new();
+        let mut clears: HashMap<Arc<str>, u64> = HashMap::new();
         if let Some(p) = &path {
             match std::fs::read_to_string(p) {
                 Ok(text) => {
@@ -77,6 +83,11 @@ impl Tombstones {
                                     map.remove(&(Arc::<str>::from(*ns), k));
                                 }
                             }
+                            ["*", ns, ms] => {
+                                if let Ok(ms) = ms.parse::<u64>() {
+                                    clears.insert(Arc::<str>::from(*ns), ms);
+                                }
+                            }
                             // A torn last line (crash mid-write) or junk: skipped.
                             _ => {}
                         }
@@ -87,12 +98,14 @@ impl Tombstones {
             }
         }
         map.retain(|_, ms| ms.saturating_add(ttl_ms) > now_ms);
+        clears.retain(|_, ms| ms.saturating_add(ttl_ms) > now_ms);
         let t = Tombstones {
             path,
             ttl_ms,
-            live: AtomicUsize::new(map.len()),
+            live: AtomicUsize::new(map.len() + clears.len()),
             inner: Mutex::new(Inner {
                 map,
+                clears,
                 file: None,
                 lines: 0,
             }),
@@ -105,15 +118,16 @@ impl Tombstones {
     fn rewrite(&self, inner: &mut Inner) -> std::io::Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
         let tmp = p.with_extension("tmp");
-        let text: String = inner
+        let mut text: String = inner
             .map
             .iter()
             .map(|((ns, k), ms)| format!("+ {ns} {} {ms}\n", hex(k)))
             .collect();
+        text.extend(inner.clears.iter().map(|(ns, ms)| format!("* {ns} {ms}\n")));
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, p)?;
         inner.file = Some(std::fs::OpenOptions::new().append(true).open(p)?);
-        inner.lines = inner.map.len();
+        inner.lines = inner.map.len() + inner.clears.len();
         Ok(())
     }
 
@@ -122,7 +136,7 @@ impl Tombstones {
             return;
         }
         inner.lines += 1;
-        if inner.lines > 2 * inner.map.len() + 1024 {
+        if inner.lines > 2 * (inner.map.len() + inner.clears.len()) + 1024 {
             if let Err(e) = self.rewrite(inner) {
                 tracing::warn!(error = %e, "compacting the tombstone file");
             }
@@ -139,7 +153,7 @@ impl Tombstones {
     pub(crate) fn record(&self, namespace: &Arc<str>, key: &Bytes, now_ms: u64) {
         let mut inner = self.inner.lock();
         inner.map.insert((namespace.clone(), key.clone()), now_ms);
-        self.live.store(inner.map.len(), Ordering::Relaxed);
+        self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
         self.append(&mut inner, format!("+ {namespace} {} {now_ms}\n", hex(key)));
     }
 
@@ -150,17 +164,32 @@ impl Tombstones {
         }
         let mut inner = self.inner.lock();
         if inner.map.remove(&(namespace.clone(), key.clone())).is_some() {
-            self.live.store(inner.map.len(), Ordering::Relaxed);
+            self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
             self.append(&mut inner, format!("- {namespace} {}\n", hex(key)));
         }
     }
 
-    /// How long ago `key` was deleted, if it has a live tombstone.
+    /// Records that the whole of `namespace` was cleared at `now_ms` (its
+    /// keys' own tombstones are subsumed).
+    pub(crate) fn record_clear(&self, namespace: &Arc<str>, now_ms: u64) {
+        let mut inner = self.inner.lock();
+        inner.map.retain(|(ns, _), _| ns != namespace);
+        inner.clears.insert(namespace.clone(), now_ms);
+        self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
+        self.append(&mut inner, format!("* {namespace} {now_ms}\n"));
+    }
+
+    /// How long ago `key` was deleted (or its namespace cleared, the
+    /// younger of the two), if a live tombstone covers it. The caller asks
+    /// only for keys it does not hold: a key stored after a clear is held.
     pub(crate) fn age(&self, namespace: &Arc<str>, key: &Bytes, now_ms: u64) -> Option<u64> {
         if self.live.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let at = *self.inner.lock().map.get(&(namespace.clone(), key.clone()))?;
+        let inner = self.inner.lock();
+        let key_at = inner.map.get(&(namespace.clone(), key.clone())).copied();
+        let clear_at = inner.clears.get(namespace).copied();
+        let at = key_at.into_iter().chain(clear_at).max()?;
         let age = now_ms.saturating_sub(at);
         (age < self.ttl_ms).then_some(age)
     }
@@ -205,5 +234,14 @@ mod tests {
         assert_eq!(t.age(&ns, &k2, 11_500), Some(9_500));
         assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 1);
         assert!(unhex("0").is_none() && unhex("zz").is_none() && unhex("").is_none());
+        // A clear covers every key of the namespace, and survives a reload.
+        let other: Arc<str> = "x".into();
+        t.record_clear(&ns, 12_000);
+        assert_eq!(t.age(&ns, &Bytes::from_static(b"never"), 12_500), Some(500));
+        assert_eq!(t.age(&other, &k1, 12_500), None, "other namespaces are not covered");
+        drop(t);
+        let t = Tombstones::load(Some(p), 10_000, 13_000).unwrap();
+        assert_eq!(t.age(&ns, &k1, 13_000), Some(1_000));
+        assert_eq!(t.age(&ns, &k1, 22_500), None, "expired");
     }
 }
