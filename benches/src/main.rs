@@ -84,6 +84,10 @@ enum Mode {
     /// The same client load against 1, 2 and 3 in-process nodes through the
     /// cluster-aware client: aggregate put/get GB/s and ExistsPrefix latency.
     Cluster(driver::cluster::ClusterOpts),
+    /// Re-replication after a node leaves (real etcd, three in-process
+    /// nodes): its duration and the foreground read latency before and
+    /// during it, per repair rate limit. Opt-in (starts etcd).
+    Repair(driver::repair::RepairOpts),
     /// Cluster placement simulated for 100 and 1,000 nodes: balance,
     /// re-replication after a node loss, a node joining.
     Placement(placement::PlacementOpts),
@@ -312,6 +316,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("kvfabric-bench cluster: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Mode::Repair(r)) => {
+            return match driver::repair::run(r) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kvfabric-bench repair: error: {e:#}");
                     ExitCode::FAILURE
                 }
             };

@@ -13,6 +13,7 @@ pub(crate) mod control;
 pub(crate) mod disk;
 pub(crate) mod fio;
 pub(crate) mod grpc;
+pub(crate) mod repair;
 pub(crate) mod report;
 
 use anyhow::{Context, bail};
