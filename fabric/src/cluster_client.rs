@@ -78,7 +78,7 @@ pub struct ClusterClient {
     options: ClientOptions,
     tenant: Option<String>,
     forwarded: bool,
-    replication: Arc<std::sync::RwLock<HashMap<String, usize>>>,
+    replication: ReplicationMap,
     default_replication: usize,
 }
 
@@ -106,24 +106,39 @@ mod cache {
     }
 }
 
-/// The replication map shared by a client's clones, for the discovery task.
-struct ReplicationHandle(Arc<std::sync::RwLock<HashMap<String, usize>>>);
+/// Replication per namespace, shared by a client's clones.
+type ReplicationMap = Arc<std::sync::RwLock<HashMap<String, usize>>>;
 
-impl ReplicationHandle {
-    fn set(&self, namespace: String, replicas: usize) {
-        if (1..=16).contains(&replicas) {
-            self.0
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(namespace, replicas);
-        }
+/// Checks and records `namespace`'s replication in `map`.
+fn set_replication_in(map: &ReplicationMap, namespace: &str, replicas: usize) -> Result<()> {
+    validate::name("namespace", namespace).map_err(ClientError::InvalidArgument)?;
+    if !(1..=16).contains(&replicas) {
+        return Err(ClientError::InvalidArgument(format!(
+            "replication for {namespace} must be 1..=16, got {replicas}"
+        )));
     }
+    map.write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(namespace.to_string(), replicas);
+    Ok(())
 }
 
-/// Asks the node at `endpoint` for the serving members and the cluster-wide
+/// Asks the node at `endpoint` (connecting once, then reusing the
+/// connection from `pool`) for the serving members and the cluster-wide
 /// namespaces' replication.
-async fn ask_members(endpoint: &str, options: &ClientOptions) -> Result<(Vec<NodeInfo>, Vec<(String, usize)>)> {
-    let c = Client::connect_with(endpoint.to_string(), options.clone()).await?;
+async fn ask_members(
+    pool: &mut HashMap<String, Client>,
+    endpoint: &str,
+    options: &ClientOptions,
+) -> Result<(Vec<NodeInfo>, Vec<(String, usize)>)> {
+    let c = match pool.get(endpoint) {
+        Some(c) => c.clone(),
+        None => {
+            let c = Client::connect_with(endpoint.to_string(), options.clone()).await?;
+            pool.insert(endpoint.to_string(), c.clone());
+            c
+        }
+    };
     let r = tokio::time::timeout(std::time::Duration::from_secs(5), c.members())
         .await
         .map_err(|_| unavailable(format!("{endpoint} did not answer Members within 5 s")))??;
@@ -215,10 +230,11 @@ impl ClusterClient {
                 "no seed endpoint to discover the cluster from".into(),
             ));
         }
+        let mut pool = HashMap::new();
         let mut last = None;
         let mut first = None;
         for seed in &seeds {
-            match ask_members(seed, &options).await {
+            match ask_members(&mut pool, seed, &options).await {
                 Ok(m) => {
                     first = Some(m);
                     break;
@@ -234,7 +250,10 @@ impl ClusterClient {
         for (ns, r) in &replication {
             client.set_replication(ns, *r)?;
         }
-        let follower = client.clone_replication_handle();
+        // The task holds the map, not a client: a client would keep the
+        // membership channel open, and the task would never see the last
+        // clone go.
+        let replication_map = client.replication.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(refresh.max(std::time::Duration::from_millis(10)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -247,9 +266,10 @@ impl ClusterClient {
                 // The seeds, then every member known.
                 let known: Vec<String> = tx.borrow().iter().map(|n| n.endpoint.clone()).collect();
                 for ep in seeds.iter().chain(&known) {
-                    if let Ok((members, replication)) = ask_members(ep, &options).await {
+                    if let Ok((members, replication)) = ask_members(&mut pool, ep, &options).await {
                         for (ns, r) in replication {
-                            follower.set(ns, r);
+                            // A record the nodes hold is valid; skip one that is not.
+                            let _ = set_replication_in(&replication_map, &ns, r);
                         }
                         if *tx.borrow() != members {
                             tx.send_replace(members);
@@ -257,13 +277,17 @@ impl ClusterClient {
                         break;
                     }
                 }
+                // Keep connections only to the seeds and current members.
+                let keep: Vec<String> = tx.borrow().iter().map(|n| n.endpoint.clone()).collect();
+                pool.retain(|ep, _| seeds.contains(ep) || keep.contains(ep));
             }
         });
         Ok(client)
     }
 
-    fn clone_replication_handle(&self) -> ReplicationHandle {
-        ReplicationHandle(self.replication.clone())
+    /// The serving nodes this client places over now.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.members.borrow().clone()
     }
 
     /// A client over a fixed membership.
@@ -305,17 +329,7 @@ impl ClusterClient {
     /// Copies of each object in `namespace` (1 to the number of nodes; more
     /// than there are nodes places one copy per node). Shared by clones.
     pub fn set_replication(&self, namespace: &str, replicas: usize) -> Result<()> {
-        validate::name("namespace", namespace).map_err(ClientError::InvalidArgument)?;
-        if !(1..=16).contains(&replicas) {
-            return Err(ClientError::InvalidArgument(format!(
-                "replication for {namespace} must be 1..=16, got {replicas}"
-            )));
-        }
-        self.replication
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(namespace.to_string(), replicas);
-        Ok(())
+        set_replication_in(&self.replication, namespace, replicas)
     }
 
     fn replicas(&self, namespace: &str) -> usize {

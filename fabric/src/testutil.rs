@@ -1,7 +1,7 @@
 //! Test helpers shared by this crate's and other crates' integration
 //! tests (feature `test-util`): a private etcd on loopback ([`Etcd`],
-//! Debian's `etcd-server` binary, or `KVFABRIC_TEST_ETCD_BIN`) and
-//! [`free_port`]. Not for production use.
+//! Debian's `etcd-server` binary, or `KVFABRIC_TEST_ETCD_BIN`),
+//! [`free_port`] and [`Proc`]. Not for production use.
 
 use crate::cluster::list_members;
 use std::path::PathBuf;
@@ -15,6 +15,18 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A child process (a real `kvfabric serve`, say), killed and reaped on
+/// drop. The field is public for tests that signal or wait on it.
+#[derive(Debug)]
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A private single-member etcd on loopback over a temporary data

@@ -14,19 +14,10 @@ use bytes::Bytes;
 use kvfabric::client::Durability;
 use kvfabric::cluster::{ClusterRecord, MemberMap, MemberState, Membership, cluster_key, list_members};
 use kvfabric::server::{Node, Settings};
-use kvfabric::testutil::{Etcd, free_port};
+use kvfabric::testutil::{Etcd, Proc, free_port};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A real `kvfabric serve` process; killed on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn node_settings(dir: &Path, etcd: &Etcd, cluster: &str, node: &str, ttl_s: u64) -> Settings {
     let mut s = common::settings(dir, 8 << 20, 0);

@@ -7,25 +7,10 @@ mod common;
 use bytes::Bytes;
 use common::payload;
 use kvfabric::client::{Client, Durability};
+use kvfabric::testutil::{Proc, free_port};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(dir: &Path, port: u16) -> Proc {
     let obj = dir.join("objects");

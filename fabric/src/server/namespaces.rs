@@ -198,15 +198,24 @@ impl Namespaces {
         changed
     }
 
-    /// For a read: the namespace must exist and belong to `tenant`.
+    /// For a read: the namespace must exist and belong to `tenant` (every
+    /// read request asks: no copy of the entry is made).
     pub fn for_read(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
-        self.describe(tenant, namespace).map(|_| ())
+        Self::readable(self.owners.lock().get(namespace), tenant, namespace).map(|_| ())
     }
 
     /// The namespace's entry, if `tenant` may read it.
     pub fn describe(&self, tenant: &str, namespace: &str) -> Result<NamespaceEntry, FabricError> {
-        match self.owners.lock().get(namespace) {
-            Some(o) if o.owner == tenant => Ok(o.clone()),
+        Self::readable(self.owners.lock().get(namespace), tenant, namespace).cloned()
+    }
+
+    fn readable<'a>(
+        entry: Option<&'a NamespaceEntry>,
+        tenant: &str,
+        namespace: &str,
+    ) -> Result<&'a NamespaceEntry, FabricError> {
+        match entry {
+            Some(o) if o.owner == tenant => Ok(o),
             Some(_) => Err(FabricError::PermissionDenied {
                 tenant: tenant.into(),
                 namespace: namespace.into(),

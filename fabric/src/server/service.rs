@@ -582,6 +582,16 @@ async fn send_object(
     true
 }
 
+/// The wire form of a registry entry.
+fn namespace_info(namespace: String, e: super::NamespaceEntry) -> NamespaceInfo {
+    NamespaceInfo {
+        namespace,
+        owner: e.owner,
+        replication: e.replication,
+        cluster_wide: e.cluster_wide,
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     let mut s = String::with_capacity(b.len() * 2);
     for x in b {
@@ -918,12 +928,7 @@ impl KvBlockService for BlockService {
                 None => false,
             };
             let e = ns.create(&tenant, &req.namespace, replication, cluster_wide)?;
-            Ok(NamespaceInfo {
-                namespace: req.namespace.clone(),
-                owner: e.owner,
-                replication: e.replication,
-                cluster_wide: e.cluster_wide,
-            })
+            Ok(namespace_info(req.namespace.clone(), e))
         }
         .await;
         self.observe("create_namespace", start, &r);
@@ -937,12 +942,7 @@ impl KvBlockService for BlockService {
         let req = request.into_inner();
         let tenant = self.check_args(&req.tenant, &req.namespace, None)?;
         let e = self.shared.namespaces.describe(&tenant, &req.namespace)?;
-        Ok(Response::new(NamespaceInfo {
-            namespace: req.namespace,
-            owner: e.owner,
-            replication: e.replication,
-            cluster_wide: e.cluster_wide,
-        }))
+        Ok(Response::new(namespace_info(req.namespace, e)))
     }
 
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
