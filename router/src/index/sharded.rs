@@ -124,41 +124,65 @@ impl PrefixIndex for ShardedIndex {
                 guards[s] = Some(self.shards[s].read_recursive());
             }
         }
-        // Probe a chunk of positions at a time: prefetch every home slot
-        // first, so their cache misses overlap, then find them, then append
-        // them in order. A position whose holder set has the fingerprint and
-        // length of the one before extends the run without reading its
-        // holder list (see `table`), so only a run's first position
-        // prefetches (and later reads) a spilled list.
-        const CHUNK: usize = 16;
-        let mut found: [Option<(u64, &Holders)>; CHUNK] = [None; CHUNK];
+        let tables: [Option<&BlockMap>; SHARDS] = std::array::from_fn(|s| guards[s].as_deref());
+        // Every shard the chain touches is locked above.
+        let table = |h: u64| tables[shard_of(h)].expect("the shard's read lock is held");
+        // A software pipeline over the positions: position i + AHEAD's home
+        // slot is prefetched while position i is probed, so about AHEAD
+        // slot misses are in flight at once; position i is appended LAG
+        // positions after it was probed, so the load of a spilled holder
+        // list (prefetched when probed) overlaps with the next probes. A
+        // position whose holder set has the fingerprint and length of the
+        // one before extends the run without reading its holder list (see
+        // `table`), so only a run's first position prefetches (and later
+        // reads) a spilled list.
+        const AHEAD: usize = 16;
+        const LAG: usize = 4;
+        let n = chain.len();
+        for &h in hashes.iter().take(AHEAD) {
+            table(h).prefetch(h);
+        }
+        let mut probed: [Option<(u64, &Holders)>; LAG] = [None; LAG];
         let mut prefetched: Option<(u64, usize)> = None;
         let mut last: Option<(u64, usize)> = None;
-        for (part, hashes) in chain.chunks(CHUNK).zip(hashes.chunks(CHUNK)) {
-            for &h in hashes {
-                if let Some(g) = &guards[shard_of(h)] {
-                    g.prefetch(h);
-                }
+        // Positions below `end` are held (or not yet probed).
+        let mut end = n;
+        let mut emit = |f: Option<(u64, &Holders)>| {
+            let Some((fp, hs)) = f else { return };
+            let id = Some((fp, hs.len()));
+            if id == last {
+                out.extend_last();
+            } else {
+                out.push(hs);
+                last = id;
             }
-            for ((slot, &b), &h) in found.iter_mut().zip(part).zip(hashes) {
-                *slot = guards[shard_of(h)].as_ref().and_then(|g| g.get_with_fingerprint(b, h));
-                if let Some((fp, hs)) = slot {
-                    let id = Some((*fp, hs.len()));
-                    if id != prefetched {
-                        BlockTable::prefetch_holders(hs);
-                        prefetched = id;
+        };
+        for i in 0..n + LAG {
+            // Append position i - LAG first: its ring entry is position i's.
+            if i >= LAG {
+                let j = i - LAG;
+                if j >= end {
+                    return;
+                }
+                emit(probed[j % LAG]);
+            }
+            if i < end {
+                if let Some(&h) = hashes.get(i + AHEAD) {
+                    table(h).prefetch(h);
+                }
+                let h = hashes[i];
+                let f = table(h).get_with_fingerprint(chain[i], h);
+                match f {
+                    None => end = i,
+                    Some((fp, hs)) => {
+                        let id = Some((fp, hs.len()));
+                        if id != prefetched {
+                            BlockTable::prefetch_holders(hs);
+                            prefetched = id;
+                        }
                     }
                 }
-            }
-            for f in found.iter().take(part.len()) {
-                let Some((fp, hs)) = f else { return };
-                let id = Some((*fp, hs.len()));
-                if id == last {
-                    out.extend_last();
-                } else {
-                    out.push(hs);
-                    last = id;
-                }
+                probed[i % LAG] = f;
             }
         }
     }
