@@ -32,7 +32,10 @@ fn sample_replay_reports_every_policy() {
     let (rows, stderr) = replay(&["--limit", "500", "--plot", png.to_str().unwrap()]);
     assert!(stderr.contains("time scale"), "{stderr}");
     let names: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
-    assert_eq!(names, ["round-robin", "random", "kv-hbm-only", "kv-tier-aware"]);
+    assert_eq!(
+        names,
+        ["round-robin", "random", "kv-hbm-only", "kv-tier-aware", "ttft-oracle"]
+    );
     for r in &rows {
         for f in [
             "ttft_p50_ms",
@@ -71,7 +74,7 @@ fn a_missing_font_still_plots_and_a_bad_trace_names_its_line() {
         "--font",
         "/nonexistent/font.ttf",
     ]);
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 5);
     assert_eq!(rows[0]["time_scale"], 0.1);
     assert!(stderr.contains("no text"), "{stderr}");
     assert!(Path::new(&png).exists());

@@ -3,7 +3,8 @@
 //! (`kvfabric_router::Router` over a `ShardedIndex`) in the loop, and
 //! compares routing policies on the same simulated cluster: round-robin,
 //! random, HBM-only KV-aware (what Dynamo's router scores) and kvfabric's
-//! tier-aware scoring.
+//! tier-aware scoring, beside a TTFT oracle that reads the simulated
+//! workers' exact state (a reference, not a router: see [`sim`]).
 //!
 //! ```text
 //! cargo run --release -p kvfabric-bench -- replay --trace ../shared/data/conversation_trace.jsonl

@@ -62,7 +62,11 @@
 //! router scores), `Scope::AllTiers` also every fabric node's tiers priced
 //! by load time (the node on the candidate's host at tier bandwidth, others
 //! network-capped). Everything else (workers, fabric, bandwidths) is
-//! identical.
+//! identical. A fifth, `ttft-oracle`, is not a router one could deploy: it
+//! sends each request to the worker whose exact simulated state (load
+//! backlog, caches, queue, running batch) gives it the lowest TTFT. It
+//! shows how much any per-request routing could still gain over the
+//! KV-aware policies on the same cluster.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -197,11 +201,22 @@ pub(crate) enum Policy {
     HbmOnly,
     /// The router with `Scope::AllTiers` (kvfabric's tier-aware scoring).
     TierAware,
+    /// Not a deployable router: the worker with the lowest TTFT for this
+    /// request as predicted from every simulated worker's exact queue, load
+    /// stage and caches (greedy, request by request). The reference for how
+    /// much routing alone could gain here over the KV-aware policies.
+    TtftOracle,
 }
 
 impl Policy {
     /// Every policy, in report order.
-    pub(crate) const ALL: [Policy; 4] = [Policy::RoundRobin, Policy::Random, Policy::HbmOnly, Policy::TierAware];
+    pub(crate) const ALL: [Policy; 5] = [
+        Policy::RoundRobin,
+        Policy::Random,
+        Policy::HbmOnly,
+        Policy::TierAware,
+        Policy::TtftOracle,
+    ];
 
     /// Name in the table and the JSON.
     pub(crate) fn name(self) -> &'static str {
@@ -210,6 +225,7 @@ impl Policy {
             Policy::Random => "random",
             Policy::HbmOnly => "kv-hbm-only",
             Policy::TierAware => "kv-tier-aware",
+            Policy::TtftOracle => "ttft-oracle",
         }
     }
 }
@@ -530,6 +546,10 @@ struct Worker {
     decodes: BinaryHeap<Reverse<(Ms, u64)>>,
     decode_blocks: u64,
     busy_ms: f64,
+    /// Requests in its load stage (queued or loading).
+    loading: Vec<usize>,
+    /// When the running batch ends.
+    batch_end: f64,
 }
 
 /// A time in ms with a total order.
@@ -563,6 +583,8 @@ struct ReqState {
     /// Leading blocks found in HBM when its batch formed.
     hits: usize,
     arrival: f64,
+    /// When its load stage ends (if it loads anything).
+    load_end: f64,
 }
 
 /// One replay of `trace` under `policy` on the cluster `cfg`.
@@ -624,6 +646,8 @@ impl<'a> Sim<'a> {
                     decodes: BinaryHeap::new(),
                     decode_blocks: 0,
                     busy_ms: 0.0,
+                    loading: Vec::new(),
+                    batch_end: 0.0,
                 })
                 .collect(),
             reqs: vec![ReqState::default(); n],
@@ -697,6 +721,10 @@ impl<'a> Sim<'a> {
                 (self.rr - 1) % w
             }
             Policy::Random => self.rng.random_range(0..w),
+            Policy::TtftOracle => (0..w)
+                .map(|c| (self.predict_ttft(i, c, now), self.workers[c].pending_prefill, c))
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
+                .map_or(0, |(_, _, c)| c),
             Policy::HbmOnly | Policy::TierAware => {
                 let r = &self.trace.requests[i];
                 let chain = &r.blocks[..r.reusable(self.cfg.block_tokens)];
@@ -724,6 +752,70 @@ impl<'a> Sim<'a> {
                     .map_or(0, |d| d.index)
             }
         }
+    }
+
+    /// Request `i`'s TTFT if it went to worker `w` now, read off the
+    /// simulated worker's exact state (for [`Policy::TtftOracle`]): its load
+    /// stage's backlog and this request's load time there, then its prefill
+    /// queue drained in FIFO batches (the running batch's end, queued and
+    /// still-loading requests at their estimates, in the order they become
+    /// ready), until the batch this request would join ends.
+    fn predict_ttft(&self, i: usize, w: usize, now: f64) -> f64 {
+        let r = &self.trace.requests[i];
+        let bt = self.cfg.block_tokens;
+        let chain = &r.blocks[..r.reusable(bt)];
+        let home = self.cfg.host_of(w);
+        let wk = &self.workers[w];
+        let mut reused = 0u64;
+        let mut load_ms = 0.0;
+        for b in chain {
+            if !wk.hbm.contains(b) {
+                let Some((_, _, ms)) = locate(&self.fabric, self.cfg, home, b) else {
+                    break;
+                };
+                load_ms += ms;
+            }
+            reused += 1;
+        }
+        let ready = if load_ms > 0.0 {
+            wk.load_free_at.max(now) + load_ms
+        } else {
+            now
+        };
+        // (ready at, uncached tokens, is this request)
+        let mut pending: Vec<(f64, u64, bool)> =
+            wk.queue.iter().map(|&q| (now, self.reqs[q].estimate, false)).collect();
+        pending.extend(
+            wk.loading
+                .iter()
+                .map(|&q| (self.reqs[q].load_end, self.reqs[q].estimate, false)),
+        );
+        pending.push((ready, r.input - reused * bt, true));
+        pending.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut t = if wk.running.is_empty() {
+            now
+        } else {
+            wk.batch_end.max(now)
+        };
+        let mut k = 0;
+        while k < pending.len() {
+            t = t.max(pending[k].0);
+            let (mut tokens, mut mine) = (0, false);
+            let first = k;
+            while k < pending.len()
+                && pending[k].0 <= t
+                && (k == first || tokens + pending[k].1 <= self.cfg.max_batch_tokens)
+            {
+                tokens += pending[k].1;
+                mine |= pending[k].2;
+                k += 1;
+            }
+            t += self.cfg.prefill.ms(tokens);
+            if mine {
+                return t - now;
+            }
+        }
+        unreachable!("the request is in `pending`")
     }
 
     fn arrive(&mut self, i: usize, now: f64) {
@@ -765,6 +857,8 @@ impl<'a> Sim<'a> {
         }
         let start = wk.load_free_at.max(now);
         wk.load_free_at = start + ms;
+        self.workers[w].loading.push(i);
+        self.reqs[i].load_end = start + ms;
         self.reqs[i].loaded = loaded;
         self.push(start + ms, Ev::LoadDone(i));
     }
@@ -774,6 +868,7 @@ impl<'a> Sim<'a> {
         let trace = self.trace;
         let r = &trace.requests[i];
         let wk = &mut self.workers[w];
+        wk.loading.retain(|&q| q != i);
         for &(pos, _, _) in &self.reqs[i].loaded {
             hbm_insert(wk, r.blocks[pos as usize], &mut self.feed);
         }
@@ -826,6 +921,7 @@ impl<'a> Sim<'a> {
             return;
         }
         let ms = self.cfg.prefill.ms(tokens);
+        wk.batch_end = now + ms;
         wk.busy_ms += ms;
         self.push(now + ms, Ev::BatchDone(w));
     }
