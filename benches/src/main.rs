@@ -24,6 +24,7 @@ mod driver;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod index;
+mod index_workload;
 mod peers;
 mod placement;
 mod replay;
