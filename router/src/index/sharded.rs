@@ -3,7 +3,10 @@
 //! the read lock of each shard its chain touches once (at most 16 lock
 //! round trips for any depth) and never a global lock; a writer holds one
 //! shard's write lock for one block at a time, so it never waits on a
-//! lookup for long and never deadlocks with one.
+//! lookup for long and never deadlocks with one. Before it takes any, it
+//! prefetches the home slots of all of an event's blocks (through each
+//! shard's [`SlotHint`]), so an event of many blocks pays about one cache
+//! miss, not one per block.
 //!
 //! There is no per-holder block list: event application (the hot write
 //! path) touches exactly one map entry per block, and the rare whole-holder
@@ -13,7 +16,7 @@
 use parking_lot::{RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
 
-use super::table::{BlockTable, Holders, mix};
+use super::table::{BlockTable, Holders, SlotHint, mix};
 use super::{BlockId, ChainMatch, HolderId, PrefixIndex, Tier, TierMask};
 
 const SHARDS: usize = 16;
@@ -49,6 +52,8 @@ fn write_spinning(lock: &RwLock<BlockMap>) -> parking_lot::RwLockWriteGuard<'_, 
 /// The concurrent prefix index (see the module doc).
 pub struct ShardedIndex {
     shards: Box<[RwLock<BlockMap>]>,
+    /// Each shard's slot array, for prefetching before locking.
+    hints: Box<[SlotHint]>,
 }
 
 impl std::fmt::Debug for ShardedIndex {
@@ -68,29 +73,45 @@ impl ShardedIndex {
     pub fn new() -> Self {
         ShardedIndex {
             shards: (0..SHARDS).map(|_| RwLock::new(BlockMap::default())).collect(),
+            hints: (0..SHARDS).map(|_| SlotHint::default()).collect(),
         }
     }
 
     /// Applies `f` to `holder`'s tiers of block `b` (absent = empty); an
     /// empty result removes the holder, and the block once nobody holds it.
     #[inline]
-    fn update(&self, b: BlockId, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
-        write_spinning(&self.shards[shard_of(mix(b))]).update(b, holder, f);
+    fn update(&self, b: BlockId, hash: u64, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
+        let s = shard_of(hash);
+        let mut g = write_spinning(&self.shards[s]);
+        g.update(b, holder, f);
+        self.hints[s].refresh(&g);
+    }
+
+    /// Applies `f` to `holder`'s tiers of every block of an event. The home
+    /// slots of all its blocks are prefetched first (no lock needed, see
+    /// [`SlotHint`]), so their cache misses overlap instead of each update
+    /// waiting for its own under a lock.
+    fn update_all(&self, blocks: &[BlockId], holder: HolderId, f: impl Fn(TierMask) -> TierMask) {
+        let hashes: SmallVec<[u64; 32]> = blocks.iter().map(|&b| mix(b)).collect();
+        if blocks.len() > 1 {
+            for &h in &hashes {
+                self.hints[shard_of(h)].prefetch(h);
+            }
+        }
+        for (&b, &h) in blocks.iter().zip(&hashes) {
+            self.update(b, h, holder, &f);
+        }
     }
 }
 
 impl PrefixIndex for ShardedIndex {
     fn store(&self, holder: HolderId, tier: Tier, blocks: &[BlockId]) {
-        for &b in blocks {
-            self.update(b, holder, |m| m.with(tier));
-        }
+        self.update_all(blocks, holder, |m| m.with(tier));
     }
 
     fn remove(&self, holder: HolderId, tier: Option<Tier>, blocks: &[BlockId]) {
         let drop = TierMask::tier_or_all(tier);
-        for &b in blocks {
-            self.update(b, holder, |m| m.without(drop));
-        }
+        self.update_all(blocks, holder, |m| m.without(drop));
     }
 
     fn clear(&self, holder: HolderId, tier: Option<Tier>) {
@@ -110,6 +131,8 @@ impl PrefixIndex for ShardedIndex {
     }
 
     fn lookup(&self, chain: &[BlockId], out: &mut ChainMatch) {
+        /// How far ahead of the probe the pipeline prefetches.
+        const AHEAD: usize = 16;
         out.clear();
         // Read-lock each shard the chain touches once, up front (at most
         // `SHARDS` lock round trips whatever the depth). `read_recursive`
@@ -118,6 +141,12 @@ impl PrefixIndex for ShardedIndex {
         // fair read lock would park the lookup behind every queued writer.
         let mut guards: [Option<RwLockReadGuard<'_, BlockMap>>; SHARDS] = Default::default();
         let hashes: SmallVec<[u64; 128]> = chain.iter().map(|&b| mix(b)).collect();
+        // The first AHEAD positions' slots start loading while the locks
+        // are taken (through the lock-free hints; the pipeline below
+        // prefetches the rest through the locked tables).
+        for &h in hashes.iter().take(AHEAD) {
+            self.hints[shard_of(h)].prefetch(h);
+        }
         for &h in &hashes {
             let s = shard_of(h);
             if guards[s].is_none() {
@@ -136,12 +165,8 @@ impl PrefixIndex for ShardedIndex {
         // one before extends the run without reading its holder list (see
         // `table`), so only a run's first position prefetches (and later
         // reads) a spilled list.
-        const AHEAD: usize = 16;
         const LAG: usize = 4;
         let n = chain.len();
-        for &h in hashes.iter().take(AHEAD) {
-            table(h).prefetch(h);
-        }
         let mut probed: [Option<(u64, &Holders)>; LAG] = [None; LAG];
         let mut prefetched: Option<(u64, usize)> = None;
         let mut last: Option<(u64, usize)> = None;

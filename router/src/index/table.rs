@@ -28,6 +28,9 @@
 //!
 //! Single-threaded: the shard's lock serialises access.
 
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
+
 use smallvec::SmallVec;
 
 use super::{BlockId, HolderId, Holding, TierMask};
@@ -245,6 +248,40 @@ fn prefetch_line<T>(p: *const T) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Where a table's slots are, readable without the table's lock, so that a
+/// writer can start the cache misses of a whole event's blocks before it
+/// takes any lock (a prefetch hint, nothing else reads it). Refreshed by
+/// writers, under the write lock, whenever the table has grown.
+#[derive(Debug, Default)]
+pub(crate) struct SlotHint {
+    base: AtomicUsize,
+    mask: AtomicUsize,
+}
+
+impl SlotHint {
+    /// Records `t`'s slots if they moved since the last call (only growth
+    /// moves them, and growth changes the mask).
+    #[inline]
+    pub(crate) fn refresh(&self, t: &BlockTable) {
+        if self.mask.load(Relaxed) != t.mask {
+            self.base.store(t.slots.as_ptr() as usize, Relaxed);
+            self.mask.store(t.mask, Relaxed);
+        }
+    }
+
+    /// Starts loading the home slot of the block whose [`mix`] is `hash` in
+    /// the table last recorded. A stale or torn record (the table grew
+    /// meanwhile) only prefetches a useless line: a prefetch never faults.
+    #[inline]
+    pub(crate) fn prefetch(&self, hash: u64) {
+        let base = self.base.load(Relaxed);
+        if base != 0 {
+            let at = base.wrapping_add((hash as usize & self.mask.load(Relaxed)) * std::mem::size_of::<Slot>());
+            prefetch_line(at as *const u8);
+        }
+    }
 }
 
 impl Default for BlockTable {
@@ -508,6 +545,29 @@ mod tests {
         // Dropping frees the spilled lists and the mapping (leaks or double
         // frees show under the sanitizers and in valgrind).
         drop(tb);
+    }
+
+    #[test]
+    fn a_slot_hint_follows_growth_and_a_stale_one_is_harmless() {
+        let mut tb = BlockTable::new();
+        let hint = SlotHint::default();
+        hint.prefetch(mix(1)); // nothing recorded yet: a no-op
+        tb.update(1, HolderId(1), |m| m.with(Tier::Hbm));
+        hint.refresh(&tb);
+        let first = tb.slots.as_ptr() as usize;
+        assert_eq!(hint.base.load(Relaxed), first);
+        for b in 2..10_000u128 {
+            tb.update(b, HolderId(1), |m| m.with(Tier::Hbm));
+        }
+        // Stale: points at the freed first array. Prefetching through it
+        // must not fault.
+        for b in 0..64u128 {
+            hint.prefetch(mix(b));
+        }
+        hint.refresh(&tb);
+        assert_eq!(hint.base.load(Relaxed), tb.slots.as_ptr() as usize);
+        assert_eq!(hint.mask.load(Relaxed), tb.mask);
+        assert_ne!(tb.slots.as_ptr() as usize, first);
     }
 
     #[derive(Debug, Clone)]
