@@ -1447,3 +1447,71 @@ async fn a_client_discovers_the_cluster_through_one_node() {
         h.shutdown().await;
     }
 }
+
+/// Engine workers register under leases: a router-side watcher sees them
+/// come and go; a second worker may not take a live worker's name at
+/// another URL, while the same worker restarting (same URL) may; a worker
+/// that stops renewing disappears when its lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_under_leases_and_routers_see_them_go() {
+    use kvfabric::cluster::{WorkerLease, WorkerRecord, list_workers, watch_workers};
+    let etcd = Etcd::start().await;
+    let rec = |name: &str, port: u16| WorkerRecord {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{port}"),
+        kv_events: None,
+        fabric_node: Some("n1".into()),
+    };
+    let watch = watch_workers(etcd.endpoints(), "c1").await.unwrap();
+    let w1 = WorkerLease::register(etcd.endpoints(), "c1", rec("w1", 8001), 2)
+        .await
+        .unwrap();
+    let seen = watch
+        .wait_for(Duration::from_secs(10), |m| m.contains_key("w1"))
+        .await
+        .expect("the watcher sees w1");
+    assert_eq!(seen["w1"], rec("w1", 8001));
+
+    // Another worker at another URL may not take the name.
+    let err = WorkerLease::register(etcd.endpoints(), "c1", rec("w1", 9009), 2)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already registered"), "{err}");
+    // Bad records and settings are refused before etcd is touched.
+    assert!(
+        WorkerLease::register(etcd.endpoints(), "c1", rec("a/b", 1), 2)
+            .await
+            .is_err()
+    );
+    assert!(
+        WorkerLease::register(etcd.endpoints(), "c1", rec("w3", 1), 1)
+            .await
+            .is_err()
+    );
+
+    // The same worker restarting (same URL) replaces its record.
+    let w1_again = WorkerLease::register(etcd.endpoints(), "c1", rec("w1", 8001), 2)
+        .await
+        .unwrap();
+    drop(w1);
+
+    // Leaving removes the record at once.
+    w1_again.leave().await;
+    watch
+        .wait_for(Duration::from_secs(10), |m| !m.contains_key("w1"))
+        .await
+        .expect("w1 leaves");
+
+    // A worker that stops renewing (dropped: a crash) goes when its 2 s
+    // lease expires; renewal keeps one alive well past its TTL.
+    let w2 = WorkerLease::register(etcd.endpoints(), "c1", rec("w2", 8002), 2)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(list_workers(&etcd.endpoints(), "c1").await.unwrap().contains_key("w2"));
+    drop(w2);
+    watch
+        .wait_for(Duration::from_secs(10), |m| !m.contains_key("w2"))
+        .await
+        .expect("w2's lease expires");
+}

@@ -10,7 +10,9 @@
 //!   that node's lease, so it disappears when the node revokes the lease
 //!   (graceful shutdown) or stops renewing it (crash, partition);
 //! - `namespaces/<name>`: one JSON [`NamespaceRecord`] per namespace created
-//!   with `CreateNamespace`: owner tenant and replication factor.
+//!   with `CreateNamespace`: owner tenant and replication factor;
+//! - `workers/<name>`: one JSON [`WorkerRecord`] per live engine worker,
+//!   under that worker's lease ([`WorkerLease`]); routers follow them.
 //!
 //! A node's data directory remembers the cluster it joined (the
 //! `cluster-id` file); a node pointed at another cluster refuses to start.
@@ -21,6 +23,7 @@ mod membership;
 mod namespace;
 mod registration;
 mod watch;
+mod worker;
 
 pub use error::ClusterError;
 pub use member::{ClusterRecord, Member, MemberState, TierUsage};
@@ -31,6 +34,7 @@ pub use namespace::{
 };
 pub use registration::{Registration, RegistrationConfig, UsageFn};
 pub use watch::{PrefixWatch, Record, RecordMap};
+pub use worker::{WorkerLease, WorkerRecord, list_workers, watch_workers, worker_key, workers_prefix};
 
 /// Root of every key kvfabric writes to etcd.
 pub const KEY_ROOT: &str = "/kvfabric";
