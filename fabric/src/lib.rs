@@ -19,7 +19,7 @@ pub mod size;
 pub mod transport;
 pub mod validate;
 
-#[cfg(feature = "server")]
+#[cfg(feature = "cluster")]
 pub mod cluster;
 #[cfg(feature = "server")]
 pub mod server;

@@ -164,6 +164,16 @@ pub struct Settings {
     pub cost: CostSettings,
     /// Workers to forward to. Default none (every request gets 503).
     pub workers: Vec<WorkerSettings>,
+    /// The cluster registry to take more workers from,
+    /// `etcd://HOST:PORT[,HOST:PORT...]`: every worker registered under
+    /// `cluster-id` (`kvfabric register-worker`, `kvfabric-worker
+    /// --cluster`) is added while its record lives, and removed (its index
+    /// entries dropped) when it goes. A registered name equal to a
+    /// configured worker's is ignored. Default unset.
+    pub cluster: Option<String>,
+    /// The cluster whose registry `cluster` names. Default `kvfabric` (the
+    /// fabric's default); 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    pub cluster_id: String,
     /// Interval between health checks (`GET {url}/health`) of every worker,
     /// healthy or not, ms. Default 2000; 10..=600000.
     pub health_interval_ms: u64,
@@ -203,6 +213,8 @@ impl Default for Settings {
             tokenizer: None,
             cost: CostSettings::default(),
             workers: Vec::new(),
+            cluster: None,
+            cluster_id: "kvfabric".into(),
             health_interval_ms: 2000,
             health_timeout_ms: 1000,
             request_timeout_ms: 600_000,
@@ -236,6 +248,10 @@ pub struct Overrides {
     pub approximate: Option<bool>,
     /// `--seed` / `KVFABRIC_ROUTER_SEED`.
     pub seed: Option<u64>,
+    /// `--cluster` / `KVFABRIC_ROUTER_CLUSTER`.
+    pub cluster: Option<String>,
+    /// `--cluster-id` / `KVFABRIC_ROUTER_CLUSTER_ID`.
+    pub cluster_id: Option<String>,
 }
 
 impl Settings {
@@ -291,6 +307,20 @@ impl Settings {
         if let Some(v) = o.seed {
             self.seed = v;
         }
+        if let Some(v) = o.cluster {
+            self.cluster = Some(v);
+        }
+        if let Some(v) = o.cluster_id {
+            self.cluster_id = v;
+        }
+    }
+
+    /// The etcd endpoints of `cluster` (`http://HOST:PORT` each), if set.
+    pub fn cluster_endpoints(&self) -> Result<Option<Vec<String>>, String> {
+        self.cluster
+            .as_deref()
+            .map(|u| kvfabric::cluster::parse_etcd_url(u).map_err(|e| format!("cluster: {e}")))
+            .transpose()
     }
 
     /// Checks bounds and cross-references; the message names the setting.
@@ -314,6 +344,8 @@ impl Settings {
         range("request-timeout-ms", self.request_timeout_ms, 10, 86_400_000)?;
         range("approximate-ttl-ms", self.approximate_ttl_ms, 1, 86_400_000)?;
         range("max-body-size", self.max_body_size.0, 1 << 10, 1 << 30)?;
+        self.cluster_endpoints()?;
+        kvfabric::cluster::validate_id("cluster-id", &self.cluster_id)?;
         let mut names = std::collections::HashSet::new();
         for (i, f) in self.fabric.iter().enumerate() {
             if !(f.url.starts_with("http://") || f.url.starts_with("https://") || !f.url.contains("://")) {

@@ -29,6 +29,7 @@ mod http;
 pub mod index;
 mod ingest;
 pub mod metrics;
+mod registry;
 mod router;
 pub mod score;
 mod service;

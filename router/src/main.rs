@@ -48,6 +48,12 @@ struct Cli {
     /// Seed of tie breaks and softmax sampling.
     #[arg(long, env = "KVFABRIC_ROUTER_SEED")]
     seed: Option<u64>,
+    /// Cluster registry to take workers from, etcd://HOST:PORT[,...].
+    #[arg(long, env = "KVFABRIC_ROUTER_CLUSTER")]
+    cluster: Option<String>,
+    /// Cluster id of that registry (default kvfabric).
+    #[arg(long, env = "KVFABRIC_ROUTER_CLUSTER_ID")]
+    cluster_id: Option<String>,
 }
 
 #[tokio::main]
@@ -63,6 +69,8 @@ async fn main() -> Result<()> {
         workers: cli.workers,
         approximate: cli.approximate,
         seed: cli.seed,
+        cluster: cli.cluster,
+        cluster_id: cli.cluster_id,
     };
     let settings = Settings::load(cli.config.as_deref(), overrides).context("loading settings")?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -4,7 +4,11 @@
 //! SUB per engine worker with `kv-events`), runs a first round of health
 //! checks, then the periodic checker, and serves the HTTP front end.
 //!
-//! Holder ids: worker `i` of `workers` is `HolderId(i)`; fabric node `j`
+//! With `cluster` set, workers registered in the cluster registry come and
+//! go as their records do (module `registry`).
+//!
+//! Holder ids: worker `i` of `workers` is `HolderId(i)`, registered workers
+//! take the next ones as they come; fabric node `j`
 //! of `fabric` is `HolderId(FABRIC_HOLDER_BASE + j)`; cluster members found
 //! through them (`fabric-discover-ms`) count up from
 //! `FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET`.
@@ -21,8 +25,9 @@ use crate::events::{EngineTracker, EventCounters, FabricTracker};
 use crate::http::{AppState, app};
 use crate::index::{HolderId, PrefixIndex, ShardedIndex};
 use crate::metrics::Metrics;
+use crate::registry::{self, Registry, SpawnEvents};
 use crate::tokenize::{TokenizeError, Tokenizer};
-use crate::workers::{Workers, http_client};
+use crate::workers::{Worker, WorkerSpec, Workers, http_client};
 use crate::{Router, ingest};
 
 /// Holder id of the first fabric node.
@@ -132,38 +137,54 @@ impl RouterService {
         let specs = settings
             .workers
             .iter()
-            .map(|w| {
-                (
-                    w.name.clone(),
-                    w.url.clone(),
-                    w.fabric_node.as_deref().and_then(fabric_holder),
-                    settings.approximate && w.kv_events.is_none(),
-                )
+            .map(|w| WorkerSpec {
+                name: w.name.clone(),
+                url: w.url.clone(),
+                colocated: w.fabric_node.as_deref().and_then(fabric_holder),
+                approximate: settings.approximate && w.kv_events.is_none(),
             })
             .collect();
-        let workers = Arc::new(Workers::new(specs, router.clone(), metrics.clone()));
-        for (w, cfg) in workers.all().iter().zip(&settings.workers) {
-            if let Some(ep) = &cfg.kv_events {
-                let tracker = EngineTracker::new(
-                    w.holder,
-                    salt,
-                    settings.cost.block_tokens,
-                    index.clone(),
-                    counters.clone(),
-                );
-                tasks.push(tokio::spawn(ingest::engine_events(
+        let workers = Arc::new(Workers::new(specs, FABRIC_HOLDER_BASE, router.clone(), metrics.clone()));
+        let spawn_events: SpawnEvents = {
+            let (index, counters, metrics) = (index.clone(), counters.clone(), metrics.clone());
+            let block_tokens = settings.cost.block_tokens;
+            Arc::new(move |w: &Worker, endpoint: String| {
+                let tracker = EngineTracker::new(w.holder, salt, block_tokens, index.clone(), counters.clone());
+                tokio::spawn(ingest::engine_events(
                     format!("engine:{}", w.name),
-                    ep.clone(),
+                    endpoint,
                     tracker,
                     counters.clone(),
                     metrics.clone(),
-                )));
+                ))
+            })
+        };
+        for (w, cfg) in workers.all().iter().zip(&settings.workers) {
+            if let Some(ep) = &cfg.kv_events {
+                *w.events.lock() = Some(spawn_events(w, ep.clone()));
             }
         }
 
         let client = http_client();
         let health_timeout = Duration::from_millis(settings.health_timeout_ms);
         workers.check_all(&client, health_timeout).await;
+        if let Some(endpoints) = settings.cluster_endpoints().map_err(ServeError::Settings)? {
+            tasks.push(tokio::spawn(registry::follow(Registry {
+                endpoints,
+                cluster_id: settings.cluster_id.clone(),
+                workers: workers.clone(),
+                fabric: settings
+                    .fabric
+                    .iter()
+                    .enumerate()
+                    .map(|(j, f)| (f.name.clone(), HolderId(FABRIC_HOLDER_BASE + j as u32)))
+                    .collect(),
+                approximate: settings.approximate,
+                spawn_events,
+                client: client.clone(),
+                health_timeout,
+            })));
+        }
         {
             let (workers, client) = (workers.clone(), client.clone());
             let every = Duration::from_millis(settings.health_interval_ms);
@@ -237,8 +258,17 @@ impl RouterHandle {
 
     /// Names of the workers now healthy.
     pub fn healthy_workers(&self) -> Vec<String> {
-        let ws = self.state.workers.all().iter();
-        ws.filter(|w| w.is_healthy()).map(|w| w.name.clone()).collect()
+        let ws = self.state.workers.all();
+        ws.iter().filter(|w| w.is_healthy()).map(|w| w.name.clone()).collect()
+    }
+
+    /// Stops every worker's engine-event subscription.
+    fn stop_event_tasks(&self) {
+        for w in self.state.workers.all() {
+            if let Some(t) = w.events.lock().take() {
+                t.abort();
+            }
+        }
     }
 
     /// Stops the tasks and the server (in-flight requests finish first).
@@ -246,6 +276,7 @@ impl RouterHandle {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        self.stop_event_tasks();
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -260,6 +291,7 @@ impl Drop for RouterHandle {
         for t in &self.tasks {
             t.abort();
         }
+        self.stop_event_tasks();
         if let Some(s) = &self.server {
             s.abort();
         }

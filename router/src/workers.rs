@@ -1,5 +1,7 @@
-//! The worker registry: the configured workers, whether each is healthy,
-//! and the load each carries from requests in flight through this router.
+//! The worker registry: the configured workers and those taken from the
+//! cluster registry (added and removed while the router runs), whether
+//! each is healthy, and the load each carries from requests in flight
+//! through this router.
 //!
 //! Health: every `health-interval-ms` the checker sends `GET {url}/health`
 //! to every worker, healthy or not; a 2xx within `health-timeout-ms` is
@@ -13,8 +15,11 @@
 //! decoding (prompt plus `max_tokens`) until it ends ([`LoadGuard`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::task::JoinHandle;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -50,58 +55,114 @@ pub(crate) struct Worker {
     pub(crate) colocated: Option<HolderId>,
     /// Its decisions are recorded as cached blocks (approximate mode).
     pub(crate) approximate: bool,
+    /// Taken from the cluster registry (not configured).
+    pub(crate) registered: bool,
+    /// Its engine-event subscription, stopped when it is removed.
+    pub(crate) events: Mutex<Option<JoinHandle<()>>>,
     healthy: AtomicBool,
     prefill: AtomicU64,
     decode: AtomicU64,
     inflight: AtomicU64,
 }
 
-/// Every worker, in configuration order (index = holder id).
+/// Every worker: the configured ones first (holder id = position), then
+/// registered ones as they come (fresh holder ids, never reused).
 #[derive(Debug)]
 pub(crate) struct Workers {
-    list: Vec<Arc<Worker>>,
+    list: RwLock<Vec<Arc<Worker>>>,
+    next_holder: AtomicU32,
+    /// Holder ids stay below this (the fabric nodes' start there).
+    holder_limit: u32,
     router: Arc<Router>,
     metrics: Metrics,
 }
 
+/// What a worker is added with.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerSpec {
+    pub(crate) name: String,
+    pub(crate) url: String,
+    /// The fabric node on its host.
+    pub(crate) colocated: Option<HolderId>,
+    /// Approximate mode.
+    pub(crate) approximate: bool,
+}
+
 impl Workers {
-    /// `(name, url, colocated fabric node, approximate)` per worker; holder
-    /// ids are the positions.
-    pub(crate) fn new(
-        specs: Vec<(String, String, Option<HolderId>, bool)>,
-        router: Arc<Router>,
-        metrics: Metrics,
-    ) -> Workers {
-        let list = specs
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, url, colocated, approximate))| {
-                metrics.worker_healthy.with_label_values(&[&name]).set(0);
-                metrics.worker_inflight.with_label_values(&[&name]).set(0);
-                Arc::new(Worker {
-                    name,
-                    url: url.trim_end_matches('/').to_string(),
-                    holder: HolderId(i as u32),
-                    colocated,
-                    approximate,
-                    healthy: AtomicBool::new(false),
-                    prefill: AtomicU64::new(0),
-                    decode: AtomicU64::new(0),
-                    inflight: AtomicU64::new(0),
-                })
-            })
-            .collect();
-        Workers { list, router, metrics }
+    /// The configured workers; holder ids are the positions, registered
+    /// workers get the ids after them, below `holder_limit`.
+    pub(crate) fn new(specs: Vec<WorkerSpec>, holder_limit: u32, router: Arc<Router>, metrics: Metrics) -> Workers {
+        let ws = Workers {
+            list: RwLock::new(Vec::new()),
+            next_holder: AtomicU32::new(0),
+            holder_limit,
+            router,
+            metrics,
+        };
+        for spec in specs {
+            ws.add(spec, false);
+        }
+        ws
     }
 
-    /// Every worker.
-    pub(crate) fn all(&self) -> &[Arc<Worker>] {
-        &self.list
+    /// Adds a worker (unhealthy until its first check passes); None when a
+    /// worker of that name exists or holder ids ran out.
+    pub(crate) fn add(&self, spec: WorkerSpec, registered: bool) -> Option<Arc<Worker>> {
+        let mut list = self.list.write();
+        if list.iter().any(|w| w.name == spec.name) {
+            return None;
+        }
+        let id = self.next_holder.fetch_add(1, Relaxed);
+        if id >= self.holder_limit {
+            tracing::error!(worker = %spec.name, "out of worker holder ids; not adding the worker");
+            return None;
+        }
+        self.metrics.worker_healthy.with_label_values(&[&spec.name]).set(0);
+        self.metrics.worker_inflight.with_label_values(&[&spec.name]).set(0);
+        let w = Arc::new(Worker {
+            url: spec.url.trim_end_matches('/').to_string(),
+            name: spec.name,
+            holder: HolderId(id),
+            colocated: spec.colocated,
+            approximate: spec.approximate,
+            registered,
+            events: Mutex::new(None),
+            healthy: AtomicBool::new(false),
+            prefill: AtomicU64::new(0),
+            decode: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+        });
+        list.push(w.clone());
+        Some(w)
+    }
+
+    /// Removes the worker `name`: out of the candidate set, its index
+    /// entries dropped, its event subscription stopped. Requests already
+    /// forwarded to it finish.
+    pub(crate) fn remove(&self, name: &str) -> Option<Arc<Worker>> {
+        let w = {
+            let mut list = self.list.write();
+            let i = list.iter().position(|w| w.name == name)?;
+            list.remove(i)
+        };
+        w.healthy.store(false, Relaxed);
+        if let Some(t) = w.events.lock().take() {
+            t.abort();
+        }
+        self.router.remove_worker(w.holder);
+        let _ = self.metrics.worker_healthy.remove_label_values(&[&w.name]);
+        let _ = self.metrics.worker_inflight.remove_label_values(&[&w.name]);
+        Some(w)
+    }
+
+    /// Every worker now.
+    pub(crate) fn all(&self) -> Vec<Arc<Worker>> {
+        self.list.read().clone()
     }
 
     /// The healthy workers with their load, as candidates (same order).
     pub(crate) fn candidates(&self) -> (Vec<Arc<Worker>>, Vec<Candidate>) {
-        let healthy: Vec<Arc<Worker>> = self.list.iter().filter(|w| w.is_healthy()).cloned().collect();
+        let healthy: Vec<Arc<Worker>> = self.list.read().iter().filter(|w| w.is_healthy()).cloned().collect();
         let cands = healthy
             .iter()
             .map(|w| Candidate {
@@ -119,6 +180,10 @@ impl Workers {
     /// Records a health observation; a worker going down is forgotten by
     /// the index.
     pub(crate) fn set_healthy(&self, w: &Worker, up: bool, why: &str) {
+        if up && !self.list.read().iter().any(|x| std::ptr::eq(&**x, w)) {
+            // Removed while its check was in flight.
+            return;
+        }
         let was = w.healthy.swap(up, Relaxed);
         if was == up {
             return;
@@ -132,9 +197,18 @@ impl Workers {
         }
     }
 
+    /// Checks one worker once.
+    pub(crate) async fn check_one(&self, client: &HttpClient, w: &Worker, timeout: Duration) {
+        match probe(client, &w.url, timeout).await {
+            Ok(()) => self.set_healthy(w, true, ""),
+            Err(e) => self.set_healthy(w, false, &e),
+        }
+    }
+
     /// Checks every worker once, concurrently.
     pub(crate) async fn check_all(&self, client: &HttpClient, timeout: Duration) {
-        let checks = self.list.iter().map(|w| async move {
+        let all = self.all();
+        let checks = all.iter().map(|w| async move {
             let r = probe(client, &w.url, timeout).await;
             match r {
                 Ok(()) => self.set_healthy(w, true, ""),

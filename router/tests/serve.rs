@@ -1016,3 +1016,60 @@ async fn every_cluster_node_is_followed_through_one_configured_node() -> Result<
     }
     Ok(())
 }
+
+/// Workers registered in the cluster registry (real etcd) are taken in,
+/// their events followed and requests routed to them, and taken out (their
+/// blocks forgotten) when their record goes; a registered name that a
+/// configured worker uses is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
+    use kvfabric::cluster::{WorkerLease, WorkerRecord};
+    let etcd = kvfabric::testutil::Etcd::start().await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let mut b = StandIn::start("b", tx.clone()).await?;
+    let mut settings = base_settings(vec![a.settings(true)]);
+    settings.cluster = Some(etcd.url());
+    settings.cluster_id = "c1".into();
+    let r = RouterService::start(settings).await?;
+    let c = client();
+    eventually("a is healthy", || r.healthy_workers() == vec!["a".to_string()]).await?;
+
+    let record = |w: &StandIn| {
+        let s = w.settings(true);
+        WorkerRecord {
+            name: s.name,
+            url: s.url,
+            kv_events: s.kv_events,
+            fabric_node: None,
+        }
+    };
+    let lease_b = WorkerLease::register(etcd.endpoints(), "c1", record(&b), 5).await?;
+    // A record under a configured worker's name (at another URL) is ignored.
+    let mut clash = record(&b);
+    clash.name = "a".into();
+    let lease_clash = WorkerLease::register(etcd.endpoints(), "c1", clash, 5).await?;
+    eventually("b joins", || r.healthy_workers().len() == 2).await?;
+
+    // b is holder 1 (after the configured a): its events are followed.
+    let ids: Vec<u32> = (0..64).collect();
+    publish_until_seen(&mut b, &r, HolderId(1), &ids).await?;
+    let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+    assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+    let (_, _, health) = call(&c, Method::GET, format!("{}/health", r.url()), "").await?;
+    let health: Value = serde_json::from_str(&health)?;
+    assert_eq!(health["workers"], 2, "{health}");
+    assert_eq!(health["registered_workers"], 1, "{health}");
+
+    // b leaves the registry: out of the candidate set, its blocks dropped.
+    lease_b.leave().await;
+    eventually("b is taken out", || r.healthy_workers() == vec!["a".to_string()]).await?;
+    assert_eq!(r.router().index().holder_len(HolderId(1)), 0);
+    let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+    assert_eq!((s, w.as_str()), (StatusCode::OK, "a"));
+    lease_clash.leave().await;
+    r.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}

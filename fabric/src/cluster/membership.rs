@@ -4,7 +4,7 @@
 //! malformed records left out), and the serving members derived from it
 //! as the cluster-aware client wants them.
 
-use super::registration::connect;
+use super::connect;
 use super::watch::{PrefixWatch, Record, list};
 use super::{ClusterError, Member, MemberState};
 use crate::client::NodeInfo;

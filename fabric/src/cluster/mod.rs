@@ -21,6 +21,7 @@ mod error;
 mod member;
 mod membership;
 mod namespace;
+#[cfg(feature = "server")]
 mod registration;
 mod watch;
 mod worker;
@@ -32,9 +33,35 @@ pub use namespace::{
     MAX_REPLICATION, NamespaceMap, NamespaceRecord, NamespaceWatch, PublishError, check_replication,
     follow_replication, list_namespaces, namespace_key, namespaces_prefix, publish, watch_namespaces,
 };
+#[cfg(feature = "server")]
 pub use registration::{Registration, RegistrationConfig, UsageFn};
 pub use watch::{PrefixWatch, Record, RecordMap};
 pub use worker::{WorkerLease, WorkerRecord, list_workers, watch_workers, worker_key, workers_prefix};
+
+/// Longest wait for one etcd request.
+pub(crate) const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Connects a client to `endpoints` (no request is made yet).
+pub(crate) async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, ClusterError> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(2))
+        .with_keep_alive(std::time::Duration::from_secs(2), std::time::Duration::from_secs(2));
+    bounded(endpoints, etcd_client::Client::connect(endpoints, Some(opts))).await
+}
+
+/// Runs one etcd call under [`REQUEST_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    endpoints: &[String],
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, ClusterError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| ClusterError::from_etcd(endpoints, e)),
+        Err(_) => Err(ClusterError::Unreachable {
+            endpoints: endpoints.join(","),
+            reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
+        }),
+    }
+}
 
 /// Root of every key kvfabric writes to etcd.
 pub const KEY_ROOT: &str = "/kvfabric";

@@ -8,9 +8,9 @@
 //! replication 1. [`publish`] creates or updates a record with a
 //! compare-and-swap that refuses another tenant's namespace.
 
-use super::registration::{bounded, connect};
 use super::watch::{PrefixWatch, Record, RecordMap};
 use super::{ClusterError, KEY_ROOT};
+use super::{bounded, connect};
 use crate::client::ClusterClient;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};

@@ -11,8 +11,8 @@
 //! Every etcd call is bounded by a timeout, because the client's balanced
 //! channel waits (rather than fails) while no endpoint is up.
 
-use super::{ClusterError, ClusterRecord, Member, MemberState, TierUsage};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use super::{ClusterError, ClusterRecord, Member, MemberState, REQUEST_TIMEOUT, TierUsage, bounded, connect};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use kvfabric_tiers::Clock;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -25,8 +25,6 @@ use tokio::task::JoinHandle;
 /// Reports the node's tiers for its member record.
 pub type UsageFn = Arc<dyn Fn() -> Vec<TierUsage> + Send + Sync>;
 
-/// Longest wait for one etcd request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// First and longest pause between attempts to reach etcd again (the
 /// longest is also at most a quarter of the lease TTL, so a node retries
 /// several times before a surviving lease would expire).
@@ -65,28 +63,6 @@ pub struct Registration {
     lease: watch::Receiver<i64>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-}
-
-/// Connects a client to `endpoints` (no request is made yet).
-pub(super) async fn connect(endpoints: &[String]) -> Result<Client, ClusterError> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    bounded(endpoints, Client::connect(endpoints, Some(opts))).await
-}
-
-/// Runs one etcd call under [`REQUEST_TIMEOUT`].
-pub(super) async fn bounded<T>(
-    endpoints: &[String],
-    f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, ClusterError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| ClusterError::from_etcd(endpoints, e)),
-        Err(_) => Err(ClusterError::Unreachable {
-            endpoints: endpoints.join(","),
-            reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
-        }),
-    }
 }
 
 /// Reads the data directory's cluster id, if it has one, and refuses a

@@ -8,7 +8,7 @@
 //! both kept this way.
 
 use super::ClusterError;
-use super::registration::{bounded, connect};
+use super::{bounded, connect};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -10,9 +10,9 @@
 //! exponential backoff; a name already registered by a live worker at
 //! another URL is refused at start.
 
-use super::registration::{bounded, connect};
 use super::watch::{PrefixWatch, Record, RecordMap};
 use super::{ClusterError, KEY_ROOT, validate_id};
+use super::{bounded, connect};
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

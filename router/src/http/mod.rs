@@ -352,7 +352,8 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
-    let healthy = s.workers.all().iter().filter(|w| w.is_healthy()).count();
+    let all = s.workers.all();
+    let healthy = all.iter().filter(|w| w.is_healthy()).count();
     let status = if healthy > 0 {
         StatusCode::OK
     } else {
@@ -361,7 +362,8 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
     let body = json!({
         "status": if healthy > 0 { "ok" } else { "no healthy worker" },
         "healthy_workers": healthy,
-        "workers": s.workers.all().len(),
+        "workers": all.len(),
+        "registered_workers": all.iter().filter(|w| w.registered).count(),
     });
     json_response(status, body)
 }
