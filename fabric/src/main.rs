@@ -153,6 +153,51 @@ enum ClusterCmd {
     /// Takes NODE out of placement and waits until it has handed every
     /// object to its owners (then stop it).
     Drain(ClusterDrainArgs),
+    /// Registers an engine worker for routers (`kvfabric-router
+    /// --cluster`) and keeps it registered until interrupted (SIGINT or
+    /// SIGTERM), then removes it: run it beside an engine (vLLM, SGLang)
+    /// that does not register itself.
+    RegisterWorker(RegisterWorkerArgs),
+    /// The engine workers registered now.
+    Workers(ClusterWorkersArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RegisterWorkerArgs {
+    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "KVFABRIC_CLUSTER")]
+    cluster: String,
+    /// Cluster id.
+    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
+    cluster_id: String,
+    /// Worker name, unique in the cluster (A-Z a-z 0-9 . _ -, 1 to 64).
+    #[arg(long)]
+    name: String,
+    /// Base URL of its OpenAI-compatible API, e.g. http://10.0.0.5:8000.
+    #[arg(long)]
+    url: String,
+    /// Its KV event publisher (vLLM's kv-events ZMQ PUB), tcp://HOST:PORT.
+    #[arg(long)]
+    kv_events: Option<String>,
+    /// The fabric node on its host (a router's fabric name).
+    #[arg(long)]
+    fabric_node: Option<String>,
+    /// Lease TTL: how long a crashed registrant's record outlives it.
+    #[arg(long, default_value_t = 10)]
+    ttl_s: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct ClusterWorkersArgs {
+    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "KVFABRIC_CLUSTER")]
+    cluster: String,
+    /// Cluster id.
+    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
+    cluster_id: String,
+    /// One JSON object per worker.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -494,6 +539,54 @@ async fn namespace_list(a: NamespaceListArgs) -> Result<()> {
 
 /// `kvfabric cluster drain NODE`: asks the node (found in etcd) to drain,
 /// then follows it until it holds nothing.
+async fn register_worker(a: RegisterWorkerArgs) -> Result<()> {
+    use kvfabric::cluster::{WorkerLease, WorkerRecord, parse_etcd_url};
+    let endpoints = parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
+    let record = WorkerRecord {
+        name: a.name,
+        url: a.url,
+        kv_events: a.kv_events,
+        fabric_node: a.fabric_node,
+    };
+    let lease = WorkerLease::register(endpoints, &a.cluster_id, record.clone(), a.ttl_s).await?;
+    println!(
+        "registered worker {} ({}) in cluster {}; interrupt to remove it",
+        record.name, record.url, a.cluster_id
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    lease.leave().await;
+    println!("removed worker {}", record.name);
+    Ok(())
+}
+
+async fn cluster_workers(a: ClusterWorkersArgs) -> Result<()> {
+    use kvfabric::cluster;
+    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
+    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
+    let workers = cluster::list_workers(&endpoints, &a.cluster_id).await?;
+    if a.json {
+        for w in workers.values() {
+            println!("{}", serde_json::to_string(w)?);
+        }
+        return Ok(());
+    }
+    println!("{:<24} {:<32} {:<28} FABRIC-NODE", "WORKER", "URL", "KV-EVENTS");
+    for w in workers.values() {
+        println!(
+            "{:<24} {:<32} {:<28} {}",
+            w.name,
+            w.url,
+            w.kv_events.as_deref().unwrap_or("-"),
+            w.fabric_node.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
 async fn cluster_drain(a: ClusterDrainArgs) -> Result<()> {
     use kvfabric::cluster;
     let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
@@ -621,6 +714,20 @@ async fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("kvfabric cluster drain: {e:#}");
+                1
+            }
+        },
+        Cmd::Cluster(ClusterCmd::RegisterWorker(a)) => match register_worker(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kvfabric cluster register-worker: {e:#}");
+                1
+            }
+        },
+        Cmd::Cluster(ClusterCmd::Workers(a)) => match cluster_workers(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("kvfabric cluster workers: {e:#}");
                 1
             }
         },

@@ -1514,4 +1514,74 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
         .wait_for(Duration::from_secs(10), |m| !m.contains_key("w2"))
         .await
         .expect("w2's lease expires");
+
+    // The CLI: `cluster register-worker` holds a registration until
+    // SIGTERM, `cluster workers` lists it.
+    let mut sidecar = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args([
+            "cluster",
+            "register-worker",
+            "--cluster",
+            &etcd.url(),
+            "--cluster-id",
+            "c1",
+        ])
+        .args([
+            "--name",
+            "vllm-0",
+            "--url",
+            "http://127.0.0.1:8100",
+            "--kv-events",
+            "tcp://127.0.0.1:5557",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen = watch
+        .wait_for(Duration::from_secs(10), |m| m.contains_key("vllm-0"))
+        .await
+        .expect("the sidecar registers");
+    assert_eq!(seen["vllm-0"].kv_events.as_deref(), Some("tcp://127.0.0.1:5557"));
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args([
+            "cluster",
+            "workers",
+            "--cluster",
+            &etcd.url(),
+            "--cluster-id",
+            "c1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["url"], "http://127.0.0.1:8100");
+    // SAFETY: plain FFI call; the pid is our child's.
+    unsafe { libc::kill(sidecar.id() as i32, libc::SIGTERM) };
+    assert!(
+        sidecar.wait().unwrap().success(),
+        "the sidecar exits cleanly on SIGTERM"
+    );
+    assert!(
+        !list_workers(&etcd.endpoints(), "c1")
+            .await
+            .unwrap()
+            .contains_key("vllm-0")
+    );
+    // A bad record is refused with a message, nothing registered.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
+        .args([
+            "cluster",
+            "register-worker",
+            "--cluster",
+            &etcd.url(),
+            "--cluster-id",
+            "c1",
+        ])
+        .args(["--name", "bad", "--url", "ftp://x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("url"));
 }
