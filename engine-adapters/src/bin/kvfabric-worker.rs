@@ -102,6 +102,18 @@ struct Cli {
     /// Log filter (RUST_LOG overrides).
     #[arg(long, env = "KVFABRIC_WORKER_LOG")]
     log: Option<String>,
+    /// Register in this cluster's worker registry, etcd://HOST:PORT[,...].
+    #[arg(long, env = "KVFABRIC_WORKER_CLUSTER")]
+    cluster: Option<String>,
+    /// Cluster id (default kvfabric).
+    #[arg(long, env = "KVFABRIC_WORKER_CLUSTER_ID")]
+    cluster_id: Option<String>,
+    /// Name registered (default worker-HOST-PORT).
+    #[arg(long, env = "KVFABRIC_WORKER_NAME")]
+    name: Option<String>,
+    /// URL registered (default http:// plus the listen address).
+    #[arg(long, env = "KVFABRIC_WORKER_ADVERTISE_URL")]
+    advertise_url: Option<String>,
 }
 
 async fn terminated() -> Result<()> {
@@ -148,6 +160,10 @@ async fn main() -> Result<()> {
         prefill_health_timeout_ms: cli.prefill_health_timeout_ms,
         max_body_size: cli.max_body_size,
         log: cli.log,
+        cluster: cli.cluster,
+        cluster_id: cli.cluster_id,
+        name: cli.name,
+        advertise_url: cli.advertise_url,
     };
     let settings = WorkerSettings::load(cli.config.as_deref(), overrides).context("loading settings")?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -157,6 +173,7 @@ async fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let registration = settings.clone();
     let handle = Worker::start(settings).await.context("starting the worker")?;
     println!(
         "kvfabric-worker ({}) listening on {}{}",
@@ -167,8 +184,49 @@ async fn main() -> Result<()> {
             .map(|e| format!(", KV events on {e}"))
             .unwrap_or_default()
     );
+    let lease = register(&registration, &handle).await?;
     terminated().await?;
     tracing::info!("shutting down");
+    // Out of the registry first, so routers stop sending new requests.
+    if let Some(l) = lease {
+        l.leave().await;
+    }
     handle.shutdown().await;
     Ok(())
+}
+
+/// Registers the worker in `settings.cluster`'s registry (aggregated and
+/// decode workers; prefill workers are reached through decode workers).
+async fn register(
+    settings: &WorkerSettings,
+    handle: &kvfabric_engine_adapters::worker::WorkerHandle,
+) -> Result<Option<kvfabric::cluster::WorkerLease>> {
+    use kvfabric::cluster::{WorkerLease, WorkerRecord, parse_etcd_url};
+    let Some(cluster) = &settings.cluster else {
+        return Ok(None);
+    };
+    if settings.role == Role::Prefill {
+        println!(
+            "prefill worker: not registering in cluster {} (decode workers reach it)",
+            settings.cluster_id
+        );
+        return Ok(None);
+    }
+    let endpoints = parse_etcd_url(cluster).map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
+    let url = settings.advertise_url.clone().unwrap_or_else(|| handle.url());
+    let name = settings.name.clone().unwrap_or_else(|| {
+        let hostport = url.trim_start_matches("http://").trim_start_matches("https://");
+        format!("worker-{}", hostport.replace([':', '[', ']', '/'], "-"))
+    });
+    let record = WorkerRecord {
+        name,
+        url,
+        kv_events: handle.kv_events_endpoint().map(|e| e.to_string()),
+        fabric_node: None,
+    };
+    let lease = WorkerLease::register(endpoints, &settings.cluster_id, record.clone(), 10)
+        .await
+        .context("registering in the cluster")?;
+    println!("registered as {} in cluster {}", record.name, settings.cluster_id);
+    Ok(Some(lease))
 }

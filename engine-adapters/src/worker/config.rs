@@ -170,6 +170,23 @@ pub struct WorkerSettings {
     /// Log filter (`tracing` env-filter syntax) of the binary. Default
     /// `info`; `RUST_LOG` overrides.
     pub log: String,
+    /// Cluster registry to register in, `etcd://HOST:PORT[,...]`, so that
+    /// routers with the same `cluster` route to this worker (the
+    /// `kvfabric-worker` binary registers an aggregated or decode worker
+    /// once serving, under a lease, and removes it on shutdown; prefill
+    /// workers are reached through decode workers and do not register).
+    /// Default unset.
+    pub cluster: Option<String>,
+    /// The cluster's id. Default `kvfabric`.
+    pub cluster_id: String,
+    /// Name registered; unique in the cluster, 1 to 64 of
+    /// `A-Z a-z 0-9 . _ -`. Default `worker-HOST-PORT` from the listen
+    /// address.
+    pub name: Option<String>,
+    /// Base URL registered, `http://host:port`. Default `http://` plus the
+    /// bound listen address (set it when that is not reachable from the
+    /// routers, e.g. when listening on 0.0.0.0).
+    pub advertise_url: Option<String>,
 }
 
 impl Default for WorkerSettings {
@@ -201,6 +218,10 @@ impl Default for WorkerSettings {
             prefill_health_timeout_ms: 1000,
             max_body_size: ByteSize(8 << 20),
             log: "info".into(),
+            cluster: None,
+            cluster_id: "kvfabric".into(),
+            name: None,
+            advertise_url: None,
         }
     }
 }
@@ -257,6 +278,14 @@ pub struct Overrides {
     pub prefill_health_timeout_ms: Option<u64>,
     /// `--max-body-size` / `KVFABRIC_WORKER_MAX_BODY_SIZE`.
     pub max_body_size: Option<ByteSize>,
+    /// `--cluster` / `KVFABRIC_WORKER_CLUSTER`.
+    pub cluster: Option<String>,
+    /// `--cluster-id` / `KVFABRIC_WORKER_CLUSTER_ID`.
+    pub cluster_id: Option<String>,
+    /// `--name` / `KVFABRIC_WORKER_NAME`.
+    pub name: Option<String>,
+    /// `--advertise-url` / `KVFABRIC_WORKER_ADVERTISE_URL`.
+    pub advertise_url: Option<String>,
     /// `--log` / `KVFABRIC_WORKER_LOG`.
     pub log: Option<String>,
 }
@@ -322,9 +351,19 @@ impl WorkerSettings {
             prefill_timeout_ms,
             prefill_health_timeout_ms,
             max_body_size,
-            log
+            log,
+            cluster_id
         );
-        set_opt!(fabric, fabric_socket, weights, kv_events, served_model_name);
+        set_opt!(
+            fabric,
+            fabric_socket,
+            weights,
+            kv_events,
+            served_model_name,
+            cluster,
+            name,
+            advertise_url
+        );
         if let Some(m) = o.model {
             self.model = Some(m);
             self.model_config = None;
@@ -422,6 +461,24 @@ impl WorkerSettings {
             if let Err(e) = check_base_url(w, false) {
                 return invalid(format!("prefill-workers[{i}] {e}"));
             }
+        }
+        if let Some(c) = &self.cluster
+            && let Err(e) = kvfabric::cluster::parse_etcd_url(c)
+        {
+            return invalid(format!("cluster: {e}"));
+        }
+        if let Err(e) = kvfabric::cluster::validate_id("cluster-id", &self.cluster_id) {
+            return invalid(e);
+        }
+        if let Some(n) = &self.name
+            && let Err(e) = kvfabric::cluster::validate_id("name", n)
+        {
+            return invalid(e);
+        }
+        if let Some(u) = &self.advertise_url
+            && let Err(e) = check_base_url(u, true)
+        {
+            return invalid(format!("advertise-url {e}"));
         }
         Ok(())
     }
