@@ -16,7 +16,8 @@
 //!   simulator use them;
 //! - [`config`], [`RouterService`]: the serving side: settings, the
 //!   OpenAI-compatible HTTP front end that forwards to workers, the worker
-//!   registry with health checks, and the event transports (fabric
+//!   registry with health checks (configured workers, and those registered
+//!   in the cluster's etcd registry), and the event transports (fabric
 //!   `Subscribe` streams, vLLM ZMQ PUB), as the `kvfabric-router` binary
 //!   runs them.
 //!
