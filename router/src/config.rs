@@ -432,6 +432,8 @@ mod tests {
             ("health-interval-ms = 1", "health-interval-ms"),
             ("max-body-size = \"2GiB\"", "max-body-size"),
             ("[cost]\ntemperature = -1.0", "cost.temperature"),
+            ("cluster = \"http://x:1\"", "cluster"),
+            ("cluster-id = \"a b\"", "cluster-id"),
             ("[[workers]]\nname = \"a\"\nurl = \"https://x\"", "workers[0].url"),
             (
                 "[[workers]]\nname = \"a\"\nurl = \"http://x:1\"\nfabric-node = \"nope\"",

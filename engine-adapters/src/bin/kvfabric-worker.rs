@@ -114,6 +114,9 @@ struct Cli {
     /// URL registered (default http:// plus the listen address).
     #[arg(long, env = "KVFABRIC_WORKER_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// Lease TTL of the registration, s (default 10).
+    #[arg(long, env = "KVFABRIC_WORKER_REGISTRATION_TTL_S")]
+    registration_ttl_s: Option<u64>,
 }
 
 async fn terminated() -> Result<()> {
@@ -164,6 +167,7 @@ async fn main() -> Result<()> {
         cluster_id: cli.cluster_id,
         name: cli.name,
         advertise_url: cli.advertise_url,
+        registration_ttl_s: cli.registration_ttl_s,
     };
     let settings = WorkerSettings::load(cli.config.as_deref(), overrides).context("loading settings")?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -224,9 +228,14 @@ async fn register(
         kv_events: handle.kv_events_endpoint().map(|e| e.to_string()),
         fabric_node: None,
     };
-    let lease = WorkerLease::register(endpoints, &settings.cluster_id, record.clone(), 10)
-        .await
-        .context("registering in the cluster")?;
+    let lease = WorkerLease::register(
+        endpoints,
+        &settings.cluster_id,
+        record.clone(),
+        settings.registration_ttl_s,
+    )
+    .await
+    .context("registering in the cluster")?;
     println!("registered as {} in cluster {}", record.name, settings.cluster_id);
     Ok(Some(lease))
 }

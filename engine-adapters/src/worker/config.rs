@@ -187,6 +187,9 @@ pub struct WorkerSettings {
     /// bound listen address (set it when that is not reachable from the
     /// routers, e.g. when listening on 0.0.0.0).
     pub advertise_url: Option<String>,
+    /// TTL of the registration's lease, s: how long routers keep a crashed
+    /// worker's record. Default 10; 2..=3600.
+    pub registration_ttl_s: u64,
 }
 
 impl Default for WorkerSettings {
@@ -222,6 +225,7 @@ impl Default for WorkerSettings {
             cluster_id: "kvfabric".into(),
             name: None,
             advertise_url: None,
+            registration_ttl_s: 10,
         }
     }
 }
@@ -286,6 +290,8 @@ pub struct Overrides {
     pub name: Option<String>,
     /// `--advertise-url` / `KVFABRIC_WORKER_ADVERTISE_URL`.
     pub advertise_url: Option<String>,
+    /// `--registration-ttl-s` / `KVFABRIC_WORKER_REGISTRATION_TTL_S`.
+    pub registration_ttl_s: Option<u64>,
     /// `--log` / `KVFABRIC_WORKER_LOG`.
     pub log: Option<String>,
 }
@@ -352,7 +358,8 @@ impl WorkerSettings {
             prefill_health_timeout_ms,
             max_body_size,
             log,
-            cluster_id
+            cluster_id,
+            registration_ttl_s
         );
         set_opt!(
             fabric,
@@ -480,6 +487,12 @@ impl WorkerSettings {
         {
             return invalid(format!("advertise-url {e}"));
         }
+        if !(2..=3600).contains(&self.registration_ttl_s) {
+            return invalid(format!(
+                "registration-ttl-s must be 2..=3600, got {}",
+                self.registration_ttl_s
+            ));
+        }
         Ok(())
     }
 
@@ -555,6 +568,11 @@ mod tests {
             ("max-body-size = \"2GiB\"", "max-body-size"),
             ("[model-config]\nnum-kv-heads = 3", "model-config"),
             ("model = \"/x.toml\"\n[model-config]\nseed = 1", "model-config"),
+            ("cluster = \"http://x:1\"", "cluster"),
+            ("cluster-id = \"a/b\"", "cluster-id"),
+            ("name = \"\"", "name"),
+            ("advertise-url = \"x:1\"", "advertise-url"),
+            ("registration-ttl-s = 1", "registration-ttl-s"),
         ] {
             let e = WorkerSettings::from_toml(toml).unwrap_err().to_string();
             assert!(e.contains(want), "{toml}: {e}");
