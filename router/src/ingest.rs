@@ -181,8 +181,10 @@ pub(crate) async fn fabric_events(
 
 /// What [`discover_fabric`] needs to follow a discovered node.
 pub(crate) struct Discovery {
-    /// Configured fabric nodes: (name, url).
-    pub(crate) entries: Vec<(String, String)>,
+    /// Configured fabric nodes: (name, url, holder).
+    pub(crate) entries: Vec<(String, String, crate::index::HolderId)>,
+    /// Where node ids are recorded for workers' `fabric-node`.
+    pub(crate) names: crate::workers::FabricNames,
     pub(crate) interval: Duration,
     pub(crate) tenant: String,
     pub(crate) namespace: String,
@@ -198,7 +200,7 @@ pub(crate) struct Discovery {
 /// to (see the module doc). Runs for ever.
 pub(crate) async fn discover_fabric(d: Discovery) {
     use std::collections::{BTreeMap, HashMap};
-    let configured: std::collections::HashSet<String> = d.entries.iter().map(|(_, u)| norm(u)).collect();
+    let configured: HashMap<String, crate::index::HolderId> = d.entries.iter().map(|(_, u, h)| (norm(u), *h)).collect();
     // Node id -> holder, stable for the router's lifetime.
     let mut holders: HashMap<String, crate::index::HolderId> = HashMap::new();
     let mut following: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
@@ -211,7 +213,7 @@ pub(crate) async fn discover_fabric(d: Discovery) {
         // entry that does not answer changes nothing this round.
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let mut answered = false;
-        for (name, url) in &d.entries {
+        for (name, url, _) in &d.entries {
             let c = match clients.get(url) {
                 Some(c) => c.clone(),
                 None => match kvfabric::client::Client::connect(url.clone()).await {
@@ -230,8 +232,17 @@ pub(crate) async fn discover_fabric(d: Discovery) {
                     answered = true;
                     if m.cluster {
                         for n in m.members {
-                            if !n.endpoint.is_empty() && !configured.contains(&norm(&n.endpoint)) {
-                                seen.insert(n.node_id, n.endpoint);
+                            if n.endpoint.is_empty() {
+                                continue;
+                            }
+                            match configured.get(&norm(&n.endpoint)) {
+                                // A configured node: known by its node id too.
+                                Some(h) => {
+                                    d.names.write().insert(n.node_id, *h);
+                                }
+                                None => {
+                                    seen.insert(n.node_id, n.endpoint);
+                                }
                             }
                         }
                     }
@@ -255,6 +266,7 @@ pub(crate) async fn discover_fabric(d: Discovery) {
             if let Some(h) = holders.get(&id) {
                 d.router.remove_fabric_node(*h);
             }
+            d.names.write().remove(&id);
             tracing::info!(node = %id, "fabric node left the cluster; forgetting its blocks");
         }
         for (id, endpoint) in seen {
@@ -264,6 +276,7 @@ pub(crate) async fn discover_fabric(d: Discovery) {
             let next = d.first_holder + holders.len() as u32;
             let holder = *holders.entry(id.clone()).or_insert(crate::index::HolderId(next));
             d.router.add_fabric_node(holder);
+            d.names.write().insert(id.clone(), holder);
             let tracker = FabricTracker::new(holder, d.namespace.clone(), d.index.clone(), d.counters.clone());
             tracing::info!(node = %id, %endpoint, %holder, "following a discovered fabric node");
             following.insert(

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use kvfabric::cluster::{WorkerRecord, watch_workers};
 
-use crate::index::HolderId;
 use crate::workers::{HttpClient, WorkerSpec, Workers};
 
 /// Starts a worker's engine-event subscription.
@@ -28,8 +27,6 @@ pub(crate) struct Registry {
     pub(crate) endpoints: Vec<String>,
     pub(crate) cluster_id: String,
     pub(crate) workers: Arc<Workers>,
-    /// Configured fabric nodes by name, for `fabric-node`.
-    pub(crate) fabric: Vec<(String, HolderId)>,
     /// Approximate mode for registered workers without `kv-events`.
     pub(crate) approximate: bool,
     pub(crate) spawn_events: SpawnEvents,
@@ -77,10 +74,7 @@ pub(crate) async fn follow(r: Registry) {
             let spec = WorkerSpec {
                 name: name.clone(),
                 url: rec.url.clone(),
-                colocated: rec
-                    .fabric_node
-                    .as_deref()
-                    .and_then(|n| r.fabric.iter().find(|(f, _)| f == n).map(|(_, h)| *h)),
+                fabric_node: rec.fabric_node.clone(),
                 approximate: r.approximate && rec.kv_events.is_none(),
             };
             let Some(w) = r.workers.add(spec, true) else {

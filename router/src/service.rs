@@ -27,7 +27,7 @@ use crate::index::{HolderId, PrefixIndex, ShardedIndex};
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry, SpawnEvents};
 use crate::tokenize::{TokenizeError, Tokenizer};
-use crate::workers::{Worker, WorkerSpec, Workers, http_client};
+use crate::workers::{FabricNames, Worker, WorkerSpec, Workers, http_client};
 use crate::{Router, ingest};
 
 /// Holder id of the first fabric node.
@@ -97,13 +97,15 @@ impl RouterService {
         let metrics = Metrics::new();
         let mut tasks = Vec::new();
 
-        let fabric_holder = |name: &str| {
+        // Configured names now; discovery adds node ids.
+        let names: FabricNames = Arc::new(parking_lot::RwLock::new(
             settings
                 .fabric
                 .iter()
-                .position(|f| f.name == name)
-                .map(|j| HolderId(FABRIC_HOLDER_BASE + j as u32))
-        };
+                .enumerate()
+                .map(|(j, f)| (f.name.clone(), HolderId(FABRIC_HOLDER_BASE + j as u32)))
+                .collect(),
+        ));
         for (j, f) in settings.fabric.iter().enumerate() {
             let holder = HolderId(FABRIC_HOLDER_BASE + j as u32);
             router.add_fabric_node(holder);
@@ -122,8 +124,10 @@ impl RouterService {
                 entries: settings
                     .fabric
                     .iter()
-                    .map(|f| (f.name.clone(), f.url.clone()))
+                    .enumerate()
+                    .map(|(j, f)| (f.name.clone(), f.url.clone(), HolderId(FABRIC_HOLDER_BASE + j as u32)))
                     .collect(),
+                names: names.clone(),
                 interval: Duration::from_millis(settings.fabric_discover_ms),
                 tenant: settings.tenant.clone(),
                 namespace: settings.namespace.clone(),
@@ -140,11 +144,17 @@ impl RouterService {
             .map(|w| WorkerSpec {
                 name: w.name.clone(),
                 url: w.url.clone(),
-                colocated: w.fabric_node.as_deref().and_then(fabric_holder),
+                fabric_node: w.fabric_node.clone(),
                 approximate: settings.approximate && w.kv_events.is_none(),
             })
             .collect();
-        let workers = Arc::new(Workers::new(specs, FABRIC_HOLDER_BASE, router.clone(), metrics.clone()));
+        let workers = Arc::new(Workers::new(
+            specs,
+            FABRIC_HOLDER_BASE,
+            names.clone(),
+            router.clone(),
+            metrics.clone(),
+        ));
         let spawn_events: SpawnEvents = {
             let (index, counters, metrics) = (index.clone(), counters.clone(), metrics.clone());
             let block_tokens = settings.cost.block_tokens;
@@ -173,12 +183,6 @@ impl RouterService {
                 endpoints,
                 cluster_id: settings.cluster_id.clone(),
                 workers: workers.clone(),
-                fabric: settings
-                    .fabric
-                    .iter()
-                    .enumerate()
-                    .map(|(j, f)| (f.name.clone(), HolderId(FABRIC_HOLDER_BASE + j as u32)))
-                    .collect(),
                 approximate: settings.approximate,
                 spawn_events,
                 client: client.clone(),

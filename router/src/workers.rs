@@ -32,6 +32,12 @@ use crate::index::HolderId;
 use crate::metrics::Metrics;
 use crate::score::{Candidate, Load};
 
+/// Fabric node names and node ids -> their holders: the configured nodes'
+/// names, and the node ids fabric discovery learns (configured nodes' and
+/// discovered ones'). A worker's `fabric-node` is looked up here each time
+/// it is scored, so a node discovered after the worker registered counts.
+pub(crate) type FabricNames = Arc<RwLock<std::collections::HashMap<String, HolderId>>>;
+
 /// The HTTP/1 client the router talks to workers with.
 pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -52,7 +58,8 @@ pub(crate) struct Worker {
     /// Base URL without a trailing slash.
     pub(crate) url: String,
     pub(crate) holder: HolderId,
-    pub(crate) colocated: Option<HolderId>,
+    /// The fabric node on its host (a name or node id in [`FabricNames`]).
+    pub(crate) fabric_node: Option<String>,
     /// Its decisions are recorded as cached blocks (approximate mode).
     pub(crate) approximate: bool,
     /// Taken from the cluster registry (not configured).
@@ -73,6 +80,7 @@ pub(crate) struct Workers {
     next_holder: AtomicU32,
     /// Holder ids stay below this (the fabric nodes' start there).
     holder_limit: u32,
+    names: FabricNames,
     router: Arc<Router>,
     metrics: Metrics,
 }
@@ -82,8 +90,8 @@ pub(crate) struct Workers {
 pub(crate) struct WorkerSpec {
     pub(crate) name: String,
     pub(crate) url: String,
-    /// The fabric node on its host.
-    pub(crate) colocated: Option<HolderId>,
+    /// The fabric node on its host (a name or node id).
+    pub(crate) fabric_node: Option<String>,
     /// Approximate mode.
     pub(crate) approximate: bool,
 }
@@ -91,11 +99,18 @@ pub(crate) struct WorkerSpec {
 impl Workers {
     /// The configured workers; holder ids are the positions, registered
     /// workers get the ids after them, below `holder_limit`.
-    pub(crate) fn new(specs: Vec<WorkerSpec>, holder_limit: u32, router: Arc<Router>, metrics: Metrics) -> Workers {
+    pub(crate) fn new(
+        specs: Vec<WorkerSpec>,
+        holder_limit: u32,
+        names: FabricNames,
+        router: Arc<Router>,
+        metrics: Metrics,
+    ) -> Workers {
         let ws = Workers {
             list: RwLock::new(Vec::new()),
             next_holder: AtomicU32::new(0),
             holder_limit,
+            names,
             router,
             metrics,
         };
@@ -123,7 +138,7 @@ impl Workers {
             url: spec.url.trim_end_matches('/').to_string(),
             name: spec.name,
             holder: HolderId(id),
-            colocated: spec.colocated,
+            fabric_node: spec.fabric_node,
             approximate: spec.approximate,
             registered,
             events: Mutex::new(None),
@@ -163,11 +178,12 @@ impl Workers {
     /// The healthy workers with their load, as candidates (same order).
     pub(crate) fn candidates(&self) -> (Vec<Arc<Worker>>, Vec<Candidate>) {
         let healthy: Vec<Arc<Worker>> = self.list.read().iter().filter(|w| w.is_healthy()).cloned().collect();
+        let names = self.names.read();
         let cands = healthy
             .iter()
             .map(|w| Candidate {
                 worker: w.holder,
-                colocated: w.colocated,
+                colocated: w.fabric_node.as_ref().and_then(|n| names.get(n).copied()),
                 load: Load {
                     active_prefill_tokens: w.prefill.load(Relaxed),
                     active_decode_blocks: w.decode.load(Relaxed),
@@ -276,5 +292,48 @@ impl Drop for LoadGuard {
         w.decode.fetch_sub(self.decode_blocks, Relaxed);
         let n = w.inflight.fetch_sub(1, Relaxed).saturating_sub(1);
         self.metrics.worker_inflight.with_label_values(&[&w.name]).set(n as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::ShardedIndex;
+
+    fn spec(name: &str, fabric_node: Option<&str>) -> WorkerSpec {
+        WorkerSpec {
+            name: name.into(),
+            url: format!("http://{name}:1/"),
+            fabric_node: fabric_node.map(Into::into),
+            approximate: false,
+        }
+    }
+
+    #[test]
+    fn workers_come_and_go_and_find_their_fabric_node_when_it_is_known() {
+        let router = Arc::new(Router::new(Default::default(), 0, Arc::new(ShardedIndex::new()), 0));
+        let names: FabricNames = Arc::new(RwLock::new([("cfg".to_string(), HolderId(100))].into()));
+        let ws = Workers::new(vec![spec("a", Some("cfg"))], 3, names.clone(), router, Metrics::new());
+        let b = ws.add(spec("b", Some("node-7")), true).unwrap();
+        assert_eq!(b.holder, HolderId(1));
+        assert_eq!(b.url, "http://b:1", "trailing slash dropped");
+        assert!(ws.add(spec("a", None), true).is_none(), "names are unique");
+        for w in ws.all() {
+            w.healthy.store(true, Relaxed);
+        }
+        let colocated = |ws: &Workers| ws.candidates().1.iter().map(|c| c.colocated).collect::<Vec<_>>();
+        assert_eq!(colocated(&ws), vec![Some(HolderId(100)), None]);
+        // Discovery learns node-7 later: b's next scoring sees it.
+        names.write().insert("node-7".into(), HolderId(200));
+        assert_eq!(colocated(&ws), vec![Some(HolderId(100)), Some(HolderId(200))]);
+        // Removal takes b out; holder ids are not reused, and run out.
+        assert_eq!(ws.remove("b").unwrap().holder, HolderId(1));
+        assert!(ws.remove("b").is_none());
+        assert_eq!(ws.candidates().0.len(), 1);
+        assert_eq!(ws.add(spec("c", None), true).unwrap().holder, HolderId(2));
+        assert!(
+            ws.add(spec("d", None), true).is_none(),
+            "holder ids below the limit only"
+        );
     }
 }
