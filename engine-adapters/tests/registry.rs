@@ -1,6 +1,7 @@
 //! `kvfabric-worker --cluster`: the real binary registers itself in a real
 //! etcd's worker registry once serving (its URL and KV event endpoint, as
-//! bound), and removes itself on SIGTERM; a prefill worker does not
+//! bound, and the id of the fabric node it uses), and removes itself on
+//! SIGTERM; a prefill worker does not
 //! register; a bad cluster setting stops it with a message. Every wait is
 //! bounded.
 
@@ -9,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvfabric::cluster::list_workers;
+use kvfabric::server::{ByteSize, Node, Settings};
 use kvfabric::testutil::Etcd;
 
 /// The child, its URL and its second line (what it did about the registry).
@@ -65,7 +67,19 @@ async fn wait_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_registers_itself_and_leaves_on_sigterm() {
     let etcd = Etcd::start().await;
-    let (mut w, url, said) = spawn(&etcd, &["--name", "ref-0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ns = Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    };
+    ns.host.capacity = ByteSize(16 << 20);
+    ns.disk.capacity = ByteSize(0);
+    let node = Node::build(ns).await.unwrap().start().await.unwrap();
+    let fabric = node.endpoint();
+    let (mut w, url, said) = spawn(&etcd, &["--name", "ref-0", "--fabric", &fabric]);
     assert!(said.starts_with("registered as ref-0"), "{said:?}");
     // Registered before it said so.
     wait_until("ref-0 registers", &etcd, |m| m.contains_key("ref-0")).await;
@@ -101,4 +115,5 @@ async fn the_worker_registers_itself_and_leaves_on_sigterm() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster"), "{out:?}");
+    node.shutdown().await;
 }

@@ -213,7 +213,7 @@ pub(crate) async fn discover_fabric(d: Discovery) {
         // entry that does not answer changes nothing this round.
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let mut answered = false;
-        for (name, url, _) in &d.entries {
+        for (name, url, holder) in &d.entries {
             let c = match clients.get(url) {
                 Some(c) => c.clone(),
                 None => match kvfabric::client::Client::connect(url.clone()).await {
@@ -230,6 +230,11 @@ pub(crate) async fn discover_fabric(d: Discovery) {
             match c.members().await {
                 Ok(m) => {
                     answered = true;
+                    // The configured node itself, by its id (older nodes
+                    // leave it empty).
+                    if !m.node_id.is_empty() {
+                        d.names.write().insert(m.node_id.clone(), *holder);
+                    }
                     if m.cluster {
                         for n in m.members {
                             if n.endpoint.is_empty() {

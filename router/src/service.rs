@@ -266,6 +266,12 @@ impl RouterHandle {
         ws.iter().filter(|w| w.is_healthy()).map(|w| w.name.clone()).collect()
     }
 
+    /// The holder of the fabric node worker `name` is scored as co-located
+    /// with, if any (its `fabric-node`, once known by name or node id).
+    pub fn colocated_node(&self, name: &str) -> Option<HolderId> {
+        self.state.workers.colocated(name)
+    }
+
     /// Stops every worker's engine-event subscription.
     fn stop_event_tasks(&self) {
         for w in self.state.workers.all() {

@@ -170,6 +170,14 @@ impl Workers {
         Some(w)
     }
 
+    /// The fabric node worker `name` is scored as co-located with now.
+    pub(crate) fn colocated(&self, name: &str) -> Option<HolderId> {
+        let list = self.list.read();
+        let w = list.iter().find(|w| w.name == name)?;
+        let n = w.fabric_node.as_ref()?;
+        self.names.read().get(n).copied()
+    }
+
     /// Every worker now.
     pub(crate) fn all(&self) -> Vec<Arc<Worker>> {
         self.list.read().clone()

@@ -1073,3 +1073,83 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
     b.kill();
     Ok(())
 }
+
+/// A registered worker that names its host's fabric node by node id (as
+/// `kvfabric-worker --cluster --fabric` registers) is scored as co-located
+/// with it once discovery has asked the configured node for its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registered_worker_is_colocated_with_its_node_by_node_id() -> Result<()> {
+    use kvfabric::cluster::{WorkerLease, WorkerRecord};
+    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
+    let etcd = kvfabric::testutil::Etcd::start().await;
+    let dir = tempfile::tempdir()?;
+    let mut ns = NodeSettings {
+        listen: "127.0.0.1:0".parse()?,
+        metrics_listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_path_buf(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    };
+    ns.host.capacity = ByteSize(8 << 20);
+    ns.disk.capacity = ByteSize(0);
+    let node = Node::build(ns).await?.start().await?;
+    let fc = kvfabric::client::Client::connect(node.endpoint()).await?;
+    fc.put("ns", &b"probe"[..], &b"p"[..], kvfabric::client::Durability::Memory)
+        .await?;
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let b = StandIn::start("b", tx).await?;
+    let mut s = base_settings(vec![a.settings(false)]);
+    s.fabric = vec![FabricEndpoint {
+        name: "n1".into(),
+        url: node.endpoint(),
+    }];
+    s.fabric_discover_ms = 100;
+    s.cluster = Some(etcd.url());
+    s.cluster_id = "c1".into();
+    let r = RouterService::start(s).await?;
+    let lease = WorkerLease::register(
+        etcd.endpoints(),
+        "c1",
+        WorkerRecord {
+            name: "b".into(),
+            url: b.settings(false).url,
+            kv_events: None,
+            fabric_node: Some("node-a".into()),
+        },
+        5,
+    )
+    .await?;
+    eventually("b joins", || r.healthy_workers().len() == 2).await?;
+
+    let ids: Vec<u32> = (0..64).collect();
+    let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), &ids, 16, &[]);
+    let objs = keys
+        .iter()
+        .map(|k| kvfabric::client::PutObject::new(k.to_vec(), vec![7u8; 1024]))
+        .collect();
+    fc.put_many("ns", objs, kvfabric::client::Durability::Memory).await?;
+    eventually("the router sees the node's blocks", || {
+        r.router().index().holder_len(HolderId(FABRIC_HOLDER_BASE)) >= 4
+    })
+    .await?;
+    // Discovery asks every 100 ms; once it knows node-a is n1, b reads the
+    // blocks at host bandwidth and a over the network: b wins every time.
+    eventually("node-a is known as n1", || {
+        r.colocated_node("b") == Some(HolderId(FABRIC_HOLDER_BASE))
+    })
+    .await?;
+    assert_eq!(r.colocated_node("a"), None);
+    let c = client();
+    for _ in 0..5 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+    }
+    lease.leave().await;
+    r.shutdown().await;
+    node.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}

@@ -222,11 +222,31 @@ async fn register(
         let hostport = url.trim_start_matches("http://").trim_start_matches("https://");
         format!("worker-{}", hostport.replace([':', '[', ']', '/'], "-"))
     });
+    // The fabric node it uses, by node id, so that routers can tell its
+    // host's node from others (best effort: a node that cannot say leaves
+    // it unset).
+    let fabric_node = match &settings.fabric {
+        Some(url) => match kvfabric::client::Client::connect(url.clone()).await {
+            Ok(c) => match c.members().await {
+                Ok(m) if !m.node_id.is_empty() => Some(m.node_id),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the fabric node for its id; registering without it");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the fabric node; registering without its id");
+                None
+            }
+        },
+        None => None,
+    };
     let record = WorkerRecord {
         name,
         url,
         kv_events: handle.kv_events_endpoint().map(|e| e.to_string()),
-        fabric_node: None,
+        fabric_node,
     };
     let lease = WorkerLease::register(
         endpoints,

@@ -994,6 +994,7 @@ impl KvBlockService for BlockService {
                     .into_iter()
                     .map(|(namespace, replication)| NamespaceReplication { namespace, replication })
                     .collect(),
+                node_id: self.shared.node_id.clone(),
             },
             None => MembersResponse {
                 members: vec![NodeMember {
@@ -1003,6 +1004,7 @@ impl KvBlockService for BlockService {
                 }],
                 cluster: false,
                 namespaces: Vec::new(),
+                node_id: self.shared.node_id.clone(),
             },
         };
         Ok(Response::new(r))
