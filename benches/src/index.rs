@@ -226,28 +226,52 @@ fn run_dynamo(o: &IndexOpts, workers: usize) -> anyhow::Result<Row> {
         .env("DYN_LOG", "error")
         .output()
         .context("running the Dynamo RadixTree script")?;
+    peer_row(
+        "dynamo-py",
+        workers,
+        events,
+        out,
+        " (stores whose parent it had dropped)",
+    )
+}
+
+/// A Dynamo harness's row from its output (one JSON object with the
+/// fields of `--json`; the busy ones optional), or its failure. Reports
+/// the timed events the tree refused (`refused_why` says why, if known);
+/// they count in events/s.
+fn peer_row(
+    system: &'static str,
+    workers: usize,
+    events: usize,
+    out: std::process::Output,
+    refused_why: &str,
+) -> anyhow::Result<Row> {
     if !out.status.success() {
-        bail!("Dynamo script failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{system} harness failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("Dynamo script output is not JSON")?;
-    let f = |k: &str| v[k].as_f64().with_context(|| format!("Dynamo script output lacks {k}"));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{system} harness output is not JSON"))?;
+    let f = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("{system} harness output lacks {k}"))
+    };
     let failed = f("failed_events")?;
     if failed > 0.0 {
         eprintln!(
-            "# dynamo-py, {workers} workers: the tree refused {failed} of {events} timed events \
-             (stores whose parent it had dropped); they count in events/s"
+            "# {system}, {workers} workers: the tree refused {failed} of {events} timed events{refused_why}; \
+             they count in events/s"
         );
     }
     Ok(Row {
-        system: "dynamo-py",
+        system,
         workers,
         resident_pairs: f("resident_pairs")? as usize,
         events_per_s: f("events_per_s")?,
         blocks_per_s: f("blocks_per_s")?,
         idle_p50_ns: f("lookup_p50_ns")?,
         idle_p99_ns: f("lookup_p99_ns")?,
-        busy_p50_ns: f64::NAN,
-        busy_p99_ns: f64::NAN,
+        busy_p50_ns: v["busy_lookup_p50_ns"].as_f64().unwrap_or(f64::NAN),
+        busy_p99_ns: v["busy_lookup_p99_ns"].as_f64().unwrap_or(f64::NAN),
         lookups_per_s: f("lookups_per_s")?,
     })
 }
@@ -287,33 +311,7 @@ fn run_dynamo_rust(o: &IndexOpts, workers: usize) -> anyhow::Result<Row> {
         .env("RUST_LOG", "error")
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
-    if !out.status.success() {
-        bail!("Dynamo Rust harness failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("Dynamo Rust harness output is not JSON")?;
-    let f = |k: &str| {
-        v[k].as_f64()
-            .with_context(|| format!("Dynamo Rust harness output lacks {k}"))
-    };
-    let failed = f("failed_events")?;
-    if failed > 0.0 {
-        eprintln!(
-            "# dynamo-rs, {workers} workers: the tree refused {failed} of {} timed events; they count in events/s",
-            o.events
-        );
-    }
-    Ok(Row {
-        system: "dynamo-rs",
-        workers,
-        resident_pairs: f("resident_pairs")? as usize,
-        events_per_s: f("events_per_s")?,
-        blocks_per_s: f("blocks_per_s")?,
-        idle_p50_ns: f("lookup_p50_ns")?,
-        idle_p99_ns: f("lookup_p99_ns")?,
-        busy_p50_ns: f("busy_lookup_p50_ns")?,
-        busy_p99_ns: f("busy_lookup_p99_ns")?,
-        lookups_per_s: f("lookups_per_s")?,
-    })
+    peer_row("dynamo-rs", workers, o.events, out, "")
 }
 
 /// The tiny index run of `kvfabric-bench --smoke`.

@@ -164,12 +164,8 @@ enum ClusterCmd {
 
 #[derive(clap::Args, Debug)]
 struct RegisterWorkerArgs {
-    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
-    #[arg(long, env = "KVFABRIC_CLUSTER")]
-    cluster: String,
-    /// Cluster id.
-    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
-    cluster_id: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Worker name, unique in the cluster (A-Z a-z 0-9 . _ -, 1 to 64).
     #[arg(long)]
     name: String,
@@ -189,25 +185,37 @@ struct RegisterWorkerArgs {
 
 #[derive(clap::Args, Debug)]
 struct ClusterWorkersArgs {
-    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
-    #[arg(long, env = "KVFABRIC_CLUSTER")]
-    cluster: String,
-    /// Cluster id.
-    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
-    cluster_id: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// One JSON object per worker.
     #[arg(long)]
     json: bool,
 }
 
+/// Where a cluster's registry is: `--cluster` and `--cluster-id`.
 #[derive(clap::Args, Debug)]
-struct ClusterDrainArgs {
+struct EtcdArgs {
     /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
     #[arg(long, env = "KVFABRIC_CLUSTER")]
     cluster: String,
     /// Cluster id.
     #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
     cluster_id: String,
+}
+
+impl EtcdArgs {
+    /// The etcd endpoints, once both flags are checked.
+    fn endpoints(&self) -> Result<Vec<String>> {
+        let endpoints = kvfabric::cluster::parse_etcd_url(&self.cluster).map_err(|e| anyhow::anyhow!(e))?;
+        kvfabric::cluster::validate_id("--cluster-id", &self.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(endpoints)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct ClusterDrainArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Give up waiting after this many seconds (the node keeps draining).
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
@@ -250,22 +258,14 @@ struct NamespaceDescribeArgs {
 
 #[derive(clap::Args, Debug)]
 struct NamespaceListArgs {
-    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
-    #[arg(long, env = "KVFABRIC_CLUSTER")]
-    cluster: String,
-    /// Cluster id.
-    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
-    cluster_id: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 #[derive(clap::Args, Debug)]
 struct ClusterStatusArgs {
-    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
-    #[arg(long, env = "KVFABRIC_CLUSTER")]
-    cluster: String,
-    /// Cluster id.
-    #[arg(long, env = "KVFABRIC_CLUSTER_ID", default_value = "kvfabric")]
-    cluster_id: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// One JSON array of member records instead of a table.
     #[arg(long)]
     json: bool,
@@ -528,10 +528,9 @@ fn print_namespace(info: &kvfabric::client::NamespaceInfo) {
 /// `kvfabric namespace list`: the cluster's namespace records.
 async fn namespace_list(a: NamespaceListArgs) -> Result<()> {
     use kvfabric::cluster;
-    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
-    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
+    let endpoints = a.etcd.endpoints()?;
     println!("{:<32} {:<20} {:>11}", "namespace", "owner", "replication");
-    for r in cluster::list_namespaces(&endpoints, &a.cluster_id).await? {
+    for r in cluster::list_namespaces(&endpoints, &a.etcd.cluster_id).await? {
         println!("{:<32} {:<20} {:>11}", r.name, r.owner, r.replication);
     }
     Ok(())
@@ -540,18 +539,18 @@ async fn namespace_list(a: NamespaceListArgs) -> Result<()> {
 /// `kvfabric cluster drain NODE`: asks the node (found in etcd) to drain,
 /// then follows it until it holds nothing.
 async fn register_worker(a: RegisterWorkerArgs) -> Result<()> {
-    use kvfabric::cluster::{WorkerLease, WorkerRecord, parse_etcd_url};
-    let endpoints = parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
+    use kvfabric::cluster::{WorkerLease, WorkerRecord};
+    let endpoints = a.etcd.endpoints()?;
     let record = WorkerRecord {
         name: a.name,
         url: a.url,
         kv_events: a.kv_events,
         fabric_node: a.fabric_node,
     };
-    let lease = WorkerLease::register(endpoints, &a.cluster_id, record.clone(), a.ttl_s).await?;
+    let lease = WorkerLease::register(endpoints, &a.etcd.cluster_id, record.clone(), a.ttl_s).await?;
     println!(
         "registered worker {} ({}) in cluster {}; interrupt to remove it",
-        record.name, record.url, a.cluster_id
+        record.name, record.url, a.etcd.cluster_id
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -565,9 +564,8 @@ async fn register_worker(a: RegisterWorkerArgs) -> Result<()> {
 
 async fn cluster_workers(a: ClusterWorkersArgs) -> Result<()> {
     use kvfabric::cluster;
-    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
-    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
-    let workers = cluster::list_workers(&endpoints, &a.cluster_id).await?;
+    let endpoints = a.etcd.endpoints()?;
+    let workers = cluster::list_workers(&endpoints, &a.etcd.cluster_id).await?;
     if a.json {
         for w in workers.values() {
             println!("{}", serde_json::to_string(w)?);
@@ -589,15 +587,14 @@ async fn cluster_workers(a: ClusterWorkersArgs) -> Result<()> {
 
 async fn cluster_drain(a: ClusterDrainArgs) -> Result<()> {
     use kvfabric::cluster;
-    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
-    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
-    let members = cluster::list_members(&endpoints, &a.cluster_id).await?;
+    let endpoints = a.etcd.endpoints()?;
+    let members = cluster::list_members(&endpoints, &a.etcd.cluster_id).await?;
     let Some(m) = members.iter().find(|m| m.node_id == a.node) else {
         let known: Vec<&str> = members.iter().map(|m| m.node_id.as_str()).collect();
         anyhow::bail!(
             "no node {:?} in cluster {:?} (members: {})",
             a.node,
-            a.cluster_id,
+            a.etcd.cluster_id,
             if known.is_empty() {
                 "none".to_string()
             } else {
@@ -638,9 +635,8 @@ async fn cluster_drain(a: ClusterDrainArgs) -> Result<()> {
 /// `kvfabric cluster status`: one listing of the members from etcd.
 async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
     use kvfabric::cluster;
-    let endpoints = cluster::parse_etcd_url(&a.cluster).map_err(|e| anyhow::anyhow!(e))?;
-    cluster::validate_id("--cluster-id", &a.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
-    let members = cluster::list_members(&endpoints, &a.cluster_id).await?;
+    let endpoints = a.etcd.endpoints()?;
+    let members = cluster::list_members(&endpoints, &a.etcd.cluster_id).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&members)?);
         return Ok(());
@@ -648,7 +644,7 @@ async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
     let under: u64 = members.iter().map(|m| m.under_replicated).sum();
     println!(
         "cluster {}: {} node(s), {under} under-replicated object(s)",
-        a.cluster_id,
+        a.etcd.cluster_id,
         members.len()
     );
     println!(
@@ -691,53 +687,28 @@ async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// 0, or 1 after printing `kvfabric WHAT: error` with its causes.
+fn exit_code(what: &str, r: Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kvfabric {what}: {e:#}");
+            1
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::External(args) => run_external(args),
-        Cmd::Serve(a) => match serve(a).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kvfabric serve: {e:#}");
-                1
-            }
-        },
-        Cmd::Cluster(ClusterCmd::Status(a)) => match cluster_status(a).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kvfabric cluster status: {e:#}");
-                1
-            }
-        },
-        Cmd::Cluster(ClusterCmd::Drain(a)) => match cluster_drain(a).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kvfabric cluster drain: {e:#}");
-                1
-            }
-        },
-        Cmd::Cluster(ClusterCmd::RegisterWorker(a)) => match register_worker(a).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kvfabric cluster register-worker: {e:#}");
-                1
-            }
-        },
-        Cmd::Cluster(ClusterCmd::Workers(a)) => match cluster_workers(a).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kvfabric cluster workers: {e:#}");
-                1
-            }
-        },
-        Cmd::Namespace(NamespaceCmd::List(a)) => match namespace_list(a).await {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kvfabric namespace list: {e:#}");
-                1
-            }
-        },
+        Cmd::Serve(a) => exit_code("serve", serve(a).await),
+        Cmd::Cluster(ClusterCmd::Status(a)) => exit_code("cluster status", cluster_status(a).await),
+        Cmd::Cluster(ClusterCmd::Drain(a)) => exit_code("cluster drain", cluster_drain(a).await),
+        Cmd::Cluster(ClusterCmd::RegisterWorker(a)) => exit_code("cluster register-worker", register_worker(a).await),
+        Cmd::Cluster(ClusterCmd::Workers(a)) => exit_code("cluster workers", cluster_workers(a).await),
+        Cmd::Namespace(NamespaceCmd::List(a)) => exit_code("namespace list", namespace_list(a).await),
         cmd => match run_client(cmd).await {
             Ok(c) => c,
             Err(e) => {

@@ -786,6 +786,17 @@ struct RealNodes {
 }
 
 impl RealNodes {
+    /// Starts every node, and a membership watcher that has seen them all
+    /// serving.
+    async fn serve_all(&self, etcd: &Etcd) -> (Vec<Option<Proc>>, Membership) {
+        let procs = (0..self.ids.len()).map(|i| Some(self.serve(i))).collect();
+        let m = watch(etcd, self.cluster).await;
+        m.wait_for(Duration::from_secs(30), |m| self.ids.iter().all(|id| serving(m, id)))
+            .await
+            .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
+        (procs, m)
+    }
+
     fn new(etcd: &Etcd, cluster: &'static str, ids: &'static [&'static str]) -> RealNodes {
         let base = tempfile::tempdir().unwrap();
         std::fs::write(
@@ -868,12 +879,7 @@ async fn wait_replication(clients: &[(&str, Client)], ns: &str, replication: u32
 async fn kill_9_loses_no_durable_object_and_replication_is_restored() {
     let etcd = Etcd::start().await;
     let nodes = RealNodes::new(&etcd, "rep", &["a", "b", "c"]);
-    let ids = nodes.ids;
-    let mut procs: Vec<Option<Proc>> = (0..3).map(|i| Some(nodes.serve(i))).collect();
-    let m = watch(&etcd, "rep").await;
-    m.wait_for(Duration::from_secs(30), |m| ids.iter().all(|id| serving(m, id)))
-        .await
-        .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
+    let (mut procs, m) = nodes.serve_all(&etcd).await;
     let endpoint = |i: usize| nodes.endpoint(i);
     let clients = nodes.clients().await;
 
@@ -1069,11 +1075,7 @@ async fn drain_hands_every_object_to_its_owners() {
 async fn rolling_restart_under_load_fails_no_read() {
     let etcd = Etcd::start().await;
     let nodes = RealNodes::new(&etcd, "roll", &["a", "b", "c"]);
-    let mut procs: Vec<Option<Proc>> = (0..3).map(|i| Some(nodes.serve(i))).collect();
-    let m = watch(&etcd, "roll").await;
-    m.wait_for(Duration::from_secs(30), |m| nodes.ids.iter().all(|id| serving(m, id)))
-        .await
-        .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
+    let (mut procs, m) = nodes.serve_all(&etcd).await;
     let clients = nodes.clients().await;
     clients[0].1.create_namespace("roll", 2).await.unwrap();
     wait_replication(&clients, "roll", 2).await;
@@ -1247,11 +1249,7 @@ async fn a_joining_node_takes_its_share_even_with_a_skewed_clock() {
 async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
     let etcd = Etcd::start().await;
     let nodes = RealNodes::new(&etcd, "stale", &["a", "b", "c"]);
-    let mut procs: Vec<Option<Proc>> = (0..3).map(|i| Some(nodes.serve(i))).collect();
-    let m = watch(&etcd, "stale").await;
-    m.wait_for(Duration::from_secs(30), |m| nodes.ids.iter().all(|id| serving(m, id)))
-        .await
-        .unwrap_or_else(|last| panic!("nodes never all served: {last:?}"));
+    let (mut procs, m) = nodes.serve_all(&etcd).await;
     let clients = nodes.clients().await;
     clients[0].1.create_namespace("w", 2).await.unwrap();
     clients[0].1.create_namespace("w2", 2).await.unwrap();

@@ -232,14 +232,7 @@ impl Workers {
     /// Checks every worker once, concurrently.
     pub(crate) async fn check_all(&self, client: &HttpClient, timeout: Duration) {
         let all = self.all();
-        let checks = all.iter().map(|w| async move {
-            let r = probe(client, &w.url, timeout).await;
-            match r {
-                Ok(()) => self.set_healthy(w, true, ""),
-                Err(e) => self.set_healthy(w, false, &e),
-            }
-        });
-        futures::future::join_all(checks).await;
+        futures::future::join_all(all.iter().map(|w| self.check_one(client, w, timeout))).await;
     }
 
     /// Adds a routed request's load to `w` until the guard is dropped.

@@ -200,6 +200,37 @@ async fn publish_until_seen(w: &mut StandIn, r: &RouterHandle, holder: HolderId,
     bail!("router never saw {}'s events", w.name)
 }
 
+/// A small in-process fabric node's settings: loopback, free ports, 8 MiB
+/// of host memory, no disk tier, data under `dir`.
+fn node_settings(dir: &std::path::Path, node_id: &str) -> kvfabric::server::Settings {
+    let mut ns = kvfabric::server::Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        node_id: node_id.into(),
+        ..Default::default()
+    };
+    ns.host.capacity = kvfabric::server::ByteSize(8 << 20);
+    ns.disk.capacity = kvfabric::server::ByteSize(0);
+    ns
+}
+
+/// Starts a node (see [`node_settings`]) and a client of it, with namespace
+/// `ns` created (a namespace exists once something is put in it).
+async fn probed_node(
+    dir: &std::path::Path,
+    node_id: &str,
+) -> Result<(kvfabric::server::NodeHandle, kvfabric::client::Client)> {
+    let node = kvfabric::server::Node::build(node_settings(dir, node_id))
+        .await?
+        .start()
+        .await?;
+    let fc = kvfabric::client::Client::connect(node.endpoint()).await?;
+    fc.put("ns", &b"probe"[..], &b"p"[..], kvfabric::client::Durability::Memory)
+        .await?;
+    Ok((node, fc))
+}
+
 fn base_settings(workers: Vec<WorkerSettings>) -> Settings {
     Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -377,21 +408,8 @@ async fn malformed_events_are_counted_and_gaps_resynchronise() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fabric_events_through_a_real_node_influence_routing() -> Result<()> {
-    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
     let dir = tempfile::tempdir()?;
-    let mut ns = NodeSettings {
-        listen: "127.0.0.1:0".parse()?,
-        metrics_listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        ..Default::default()
-    };
-    ns.host.capacity = ByteSize(8 << 20);
-    ns.disk.capacity = ByteSize(0);
-    let node = Node::build(ns).await?.start().await?;
-    let fc = kvfabric::client::Client::connect(node.endpoint()).await?;
-    // The namespace exists once something is put in it.
-    fc.put("ns", &b"probe"[..], &b"p"[..], kvfabric::client::Durability::Memory)
-        .await?;
+    let (node, fc) = probed_node(dir.path(), "kvfabric-node").await?;
 
     let (tx, _rx) = mpsc::unbounded_channel();
     let a = StandIn::start("a", tx.clone()).await?;
@@ -633,16 +651,12 @@ async fn a_restarted_event_publisher_is_followed_and_resynchronised() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fabric_blocks_from_before_the_router_and_after_a_node_restart_are_known() -> Result<()> {
     use kvfabric::client::{Client as FabricClient, Durability, PutObject};
-    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
+    use kvfabric::server::{Node, Settings as NodeSettings};
     async fn node_at(dir: &std::path::Path, listen: std::net::SocketAddr) -> Result<kvfabric::server::NodeHandle> {
-        let mut ns = NodeSettings {
+        let ns = NodeSettings {
             listen,
-            metrics_listen: "127.0.0.1:0".parse()?,
-            data_dir: dir.to_path_buf(),
-            ..Default::default()
+            ..node_settings(dir, "kvfabric-node")
         };
-        ns.host.capacity = ByteSize(8 << 20);
-        ns.disk.capacity = ByteSize(0);
         Ok(Node::build(ns).await?.start().await?)
     }
     async fn put_until_seen(fc: &FabricClient, r: &RouterHandle, tokens: &[u32], want: usize) -> Result<()> {
@@ -935,21 +949,13 @@ async fn the_binary_serves_and_rejects_bad_settings() -> Result<()> {
 /// before the router started count), and forgets a node that leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cluster_node_is_followed_through_one_configured_node() -> Result<()> {
-    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
+    use kvfabric::server::Node;
     use kvfabric_router::DISCOVERED_HOLDER_OFFSET;
     let etcd = kvfabric::testutil::Etcd::start().await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
     let mut nodes = Vec::new();
     for (d, id) in dirs.iter().zip(["a", "b", "c"]) {
-        let mut ns = NodeSettings {
-            listen: "127.0.0.1:0".parse()?,
-            metrics_listen: "127.0.0.1:0".parse()?,
-            data_dir: d.path().to_path_buf(),
-            node_id: id.into(),
-            ..Default::default()
-        };
-        ns.host.capacity = ByteSize(8 << 20);
-        ns.disk.capacity = ByteSize(0);
+        let mut ns = node_settings(d.path(), id);
         ns.local.enabled = false;
         ns.cluster.etcd = Some(etcd.url());
         ns.cluster.id = "rt".into();
@@ -1080,22 +1086,9 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_registered_worker_is_colocated_with_its_node_by_node_id() -> Result<()> {
     use kvfabric::cluster::{WorkerLease, WorkerRecord};
-    use kvfabric::server::{ByteSize, Node, Settings as NodeSettings};
     let etcd = kvfabric::testutil::Etcd::start().await;
     let dir = tempfile::tempdir()?;
-    let mut ns = NodeSettings {
-        listen: "127.0.0.1:0".parse()?,
-        metrics_listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        node_id: "node-a".into(),
-        ..Default::default()
-    };
-    ns.host.capacity = ByteSize(8 << 20);
-    ns.disk.capacity = ByteSize(0);
-    let node = Node::build(ns).await?.start().await?;
-    let fc = kvfabric::client::Client::connect(node.endpoint()).await?;
-    fc.put("ns", &b"probe"[..], &b"p"[..], kvfabric::client::Durability::Memory)
-        .await?;
+    let (node, fc) = probed_node(dir.path(), "node-a").await?;
 
     let (tx, _rx) = mpsc::unbounded_channel();
     let a = StandIn::start("a", tx.clone()).await?;

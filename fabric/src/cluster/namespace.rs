@@ -8,7 +8,7 @@
 //! replication 1. [`publish`] creates or updates a record with a
 //! compare-and-swap that refuses another tenant's namespace.
 
-use super::watch::{PrefixWatch, Record, RecordMap};
+use super::watch::{PrefixWatch, Record, RecordMap, decode_named};
 use super::{ClusterError, KEY_ROOT};
 use super::{bounded, connect};
 use crate::client::ClusterClient;
@@ -74,17 +74,7 @@ impl Record for NamespaceRecord {
     const WHAT: &'static str = "namespace";
 
     fn decode(key: &str, value: &[u8]) -> Result<Self, ClusterError> {
-        let malformed = |reason: String| ClusterError::Malformed {
-            key: key.to_string(),
-            reason,
-        };
-        let r: NamespaceRecord = serde_json::from_slice(value).map_err(|e| malformed(e.to_string()))?;
-        r.validate().map_err(malformed)?;
-        let seg = key.rsplit('/').next().unwrap_or_default();
-        if seg != r.name || !key.contains("/namespaces/") {
-            return Err(malformed(format!("record is for namespace {:?}", r.name)));
-        }
-        Ok(r)
+        decode_named(key, value, "namespaces", NamespaceRecord::validate)
     }
 
     fn id(&self) -> &str {

@@ -26,6 +26,28 @@ pub trait Record: Clone + Send + Sync + 'static {
     fn id(&self) -> &str;
 }
 
+/// Decodes a JSON record kept at `<...>/<dir>/<name>`: parses it, runs
+/// `validate`, and checks that the key's last segment is the record's
+/// `name` (so a record copied under another key is refused).
+pub(super) fn decode_named<R: serde::de::DeserializeOwned + Record>(
+    key: &str,
+    value: &[u8],
+    dir: &str,
+    validate: impl FnOnce(&R) -> Result<(), String>,
+) -> Result<R, ClusterError> {
+    let malformed = |reason: String| ClusterError::Malformed {
+        key: key.to_string(),
+        reason,
+    };
+    let r: R = serde_json::from_slice(value).map_err(|e| malformed(e.to_string()))?;
+    validate(&r).map_err(malformed)?;
+    let seg = key.rsplit('/').next().unwrap_or_default();
+    if seg != r.id() || !key.contains(&format!("/{dir}/")) {
+        return Err(malformed(format!("record is for {} {:?}", R::WHAT, r.id())));
+    }
+    Ok(r)
+}
+
 /// Records by id.
 pub type RecordMap<R> = BTreeMap<String, R>;
 

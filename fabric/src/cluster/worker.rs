@@ -10,7 +10,7 @@
 //! exponential backoff; a name already registered by a live worker at
 //! another URL is refused at start.
 
-use super::watch::{PrefixWatch, Record, RecordMap};
+use super::watch::{PrefixWatch, Record, RecordMap, decode_named};
 use super::{ClusterError, KEY_ROOT, validate_id};
 use super::{bounded, connect};
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -75,17 +75,7 @@ impl Record for WorkerRecord {
     const WHAT: &'static str = "worker";
 
     fn decode(key: &str, value: &[u8]) -> Result<Self, ClusterError> {
-        let malformed = |reason: String| ClusterError::Malformed {
-            key: key.to_string(),
-            reason,
-        };
-        let r: WorkerRecord = serde_json::from_slice(value).map_err(|e| malformed(e.to_string()))?;
-        r.validate().map_err(malformed)?;
-        let seg = key.rsplit('/').next().unwrap_or_default();
-        if seg != r.name || !key.contains("/workers/") {
-            return Err(malformed(format!("record is for worker {:?}", r.name)));
-        }
-        Ok(r)
+        decode_named(key, value, "workers", WorkerRecord::validate)
     }
 
     fn id(&self) -> &str {
