@@ -80,7 +80,8 @@ enum Mode {
     /// heavy eviction (optionally next to Dynamo's RadixTree).
     Index(index::IndexOpts),
     /// Trace replay in virtual time against simulated workers, with the real
-    /// router in the loop: round-robin, random, HBM-only and tier-aware routing.
+    /// router in the loop: round-robin, random, HBM-only, tier-aware and
+    /// Dynamo-cost routing, and a TTFT oracle.
     Replay(replay::ReplayOpts),
     /// The same client load against 1, 2 and 3 in-process nodes through the
     /// cluster-aware client: aggregate put/get GB/s and ExistsPrefix latency.

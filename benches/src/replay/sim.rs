@@ -62,7 +62,14 @@
 //! router scores), `Scope::AllTiers` also every fabric node's tiers priced
 //! by load time (the node on the candidate's host at tier bandwidth, others
 //! network-capped). Everything else (workers, fabric, bandwidths) is
-//! identical. A fifth, `ttft-oracle`, is not a router one could deploy: it
+//! identical. `kv-dynamo` is Dynamo's default cost (as of dynamo-kv-router
+//! 1.6, HBM blocks only, as Dynamo scores engines without KVBM tiers):
+//! queued prefill and the KV of decoding sequences both counted in blocks,
+//! so a decoding token weighs as much as a queued prefill token (the
+//! router with `Scope::HbmOnly` and a decode-block weight of one block's
+//! tokens). In this model decode never slows prefill, so that weight only
+//! costs TTFT here; on a GPU shared by both it would buy decode latency.
+//! A sixth, `ttft-oracle`, is not a router one could deploy: it
 //! sends each request to the worker whose exact simulated state (load
 //! backlog, caches, queue, running batch) gives it the lowest TTFT. It
 //! shows how much any per-request routing could still gain over the
@@ -201,6 +208,11 @@ pub(crate) enum Policy {
     HbmOnly,
     /// The router with `Scope::AllTiers` (kvfabric's tier-aware scoring).
     TierAware,
+    /// Dynamo's default cost, HBM-only: prefill and decode KV both counted
+    /// in blocks, so a decoding sequence's KV weighs as much per token as
+    /// queued prefill (the router with `Scope::HbmOnly` and a decode-block
+    /// weight of one block's tokens).
+    Dynamo,
     /// Not a deployable router: the worker with the lowest TTFT for this
     /// request as predicted from every simulated worker's exact queue, load
     /// stage and caches (greedy, request by request). The reference for how
@@ -210,11 +222,12 @@ pub(crate) enum Policy {
 
 impl Policy {
     /// Every policy, in report order.
-    pub(crate) const ALL: [Policy; 5] = [
+    pub(crate) const ALL: [Policy; 6] = [
         Policy::RoundRobin,
         Policy::Random,
         Policy::HbmOnly,
         Policy::TierAware,
+        Policy::Dynamo,
         Policy::TtftOracle,
     ];
 
@@ -225,6 +238,7 @@ impl Policy {
             Policy::Random => "random",
             Policy::HbmOnly => "kv-hbm-only",
             Policy::TierAware => "kv-tier-aware",
+            Policy::Dynamo => "kv-dynamo",
             Policy::TtftOracle => "ttft-oracle",
         }
     }
@@ -614,11 +628,14 @@ impl<'a> Sim<'a> {
     fn new(trace: &'a Trace, cfg: &'a SimConfig, policy: Policy, scale: f64, seed: u64) -> Sim<'a> {
         let mut cost = cfg.cost;
         cost.reach = cfg.reach;
-        cost.scope = if policy == Policy::HbmOnly {
+        cost.scope = if matches!(policy, Policy::HbmOnly | Policy::Dynamo) {
             Scope::HbmOnly
         } else {
             Scope::AllTiers
         };
+        if policy == Policy::Dynamo {
+            cost.weights.decode_block = cfg.block_tokens as f64;
+        }
         let index: Arc<dyn PrefixIndex> = Arc::new(ShardedIndex::new());
         let router = Router::new(cost, 0, index, seed);
         let fabric: Vec<Fabric> = (0..cfg.hosts())
@@ -725,7 +742,7 @@ impl<'a> Sim<'a> {
                 .map(|c| (self.predict_ttft(i, c, now), self.workers[c].pending_prefill, c))
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
                 .map_or(0, |(_, _, c)| c),
-            Policy::HbmOnly | Policy::TierAware => {
+            Policy::HbmOnly | Policy::TierAware | Policy::Dynamo => {
                 let r = &self.trace.requests[i];
                 let chain = &r.blocks[..r.reusable(self.cfg.block_tokens)];
                 self.cands.clear();
@@ -1010,11 +1027,17 @@ mod tests {
     }
 
     fn trace(lines: &[(u64, u64, &[u64])]) -> Trace {
+        let lines: Vec<_> = lines.iter().map(|&(t, n, ids)| (t, n, 4, ids)).collect();
+        trace_out(&lines)
+    }
+
+    /// Lines of (timestamp, input, output, hash ids).
+    fn trace_out(lines: &[(u64, u64, u64, &[u64])]) -> Trace {
         let mut s = String::new();
-        for (t, n, ids) in lines {
+        for (t, n, out, ids) in lines {
             let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
             s += &format!(
-                "{{\"timestamp\": {t}, \"input_length\": {n}, \"output_length\": 4, \"hash_ids\": [{}]}}\n",
+                "{{\"timestamp\": {t}, \"input_length\": {n}, \"output_length\": {out}, \"hash_ids\": [{}]}}\n",
                 ids.join(",")
             );
         }
@@ -1097,6 +1120,23 @@ mod tests {
             let r = run(&t, &c, p, 1.0, 1);
             assert_eq!(r.hit_tokens, [3 * 512, 0, 0, 0], "{p:?}");
         }
+    }
+
+    #[test]
+    fn dynamos_cost_weighs_decode_kv_like_queued_prefill() {
+        // The first request is still decoding (100k tokens at 10 ms) when
+        // the second, sharing its first 3 blocks, arrives.
+        let t = trace_out(&[(0, 2048, 100_000, &[1, 2, 3, 4]), (100_000, 2200, 4, &[1, 2, 3, 7, 8])]);
+        let c = cfg(2);
+        // Our cost counts the decoding sequence's 200 blocks as 200 tokens:
+        // the 1536 cached tokens win, the prefix is reused from HBM.
+        let r = run(&t, &c, Policy::HbmOnly, 1.0, 1);
+        assert_eq!(r.hit_tokens, [3 * 512, 0, 0, 0]);
+        // Dynamo's counts them as 200 blocks against 3 cached blocks: the
+        // idle worker wins and loads the prefix from the fabric.
+        let r = run(&t, &c, Policy::Dynamo, 1.0, 1);
+        assert_eq!(r.hit_tokens, [0, 3 * 512, 0, 0]);
+        assert_eq!(r.computed[1], 2200 - 3 * 512);
     }
 
     #[test]
