@@ -14,9 +14,10 @@ set -euo pipefail
 # headers so `--features rdma` compiles, DejaVu Sans for the trace replay's
 # plot labels (`kvfabric-bench replay`), and etcd (/usr/bin/etcd) for the
 # cluster-membership tests (fabric/tests/cluster.rs start their own etcd on
-# free loopback ports; a system etcd service the package may start is unused).
+# free loopback ports; a system etcd service the package may start is unused),
+# and openssl to make the certificates for the etcd-over-TLS tests.
 # ---------------------------------------------------------------------------
-APT_PACKAGES=(protobuf-compiler libprotobuf-dev librocksdb-dev libclang-dev clang pkg-config fio libibverbs-dev librdmacm-dev python3-venv fonts-dejavu-core etcd-server)
+APT_PACKAGES=(protobuf-compiler libprotobuf-dev librocksdb-dev libclang-dev clang pkg-config fio libibverbs-dev librdmacm-dev python3-venv fonts-dejavu-core etcd-server openssl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

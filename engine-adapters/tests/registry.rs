@@ -55,7 +55,7 @@ async fn wait_until(
 ) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let m = list_workers(&etcd.endpoints(), "c1").await.unwrap();
+        let m = list_workers(&etcd.target(), "c1").await.unwrap();
         if f(&m) {
             return;
         }
@@ -83,7 +83,7 @@ async fn the_worker_registers_itself_and_leaves_on_sigterm() {
     assert!(said.starts_with("registered as ref-0"), "{said:?}");
     // Registered before it said so.
     wait_until("ref-0 registers", &etcd, |m| m.contains_key("ref-0")).await;
-    let rec = list_workers(&etcd.endpoints(), "c1").await.unwrap()["ref-0"].clone();
+    let rec = list_workers(&etcd.target(), "c1").await.unwrap()["ref-0"].clone();
     assert_eq!(rec.url, url);
     assert!(
         rec.kv_events
@@ -99,12 +99,7 @@ async fn the_worker_registers_itself_and_leaves_on_sigterm() {
     term(&w);
     assert!(w.wait().unwrap().success());
     wait_until("ref-0 leaves", &etcd, |m| !m.contains_key("ref-0")).await;
-    assert!(
-        !list_workers(&etcd.endpoints(), "c1")
-            .await
-            .unwrap()
-            .contains_key("pre-0")
-    );
+    assert!(!list_workers(&etcd.target(), "c1").await.unwrap().contains_key("pre-0"));
     term(&p);
     let _ = p.wait();
 

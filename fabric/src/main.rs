@@ -134,7 +134,7 @@ struct ServeArgs {
     /// Node id reported in events (and the member name in cluster mode).
     #[arg(long, env = "KVFABRIC_NODE_ID")]
     node_id: Option<String>,
-    /// Join a cluster: etcd://HOST:PORT[,HOST:PORT...]. Without it the node runs alone.
+    /// Join a cluster: etcd://HOST:PORT[,HOST:PORT...] (etcds://...?ca=PATH for TLS; see README, `[cluster] etcd`). Without it the node runs alone.
     #[arg(long, env = "KVFABRIC_CLUSTER")]
     cluster: Option<String>,
     /// Cluster id (default kvfabric).
@@ -195,7 +195,8 @@ struct ClusterWorkersArgs {
 /// Where a cluster's registry is: `--cluster` and `--cluster-id`.
 #[derive(clap::Args, Debug)]
 struct EtcdArgs {
-    /// etcd endpoints: etcd://HOST:PORT[,HOST:PORT...].
+    /// The registry's etcd: etcd://HOST:PORT[,HOST:PORT...], or etcds://...?ca=PATH
+    /// with TLS; optional cert=PATH&key=PATH and user=NAME&password-file=PATH.
     #[arg(long, env = "KVFABRIC_CLUSTER")]
     cluster: String,
     /// Cluster id.
@@ -204,8 +205,8 @@ struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    /// The etcd endpoints, once both flags are checked.
-    fn endpoints(&self) -> Result<Vec<String>> {
+    /// The etcd target, once both flags are checked.
+    fn endpoints(&self) -> Result<kvfabric::cluster::EtcdTarget> {
         let endpoints = kvfabric::cluster::parse_etcd_url(&self.cluster).map_err(|e| anyhow::anyhow!(e))?;
         kvfabric::cluster::validate_id("--cluster-id", &self.cluster_id).map_err(|e| anyhow::anyhow!(e))?;
         Ok(endpoints)

@@ -37,6 +37,8 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Serves clients over TLS and requires a client certificate.
+    tls: bool,
 }
 
 impl Etcd {
@@ -47,9 +49,88 @@ impl Etcd {
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
+            tls: false,
         };
         e.spawn().await;
         e
+    }
+
+    /// Starts etcd serving clients over TLS only, with client certificates
+    /// required (`--client-cert-auth`). A fresh CA (made with the `openssl`
+    /// command) signs its certificate and a client's: [`Self::url`] names
+    /// them, [`Self::tls_file`] finds them.
+    pub async fn start_tls() -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            tls: true,
+        };
+        e.make_certificates();
+        e.spawn().await;
+        e
+    }
+
+    /// `name` (`ca.pem`, `server.pem`, `server.key`, `client.pem`,
+    /// `client.key`) in the TLS etcd's directory.
+    pub fn tls_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn make_certificates(&self) {
+        let d = self.dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl ({e}): run scripts/install-test-deps.sh"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ca = [
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+        ];
+        openssl(&[&ca.concat()[..], &["-subj", "/CN=kvfabric-test-ca"]].concat());
+        for (who, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+            let (key, csr, pem, ext) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.pem"),
+                format!("{who}.ext"),
+            );
+            std::fs::write(
+                d.join(&ext),
+                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+            )
+            .unwrap();
+            let subj = format!("/CN={who}");
+            openssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &subj]].concat());
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ]);
+        }
     }
 
     fn bin() -> PathBuf {
@@ -60,14 +141,25 @@ impl Etcd {
 
     /// Starts etcd (same data dir and ports every time) and waits until it answers.
     pub async fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .unwrap();
-        let child = Command::new(Self::bin())
+        let mut cmd = Command::new(Self::bin());
+        if self.tls {
+            cmd.arg("--cert-file")
+                .arg(self.tls_file("server.pem"))
+                .arg("--key-file")
+                .arg(self.tls_file("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(self.tls_file("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -89,7 +181,7 @@ impl Etcd {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if list_members(&self.endpoints(), "probe").await.is_ok() {
+            if list_members(&self.target(), "probe").await.is_ok() {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -117,14 +209,31 @@ impl Etcd {
         }
     }
 
-    /// `etcd://127.0.0.1:PORT`, as `--cluster` takes it.
+    /// `etcd://127.0.0.1:PORT`, as `--cluster` takes it; with TLS,
+    /// `etcds://127.0.0.1:PORT?ca=...&cert=...&key=...` (the client's certificate).
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        if self.tls {
+            format!(
+                "etcds://127.0.0.1:{}?ca={}&cert={}&key={}",
+                self.client_port,
+                self.tls_file("ca.pem").display(),
+                self.tls_file("client.pem").display(),
+                self.tls_file("client.key").display()
+            )
+        } else {
+            format!("etcd://127.0.0.1:{}", self.client_port)
+        }
     }
 
-    /// Client endpoints, `http://127.0.0.1:PORT`.
+    /// Client endpoints, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoints(&self) -> Vec<String> {
-        vec![format!("http://127.0.0.1:{}", self.client_port)]
+        let scheme = if self.tls { "https" } else { "http" };
+        vec![format!("{scheme}://127.0.0.1:{}", self.client_port)]
+    }
+
+    /// The cluster registry's target: [`Self::url`] parsed.
+    pub fn target(&self) -> crate::cluster::EtcdTarget {
+        crate::cluster::EtcdTarget::parse(&self.url()).expect("the test etcd's own URL parses")
     }
 
     /// The data directory etcd keeps its state in.

@@ -35,7 +35,7 @@ fn serving(m: &MemberMap, node: &str) -> bool {
 }
 
 async fn watch(etcd: &Etcd, cluster: &str) -> Membership {
-    Membership::start(etcd.endpoints(), cluster.into())
+    Membership::start(etcd.target(), cluster.into())
         .await
         .expect("membership watcher starts")
 }
@@ -178,7 +178,7 @@ async fn nodes_register_are_watched_and_leave_on_shutdown() {
         err.contains("belongs to cluster \"c1\"") && err.contains("configured for cluster \"c2\""),
         "{err}"
     );
-    assert!(list_members(&etcd.endpoints(), "c2").await.unwrap().is_empty());
+    assert!(list_members(&etcd.target(), "c2").await.unwrap().is_empty());
     b.shutdown().await;
 }
 
@@ -245,7 +245,7 @@ async fn killed_binary_expires_after_its_lease_and_wrong_cluster_is_refused() {
         stderr.contains("belongs to cluster \"c9\"") && stderr.contains("configured for cluster \"other\""),
         "{stderr}"
     );
-    assert!(list_members(&etcd.endpoints(), "other").await.unwrap().is_empty());
+    assert!(list_members(&etcd.target(), "other").await.unwrap().is_empty());
 
     // Started again for its own cluster, then stopped with SIGTERM: the lease
     // is revoked on the way out (gone well before the 30 s TTL).
@@ -354,7 +354,7 @@ async fn node_serves_through_etcd_outage_and_registers_again() {
     assert_eq!(rec.kvs().first().map(|kv| kv.lease()), Some(third));
 
     h.shutdown().await;
-    assert!(list_members(&etcd.endpoints(), "c3").await.unwrap().is_empty());
+    assert!(list_members(&etcd.target(), "c3").await.unwrap().is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -690,7 +690,7 @@ async fn any_node_forwards_to_the_owners() {
 
     // An owner that does not answer: UNAVAILABLE, naming it. (A record for
     // a serving node "zz" whose endpoint is a closed port.)
-    let mut ghost = list_members(&etcd.endpoints(), "fw").await.unwrap()[0].clone();
+    let mut ghost = list_members(&etcd.target(), "fw").await.unwrap()[0].clone();
     ghost.node_id = "zz".into();
     ghost.endpoint = format!("http://127.0.0.1:{}", free_port());
     let mut etc = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
@@ -1081,7 +1081,7 @@ async fn rolling_restart_under_load_fails_no_read() {
     wait_replication(&clients, "roll", 2).await;
 
     // The cluster-aware client follows the membership and the namespace records.
-    let ns_watch = kvfabric::cluster::watch_namespaces(etcd.endpoints(), "roll")
+    let ns_watch = kvfabric::cluster::watch_namespaces(etcd.target(), "roll")
         .await
         .unwrap();
     let cc = ClusterClient::new(m.serving_nodes(), ClientOptions::default());
@@ -1460,8 +1460,8 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
         kv_events: None,
         fabric_node: Some("n1".into()),
     };
-    let watch = watch_workers(etcd.endpoints(), "c1").await.unwrap();
-    let w1 = WorkerLease::register(etcd.endpoints(), "c1", rec("w1", 8001), 2)
+    let watch = watch_workers(etcd.target(), "c1").await.unwrap();
+    let w1 = WorkerLease::register(etcd.target(), "c1", rec("w1", 8001), 2)
         .await
         .unwrap();
     let seen = watch
@@ -1471,24 +1471,24 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
     assert_eq!(seen["w1"], rec("w1", 8001));
 
     // Another worker at another URL may not take the name.
-    let err = WorkerLease::register(etcd.endpoints(), "c1", rec("w1", 9009), 2)
+    let err = WorkerLease::register(etcd.target(), "c1", rec("w1", 9009), 2)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("already registered"), "{err}");
     // Bad records and settings are refused before etcd is touched.
     assert!(
-        WorkerLease::register(etcd.endpoints(), "c1", rec("a/b", 1), 2)
+        WorkerLease::register(etcd.target(), "c1", rec("a/b", 1), 2)
             .await
             .is_err()
     );
     assert!(
-        WorkerLease::register(etcd.endpoints(), "c1", rec("w3", 1), 1)
+        WorkerLease::register(etcd.target(), "c1", rec("w3", 1), 1)
             .await
             .is_err()
     );
 
     // The same worker restarting (same URL) replaces its record.
-    let w1_again = WorkerLease::register(etcd.endpoints(), "c1", rec("w1", 8001), 2)
+    let w1_again = WorkerLease::register(etcd.target(), "c1", rec("w1", 8001), 2)
         .await
         .unwrap();
     drop(w1);
@@ -1502,11 +1502,11 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
 
     // A worker that stops renewing (dropped: a crash) goes when its 2 s
     // lease expires; renewal keeps one alive well past its TTL.
-    let w2 = WorkerLease::register(etcd.endpoints(), "c1", rec("w2", 8002), 2)
+    let w2 = WorkerLease::register(etcd.target(), "c1", rec("w2", 8002), 2)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(list_workers(&etcd.endpoints(), "c1").await.unwrap().contains_key("w2"));
+    assert!(list_workers(&etcd.target(), "c1").await.unwrap().contains_key("w2"));
     drop(w2);
     watch
         .wait_for(Duration::from_secs(10), |m| !m.contains_key("w2"))
@@ -1561,12 +1561,7 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
         sidecar.wait().unwrap().success(),
         "the sidecar exits cleanly on SIGTERM"
     );
-    assert!(
-        !list_workers(&etcd.endpoints(), "c1")
-            .await
-            .unwrap()
-            .contains_key("vllm-0")
-    );
+    assert!(!list_workers(&etcd.target(), "c1").await.unwrap().contains_key("vllm-0"));
     // A bad record is refused with a message, nothing registered.
     let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
         .args([
@@ -1582,4 +1577,112 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("url"));
+}
+
+fn worker_rec(name: &str) -> kvfabric::cluster::WorkerRecord {
+    kvfabric::cluster::WorkerRecord {
+        name: name.into(),
+        url: "http://127.0.0.1:8001".into(),
+        kv_events: None,
+        fabric_node: None,
+    }
+}
+
+/// A registry on an etcd that serves clients over TLS only and requires
+/// client certificates: a node joins and a worker registers through an
+/// `etcds://` URL naming the CA, certificate and key; without a client
+/// certificate, or over plain HTTP, every call fails (promptly) instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_works_over_tls_with_client_certificates() {
+    use kvfabric::cluster::{EtcdTarget, WorkerLease, list_workers};
+    let etcd = Etcd::start_tls().await;
+    assert!(etcd.url().starts_with("etcds://") && etcd.target().is_tls());
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, _c) = common::start(node_settings(dir.path(), &etcd, "tls", "a", 30)).await;
+    watch(&etcd, "tls")
+        .await
+        .wait_for(Duration::from_secs(10), |m| serving(m, "a"))
+        .await
+        .unwrap_or_else(|last| panic!("the node never served through TLS etcd: {last:?}"));
+    let _lease = WorkerLease::register(etcd.target(), "tls", worker_rec("w1"), 5)
+        .await
+        .unwrap();
+    assert!(list_workers(&etcd.target(), "tls").await.unwrap().contains_key("w1"));
+
+    let port = etcd.endpoints()[0].rsplit(':').next().unwrap().to_string();
+    let ca = etcd.tls_file("ca.pem").display().to_string();
+    let no_cert = EtcdTarget::parse(&format!("etcds://127.0.0.1:{port}?ca={ca}")).unwrap();
+    let plain = EtcdTarget::parse(&format!("etcd://127.0.0.1:{port}")).unwrap();
+    for (what, t) in [("no client certificate", no_cert), ("plain HTTP", plain)] {
+        let started = Instant::now();
+        let e = list_members(&t, "tls").await.expect_err(what);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+        println!("{what}: {e}");
+    }
+}
+
+/// A registry on an etcd with authentication on: a node and a worker that
+/// name a user and a password file get in and work under a role limited to
+/// `/kvfabric/`; anonymous clients, a wrong password and a user without
+/// that role are refused with etcd's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_authenticates_with_an_etcd_user_and_password() {
+    use etcd_client::Permission;
+    use kvfabric::cluster::{EtcdTarget, WorkerLease, list_workers};
+    let etcd = Etcd::start().await;
+    let mut admin = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    let _ = admin.role_add("root").await;
+    admin.user_add("root", "root-pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.role_add("kvfabric").await.unwrap();
+    admin
+        .role_grant_permission("kvfabric", Permission::read_write("/kvfabric/").with_prefix())
+        .await
+        .unwrap();
+    admin.user_add("kv", "kv-pw", None).await.unwrap();
+    admin.user_grant_role("kv", "kvfabric").await.unwrap();
+    admin.user_add("nobody", "nobody-pw", None).await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let pw = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let url = |user: &str, file: &str| format!("{}?user={user}&password-file={file}", etcd.url());
+    let kv_url = url("kv", &pw("kv", "kv-pw\n"));
+    let kv = EtcdTarget::parse(&kv_url).unwrap();
+    assert_eq!(kv.user(), Some("kv"));
+    assert!(!format!("{kv:?}").contains("kv-pw"));
+
+    let node_dir = tempfile::tempdir().unwrap();
+    let mut s = node_settings(node_dir.path(), &etcd, "auth", "a", 30);
+    s.cluster.etcd = Some(kv_url.clone());
+    let (_node, _c) = common::start(s).await;
+    Membership::start(kv.clone(), "auth".into())
+        .await
+        .unwrap()
+        .wait_for(Duration::from_secs(10), |m| serving(m, "a"))
+        .await
+        .unwrap_or_else(|last| panic!("the node never served through etcd auth: {last:?}"));
+    let _lease = WorkerLease::register(kv.clone(), "auth", worker_rec("w1"), 5)
+        .await
+        .unwrap();
+    assert!(list_workers(&kv, "auth").await.unwrap().contains_key("w1"));
+
+    let wrong = EtcdTarget::parse(&url("kv", &pw("wrong", "nope"))).unwrap();
+    let nobody = EtcdTarget::parse(&url("nobody", &pw("nobody", "nobody-pw"))).unwrap();
+    for (what, t, says) in [
+        ("anonymous", etcd.target(), "user name"),
+        ("wrong password", wrong, "authentication failed"),
+        ("no role", nobody, "permission denied"),
+    ] {
+        let e = list_members(&t, "auth").await.expect_err(what).to_string();
+        assert!(e.contains(says), "{what}: {e}");
+    }
 }

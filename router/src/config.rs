@@ -165,7 +165,8 @@ pub struct Settings {
     /// Workers to forward to. Default none (every request gets 503).
     pub workers: Vec<WorkerSettings>,
     /// The cluster registry to take more workers from,
-    /// `etcd://HOST:PORT[,HOST:PORT...]`: every worker registered under
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (or `etcds://` with TLS and
+    /// credentials: see `kvfabric::cluster::EtcdTarget`): every worker registered under
     /// `cluster-id` (`kvfabric register-worker`, `kvfabric-worker
     /// --cluster`) is added while its record lives, and removed (its index
     /// entries dropped) when it goes. A registered name equal to a
@@ -315,8 +316,8 @@ impl Settings {
         }
     }
 
-    /// The etcd endpoints of `cluster` (`http://HOST:PORT` each), if set.
-    pub fn cluster_endpoints(&self) -> Result<Option<Vec<String>>, String> {
+    /// The etcd target `cluster` names (endpoints, TLS, credentials), if set.
+    pub fn cluster_endpoints(&self) -> Result<Option<kvfabric::cluster::EtcdTarget>, String> {
         self.cluster
             .as_deref()
             .map(|u| kvfabric::cluster::parse_etcd_url(u).map_err(|e| format!("cluster: {e}")))

@@ -24,7 +24,7 @@ pub(crate) type SpawnEvents = Arc<dyn Fn(&crate::workers::Worker, String) -> tok
 
 /// What the follower works with.
 pub(crate) struct Registry {
-    pub(crate) endpoints: Vec<String>,
+    pub(crate) endpoints: kvfabric::cluster::EtcdTarget,
     pub(crate) cluster_id: String,
     pub(crate) workers: Arc<Workers>,
     /// Approximate mode for registered workers without `kv-events`.

@@ -1050,11 +1050,11 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
             fabric_node: None,
         }
     };
-    let lease_b = WorkerLease::register(etcd.endpoints(), "c1", record(&b), 5).await?;
+    let lease_b = WorkerLease::register(etcd.target(), "c1", record(&b), 5).await?;
     // A record under a configured worker's name (at another URL) is ignored.
     let mut clash = record(&b);
     clash.name = "a".into();
-    let lease_clash = WorkerLease::register(etcd.endpoints(), "c1", clash, 5).await?;
+    let lease_clash = WorkerLease::register(etcd.target(), "c1", clash, 5).await?;
     eventually("b joins", || r.healthy_workers().len() == 2).await?;
 
     // b is holder 1 (after the configured a): its events are followed.
@@ -1103,7 +1103,7 @@ async fn a_registered_worker_is_colocated_with_its_node_by_node_id() -> Result<(
     s.cluster_id = "c1".into();
     let r = RouterService::start(s).await?;
     let lease = WorkerLease::register(
-        etcd.endpoints(),
+        etcd.target(),
         "c1",
         WorkerRecord {
             name: "b".into(),

@@ -102,7 +102,7 @@ struct Cli {
     /// Log filter (RUST_LOG overrides).
     #[arg(long, env = "KVFABRIC_WORKER_LOG")]
     log: Option<String>,
-    /// Register in this cluster's worker registry, etcd://HOST:PORT[,...].
+    /// Register in this cluster's worker registry, etcd://HOST:PORT[,...] (or etcds:// with TLS).
     #[arg(long, env = "KVFABRIC_WORKER_CLUSTER")]
     cluster: Option<String>,
     /// Cluster id (default kvfabric).

@@ -170,7 +170,7 @@ pub struct WorkerSettings {
     /// Log filter (`tracing` env-filter syntax) of the binary. Default
     /// `info`; `RUST_LOG` overrides.
     pub log: String,
-    /// Cluster registry to register in, `etcd://HOST:PORT[,...]`, so that
+    /// Cluster registry to register in, `etcd://HOST:PORT[,...]` (or `etcds://` with TLS and credentials), so that
     /// routers with the same `cluster` route to this worker (the
     /// `kvfabric-worker` binary registers an aggregated or decode worker
     /// once serving, under a lease, and removes it on shutdown; prefill

@@ -91,14 +91,16 @@ impl ClusterError {
     /// Classifies an etcd client error: connection-level failures become
     /// [`ClusterError::Unreachable`] with the innermost cause (e.g.
     /// "Connection refused"), the rest [`ClusterError::Etcd`].
-    pub(crate) fn from_etcd(endpoints: &[String], e: etcd_client::Error) -> ClusterError {
+    pub(crate) fn from_etcd(etcd: &super::EtcdTarget, e: etcd_client::Error) -> ClusterError {
         use etcd_client::Error as E;
         let unreachable = match &e {
             E::TransportError(_) | E::IoError(_) => true,
-            E::GRpcStatus(s) => matches!(
-                s.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ),
+            E::GRpcStatus(s) => {
+                matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ) || (s.code() == tonic::Code::Unknown && s.message() == "transport error")
+            }
             _ => false,
         };
         if !unreachable {
@@ -117,7 +119,7 @@ impl ClusterError {
             _ => cause.to_string(),
         };
         ClusterError::Unreachable {
-            endpoints: endpoints.join(","),
+            endpoints: etcd.to_string(),
             reason,
         }
     }

@@ -6,7 +6,7 @@
 
 use super::connect;
 use super::watch::{PrefixWatch, Record, list};
-use super::{ClusterError, Member, MemberState};
+use super::{ClusterError, EtcdTarget, Member, MemberState};
 use crate::client::NodeInfo;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,17 +35,17 @@ pub struct Membership {
 }
 
 /// Lists the members of a cluster once, sorted by node id.
-pub async fn list_members(endpoints: &[String], cluster_id: &str) -> Result<Vec<Member>, ClusterError> {
-    let mut c = connect(endpoints).await?;
-    let (map, _) = list::<Member>(&mut c, endpoints, &super::members_prefix(cluster_id)).await?;
+pub async fn list_members(etcd: &EtcdTarget, cluster_id: &str) -> Result<Vec<Member>, ClusterError> {
+    let mut c = connect(etcd).await?;
+    let (map, _) = list::<Member>(&mut c, etcd, &super::members_prefix(cluster_id)).await?;
     Ok(map.into_values().collect())
 }
 
 impl Membership {
     /// Lists the members (failing if etcd cannot be reached), then keeps the
     /// map current in the background.
-    pub async fn start(endpoints: Vec<String>, cluster_id: String) -> Result<Membership, ClusterError> {
-        let inner = PrefixWatch::start(endpoints, super::members_prefix(&cluster_id)).await?;
+    pub async fn start(etcd: EtcdTarget, cluster_id: String) -> Result<Membership, ClusterError> {
+        let inner = PrefixWatch::start(etcd, super::members_prefix(&cluster_id)).await?;
         Ok(Membership { inner })
     }
 

@@ -23,6 +23,7 @@ mod membership;
 mod namespace;
 #[cfg(feature = "server")]
 mod registration;
+mod target;
 mod watch;
 mod worker;
 
@@ -35,29 +36,32 @@ pub use namespace::{
 };
 #[cfg(feature = "server")]
 pub use registration::{Registration, RegistrationConfig, UsageFn};
+pub use target::EtcdTarget;
 pub use watch::{PrefixWatch, Record, RecordMap};
 pub use worker::{WorkerLease, WorkerRecord, list_workers, watch_workers, worker_key, workers_prefix};
 
 /// Longest wait for one etcd request.
 pub(crate) const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Connects a client to `endpoints` (no request is made yet).
-pub(crate) async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, ClusterError> {
-    let opts = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(std::time::Duration::from_secs(2))
-        .with_keep_alive(std::time::Duration::from_secs(2), std::time::Duration::from_secs(2));
-    bounded(endpoints, etcd_client::Client::connect(endpoints, Some(opts))).await
+/// Connects a client to `etcd` (no request is made yet, except the
+/// authentication when the target names a user).
+pub(crate) async fn connect(etcd: &EtcdTarget) -> Result<etcd_client::Client, ClusterError> {
+    bounded(
+        etcd,
+        etcd_client::Client::connect(etcd.endpoints(), Some(etcd.connect_options())),
+    )
+    .await
 }
 
 /// Runs one etcd call under [`REQUEST_TIMEOUT`].
 pub(crate) async fn bounded<T>(
-    endpoints: &[String],
+    etcd: &EtcdTarget,
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, ClusterError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| ClusterError::from_etcd(endpoints, e)),
+        Ok(r) => r.map_err(|e| ClusterError::from_etcd(etcd, e)),
         Err(_) => Err(ClusterError::Unreachable {
-            endpoints: endpoints.join(","),
+            endpoints: etcd.to_string(),
             reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
         }),
     }
@@ -104,24 +108,10 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `etcd://HOST:PORT[,HOST:PORT...]` into the client's endpoint
-/// URLs (`http://HOST:PORT`). No TLS: the scheme is always plain HTTP/2.
-pub fn parse_etcd_url(url: &str) -> Result<Vec<String>, String> {
-    let rest = url
-        .strip_prefix("etcd://")
-        .ok_or_else(|| format!("cluster endpoint {url:?} must look like etcd://HOST:PORT[,HOST:PORT...]"))?;
-    let rest = rest.trim_end_matches('/');
-    let mut out = Vec::new();
-    for part in rest.split(',') {
-        let part = part.trim();
-        let bad = || format!("cluster endpoint {url:?}: {part:?} is not HOST:PORT");
-        let (host, port) = part.rsplit_once(':').ok_or_else(bad)?;
-        if host.is_empty() || host.contains('/') || !port.parse::<u16>().is_ok_and(|p| p != 0) {
-            return Err(bad());
-        }
-        out.push(format!("http://{part}"));
-    }
-    Ok(out)
+/// Parses a `--cluster` URL: `etcd://HOST:PORT[,HOST:PORT...]`, or
+/// `etcds://` with TLS and credentials (see [`EtcdTarget`]).
+pub fn parse_etcd_url(url: &str) -> Result<EtcdTarget, String> {
+    EtcdTarget::parse(url)
 }
 
 #[cfg(test)]
@@ -142,21 +132,9 @@ mod tests {
         assert!(validate_id("node-id", "a/b").unwrap_err().contains("'/'"));
         assert!(validate_id("node-id", "..").is_err());
         assert!(validate_id("node-id", &"x".repeat(65)).is_err());
-        assert_eq!(
-            parse_etcd_url("etcd://127.0.0.1:2379,etcd-b:2379").unwrap(),
-            vec!["http://127.0.0.1:2379", "http://etcd-b:2379"]
+        assert!(
+            parse_etcd_url("http://a:1").is_err(),
+            "the URL grammar is tested in target.rs"
         );
-        assert_eq!(parse_etcd_url("etcd://[::1]:2379/").unwrap(), vec!["http://[::1]:2379"]);
-        for bad in [
-            "http://a:1",
-            "etcd://",
-            "etcd://a",
-            "etcd://a:0",
-            "etcd://a:x",
-            "etcd://a:1,,b:2",
-            "etcd://:1",
-        ] {
-            assert!(parse_etcd_url(bad).is_err(), "{bad} accepted");
-        }
     }
 }

@@ -9,7 +9,7 @@
 //! compare-and-swap that refuses another tenant's namespace.
 
 use super::watch::{PrefixWatch, Record, RecordMap, decode_named};
-use super::{ClusterError, KEY_ROOT};
+use super::{ClusterError, EtcdTarget, KEY_ROOT};
 use super::{bounded, connect};
 use crate::client::ClusterClient;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
@@ -89,14 +89,14 @@ pub type NamespaceMap = RecordMap<NamespaceRecord>;
 pub type NamespaceWatch = PrefixWatch<NamespaceRecord>;
 
 /// Starts watching the namespace records of `cluster_id`.
-pub async fn watch_namespaces(endpoints: Vec<String>, cluster_id: &str) -> Result<NamespaceWatch, ClusterError> {
-    PrefixWatch::start(endpoints, namespaces_prefix(cluster_id)).await
+pub async fn watch_namespaces(etcd: EtcdTarget, cluster_id: &str) -> Result<NamespaceWatch, ClusterError> {
+    PrefixWatch::start(etcd, namespaces_prefix(cluster_id)).await
 }
 
 /// Lists the namespace records of a cluster once, sorted by name.
-pub async fn list_namespaces(endpoints: &[String], cluster_id: &str) -> Result<Vec<NamespaceRecord>, ClusterError> {
-    let mut c = connect(endpoints).await?;
-    let (map, _) = super::watch::list::<NamespaceRecord>(&mut c, endpoints, &namespaces_prefix(cluster_id)).await?;
+pub async fn list_namespaces(etcd: &EtcdTarget, cluster_id: &str) -> Result<Vec<NamespaceRecord>, ClusterError> {
+    let mut c = connect(etcd).await?;
+    let (map, _) = super::watch::list::<NamespaceRecord>(&mut c, etcd, &namespaces_prefix(cluster_id)).await?;
     Ok(map.into_values().collect())
 }
 
@@ -119,16 +119,16 @@ pub enum PublishError {
 /// Creates the namespace record, or updates its replication when the same
 /// tenant owns it; refuses another tenant's namespace. Retries a lost
 /// compare-and-swap a few times.
-pub async fn publish(endpoints: &[String], cluster_id: &str, rec: &NamespaceRecord) -> Result<(), PublishError> {
+pub async fn publish(etcd: &EtcdTarget, cluster_id: &str, rec: &NamespaceRecord) -> Result<(), PublishError> {
     rec.validate().map_err(ClusterError::InvalidSettings)?;
     let key = namespace_key(cluster_id, &rec.name);
-    let mut c = connect(endpoints).await?;
+    let mut c = connect(etcd).await?;
     for _ in 0..5 {
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), rec.encode(), None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let r = bounded(endpoints, c.txn(txn)).await?;
+        let r = bounded(etcd, c.txn(txn)).await?;
         if r.succeeded() {
             return Ok(());
         }
@@ -148,7 +148,7 @@ pub async fn publish(endpoints: &[String], cluster_id: &str, rec: &NamespaceReco
         let txn = Txn::new()
             .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
             .and_then([TxnOp::put(key.clone(), rec.encode(), None)]);
-        if bounded(endpoints, c.txn(txn)).await?.succeeded() {
+        if bounded(etcd, c.txn(txn)).await?.succeeded() {
             return Ok(());
         }
     }

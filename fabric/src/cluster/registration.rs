@@ -11,7 +11,9 @@
 //! Every etcd call is bounded by a timeout, because the client's balanced
 //! channel waits (rather than fails) while no endpoint is up.
 
-use super::{ClusterError, ClusterRecord, Member, MemberState, REQUEST_TIMEOUT, TierUsage, bounded, connect};
+use super::{
+    ClusterError, ClusterRecord, EtcdTarget, Member, MemberState, REQUEST_TIMEOUT, TierUsage, bounded, connect,
+};
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use kvfabric_tiers::Clock;
 use std::future::Future;
@@ -34,8 +36,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// What a node registers with.
 #[derive(Clone, Debug)]
 pub struct RegistrationConfig {
-    /// etcd endpoints, `http://HOST:PORT`.
-    pub etcd: Vec<String>,
+    /// The registry's etcd.
+    pub etcd: EtcdTarget,
     /// Cluster id.
     pub cluster_id: String,
     /// Node id.
@@ -365,7 +367,7 @@ impl Worker {
                         Ok(Ok(_)) => return ClusterError::LeaseLost(lease),
                         Ok(Err(e)) => return e.into(),
                         Err(_) => return ClusterError::Unreachable {
-                            endpoints: self.cfg.etcd.join(","),
+                            endpoints: self.cfg.etcd.to_string(),
                             reason: "lease keep-alive unanswered".into(),
                         },
                     }
@@ -476,7 +478,7 @@ impl Worker {
             Ok(Err(e)) => return Err(ClusterError::from_etcd(&self.cfg.etcd, e)),
             Err(_) => {
                 return Err(ClusterError::Unreachable {
-                    endpoints: self.cfg.etcd.join(","),
+                    endpoints: self.cfg.etcd.to_string(),
                     reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
                 });
             }

@@ -7,7 +7,7 @@
 //! out, never guessed at. The membership and the namespace registry are
 //! both kept this way.
 
-use super::ClusterError;
+use super::{ClusterError, EtcdTarget};
 use super::{bounded, connect};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use std::collections::BTreeMap;
@@ -62,10 +62,10 @@ pub struct PrefixWatch<R: Record> {
 /// warning). Returns the map and the store revision.
 pub(super) async fn list<R: Record>(
     client: &mut Client,
-    endpoints: &[String],
+    etcd: &EtcdTarget,
     prefix: &str,
 ) -> Result<(RecordMap<R>, i64), ClusterError> {
-    let r = bounded(endpoints, client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+    let r = bounded(etcd, client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
     let rev = r.header().map(|h| h.revision()).unwrap_or(0);
     let mut map = RecordMap::new();
     for kv in r.kvs() {
@@ -83,11 +83,11 @@ pub(super) async fn list<R: Record>(
 impl<R: Record> PrefixWatch<R> {
     /// Lists the prefix (failing if etcd cannot be reached), then keeps the
     /// map current in the background.
-    pub async fn start(endpoints: Vec<String>, prefix: String) -> Result<PrefixWatch<R>, ClusterError> {
-        let mut client = connect(&endpoints).await?;
-        let (map, rev) = list::<R>(&mut client, &endpoints, &prefix).await?;
+    pub async fn start(etcd: EtcdTarget, prefix: String) -> Result<PrefixWatch<R>, ClusterError> {
+        let mut client = connect(&etcd).await?;
+        let (map, rev) = list::<R>(&mut client, &etcd, &prefix).await?;
         let (tx, rx) = watch::channel(Arc::new(map));
-        let task = tokio::spawn(run(endpoints, prefix, client, rev, tx));
+        let task = tokio::spawn(run(etcd, prefix, client, rev, tx));
         Ok(PrefixWatch { rx, task })
     }
 
@@ -137,13 +137,13 @@ enum WatchEnd {
 
 async fn watch_from<R: Record>(
     client: &mut Client,
-    endpoints: &[String],
+    etcd: &EtcdTarget,
     prefix: &str,
     rev: i64,
     tx: &watch::Sender<Arc<RecordMap<R>>>,
 ) -> WatchEnd {
     let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
-    let mut stream = match bounded(endpoints, client.watch(prefix, Some(opts))).await {
+    let mut stream = match bounded(etcd, client.watch(prefix, Some(opts))).await {
         Ok(s) => s,
         Err(e) => return WatchEnd::Failed(e),
     };
@@ -152,7 +152,7 @@ async fn watch_from<R: Record>(
             Ok(Some(m)) => m,
             Ok(None) => {
                 return WatchEnd::Failed(ClusterError::Unreachable {
-                    endpoints: endpoints.join(","),
+                    endpoints: etcd.to_string(),
                     reason: "watch stream closed".into(),
                 });
             }
@@ -195,7 +195,7 @@ async fn watch_from<R: Record>(
 }
 
 async fn run<R: Record>(
-    endpoints: Vec<String>,
+    etcd: EtcdTarget,
     prefix: String,
     mut client: Client,
     mut rev: i64,
@@ -203,7 +203,7 @@ async fn run<R: Record>(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match watch_from(&mut client, &endpoints, &prefix, rev, &tx).await {
+        match watch_from(&mut client, &etcd, &prefix, rev, &tx).await {
             WatchEnd::Relist => {}
             WatchEnd::Failed(e) => {
                 tracing::warn!(error = %e, what = R::WHAT, "watch failed; retrying");
@@ -214,8 +214,8 @@ async fn run<R: Record>(
         // List again (from a fresh connection) until etcd answers.
         loop {
             let r = async {
-                let mut c = connect(&endpoints).await?;
-                let (map, r) = list::<R>(&mut c, &endpoints, &prefix).await?;
+                let mut c = connect(&etcd).await?;
+                let (map, r) = list::<R>(&mut c, &etcd, &prefix).await?;
                 Ok::<_, ClusterError>((c, map, r))
             }
             .await;

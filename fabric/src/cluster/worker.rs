@@ -11,7 +11,7 @@
 //! another URL is refused at start.
 
 use super::watch::{PrefixWatch, Record, RecordMap, decode_named};
-use super::{ClusterError, KEY_ROOT, validate_id};
+use super::{ClusterError, EtcdTarget, KEY_ROOT, validate_id};
 use super::{bounded, connect};
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
@@ -84,19 +84,14 @@ impl Record for WorkerRecord {
 }
 
 /// Watches a cluster's worker records (see [`PrefixWatch`]).
-pub async fn watch_workers(
-    endpoints: Vec<String>,
-    cluster_id: &str,
-) -> Result<PrefixWatch<WorkerRecord>, ClusterError> {
-    PrefixWatch::start(endpoints, workers_prefix(cluster_id)).await
+pub async fn watch_workers(etcd: EtcdTarget, cluster_id: &str) -> Result<PrefixWatch<WorkerRecord>, ClusterError> {
+    PrefixWatch::start(etcd, workers_prefix(cluster_id)).await
 }
 
 /// Workers registered in the cluster now (one read).
-pub async fn list_workers(endpoints: &[String], cluster_id: &str) -> Result<RecordMap<WorkerRecord>, ClusterError> {
-    let mut c = connect(endpoints).await?;
-    Ok(super::watch::list(&mut c, endpoints, &workers_prefix(cluster_id))
-        .await?
-        .0)
+pub async fn list_workers(etcd: &EtcdTarget, cluster_id: &str) -> Result<RecordMap<WorkerRecord>, ClusterError> {
+    let mut c = connect(etcd).await?;
+    Ok(super::watch::list(&mut c, etcd, &workers_prefix(cluster_id)).await?.0)
 }
 
 /// A worker's registration: its record, kept alive under a lease by a
@@ -105,7 +100,7 @@ pub async fn list_workers(endpoints: &[String], cluster_id: &str) -> Result<Reco
 pub struct WorkerLease {
     task: Option<JoinHandle<()>>,
     client: Client,
-    endpoints: Vec<String>,
+    etcd: EtcdTarget,
     lease: tokio::sync::watch::Receiver<i64>,
 }
 
@@ -128,7 +123,7 @@ impl WorkerLease {
     /// (2..=3600). Fails if etcd cannot be reached or another live worker
     /// registered the same name at another URL.
     pub async fn register(
-        endpoints: Vec<String>,
+        etcd: EtcdTarget,
         cluster_id: &str,
         record: WorkerRecord,
         ttl_s: u64,
@@ -140,22 +135,22 @@ impl WorkerLease {
                 "worker lease ttl must be 2..=3600 s, got {ttl_s}"
             )));
         }
-        let client = connect(&endpoints).await?;
+        let client = connect(&etcd).await?;
         let key = worker_key(cluster_id, &record.name);
-        let first = put(&client, &endpoints, &key, &record, ttl_s).await?;
+        let first = put(&client, &etcd, &key, &record, ttl_s).await?;
         let (tx, rx) = tokio::sync::watch::channel(first);
         let task = {
-            let (client, endpoints) = (client.clone(), endpoints.clone());
+            let (client, etcd) = (client.clone(), etcd.clone());
             tokio::spawn(async move {
                 let mut lease = first;
                 let mut backoff = Duration::from_millis(100);
                 loop {
-                    let e = keep(&client, &endpoints, lease, ttl_s).await;
+                    let e = keep(&client, &etcd, lease, ttl_s).await;
                     tracing::warn!(error = %e, worker = %record.name, "worker registration lost; registering again");
                     loop {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
-                        match put(&client, &endpoints, &key, &record, ttl_s).await {
+                        match put(&client, &etcd, &key, &record, ttl_s).await {
                             Ok(l) => {
                                 lease = l;
                                 tx.send_replace(l);
@@ -172,7 +167,7 @@ impl WorkerLease {
         Ok(WorkerLease {
             task: Some(task),
             client,
-            endpoints,
+            etcd,
             lease: rx,
         })
     }
@@ -184,7 +179,7 @@ impl WorkerLease {
         }
         let lease = *self.lease.borrow();
         let mut c = self.client.clone();
-        if let Err(e) = bounded(&self.endpoints, c.lease_revoke(lease)).await {
+        if let Err(e) = bounded(&self.etcd, c.lease_revoke(lease)).await {
             tracing::warn!(error = %e, "revoking the worker's lease; its record goes when the lease expires");
         }
     }
@@ -202,20 +197,20 @@ impl Drop for WorkerLease {
 /// at another URL holds the name. Returns the lease.
 async fn put(
     client: &Client,
-    endpoints: &[String],
+    etcd: &EtcdTarget,
     key: &str,
     record: &WorkerRecord,
     ttl_s: u64,
 ) -> Result<i64, ClusterError> {
     let mut c = client.clone();
-    let lease = bounded(endpoints, c.lease_grant(ttl_s as i64, None)).await?.id();
+    let lease = bounded(etcd, c.lease_grant(ttl_s as i64, None)).await?.id();
     let put = TxnOp::put(key, record.encode(), Some(PutOptions::new().with_lease(lease)));
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
         .and_then([put.clone()])
         .or_else([TxnOp::get(key, None)]);
     let result = async {
-        let r = bounded(endpoints, c.txn(txn)).await?;
+        let r = bounded(etcd, c.txn(txn)).await?;
         if r.succeeded() {
             return Ok(());
         }
@@ -239,7 +234,7 @@ async fn put(
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
             .and_then([put]);
-        if bounded(endpoints, c.txn(txn)).await?.succeeded() {
+        if bounded(etcd, c.txn(txn)).await?.succeeded() {
             Ok(())
         } else {
             Err(ClusterError::LeaseLost(lease))
@@ -249,16 +244,16 @@ async fn put(
     match result {
         Ok(()) => Ok(lease),
         Err(e) => {
-            let _ = bounded(endpoints, c.lease_revoke(lease)).await;
+            let _ = bounded(etcd, c.lease_revoke(lease)).await;
             Err(e)
         }
     }
 }
 
 /// Renews `lease` every third of its TTL until that fails; returns why.
-async fn keep(client: &Client, endpoints: &[String], lease: i64, ttl_s: u64) -> ClusterError {
+async fn keep(client: &Client, etcd: &EtcdTarget, lease: i64, ttl_s: u64) -> ClusterError {
     let mut c = client.clone();
-    let (mut keeper, mut stream) = match bounded(endpoints, c.lease_keep_alive(lease)).await {
+    let (mut keeper, mut stream) = match bounded(etcd, c.lease_keep_alive(lease)).await {
         Ok(k) => k,
         Err(e) => return e,
     };
@@ -267,15 +262,15 @@ async fn keep(client: &Client, endpoints: &[String], lease: i64, ttl_s: u64) -> 
     loop {
         tick.tick().await;
         if let Err(e) = keeper.keep_alive().await {
-            return ClusterError::from_etcd(endpoints, e);
+            return ClusterError::from_etcd(etcd, e);
         }
         match tokio::time::timeout(Duration::from_secs(3), stream.message()).await {
             Ok(Ok(Some(r))) if r.ttl() > 0 => {}
             Ok(Ok(_)) => return ClusterError::LeaseLost(lease),
-            Ok(Err(e)) => return ClusterError::from_etcd(endpoints, e),
+            Ok(Err(e)) => return ClusterError::from_etcd(etcd, e),
             Err(_) => {
                 return ClusterError::Unreachable {
-                    endpoints: endpoints.join(","),
+                    endpoints: etcd.to_string(),
                     reason: "lease keep-alive unanswered".into(),
                 };
             }

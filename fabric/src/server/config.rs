@@ -45,8 +45,9 @@ pub struct Settings {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ClusterSettings {
-    /// etcd endpoints, `etcd://HOST:PORT[,HOST:PORT...]`; unset = single
-    /// node, no etcd (default).
+    /// etcd endpoints, `etcd://HOST:PORT[,HOST:PORT...]`, or `etcds://`
+    /// with TLS and credentials (see [`crate::cluster::EtcdTarget`]);
+    /// unset = single node, no etcd (default).
     pub etcd: Option<String>,
     /// Cluster id: 1 to 64 of `A-Z a-z 0-9 . _ -`. Default `kvfabric`. The
     /// data directory remembers it; a node whose data directory belongs to
@@ -93,8 +94,8 @@ impl Default for ClusterSettings {
 }
 
 impl ClusterSettings {
-    /// The etcd endpoint URLs (`http://HOST:PORT`), or `None` in single-node mode.
-    pub fn etcd_endpoints(&self) -> Result<Option<Vec<String>>, String> {
+    /// The registry's etcd (endpoints, TLS, credentials), or `None` in single-node mode.
+    pub fn etcd_endpoints(&self) -> Result<Option<crate::cluster::EtcdTarget>, String> {
         self.etcd
             .as_deref()
             .map(|u| crate::cluster::parse_etcd_url(u).map_err(|e| format!("cluster.etcd: {e}")))
@@ -517,8 +518,8 @@ mod tests {
         .unwrap();
         s.validate().unwrap();
         assert_eq!(
-            s.cluster.etcd_endpoints().unwrap().unwrap(),
-            vec!["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
+            s.cluster.etcd_endpoints().unwrap().unwrap().endpoints(),
+            ["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
         );
         assert_eq!((s.cluster.lease_ttl_s, s.cluster.refresh_interval_ms), (3, 500));
         type Change = fn(&mut Settings);

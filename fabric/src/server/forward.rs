@@ -28,8 +28,8 @@ pub(crate) struct Forwarder {
 /// namespaces, changing its own state, starting a repair pass.
 #[derive(Clone, Debug)]
 pub(crate) struct ClusterCtl {
-    /// etcd endpoints.
-    pub(crate) etcd: Vec<String>,
+    /// The registry's etcd.
+    pub(crate) etcd: crate::cluster::EtcdTarget,
     /// Cluster id.
     pub(crate) cluster_id: String,
     /// The node's advertised state.
