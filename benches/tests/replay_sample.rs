@@ -34,7 +34,14 @@ fn sample_replay_reports_every_policy() {
     let names: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["round-robin", "random", "kv-hbm-only", "kv-tier-aware", "ttft-oracle"]
+        [
+            "round-robin",
+            "random",
+            "kv-hbm-only",
+            "kv-tier-aware",
+            "kv-dynamo",
+            "ttft-oracle"
+        ]
     );
     for r in &rows {
         for f in [
@@ -74,7 +81,7 @@ fn a_missing_font_still_plots_and_a_bad_trace_names_its_line() {
         "--font",
         "/nonexistent/font.ttf",
     ]);
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 6);
     assert_eq!(rows[0]["time_scale"], 0.1);
     assert!(stderr.contains("no text"), "{stderr}");
     assert!(Path::new(&png).exists());

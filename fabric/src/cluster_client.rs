@@ -10,7 +10,10 @@
 //!   stores the object; the call succeeds when all of them acknowledged;
 //! - **get**: the first owner is asked; a key it does not hold, or a node
 //!   that does not answer, is retried on the next owner in order, so a read
-//!   succeeds while any replica is up;
+//!   succeeds while any replica is up; a key no owner holds is then asked
+//!   of its owners in the memberships replaced within the handoff window
+//!   (a draining node, the owner before a join: what repair has not handed
+//!   over yet; see [`ClusterClient::with_handoff_window`]);
 //! - **exists_prefix**: a chain spread over nodes is answered in one call:
 //!   each node is asked for the keys of the chain it owns (in chain order),
 //!   and the answers are merged: the prefix ends at the first key any node
@@ -80,28 +83,83 @@ pub struct ClusterClient {
     forwarded: bool,
     replication: ReplicationMap,
     default_replication: usize,
+    handoff_window: std::time::Duration,
 }
 
+/// Longest wait for one previous owner (see [`ClusterClient::with_handoff_window`]).
+pub const PREVIOUS_OWNER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long after a membership change reads still ask the previous
+/// membership's owners of a key its new owners do not hold (see
+/// [`ClusterClient::with_handoff_window`]): 10 minutes.
+pub const DEFAULT_HANDOFF_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The placement of the last membership seen, rebuilt only when the
-/// membership changes (std locks: the client build has no parking_lot).
+/// membership changes, and the one before it with when it was replaced
+/// (std locks: the client build has no parking_lot).
 mod cache {
     use super::{NodeInfo, Result, View};
+    use std::collections::HashSet;
     use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    /// Previous views kept at most (newest first).
+    const KEEP: usize = 4;
+
+    /// Earlier views, newest first, each with when it was replaced.
+    type History = Vec<(Arc<View>, Instant)>;
+
+    #[derive(Debug)]
+    struct State {
+        members: Vec<NodeInfo>,
+        view: Arc<View>,
+        previous: History,
+        /// Previous owners that failed to answer since the change.
+        down: HashSet<String>,
+    }
 
     #[derive(Debug, Default)]
-    pub(super) struct Cached(Mutex<Option<(Vec<NodeInfo>, Arc<View>)>>);
+    pub(super) struct Cached(Mutex<Option<State>>);
 
     impl Cached {
-        pub(super) fn get(&self, members: &[NodeInfo]) -> Result<Arc<View>> {
+        /// The view of `members`, and up to [`KEEP`] earlier memberships'
+        /// views, newest first, each with when it was replaced.
+        pub(super) fn get(&self, members: &[NodeInfo]) -> Result<(Arc<View>, History)> {
             let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((m, v)) = g.as_ref()
-                && m.as_slice() == members
+            if let Some(st) = g.as_ref()
+                && st.members.as_slice() == members
             {
-                return Ok(v.clone());
+                return Ok((st.view.clone(), st.previous.clone()));
             }
-            let v = Arc::new(View::build(members)?);
-            *g = Some((members.to_vec(), v.clone()));
-            Ok(v)
+            let view = Arc::new(View::build(members)?);
+            let previous: History = match g.take() {
+                Some(st) => std::iter::once((st.view, Instant::now()))
+                    .chain(st.previous)
+                    .take(KEEP)
+                    .collect(),
+                None => Vec::new(),
+            };
+            *g = Some(State {
+                members: members.to_vec(),
+                view: view.clone(),
+                previous: previous.clone(),
+                down: HashSet::new(),
+            });
+            Ok((view, previous))
+        }
+
+        /// Skips previous owner `id` until the next membership change.
+        pub(super) fn mark_down(&self, id: &str) {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(st) = g.as_mut() {
+                st.down.insert(id.to_string());
+            }
+        }
+
+        /// Whether previous owner `id` failed to answer since the change.
+        pub(super) fn is_down(&self, id: &str) -> bool {
+            let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            g.as_ref().is_some_and(|st| st.down.contains(id))
         }
     }
 }
@@ -212,7 +270,19 @@ impl ClusterClient {
             forwarded: false,
             replication: Arc::default(),
             default_replication: 1,
+            handoff_window: DEFAULT_HANDOFF_WINDOW,
         }
+    }
+
+    /// Reads of keys whose owners changed with the last membership change
+    /// (a node joined, drained or left) also ask the previous owners for
+    /// what the new ones do not hold, for `window` after the change (0
+    /// turns it off; default [`DEFAULT_HANDOFF_WINDOW`]): until repair has
+    /// handed an object to its new owners, a drained node or the owner
+    /// before a join still has it.
+    pub fn with_handoff_window(mut self, window: std::time::Duration) -> Self {
+        self.handoff_window = window;
+        self
     }
 
     /// A client that learns the cluster through `seeds` (any of its nodes):
@@ -342,11 +412,40 @@ impl ClusterClient {
     }
 
     fn view(&self) -> Result<Arc<View>> {
+        Ok(self.views()?.0)
+    }
+
+    /// The current view, and the earlier ones (newest first) replaced
+    /// within the handoff window.
+    fn views(&self) -> Result<(Arc<View>, Vec<Arc<View>>)> {
         let members = self.members.borrow().clone();
         if members.is_empty() {
             return Err(unavailable("no serving node in the cluster membership".into()));
         }
-        self.view.get(&members)
+        let (view, previous) = self.view.get(&members)?;
+        let previous = previous
+            .into_iter()
+            .take_while(|(_, since)| since.elapsed() < self.handoff_window)
+            .map(|(v, _)| v)
+            .collect();
+        Ok((view, previous))
+    }
+
+    /// Whether node `id` may answer reads of `keys` from its own store
+    /// alone: it is each key's only owner, and was in every membership
+    /// replaced within the handoff window. Else a read goes through
+    /// [`Self::get_many`], which also asks the previous owners.
+    #[doc(hidden)]
+    pub fn reads_only_from(&self, id: &str, namespace: &str, keys: &[Bytes]) -> bool {
+        let Ok((v, previous)) = self.views() else {
+            return true;
+        };
+        let r = self.replicas(namespace);
+        let only = |v: &View, k: &Bytes| {
+            let os = v.placement.owners_of_hash(object_hash(namespace, k), r);
+            os.len() == 1 && os[0] == id
+        };
+        keys.iter().all(|k| only(&v, k) && previous.iter().all(|p| only(p, k)))
     }
 
     /// The owners of `namespace`/`key`, best first (ids).
@@ -471,7 +570,7 @@ impl ClusterClient {
     /// a key is `None` when an owner answered and none holds it, and the
     /// call fails only when no owner of some key answered.
     pub async fn get_many(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Option<Object>>> {
-        let view = self.view()?;
+        let (view, previous) = self.views()?;
         validate::keys(&keys, usize::MAX).map_err(ClientError::InvalidArgument)?;
         let owners = self.place(&view, namespace, &keys);
         let mut out: Vec<Option<Object>> = (0..keys.len()).map(|_| None).collect();
@@ -535,11 +634,20 @@ impl ClusterClient {
             }
             pending = next;
         }
-        for i in pending {
+        for &i in &pending {
             if !answered[i]
                 && let Some(e) = last_err[i].take()
             {
                 return Err(e);
+            }
+        }
+        if !previous.is_empty() && !pending.is_empty() {
+            let found = self
+                .get_from_previous(&previous, namespace, &keys, &owners, pending)
+                .await;
+            known_ns |= !found.is_empty();
+            for (i, o) in found {
+                out[i] = Some(o);
             }
         }
         match unknown_ns {
@@ -548,17 +656,167 @@ impl ClusterClient {
         }
     }
 
+    /// Asks the earlier memberships' owners (newest membership first, in
+    /// owner order; those not asked already and still answering) for keys
+    /// `pending` the current owners do not hold. Best effort: a previous
+    /// owner that fails or takes longer than [`PREVIOUS_OWNER_TIMEOUT`] is
+    /// skipped until the next membership change.
+    async fn get_from_previous(
+        &self,
+        previous: &[Arc<View>],
+        namespace: &str,
+        keys: &[Bytes],
+        owners: &[Vec<String>],
+        mut pending: Vec<usize>,
+    ) -> Vec<(usize, Object)> {
+        let r = self.replicas(namespace);
+        // Per key: (view, node) to ask, in order.
+        let candidates: HashMap<usize, Vec<(usize, String)>> = pending
+            .iter()
+            .map(|&i| {
+                let h = object_hash(namespace, &keys[i]);
+                let mut c: Vec<(usize, String)> = Vec::new();
+                for (v, prev) in previous.iter().enumerate() {
+                    for id in prev.placement.owners_of_hash(h, r) {
+                        if !owners[i].iter().any(|o| o == id) && !c.iter().any(|(_, x)| x == id) {
+                            c.push((v, id.to_string()));
+                        }
+                    }
+                }
+                (i, c)
+            })
+            .collect();
+        let most = candidates.values().map(Vec::len).max().unwrap_or(0);
+        let mut found = Vec::new();
+        for rank in 0..most {
+            // node -> (the view that names it, keys)
+            let mut groups: BTreeMap<String, (usize, Vec<(usize, Bytes)>)> = BTreeMap::new();
+            for &i in &pending {
+                if let Some((v, id)) = candidates[&i].get(rank)
+                    && !self.view.is_down(id)
+                {
+                    groups
+                        .entry(id.clone())
+                        .or_insert((*v, Vec::new()))
+                        .1
+                        .push((i, keys[i].clone()));
+                }
+            }
+            if groups.is_empty() {
+                break;
+            }
+            let calls = groups.into_iter().map(|(id, (v, items))| async move {
+                let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
+                let r = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
+                    let c = self.node(&previous[v], &id).await?;
+                    c.get_many(namespace, ks).await
+                })
+                .await;
+                (id, items, r)
+            });
+            let mut next = Vec::new();
+            for (id, items, r) in join_all(calls).await {
+                match r {
+                    Ok(Ok(objects)) => {
+                        for ((i, _), o) in items.into_iter().zip(objects) {
+                            match o {
+                                Some(o) => found.push((i, o)),
+                                None => next.push(i),
+                            }
+                        }
+                    }
+                    // Never stored the namespace: holds none of them.
+                    Ok(Err(e)) if e.kind() == ErrorKind::NotFound => next.extend(items.into_iter().map(|(i, _)| i)),
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {PREVIOUS_OWNER_TIMEOUT:?}"),
+                        };
+                        tracing::debug!(node = %id, error = %why, "previous owner skipped until the membership changes");
+                        self.view.mark_down(&id);
+                        next.extend(items.into_iter().map(|(i, _)| i));
+                    }
+                }
+            }
+            pending = next;
+        }
+        if !found.is_empty() {
+            tracing::debug!(namespace, objects = found.len(), "read from previous owners");
+        }
+        found
+    }
+
     /// Reads one object.
     pub async fn get(&self, namespace: &str, key: impl Into<Bytes>) -> Result<Option<Object>> {
         Ok(self.get_many(namespace, vec![key.into()]).await?.pop().flatten())
     }
 
     /// For a chain of keys spread over nodes: the tier of each leading key
-    /// present (see the module doc), in one call.
+    /// present (see the module doc), in one call. Within the handoff window
+    /// after membership changes, the earlier memberships' owners are asked
+    /// (newest first) for the rest of the chain from the first key the
+    /// owners asked so far lack.
     pub async fn exists_prefix(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Tier>> {
-        let view = self.view()?;
+        let (view, previous) = self.views()?;
         validate::keys(&keys, usize::MAX).map_err(ClientError::InvalidArgument)?;
-        let owners = self.place(&view, namespace, &keys);
+        let (mut tiers, mut known_ns, unknown_ns) = self.prefix_in(&view, namespace, &keys).await?;
+        let first_gap = |t: &[Option<Tier>]| t.iter().position(Option::is_none).unwrap_or(t.len());
+        let mut end = first_gap(&tiers);
+        for prev in &previous {
+            if end == keys.len() {
+                break;
+            }
+            let r = self.replicas(namespace);
+            let rest = &keys[end..];
+            let moved = rest.iter().any(|k| {
+                let h = object_hash(namespace, k);
+                view.placement.owners_of_hash(h, r) != prev.placement.owners_of_hash(h, r)
+            });
+            let up = prev.endpoints.keys().all(|id| !self.view.is_down(id));
+            if !(moved && up) {
+                continue;
+            }
+            match tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, self.prefix_in(prev, namespace, rest)).await {
+                Ok(Ok((pt, pk, _))) => {
+                    known_ns |= pk;
+                    for (t, p) in tiers[end..].iter_mut().zip(pt) {
+                        if t.is_none() {
+                            *t = p;
+                        }
+                    }
+                    end = first_gap(&tiers);
+                }
+                failed => {
+                    // Which node failed is not known here: skip those
+                    // that left, which are the likely ones.
+                    for id in prev.endpoints.keys().filter(|id| !view.endpoints.contains_key(*id)) {
+                        self.view.mark_down(id);
+                    }
+                    if let Ok(Err(e)) = failed {
+                        tracing::debug!(error = %e, "previous owners skipped until the membership changes");
+                    }
+                }
+            }
+        }
+        if let Some(e) = unknown_ns
+            && !known_ns
+        {
+            return Err(e);
+        }
+        Ok(tiers[..end].iter().map(|t| t.unwrap_or(Tier::Unspecified)).collect())
+    }
+
+    /// `exists_prefix` over the owners in `view`: per key its tier where
+    /// its first owner reported it in that owner's leading run (`None`
+    /// past it), whether any node knew the namespace, and the NOT_FOUND of
+    /// one that did not.
+    async fn prefix_in(
+        &self,
+        view: &Arc<View>,
+        namespace: &str,
+        keys: &[Bytes],
+    ) -> Result<(Vec<Option<Tier>>, bool, Option<ClientError>)> {
+        let owners = self.place(view, namespace, keys);
         let mut groups: BTreeMap<String, (Vec<usize>, Vec<Vec<String>>)> = BTreeMap::new();
         for (i, os) in owners.iter().enumerate() {
             let g = groups.entry(os[0].clone()).or_default();
@@ -567,7 +825,6 @@ impl ClusterClient {
         }
         let calls = groups.into_iter().map(|(id, (pos, fallbacks))| {
             let view = view.clone();
-            let keys = &keys;
             async move {
                 let ks: Vec<Bytes> = pos.iter().map(|&i| keys[i].clone()).collect();
                 // The first owner, then (when it does not answer) the next
@@ -598,7 +855,6 @@ impl ClusterClient {
             }
         });
         let mut tiers: Vec<Option<Tier>> = vec![None; keys.len()];
-        let mut end = keys.len();
         let (mut known_ns, mut unknown_ns) = (false, None);
         for r in join_all(calls).await {
             let (pos, t) = r?;
@@ -612,19 +868,11 @@ impl ClusterClient {
                     Vec::new()
                 }
             };
-            if t.len() < pos.len() {
-                end = end.min(pos[t.len()]);
-            }
             for (&i, tier) in pos.iter().zip(t) {
                 tiers[i] = Some(tier);
             }
         }
-        if let Some(e) = unknown_ns
-            && !known_ns
-        {
-            return Err(e);
-        }
-        Ok(tiers[..end].iter().map(|t| t.unwrap_or(Tier::Unspecified)).collect())
+        Ok((tiers, known_ns, unknown_ns))
     }
 
     /// Deletes every object of `namespace` on every serving node; returns

@@ -1686,3 +1686,174 @@ async fn the_registry_authenticates_with_an_etcd_user_and_password() {
         assert!(e.contains(says), "{what}: {e}");
     }
 }
+
+/// Reads across a membership change, before repair has handed anything
+/// over: three plain nodes, and a client whose membership first drops one
+/// of them (a drain) and then adds a fourth, empty node (a join). Every
+/// object stays readable, and chains keep their whole prefix, through the
+/// previous owners; with the handoff window off, the moved objects are
+/// missed (which shows the previous owners are what found them). Once the
+/// dropped node is gone for good, reads of its objects return "missing"
+/// (no error, no hang) and it is not asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_find_objects_at_their_previous_owners_until_handed_off() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for d in &dirs {
+        let mut s = common::settings(d.path(), 64 << 20, 0);
+        s.local.enabled = false;
+        nodes.push(common::start(s).await);
+    }
+    let info: Vec<NodeInfo> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| NodeInfo {
+            id: format!("n{i}"),
+            endpoint: h.endpoint(),
+            weight: 1.0,
+        })
+        .collect();
+    let (tx, rx) = tokio::sync::watch::channel(info[..3].to_vec());
+    let cc = ClusterClient::new(rx, ClientOptions::default());
+    let no_window = cc.clone().with_handoff_window(Duration::ZERO);
+    let ks = keys("obj", 300);
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(3))).collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let chain = keys("chain", 48);
+    let objs: Vec<PutObject> = chain.iter().map(|k| PutObject::new(k.clone(), vec![7u8; 16])).collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 48);
+    let on = |members: &[NodeInfo], id: &str| {
+        let p = Placement::new(members.iter().map(|m| (m.id.clone(), 1.0))).unwrap();
+        ks.iter().filter(|k| p.owners("ns", k, 1)[0] == id).count()
+    };
+    let all_intact = |got: &[Option<kvfabric::client::Object>]| {
+        ks.iter()
+            .zip(got)
+            .all(|(k, g)| g.as_ref().is_some_and(|o| o.value == k.repeat(3)))
+    };
+
+    // n2 drained: its objects now belong to n0 and n1, which lack them.
+    tx.send_replace(info[..2].to_vec());
+    let moved = on(&info[..3], "n2");
+    assert!(moved > 50, "n2 owned {moved} of 300");
+    let got = cc.get_many("ns", ks.clone()).await.unwrap();
+    assert!(all_intact(&got), "every object read, n2's from n2");
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 48);
+    let missed = no_window.get_many("ns", ks.clone()).await.unwrap();
+    assert_eq!(
+        missed.iter().filter(|g| g.is_none()).count(),
+        moved,
+        "without the window n2's are missed"
+    );
+    assert!(no_window.exists_prefix("ns", chain.clone()).await.unwrap().len() < 48);
+
+    // n3 joins (empty): what it now owns is with its previous owners.
+    tx.send_replace(vec![info[0].clone(), info[1].clone(), info[3].clone()]);
+    let to_n3 = on(&[info[0].clone(), info[1].clone(), info[3].clone()], "n3");
+    assert!(to_n3 > 50, "n3 owns {to_n3} of 300");
+    let got = cc.get_many("ns", ks.clone()).await.unwrap();
+    let lost = ks.iter().zip(&got).filter(|(_, g)| g.is_none()).count();
+    // n2's objects are two changes back now: still found.
+    assert_eq!(lost, 0, "every object is found");
+    assert!(
+        ks.iter()
+            .zip(&got)
+            .all(|(k, g)| g.as_ref().is_none_or(|o| o.value == k.repeat(3)))
+    );
+
+    // n1 is gone for good and dropped: its objects read as missing, promptly.
+    tx.send_replace(vec![info[0].clone(), info[3].clone()]);
+    let (n1, _) = nodes.remove(1);
+    n1.shutdown().await;
+    let started = Instant::now();
+    let got = cc.get_many("ns", ks.clone()).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(got.iter().any(Option::is_none) && got.iter().any(Option::is_some));
+    let _ = cc.exists_prefix("ns", chain.clone()).await.unwrap();
+}
+
+/// The same through a node, in a cluster whose repair is throttled to a
+/// byte a second (it hands off one batch of 256 objects per destination,
+/// then waits for hours): after a node
+/// drains, reads sent to another node of objects it now owns but does not
+/// hold yet are answered from the draining node; after a node joins,
+/// reads of objects the newcomer now owns are answered from their previous
+/// owners. None is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_read_objects_not_handed_off_yet_from_their_previous_owners() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let settings = |i: usize| {
+        let mut s = node_settings(dirs[i].path(), &etcd, "h", &format!("n{i}"), 30);
+        s.cluster.repair_bytes_per_s = kvfabric::server::ByteSize(1);
+        s
+    };
+    let (_a, ca) = common::start(settings(0)).await;
+    let (_b, cb) = common::start(settings(1)).await;
+    let (_c, _cc) = common::start(settings(2)).await;
+    let m = watch(&etcd, "h").await;
+    m.wait_for(Duration::from_secs(10), |m| {
+        (0..3).all(|i| serving(m, &format!("n{i}")))
+    })
+    .await
+    .unwrap_or_else(|last| panic!("the nodes never served: {last:?}"));
+    let ks = keys("obj", 2000);
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(3))).collect();
+    ca.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let placed = |ids: &[usize]| Placement::new(ids.iter().map(|i| (format!("n{i}"), 1.0))).unwrap();
+    let owner = |p: &Placement, k: &Bytes| p.owners("ns", k, 1)[0].to_string();
+    let (p012, p02, p023) = (placed(&[0, 1, 2]), placed(&[0, 2]), placed(&[0, 2, 3]));
+    // Reads through n0 until its own view has caught up and for a while after.
+    let read_all = |what: &'static str| {
+        let (ca, ks) = (ca.clone(), ks.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = ca.get_many("ns", ks.clone()).await.unwrap();
+                let missing = got.iter().filter(|g| g.is_none()).count();
+                assert_eq!(missing, 0, "{what}: {missing} of 2000 missed");
+                assert!(
+                    ks.iter()
+                        .zip(&got)
+                        .all(|(k, g)| g.as_ref().unwrap().value == k.repeat(3))
+                );
+                assert_eq!(ca.exists_prefix("ns", ks.clone()).await.unwrap().len(), 2000, "{what}");
+                if Instant::now() > deadline {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+
+    // n1 drains: n0 now owns some of n1's objects, which it does not hold.
+    let to_n0 = ks
+        .iter()
+        .filter(|k| owner(&p012, k) == "n1" && owner(&p02, k) == "n0")
+        .count();
+    assert!(to_n0 > 100, "{to_n0} of n1's objects move to n0");
+    cb.drain("n1").await.unwrap();
+    m.wait_for(Duration::from_secs(10), |m| !serving(m, "n1"))
+        .await
+        .unwrap_or_else(|last| panic!("n1 never left the serving set: {last:?}"));
+    read_all("after n1 drained").await;
+    // Only keys n0 owns now: n0 must not answer them from its own store.
+    let mine: Vec<Bytes> = ks.iter().filter(|k| owner(&p02, k) == "n0").cloned().collect();
+    let got = ca.get_many("ns", mine.clone()).await.unwrap();
+    let missing = got.iter().filter(|g| g.is_none()).count();
+    assert_eq!(missing, 0, "{missing} of n0's {} missed", mine.len());
+    assert_eq!(ca.exists_prefix("ns", mine.clone()).await.unwrap().len(), mine.len());
+
+    // n3 joins (empty): what it now owns is with its previous owners.
+    let to_n3 = ks
+        .iter()
+        .filter(|k| owner(&p023, k) == "n3" && owner(&p02, k) != "n1")
+        .count();
+    assert!(to_n3 > 100, "n3 owns {to_n3} objects");
+    let (_d, _cd) = common::start(settings(3)).await;
+    m.wait_for(Duration::from_secs(10), |m| serving(m, "n3"))
+        .await
+        .unwrap_or_else(|last| panic!("n3 never served: {last:?}"));
+    read_all("after n3 joined").await;
+}

@@ -75,6 +75,14 @@ impl Forwarder {
         self.client.owned_only_by(&self.node_id, namespace, keys)
     }
 
+    /// Whether this node may answer reads of `keys` from its own store:
+    /// it alone owns them now, and did before the last membership change
+    /// (within the handoff window), so no previous owner may hold one it
+    /// lacks.
+    pub(crate) fn reads_local(&self, namespace: &str, keys: &[Bytes]) -> bool {
+        self.client.reads_only_from(&self.node_id, namespace, keys)
+    }
+
     /// Whether this node knows no serving node but itself.
     pub(crate) fn alone(&self) -> bool {
         let m = self.members.borrow();

@@ -243,6 +243,15 @@ impl BlockService {
             .cloned()
     }
 
+    /// [`Self::forward_keys`] for reads: also when a key's owners changed
+    /// with the last membership change (the previous ones are asked for
+    /// what the new ones lack).
+    fn forward_reads(&self, forwarded: bool, namespace: &str, keys: &[Bytes]) -> Option<Arc<Forwarder>> {
+        self.forwarder(forwarded)
+            .filter(|f| !f.reads_local(namespace, keys))
+            .cloned()
+    }
+
     fn count_forwarded(&self, method: &str) {
         self.shared.metrics.forwarded.with_label_values(&[method]).inc();
     }
@@ -664,7 +673,7 @@ impl KvBlockService for BlockService {
         let req = request.into_inner();
         let r = (|| {
             let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
-            let fwd = self.forward_keys(req.forwarded, &req.namespace, &req.keys);
+            let fwd = self.forward_reads(req.forwarded, &req.namespace, &req.keys);
             if fwd.is_none() {
                 self.shared.namespaces.for_read(&tenant, &req.namespace)?;
             }
@@ -739,7 +748,7 @@ impl KvBlockService for BlockService {
         let req = request.into_inner();
         let r = async {
             let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
-            if let Some(f) = self.forward_keys(req.forwarded, &req.namespace, &req.keys) {
+            if let Some(f) = self.forward_reads(req.forwarded, &req.namespace, &req.keys) {
                 self.count_forwarded("exists_prefix");
                 let tiers = f
                     .client(&tenant)
