@@ -44,15 +44,7 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd on two free ports and waits until it answers.
     pub async fn start() -> Etcd {
-        let mut e = Etcd {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
-            peer_port: free_port(),
-            tls: false,
-        };
-        e.spawn().await;
-        e
+        Self::start_with(false).await
     }
 
     /// Starts etcd serving clients over TLS only, with client certificates
@@ -60,14 +52,20 @@ impl Etcd {
     /// command) signs its certificate and a client's: [`Self::url`] names
     /// them, [`Self::tls_file`] finds them.
     pub async fn start_tls() -> Etcd {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Etcd {
         let mut e = Etcd {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
-            tls: true,
+            tls,
         };
-        e.make_certificates();
+        if tls {
+            e.make_certificates();
+        }
         e.spawn().await;
         e
     }

@@ -364,6 +364,33 @@ async fn node_serves_through_etcd_outage_and_registers_again() {
 use kvfabric::client::{Client, ClientOptions, ClusterClient, NodeInfo, PutObject, Tier};
 use kvfabric::placement::Placement;
 
+/// `n` plain nodes (no etcd), as members `n0`, `n1`, ... of weight 1.
+async fn plain_nodes(
+    n: usize,
+) -> (
+    Vec<tempfile::TempDir>,
+    Vec<(kvfabric::server::NodeHandle, Client)>,
+    Vec<NodeInfo>,
+) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for d in &dirs {
+        let mut s = common::settings(d.path(), 64 << 20, 0);
+        s.local.enabled = false;
+        nodes.push(common::start(s).await);
+    }
+    let members = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| NodeInfo {
+            id: format!("n{i}"),
+            endpoint: h.endpoint(),
+            weight: 1.0,
+        })
+        .collect();
+    (dirs, nodes, members)
+}
+
 fn keys(prefix: &str, n: usize) -> Vec<Bytes> {
     (0..n).map(|i| Bytes::from(format!("{prefix}-{i}"))).collect()
 }
@@ -375,22 +402,7 @@ fn keys(prefix: &str, n: usize) -> Vec<Bytes> {
 /// gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_client_places_merges_and_reads_through_a_lost_replica() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = Vec::new();
-    for d in &dirs {
-        let mut s = common::settings(d.path(), 64 << 20, 0);
-        s.local.enabled = false;
-        nodes.push(common::start(s).await);
-    }
-    let members: Vec<NodeInfo> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, (h, _))| NodeInfo {
-            id: format!("n{i}"),
-            endpoint: h.endpoint(),
-            weight: 1.0,
-        })
-        .collect();
+    let (_dirs, mut nodes, members) = plain_nodes(3).await;
     let cc = ClusterClient::fixed(members.clone(), ClientOptions::default());
     let placement = Placement::new(members.iter().map(|m| (m.id.clone(), 1.0))).unwrap();
 
@@ -1697,22 +1709,7 @@ async fn the_registry_authenticates_with_an_etcd_user_and_password() {
 /// (no error, no hang) and it is not asked again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_find_objects_at_their_previous_owners_until_handed_off() {
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = Vec::new();
-    for d in &dirs {
-        let mut s = common::settings(d.path(), 64 << 20, 0);
-        s.local.enabled = false;
-        nodes.push(common::start(s).await);
-    }
-    let info: Vec<NodeInfo> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, (h, _))| NodeInfo {
-            id: format!("n{i}"),
-            endpoint: h.endpoint(),
-            weight: 1.0,
-        })
-        .collect();
+    let (_dirs, mut nodes, info) = plain_nodes(4).await;
     let (tx, rx) = tokio::sync::watch::channel(info[..3].to_vec());
     let cc = ClusterClient::new(rx, ClientOptions::default());
     let no_window = cc.clone().with_handoff_window(Duration::ZERO);
