@@ -143,8 +143,10 @@ pub struct Settings {
     /// Every this many ms, ask each `fabric` node for the cluster's serving
     /// members (`Members`) and follow every member's events too (a node
     /// joining is subscribed to, a node leaving is forgotten); a single
-    /// node answers that it is alone and nothing changes. 0 turns it off.
-    /// Default 2000; 0 or 100..=600000.
+    /// node answers that it is alone and nothing changes. With `cluster`
+    /// set, the members come from the registry's watch instead, as they
+    /// change (no `fabric` entry needed). 0 turns discovery off. Default
+    /// 2000; 0 or 100..=600000.
     pub fabric_discover_ms: u64,
     /// Fabric tenant the subscriptions act as. Default empty (`default`).
     pub tenant: String,
@@ -166,7 +168,8 @@ pub struct Settings {
     pub workers: Vec<WorkerSettings>,
     /// The cluster registry to take more workers from,
     /// `etcd://HOST:PORT[,HOST:PORT...]` (or `etcds://` with TLS and
-    /// credentials: see `kvfabric::cluster::EtcdTarget`): every worker registered under
+    /// credentials: see `kvfabric::cluster::EtcdTarget`): the fabric nodes
+    /// serving in it are followed (see `fabric-discover-ms`), and every worker registered under
     /// `cluster-id` (`kvfabric register-worker`, `kvfabric-worker
     /// --cluster`) is added while its record lives, and removed (its index
     /// entries dropped) when it goes. A registered name equal to a

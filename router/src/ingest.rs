@@ -14,13 +14,14 @@
 //!   entries ([`FabricTracker::apply`], [`FabricTracker::resync`]) and
 //!   subscribes again, refilling from a fresh snapshot.
 //!
-//! - [`discover_fabric`]: asks the configured fabric nodes, every
-//!   `fabric-discover-ms`, for their cluster's serving members and runs a
-//!   [`fabric_events`] task per member not configured, under a holder id of
-//!   its own; a member that leaves is forgotten (its task stopped, its
-//!   blocks dropped from the index). So one configured node of a cluster is
-//!   enough for the router to see every node's stored / removed events,
-//!   each with its node and tier.
+//! - [`discover_fabric`]: learns the fabric cluster's serving members,
+//!   from the cluster registry's watch on etcd when `cluster` is set, else
+//!   by asking the configured fabric nodes every `fabric-discover-ms`, and
+//!   runs a [`fabric_events`] task per member not configured, under a
+//!   holder id of its own; a member that leaves is forgotten (its task
+//!   stopped, its blocks dropped from the index). So one configured node of
+//!   a cluster, or the registry alone, is enough for the router to see
+//!   every node's stored / removed events, each with its node and tier.
 //!
 //! Both reconnect for ever with exponential backoff (100 ms doubling to
 //! 5 s, reset by a successful connection). Malformed frames are counted in
@@ -183,6 +184,9 @@ pub(crate) async fn fabric_events(
 pub(crate) struct Discovery {
     /// Configured fabric nodes: (name, url, holder).
     pub(crate) entries: Vec<(String, String, crate::index::HolderId)>,
+    /// The cluster registry (etcd target, cluster id): when set, members
+    /// come from its watch instead of polling `entries` with `Members`.
+    pub(crate) registry: Option<(kvfabric::cluster::EtcdTarget, String)>,
     /// Where node ids are recorded for workers' `fabric-node`.
     pub(crate) names: crate::workers::FabricNames,
     pub(crate) interval: Duration,
@@ -196,22 +200,171 @@ pub(crate) struct Discovery {
     pub(crate) first_holder: u32,
 }
 
-/// Follows the members of the clusters the configured fabric nodes belong
-/// to (see the module doc). Runs for ever.
+/// The discovered nodes being followed, by node id.
+struct Following {
+    configured: std::collections::HashMap<String, crate::index::HolderId>,
+    /// Node id -> holder, stable for the router's lifetime.
+    holders: std::collections::HashMap<String, crate::index::HolderId>,
+    tasks: std::collections::BTreeMap<String, tokio::task::JoinHandle<()>>,
+}
+
+impl Following {
+    /// Takes the cluster's serving members `(node id, endpoint)`: a
+    /// configured node is recorded under its id, others are followed (new
+    /// ones start, ones that left are forgotten with their blocks).
+    fn reconcile(&mut self, d: &Discovery, members: impl IntoIterator<Item = (String, String)>) {
+        let mut seen = std::collections::BTreeMap::new();
+        for (id, endpoint) in members {
+            if endpoint.is_empty() {
+                continue;
+            }
+            match self.configured.get(&norm(&endpoint)) {
+                // A configured node: known by its node id too.
+                Some(h) => {
+                    d.names.write().insert(id, *h);
+                }
+                None => {
+                    seen.insert(id, endpoint);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .tasks
+            .keys()
+            .filter(|id| !seen.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(t) = self.tasks.remove(&id) {
+                t.abort();
+            }
+            if let Some(h) = self.holders.get(&id) {
+                d.router.remove_fabric_node(*h);
+            }
+            d.names.write().remove(&id);
+            tracing::info!(node = %id, "fabric node left the cluster; forgetting its blocks");
+        }
+        for (id, endpoint) in seen {
+            if self.tasks.contains_key(&id) {
+                continue;
+            }
+            let next = d.first_holder + self.holders.len() as u32;
+            let holder = *self.holders.entry(id.clone()).or_insert(crate::index::HolderId(next));
+            d.router.add_fabric_node(holder);
+            d.names.write().insert(id.clone(), holder);
+            let tracker = FabricTracker::new(holder, d.namespace.clone(), d.index.clone(), d.counters.clone());
+            tracing::info!(node = %id, %endpoint, %holder, "following a discovered fabric node");
+            self.tasks.insert(
+                id.clone(),
+                tokio::spawn(fabric_events(
+                    format!("fabric:{id}"),
+                    endpoint,
+                    d.tenant.clone(),
+                    d.namespace.clone(),
+                    tracker,
+                    d.metrics.clone(),
+                )),
+            );
+        }
+    }
+}
+
+/// Follows the members of the fabric cluster (see the module doc): from
+/// the cluster registry's watch when one is set, else by asking the
+/// configured nodes. Runs for ever.
 pub(crate) async fn discover_fabric(d: Discovery) {
-    use std::collections::{BTreeMap, HashMap};
-    let configured: HashMap<String, crate::index::HolderId> = d.entries.iter().map(|(_, u, h)| (norm(u), *h)).collect();
-    // Node id -> holder, stable for the router's lifetime.
-    let mut holders: HashMap<String, crate::index::HolderId> = HashMap::new();
-    let mut following: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    let mut f = Following {
+        configured: d.entries.iter().map(|(_, u, h)| (norm(u), *h)).collect(),
+        holders: Default::default(),
+        tasks: Default::default(),
+    };
+    match d.registry.clone() {
+        Some((etcd, cluster_id)) => {
+            tokio::join!(follow_registry(&d, &mut f, etcd, cluster_id), learn_configured_ids(&d));
+        }
+        None => poll_members(&d, &mut f).await,
+    }
+}
+
+/// Asks each configured node its node id (`Members`) every `interval`
+/// until it has answered, so that workers may name it by id even when it
+/// is not in the registry (a single node).
+async fn learn_configured_ids(d: &Discovery) {
+    let mut left: Vec<&(String, String, crate::index::HolderId)> = d.entries.iter().collect();
+    let mut tick = tokio::time::interval(d.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !left.is_empty() {
+        tick.tick().await;
+        let mut still = Vec::new();
+        for entry in left {
+            let (name, url, holder) = entry;
+            let answer = match kvfabric::client::Client::connect(url.clone()).await {
+                Ok(c) => c.members().await,
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(m) => {
+                    if !m.node_id.is_empty() {
+                        d.names.write().insert(m.node_id, *holder);
+                    }
+                }
+                // A node without the call (older version) has no id to learn.
+                Err(kvfabric::client::ClientError::Status {
+                    code: tonic::Code::Unimplemented,
+                    ..
+                }) => {}
+                Err(e) => {
+                    tracing::debug!(fabric = %name, error = %e, "fabric discovery: cannot ask the node its id");
+                    still.push(entry);
+                }
+            }
+        }
+        left = still;
+    }
+}
+
+/// Members from the registry's watch on etcd, as they change; a watch that
+/// cannot start is retried with backoff (the nodes followed so far stay).
+async fn follow_registry(d: &Discovery, f: &mut Following, etcd: kvfabric::cluster::EtcdTarget, cluster_id: String) {
+    let mut backoff = Backoff::new();
+    loop {
+        let membership = match kvfabric::cluster::Membership::start(etcd.clone(), cluster_id.clone()).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(cluster = %etcd, error = %e, "fabric discovery: cannot watch the cluster registry");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let mut serving = membership.serving_nodes();
+        loop {
+            let members: Vec<(String, String)> = serving
+                .borrow_and_update()
+                .iter()
+                .map(|n| (n.id.clone(), n.endpoint.clone()))
+                .collect();
+            f.reconcile(d, members);
+            if serving.changed().await.is_err() {
+                break;
+            }
+        }
+        tracing::warn!(cluster = %etcd, "fabric discovery: the registry watch ended; restarting it");
+        backoff.wait().await;
+    }
+}
+
+/// Members asked of the configured nodes every `interval`.
+async fn poll_members(d: &Discovery, f: &mut Following) {
+    use std::collections::HashMap;
     let mut clients: HashMap<String, kvfabric::client::Client> = HashMap::new();
     let mut tick = tokio::time::interval(d.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        // Members by node id (endpoint), from every entry that answers; an
+        // Members (node id, endpoint) from every entry that answers; an
         // entry that does not answer changes nothing this round.
-        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut seen: Vec<(String, String)> = Vec::new();
         let mut answered = false;
         for (name, url, holder) in &d.entries {
             let c = match clients.get(url) {
@@ -236,20 +389,7 @@ pub(crate) async fn discover_fabric(d: Discovery) {
                         d.names.write().insert(m.node_id.clone(), *holder);
                     }
                     if m.cluster {
-                        for n in m.members {
-                            if n.endpoint.is_empty() {
-                                continue;
-                            }
-                            match configured.get(&norm(&n.endpoint)) {
-                                // A configured node: known by its node id too.
-                                Some(h) => {
-                                    d.names.write().insert(n.node_id, *h);
-                                }
-                                None => {
-                                    seen.insert(n.node_id, n.endpoint);
-                                }
-                            }
-                        }
+                        seen.extend(m.members.into_iter().map(|n| (n.node_id, n.endpoint)));
                     }
                 }
                 // A node without the call (older version) is a single node.
@@ -260,41 +400,8 @@ pub(crate) async fn discover_fabric(d: Discovery) {
                 Err(e) => tracing::debug!(fabric = %name, error = %e, "fabric discovery: Members failed"),
             }
         }
-        if !answered {
-            continue;
-        }
-        let gone: Vec<String> = following.keys().filter(|id| !seen.contains_key(*id)).cloned().collect();
-        for id in gone {
-            if let Some(t) = following.remove(&id) {
-                t.abort();
-            }
-            if let Some(h) = holders.get(&id) {
-                d.router.remove_fabric_node(*h);
-            }
-            d.names.write().remove(&id);
-            tracing::info!(node = %id, "fabric node left the cluster; forgetting its blocks");
-        }
-        for (id, endpoint) in seen {
-            if following.contains_key(&id) {
-                continue;
-            }
-            let next = d.first_holder + holders.len() as u32;
-            let holder = *holders.entry(id.clone()).or_insert(crate::index::HolderId(next));
-            d.router.add_fabric_node(holder);
-            d.names.write().insert(id.clone(), holder);
-            let tracker = FabricTracker::new(holder, d.namespace.clone(), d.index.clone(), d.counters.clone());
-            tracing::info!(node = %id, %endpoint, %holder, "following a discovered fabric node");
-            following.insert(
-                id.clone(),
-                tokio::spawn(fabric_events(
-                    format!("fabric:{id}"),
-                    endpoint,
-                    d.tenant.clone(),
-                    d.namespace.clone(),
-                    tracker,
-                    d.metrics.clone(),
-                )),
-            );
+        if answered {
+            f.reconcile(d, seen);
         }
     }
 }

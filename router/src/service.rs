@@ -119,8 +119,10 @@ impl RouterService {
                 metrics.clone(),
             )));
         }
-        if settings.fabric_discover_ms > 0 && !settings.fabric.is_empty() {
+        let registry_target = settings.cluster_endpoints().map_err(ServeError::Settings)?;
+        if settings.fabric_discover_ms > 0 && (!settings.fabric.is_empty() || registry_target.is_some()) {
             tasks.push(tokio::spawn(ingest::discover_fabric(ingest::Discovery {
+                registry: registry_target.clone().map(|t| (t, settings.cluster_id.clone())),
                 entries: settings
                     .fabric
                     .iter()
@@ -178,7 +180,7 @@ impl RouterService {
         let client = http_client();
         let health_timeout = Duration::from_millis(settings.health_timeout_ms);
         workers.check_all(&client, health_timeout).await;
-        if let Some(endpoints) = settings.cluster_endpoints().map_err(ServeError::Settings)? {
+        if let Some(endpoints) = registry_target {
             tasks.push(tokio::spawn(registry::follow(Registry {
                 endpoints,
                 cluster_id: settings.cluster_id.clone(),

@@ -949,6 +949,17 @@ async fn the_binary_serves_and_rejects_bad_settings() -> Result<()> {
 /// before the router started count), and forgets a node that leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cluster_node_is_followed_through_one_configured_node() -> Result<()> {
+    every_cluster_node_is_followed(false).await
+}
+
+/// The same with no fabric node configured, only the cluster registry:
+/// the members come from etcd's watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cluster_node_is_followed_through_the_registry() -> Result<()> {
+    every_cluster_node_is_followed(true).await
+}
+
+async fn every_cluster_node_is_followed(via_registry: bool) -> Result<()> {
     use kvfabric::server::Node;
     use kvfabric_router::DISCOVERED_HOLDER_OFFSET;
     let etcd = kvfabric::testutil::Etcd::start().await;
@@ -979,17 +990,20 @@ async fn every_cluster_node_is_followed_through_one_configured_node() -> Result<
     assert!(held.iter().all(|&h| h > 0), "every node holds a share: {held:?}");
 
     let mut s = base_settings(vec![]);
-    s.fabric = vec![FabricEndpoint {
-        name: "a".into(),
-        url: nodes[0].endpoint(),
-    }];
     s.fabric_discover_ms = 100;
+    let discovered = |i: u32| HolderId(FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET + i);
+    let holders = if via_registry {
+        s.cluster = Some(etcd.url());
+        s.cluster_id = "rt".into();
+        [discovered(0), discovered(1), discovered(2)]
+    } else {
+        s.fabric = vec![FabricEndpoint {
+            name: "a".into(),
+            url: nodes[0].endpoint(),
+        }];
+        [HolderId(FABRIC_HOLDER_BASE), discovered(0), discovered(1)]
+    };
     let r = RouterService::start(s).await?;
-    let holders = [
-        HolderId(FABRIC_HOLDER_BASE),
-        HolderId(FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET),
-        HolderId(FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET + 1),
-    ];
     let index = r.router().index().clone();
     let seen = || holders.map(|h| index.holder_len(h));
     for _ in 0..1000 {
@@ -1001,7 +1015,7 @@ async fn every_cluster_node_is_followed_through_one_configured_node() -> Result<
     assert_eq!(
         seen().to_vec(),
         held,
-        "a's blocks, then b's and c's (discovered, in id order)"
+        "a's blocks, then b's and c's (discovered in id order; a too through the registry)"
     );
     let m = metrics(&client(), &r).await?;
     for src in ["fabric:a", "fabric:b", "fabric:c"] {
