@@ -15,6 +15,8 @@
 //! - `user=NAME`, `password-file=PATH`: etcd's own authentication (both or
 //!   neither); the password is the file's first line. It never appears in
 //!   the URL, so it stays out of process lists, logs and settings files.
+//!   Over `etcd://` it crosses the network in clear, as etcd's own clients
+//!   send it: use `etcds://` where the network is not trusted.
 //!
 //! Every file is read when the URL is parsed, so a missing or unreadable
 //! one fails at load with its path, not at the first reconnect.
