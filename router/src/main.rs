@@ -48,7 +48,7 @@ struct Cli {
     /// Seed of tie breaks and softmax sampling.
     #[arg(long, env = "KVFABRIC_ROUTER_SEED")]
     seed: Option<u64>,
-    /// Cluster registry to take workers from, etcd://HOST:PORT[,...] (or etcds:// with TLS).
+    /// Cluster registry to take fabric nodes and workers from, etcd://HOST:PORT[,...] (or etcds:// with TLS).
     #[arg(long, env = "KVFABRIC_ROUTER_CLUSTER")]
     cluster: Option<String>,
     /// Cluster id of that registry (default kvfabric).
