@@ -84,6 +84,8 @@ pub struct ClusterClient {
     replication: ReplicationMap,
     default_replication: usize,
     handoff_window: std::time::Duration,
+    /// Objects and prefix keys previous owners answered (shared by clones).
+    handoff_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Longest wait for one previous owner (see [`ClusterClient::with_handoff_window`]).
@@ -271,7 +273,16 @@ impl ClusterClient {
             replication: Arc::default(),
             default_replication: 1,
             handoff_window: DEFAULT_HANDOFF_WINDOW,
+            handoff_reads: Arc::default(),
         }
+    }
+
+    /// Objects (`get`) and chain keys (`exists_prefix`) that only a
+    /// previous owner held, read so far by this client and its clones: a
+    /// count that keeps rising long after a membership change means repair
+    /// is slow to hand objects over.
+    pub fn handoff_reads(&self) -> u64 {
+        self.handoff_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Reads of keys whose owners changed with the last membership change
@@ -646,6 +657,8 @@ impl ClusterClient {
                 .get_from_previous(&previous, namespace, &keys, &owners, pending)
                 .await;
             known_ns |= !found.is_empty();
+            self.handoff_reads
+                .fetch_add(found.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for (i, o) in found {
                 out[i] = Some(o);
             }
@@ -784,7 +797,10 @@ impl ClusterClient {
                             *t = p;
                         }
                     }
+                    let before = end;
                     end = first_gap(&tiers);
+                    self.handoff_reads
+                        .fetch_add((end - before) as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 failed => {
                     // Which node failed is not known here: skip those

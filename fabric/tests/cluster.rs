@@ -1736,6 +1736,7 @@ async fn reads_find_objects_at_their_previous_owners_until_handed_off() {
     assert!(moved > 50, "n2 owned {moved} of 300");
     let got = cc.get_many("ns", ks.clone()).await.unwrap();
     assert!(all_intact(&got), "every object read, n2's from n2");
+    assert_eq!(cc.handoff_reads(), moved as u64, "counted");
     assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 48);
     let missed = no_window.get_many("ns", ks.clone()).await.unwrap();
     assert_eq!(
@@ -1786,7 +1787,7 @@ async fn nodes_read_objects_not_handed_off_yet_from_their_previous_owners() {
         s.cluster.repair_bytes_per_s = kvfabric::server::ByteSize(1);
         s
     };
-    let (_a, ca) = common::start(settings(0)).await;
+    let (a, ca) = common::start(settings(0)).await;
     let (_b, cb) = common::start(settings(1)).await;
     let (_c, _cc) = common::start(settings(2)).await;
     let m = watch(&etcd, "h").await;
@@ -1841,6 +1842,13 @@ async fn nodes_read_objects_not_handed_off_yet_from_their_previous_owners() {
     let missing = got.iter().filter(|g| g.is_none()).count();
     assert_eq!(missing, 0, "{missing} of n0's {} missed", mine.len());
     assert_eq!(ca.exists_prefix("ns", mine.clone()).await.unwrap().len(), mine.len());
+    let body = common::http_get(a.metrics_addr, "/metrics").await;
+    let handoff: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("kvfabric_handoff_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no handoff_reads_total in {body}"));
+    assert!(handoff > 0, "n0 counted the reads its previous owners answered");
 
     // n3 joins (empty): what it now owns is with its previous owners.
     let to_n3 = ks

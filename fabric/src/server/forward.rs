@@ -83,6 +83,12 @@ impl Forwarder {
         self.client.reads_only_from(&self.node_id, namespace, keys)
     }
 
+    /// Objects and chain keys this node's forwarded reads found only at a
+    /// previous owner (see [`ClusterClient::handoff_reads`]).
+    pub(crate) fn handoff_reads(&self) -> u64 {
+        self.client.handoff_reads()
+    }
+
     /// Whether this node knows no serving node but itself.
     pub(crate) fn alone(&self) -> bool {
         let m = self.members.borrow();

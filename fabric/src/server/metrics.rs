@@ -28,6 +28,9 @@ pub struct Metrics {
     pub repair_objects: IntCounterVec,
     /// Payload bytes repair copied to other nodes.
     pub repair_bytes: IntCounter,
+    /// Objects and chain keys this node's forwarded reads found only at a
+    /// previous owner (mirrored at scrape time, see [`Self::mirror_handoff_reads`]).
+    pub handoff_reads: IntCounter,
     /// Objects this node is responsible for with fewer copies than their
     /// namespace asks for, after the last repair pass.
     pub under_replicated: IntGauge,
@@ -93,6 +96,11 @@ impl Metrics {
             "payload bytes cluster repair copied to other nodes",
         )
         .expect("valid");
+        let handoff_reads = IntCounter::new(
+            "handoff_reads_total",
+            "objects and chain keys this node's forwarded reads found only at an owner from before the last membership changes (not handed over yet)",
+        )
+        .expect("valid");
         let under_replicated = IntGauge::new(
             "under_replicated_objects",
             "objects this node is responsible for with fewer copies than their namespace's replication, after the last repair pass",
@@ -116,6 +124,7 @@ impl Metrics {
             Box::new(repair_passes.clone()),
             Box::new(repair_objects.clone()),
             Box::new(repair_bytes.clone()),
+            Box::new(handoff_reads.clone()),
             Box::new(under_replicated.clone()),
             Box::new(tier_counters.clone()),
             Box::new(tier_gauges.clone()),
@@ -131,6 +140,7 @@ impl Metrics {
             repair_passes,
             repair_objects,
             repair_bytes,
+            handoff_reads,
             under_replicated,
             tier_counters,
             tier_gauges,
@@ -171,6 +181,15 @@ impl Metrics {
             self.tier_gauges
                 .with_label_values(&[tier, "objects"])
                 .set(t.objects as i64);
+        }
+    }
+
+    /// Moves `handoff_reads_total` up to `total` (the forwarding client's
+    /// own count).
+    pub fn mirror_handoff_reads(&self, total: u64) {
+        let cur = self.handoff_reads.get();
+        if total > cur {
+            self.handoff_reads.inc_by(total - cur);
         }
     }
 

@@ -310,11 +310,15 @@ impl Node {
         });
         let stack = self.stack.clone();
         let metrics = self.metrics.clone();
+        let fwd = forwarder.clone();
         let app = axum::Router::new()
             .route(
                 "/metrics",
                 axum::routing::get(move || {
                     let (stack, metrics) = (stack.clone(), metrics.clone());
+                    if let Some(f) = &fwd {
+                        metrics.mirror_handoff_reads(f.handoff_reads());
+                    }
                     async move {
                         (
                             [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
