@@ -716,7 +716,8 @@ impl ClusterClient {
                 }
             }
             if groups.is_empty() {
-                break;
+                // This rank's candidates are all down; a later one may not be.
+                continue;
             }
             let calls = groups.into_iter().map(|(id, (v, items))| async move {
                 let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
@@ -740,6 +741,12 @@ impl ClusterClient {
                     }
                     // Never stored the namespace: holds none of them.
                     Ok(Err(e)) if e.kind() == ErrorKind::NotFound => next.extend(items.into_iter().map(|(i, _)| i)),
+                    // Refused for this request (a tenant's rights, say):
+                    // the node stays up for others.
+                    Ok(Err(e)) if !retryable(&e) => {
+                        tracing::debug!(node = %id, error = %e, "previous owner refused a read");
+                        next.extend(items.into_iter().map(|(i, _)| i));
+                    }
                     failed => {
                         let why = match failed {
                             Ok(Err(e)) => e.to_string(),
@@ -801,6 +808,10 @@ impl ClusterClient {
                     end = first_gap(&tiers);
                     self.handoff_reads
                         .fetch_add((end - before) as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                // Refused for this request: nobody is down.
+                Ok(Err(e)) if !retryable(&e) => {
+                    tracing::debug!(error = %e, "previous owners refused a prefix read");
                 }
                 failed => {
                     // Which node failed is not known here: skip those
