@@ -30,6 +30,14 @@ fn node_settings(dir: &Path, etcd: &Etcd, cluster: &str, node: &str, ttl_s: u64)
     s
 }
 
+/// `kvfabric cluster SUB --cluster <etcd> --cluster-id ID`, ready for more
+/// arguments.
+fn cluster_cli(sub: &str, etcd: &Etcd, cluster_id: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvfabric"));
+    c.args(["cluster", sub, "--cluster", &etcd.url(), "--cluster-id", cluster_id]);
+    c
+}
+
 fn serving(m: &MemberMap, node: &str) -> bool {
     m.get(node).is_some_and(|m| m.state == MemberState::Serving)
 }
@@ -128,10 +136,7 @@ async fn nodes_register_are_watched_and_leave_on_shutdown() {
     assert!(!dd.path().join("cluster-id").exists());
 
     // `kvfabric cluster status` lists both nodes.
-    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
-        .args(["cluster", "status", "--cluster", &etcd.url(), "--cluster-id", "c1"])
-        .output()
-        .unwrap();
+    let out = cluster_cli("status", &etcd, "c1").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("cluster c1: 2 node(s)"), "{text}");
@@ -143,18 +148,7 @@ async fn nodes_register_are_watched_and_leave_on_shutdown() {
         assert!(line.contains("serving") && line.contains(&h.endpoint()), "{line}");
         assert!(line.contains("host") && line.contains("8MiB"), "{line}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
-        .args([
-            "cluster",
-            "status",
-            "--json",
-            "--cluster",
-            &etcd.url(),
-            "--cluster-id",
-            "c1",
-        ])
-        .output()
-        .unwrap();
+    let out = cluster_cli("status", &etcd, "c1").arg("--json").output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().map(|a| a.len()), Some(2), "{v}");
 
@@ -1024,10 +1018,7 @@ async fn drain_hands_every_object_to_its_owners() {
     // Bad requests: a wrong node id, an unknown node.
     let err = nodes[1].1.drain("a").await.unwrap_err();
     assert_eq!(err.kind(), kvfabric::ErrorKind::InvalidArgument, "{err}");
-    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
-        .args(["cluster", "drain", "--cluster", &etcd.url(), "--cluster-id", "dr", "zz"])
-        .output()
-        .unwrap();
+    let out = cluster_cli("drain", &etcd, "dr").arg("zz").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no node \"zz\""), "{stderr}");
 
@@ -1527,15 +1518,7 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
 
     // The CLI: `cluster register-worker` holds a registration until
     // SIGTERM, `cluster workers` lists it.
-    let mut sidecar = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
-        .args([
-            "cluster",
-            "register-worker",
-            "--cluster",
-            &etcd.url(),
-            "--cluster-id",
-            "c1",
-        ])
+    let mut sidecar = cluster_cli("register-worker", &etcd, "c1")
         .args([
             "--name",
             "vllm-0",
@@ -1552,18 +1535,7 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
         .await
         .expect("the sidecar registers");
     assert_eq!(seen["vllm-0"].kv_events.as_deref(), Some("tcp://127.0.0.1:5557"));
-    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
-        .args([
-            "cluster",
-            "workers",
-            "--cluster",
-            &etcd.url(),
-            "--cluster-id",
-            "c1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = cluster_cli("workers", &etcd, "c1").arg("--json").output().unwrap();
     assert!(out.status.success());
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed["url"], "http://127.0.0.1:8100");
@@ -1575,15 +1547,7 @@ async fn workers_register_under_leases_and_routers_see_them_go() {
     );
     assert!(!list_workers(&etcd.target(), "c1").await.unwrap().contains_key("vllm-0"));
     // A bad record is refused with a message, nothing registered.
-    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric"))
-        .args([
-            "cluster",
-            "register-worker",
-            "--cluster",
-            &etcd.url(),
-            "--cluster-id",
-            "c1",
-        ])
+    let out = cluster_cli("register-worker", &etcd, "c1")
         .args(["--name", "bad", "--url", "ftp://x"])
         .output()
         .unwrap();

@@ -4,8 +4,7 @@
 //! malformed records left out), and the serving members derived from it
 //! as the cluster-aware client wants them.
 
-use super::connect;
-use super::watch::{PrefixWatch, Record, list};
+use super::watch::{PrefixWatch, Record, list_once};
 use super::{ClusterError, EtcdTarget, Member, MemberState};
 use crate::client::NodeInfo;
 use std::collections::BTreeMap;
@@ -36,8 +35,7 @@ pub struct Membership {
 
 /// Lists the members of a cluster once, sorted by node id.
 pub async fn list_members(etcd: &EtcdTarget, cluster_id: &str) -> Result<Vec<Member>, ClusterError> {
-    let mut c = connect(etcd).await?;
-    let (map, _) = list::<Member>(&mut c, etcd, &super::members_prefix(cluster_id)).await?;
+    let map = list_once::<Member>(etcd, &super::members_prefix(cluster_id)).await?;
     Ok(map.into_values().collect())
 }
 

@@ -95,8 +95,7 @@ pub async fn watch_namespaces(etcd: EtcdTarget, cluster_id: &str) -> Result<Name
 
 /// Lists the namespace records of a cluster once, sorted by name.
 pub async fn list_namespaces(etcd: &EtcdTarget, cluster_id: &str) -> Result<Vec<NamespaceRecord>, ClusterError> {
-    let mut c = connect(etcd).await?;
-    let (map, _) = super::watch::list::<NamespaceRecord>(&mut c, etcd, &namespaces_prefix(cluster_id)).await?;
+    let map = super::watch::list_once::<NamespaceRecord>(etcd, &namespaces_prefix(cluster_id)).await?;
     Ok(map.into_values().collect())
 }
 

@@ -58,6 +58,13 @@ pub struct PrefixWatch<R: Record> {
     task: JoinHandle<()>,
 }
 
+/// Connects and lists the records under `prefix` once (the one-shot
+/// `list_members`, `list_namespaces`, `list_workers`).
+pub(super) async fn list_once<R: Record>(etcd: &EtcdTarget, prefix: &str) -> Result<RecordMap<R>, ClusterError> {
+    let mut c = connect(etcd).await?;
+    Ok(list(&mut c, etcd, prefix).await?.0)
+}
+
 /// Lists the records under `prefix` once (malformed ones skipped with a
 /// warning). Returns the map and the store revision.
 pub(super) async fn list<R: Record>(

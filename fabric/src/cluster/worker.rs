@@ -90,8 +90,7 @@ pub async fn watch_workers(etcd: EtcdTarget, cluster_id: &str) -> Result<PrefixW
 
 /// Workers registered in the cluster now (one read).
 pub async fn list_workers(etcd: &EtcdTarget, cluster_id: &str) -> Result<RecordMap<WorkerRecord>, ClusterError> {
-    let mut c = connect(etcd).await?;
-    Ok(super::watch::list(&mut c, etcd, &workers_prefix(cluster_id)).await?.0)
+    super::watch::list_once(etcd, &workers_prefix(cluster_id)).await
 }
 
 /// A worker's registration: its record, kept alive under a lease by a
