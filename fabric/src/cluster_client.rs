@@ -91,14 +91,14 @@ pub struct ClusterClient {
 /// Longest wait for one previous owner (see [`ClusterClient::with_handoff_window`]).
 pub const PREVIOUS_OWNER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long after a membership change reads still ask the previous
-/// membership's owners of a key its new owners do not hold (see
+/// How long after a membership change reads still ask the earlier
+/// memberships' owners of a key its new owners do not hold (see
 /// [`ClusterClient::with_handoff_window`]): 10 minutes.
 pub const DEFAULT_HANDOFF_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The placement of the last membership seen, rebuilt only when the
-/// membership changes, and the one before it with when it was replaced
-/// (std locks: the client build has no parking_lot).
+/// membership changes, and those of up to four earlier memberships with
+/// when each was replaced (std locks: the client build has no parking_lot).
 mod cache {
     use super::{NodeInfo, Result, View};
     use std::collections::HashSet;
@@ -285,12 +285,12 @@ impl ClusterClient {
         self.handoff_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Reads of keys whose owners changed with the last membership change
-    /// (a node joined, drained or left) also ask the previous owners for
-    /// what the new ones do not hold, for `window` after the change (0
-    /// turns it off; default [`DEFAULT_HANDOFF_WINDOW`]): until repair has
-    /// handed an object to its new owners, a drained node or the owner
-    /// before a join still has it.
+    /// Reads of keys whose owners changed with a membership change (a node
+    /// joined, drained or left) also ask the owners before it for what the
+    /// new ones do not hold, for `window` after each change, up to four
+    /// changes back (0 turns it off; default [`DEFAULT_HANDOFF_WINDOW`]):
+    /// until repair has handed an object to its new owners, a drained node
+    /// or the owner before a join still has it.
     pub fn with_handoff_window(mut self, window: std::time::Duration) -> Self {
         self.handoff_window = window;
         self
@@ -721,12 +721,12 @@ impl ClusterClient {
             }
             let calls = groups.into_iter().map(|(id, (v, items))| async move {
                 let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
-                let r = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
+                let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
                     let c = self.node(&previous[v], &id).await?;
                     c.get_many(namespace, ks).await
                 })
                 .await;
-                (id, items, r)
+                (id, items, answer)
             });
             let mut next = Vec::new();
             for (id, items, r) in join_all(calls).await {
@@ -782,11 +782,11 @@ impl ClusterClient {
         let (mut tiers, mut known_ns, unknown_ns) = self.prefix_in(&view, namespace, &keys).await?;
         let first_gap = |t: &[Option<Tier>]| t.iter().position(Option::is_none).unwrap_or(t.len());
         let mut end = first_gap(&tiers);
+        let r = self.replicas(namespace);
         for prev in &previous {
             if end == keys.len() {
                 break;
             }
-            let r = self.replicas(namespace);
             let rest = &keys[end..];
             let moved = rest.iter().any(|k| {
                 let h = object_hash(namespace, k);

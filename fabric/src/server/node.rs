@@ -163,16 +163,15 @@ impl Node {
         let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
         let metrics_addr = metrics_l.local_addr().map_err(|e| startup("local addr", e))?;
         let under_replicated = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Parsed once: an `etcds://` URL reads its certificate files.
+        let etcd = s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)?;
         let registration = self
-            .join_cluster(grpc_addr, metrics_addr, under_replicated.clone())
+            .join_cluster(etcd.clone(), grpc_addr, metrics_addr, under_replicated.clone())
             .await?;
         let (repair_stop, repair_stop_rx) = tokio::sync::watch::channel(false);
         let mut cluster_tasks = Vec::new();
         let mut repairer_slot = None;
-        let forwarder = match (
-            &registration,
-            s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)?,
-        ) {
+        let forwarder = match (&registration, etcd) {
             (Some(reg), Some(etcd)) => {
                 let membership = Membership::start(etcd.clone(), s.cluster.id.clone())
                     .await
@@ -373,16 +372,17 @@ impl Node {
         })
     }
 
-    /// In cluster mode, registers the node (state `joining`) under the
-    /// advertised endpoints; `None` for a single node.
+    /// In cluster mode (`etcd` set), registers the node (state `joining`)
+    /// under the advertised endpoints; `None` for a single node.
     async fn join_cluster(
         &self,
+        etcd: Option<crate::cluster::EtcdTarget>,
         grpc_addr: SocketAddr,
         metrics_addr: SocketAddr,
         under_replicated: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Option<Registration>, FabricError> {
         let s = &self.settings;
-        let Some(etcd) = s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)? else {
+        let Some(etcd) = etcd else {
             return Ok(None);
         };
         let advertise = s.cluster.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
