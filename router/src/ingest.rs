@@ -41,14 +41,15 @@ use crate::metrics::Metrics;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Reconnection delay: 100 ms, doubling to 5 s, reset by a success.
 #[derive(Debug)]
-struct Backoff(Duration);
+pub(crate) struct Backoff(Duration);
 
 impl Backoff {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Backoff(BACKOFF_MIN)
     }
-    async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         tokio::time::sleep(self.0).await;
         self.0 = (self.0 * 2).min(BACKOFF_MAX);
     }

@@ -36,14 +36,13 @@ pub(crate) struct Registry {
 
 /// Follows the registry until the task is aborted (see the module doc).
 pub(crate) async fn follow(r: Registry) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = crate::ingest::Backoff::new();
     let watch = loop {
         match watch_workers(r.endpoints.clone(), &r.cluster_id).await {
             Ok(w) => break w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the cluster's worker registry yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     };
