@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-pub use crate::cluster_client::{ClusterClient, NodeInfo};
+pub use crate::cluster_client::{ClusterClient, NodeInfo, placement_epoch};
 pub use crate::local::{LocalClient, LocalPut};
 pub use crate::proto::v1::{
     DrainResponse, Durability, Event, EventKind, KeyLocation, Layout, MembersResponse, NamespaceInfo, NodeMember, Tier,

@@ -13,7 +13,8 @@
 //!   succeeds while any replica is up; a key no owner holds is then asked
 //!   of its owners in the memberships replaced within the handoff window
 //!   (a draining node, the owner before a join: what repair has not handed
-//!   over yet; see [`ClusterClient::with_handoff_window`]);
+//!   over yet; see [`ClusterClient::with_handoff_window`]) until the
+//!   nodes report the hand-off done ([`ClusterClient::with_handoff_settlement`]);
 //! - **exists_prefix**: a chain spread over nodes is answered in one call:
 //!   each node is asked for the keys of the chain it owns (in chain order),
 //!   and the answers are merged: the prefix ends at the first key any node
@@ -31,7 +32,8 @@
 //! [`ClusterClient::discover`] needs no etcd: given any node(s), it learns
 //! the serving members (with the weights the nodes place by) and the
 //! cluster-wide namespaces' replication from the `Members` call, and keeps
-//! them current by asking again every `refresh`.
+//! them current by asking again every `refresh`, and whether the nodes
+//! have finished handing objects over after the last change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -55,11 +57,29 @@ pub struct NodeInfo {
     pub weight: f64,
 }
 
+/// Identifies the placement a serving set gives: a hash of its node ids
+/// and weights, whatever their order (endpoints do not place). Never 0, so
+/// 0 can mean "none". Nodes publish the epoch their last repair pass
+/// settled (see [`ClusterClient::with_handoff_settlement`]).
+pub fn placement_epoch(nodes: &[NodeInfo]) -> u64 {
+    let mut sorted: Vec<&NodeInfo> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for n in sorted {
+        h.update(&(n.id.len() as u64).to_le_bytes());
+        h.update(n.id.as_bytes());
+        h.update(&n.weight.to_bits().to_le_bytes());
+    }
+    h.digest().max(1)
+}
+
 /// One membership, placed.
 #[derive(Debug)]
 struct View {
     placement: Placement,
     endpoints: HashMap<String, String>,
+    /// [`placement_epoch`] of the membership.
+    epoch: u64,
 }
 
 impl View {
@@ -67,7 +87,11 @@ impl View {
         let placement = Placement::new(members.iter().map(|m| (m.id.clone(), m.weight)))
             .map_err(|e| ClientError::InvalidArgument(format!("membership: {e}")))?;
         let endpoints = members.iter().map(|m| (m.id.clone(), m.endpoint.clone())).collect();
-        Ok(View { placement, endpoints })
+        Ok(View {
+            placement,
+            endpoints,
+            epoch: placement_epoch(members),
+        })
     }
 }
 
@@ -84,6 +108,9 @@ pub struct ClusterClient {
     replication: ReplicationMap,
     default_replication: usize,
     handoff_window: std::time::Duration,
+    /// The placement epoch the nodes have finished handing objects over
+    /// for (0: none), when something reports it.
+    settled: Option<watch::Receiver<u64>>,
     /// Objects and prefix keys previous owners answered (shared by clones).
     handoff_reads: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -91,10 +118,13 @@ pub struct ClusterClient {
 /// Longest wait for one previous owner (see [`ClusterClient::with_handoff_window`]).
 pub const PREVIOUS_OWNER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long after a membership change reads still ask the earlier
+/// How long after a membership change reads may still ask the earlier
 /// memberships' owners of a key its new owners do not hold (see
-/// [`ClusterClient::with_handoff_window`]): 10 minutes.
-pub const DEFAULT_HANDOFF_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// [`ClusterClient::with_handoff_window`]): 6 hours, about what repair
+/// needs to hand over a terabyte at its default 64 MiB/s. The nodes
+/// reporting the hand-off done ends it sooner
+/// ([`ClusterClient::with_handoff_settlement`]).
+pub const DEFAULT_HANDOFF_WINDOW: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
 /// The placement of the last membership seen, rebuilt only when the
 /// membership changes, and those of up to four earlier memberships with
@@ -150,6 +180,17 @@ mod cache {
             Ok((view, previous))
         }
 
+        /// Forgets the earlier views, if `view` is still the current one:
+        /// the nodes have handed every object over to its owners in it.
+        pub(super) fn retire_previous(&self, view: &Arc<View>) {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(st) = g.as_mut()
+                && Arc::ptr_eq(&st.view, view)
+            {
+                st.previous.clear();
+            }
+        }
+
         /// Skips previous owner `id` until the next membership change.
         pub(super) fn mark_down(&self, id: &str) {
             let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -183,14 +224,22 @@ fn set_replication_in(map: &ReplicationMap, namespace: &str, replicas: usize) ->
     Ok(())
 }
 
+/// What a node's `Members` answer tells a client.
+struct MembersAnswer {
+    members: Vec<NodeInfo>,
+    replication: Vec<(String, usize)>,
+    /// See [`ClusterClient::with_handoff_settlement`].
+    settled: u64,
+}
+
 /// Asks the node at `endpoint` (connecting once, then reusing the
-/// connection from `pool`) for the serving members and the cluster-wide
-/// namespaces' replication.
+/// connection from `pool`) for the serving members, the cluster-wide
+/// namespaces' replication and the settled placement epoch.
 async fn ask_members(
     pool: &mut HashMap<String, Client>,
     endpoint: &str,
     options: &ClientOptions,
-) -> Result<(Vec<NodeInfo>, Vec<(String, usize)>)> {
+) -> Result<MembersAnswer> {
     let c = match pool.get(endpoint) {
         Some(c) => c.clone(),
         None => {
@@ -232,7 +281,11 @@ async fn ask_members(
         .into_iter()
         .map(|n| (n.namespace, n.replication as usize))
         .collect();
-    Ok((members, replication))
+    Ok(MembersAnswer {
+        members,
+        replication,
+        settled: r.settled_epoch,
+    })
 }
 
 /// Keys of one call grouped by node: node id -> (position in the call, key).
@@ -263,9 +316,16 @@ impl ClusterClient {
     /// A client following `members` (the serving nodes; updates are picked
     /// up at the next call).
     pub fn new(members: watch::Receiver<Vec<NodeInfo>>, options: ClientOptions) -> ClusterClient {
+        // Placed now, so a change before the first call still counts as
+        // one (its earlier owners are asked).
+        let view = Arc::new(cache::Cached::default());
+        let initial = members.borrow().clone();
+        if !initial.is_empty() {
+            let _ = view.get(&initial);
+        }
         ClusterClient {
             members,
-            view: Arc::default(),
+            view,
             pool: Arc::default(),
             options,
             tenant: None,
@@ -273,6 +333,7 @@ impl ClusterClient {
             replication: Arc::default(),
             default_replication: 1,
             handoff_window: DEFAULT_HANDOFF_WINDOW,
+            settled: None,
             handoff_reads: Arc::default(),
         }
     }
@@ -287,20 +348,44 @@ impl ClusterClient {
 
     /// Reads of keys whose owners changed with a membership change (a node
     /// joined, drained or left) also ask the owners before it for what the
-    /// new ones do not hold, for `window` after each change, up to four
-    /// changes back (0 turns it off; default [`DEFAULT_HANDOFF_WINDOW`]):
-    /// until repair has handed an object to its new owners, a drained node
-    /// or the owner before a join still has it.
+    /// new ones do not hold, for at most `window` after each change, up to
+    /// four changes back (0 turns it off; default
+    /// [`DEFAULT_HANDOFF_WINDOW`]): until repair has handed an object to
+    /// its new owners, a drained node or the owner before a join still has
+    /// it. The nodes reporting the hand-off done ends it sooner (see
+    /// [`Self::with_handoff_settlement`]).
     pub fn with_handoff_window(mut self, window: std::time::Duration) -> Self {
         self.handoff_window = window;
         self
     }
 
+    /// Follows `settled`: the [`placement_epoch`] every serving and
+    /// draining node has finished repairing for (each object it holds is
+    /// at all of its owners there), or 0. Once it equals the current
+    /// membership's epoch, reads stop asking earlier memberships' owners
+    /// (and forget those memberships) without waiting out the handoff
+    /// window. Nodes derive it from the member records in etcd
+    /// (`Membership::settled_epoch`); [`Self::discover`] gets it from the
+    /// `Members` call. Without it only the window ends hand-off reads.
+    pub fn with_handoff_settlement(mut self, settled: watch::Receiver<u64>) -> Self {
+        self.settled = Some(settled);
+        self
+    }
+
+    /// Whether reads ask earlier memberships' owners now: a membership
+    /// change within the handoff window that the nodes have not reported
+    /// handed over yet.
+    pub fn handoff_pending(&self) -> bool {
+        self.views().is_ok_and(|(_, previous)| !previous.is_empty())
+    }
+
     /// A client that learns the cluster through `seeds` (any of its nodes):
     /// the serving members and the cluster-wide namespaces' replication,
     /// asked again every `refresh` (from a seed or any member known) until
-    /// the last clone of the client is dropped. A single node (not in
-    /// cluster mode) is a cluster of one. Fails when no seed answers.
+    /// the last clone of the client is dropped, with whether the nodes
+    /// have handed objects over since the last membership change (see
+    /// [`Self::with_handoff_settlement`]). A single node (not in cluster
+    /// mode) is a cluster of one. Fails when no seed answers.
     pub async fn discover(
         seeds: Vec<String>,
         options: ClientOptions,
@@ -323,12 +408,13 @@ impl ClusterClient {
                 Err(e) => last = Some(e),
             }
         }
-        let Some((members, replication)) = first else {
+        let Some(first) = first else {
             return Err(last.unwrap_or_else(|| unavailable("no seed answered".into())));
         };
-        let (tx, rx) = watch::channel(members);
-        let client = ClusterClient::new(rx, options.clone());
-        for (ns, r) in &replication {
+        let (tx, rx) = watch::channel(first.members);
+        let (settled_tx, settled_rx) = watch::channel(first.settled);
+        let client = ClusterClient::new(rx, options.clone()).with_handoff_settlement(settled_rx);
+        for (ns, r) in &first.replication {
             client.set_replication(ns, *r)?;
         }
         // The task holds the map, not a client: a client would keep the
@@ -347,14 +433,17 @@ impl ClusterClient {
                 // The seeds, then every member known.
                 let known: Vec<String> = tx.borrow().iter().map(|n| n.endpoint.clone()).collect();
                 for ep in seeds.iter().chain(&known) {
-                    if let Ok((members, replication)) = ask_members(&mut pool, ep, &options).await {
-                        for (ns, r) in replication {
+                    if let Ok(a) = ask_members(&mut pool, ep, &options).await {
+                        for (ns, r) in a.replication {
                             // A record the nodes hold is valid; skip one that is not.
                             let _ = set_replication_in(&replication_map, &ns, r);
                         }
-                        if *tx.borrow() != members {
-                            tx.send_replace(members);
+                        // The membership first: a settled epoch is only
+                        // compared with the membership it was sent with.
+                        if *tx.borrow() != a.members {
+                            tx.send_replace(a.members);
                         }
+                        settled_tx.send_if_modified(|s| std::mem::replace(s, a.settled) != a.settled);
                         break;
                     }
                 }
@@ -427,13 +516,18 @@ impl ClusterClient {
     }
 
     /// The current view, and the earlier ones (newest first) replaced
-    /// within the handoff window.
+    /// within the handoff window, none once the nodes report the current
+    /// one settled.
     fn views(&self) -> Result<(Arc<View>, Vec<Arc<View>>)> {
         let members = self.members.borrow().clone();
         if members.is_empty() {
             return Err(unavailable("no serving node in the cluster membership".into()));
         }
         let (view, previous) = self.view.get(&members)?;
+        if !previous.is_empty() && self.settled.as_ref().is_some_and(|s| *s.borrow() == view.epoch) {
+            self.view.retire_previous(&view);
+            return Ok((view, Vec::new()));
+        }
         let previous = previous
             .into_iter()
             .take_while(|(_, since)| since.elapsed() < self.handoff_window)
@@ -1014,6 +1108,67 @@ mod tests {
         tx.send(left).unwrap();
         assert_eq!(c.owners("ns", b"k").unwrap()[0], before[1]);
         assert_eq!(c.owners("other", b"k").unwrap().len(), 1, "default replication is 1");
+    }
+
+    #[test]
+    fn the_placement_epoch_names_ids_and_weights_not_order_or_endpoints() {
+        let m = members(3);
+        let e = placement_epoch(&m);
+        assert_ne!(e, 0);
+        let mut reversed = m.clone();
+        reversed.reverse();
+        assert_eq!(placement_epoch(&reversed), e, "order does not place");
+        let mut moved = m.clone();
+        moved[1].endpoint = "http://10.0.0.9:1".into();
+        assert_eq!(placement_epoch(&moved), e, "endpoints do not place");
+        let mut heavier = m.clone();
+        heavier[1].weight = 2.0;
+        assert_ne!(placement_epoch(&heavier), e);
+        assert_ne!(placement_epoch(&m[..2]), e);
+        let mut renamed = m.clone();
+        renamed[2].id = "n9".into();
+        assert_ne!(placement_epoch(&renamed), e);
+        // Ids are length-prefixed: ("ab", "c") is not ("a", "bc").
+        let two = |a: &str, b: &str| {
+            let mut v = members(2);
+            v[0].id = a.into();
+            v[1].id = b.into();
+            placement_epoch(&v)
+        };
+        assert_ne!(two("ab", "c"), two("a", "bc"));
+    }
+
+    #[test]
+    fn a_settled_membership_retires_the_earlier_ones() {
+        let (tx, rx) = watch::channel(members(3));
+        let (settled_tx, settled_rx) = watch::channel(0u64);
+        let c = ClusterClient::new(rx, ClientOptions::default()).with_handoff_settlement(settled_rx);
+        assert!(!c.handoff_pending(), "no change yet");
+        tx.send_replace(members(4));
+        assert!(c.handoff_pending(), "a node joined");
+        // Settled for another placement (the one before): still pending.
+        settled_tx.send_replace(placement_epoch(&members(3)));
+        assert!(c.handoff_pending());
+        settled_tx.send_replace(placement_epoch(&members(4)));
+        assert!(!c.handoff_pending(), "the nodes reported the hand-off done");
+        // The retired memberships stay forgotten: after the next change
+        // only the settled one is earlier, even when settlement goes back
+        // to 0.
+        settled_tx.send_replace(0);
+        tx.send_replace(members(5));
+        let (_, previous) = c.views().unwrap();
+        assert_eq!(previous.len(), 1);
+        assert_eq!(previous[0].epoch, placement_epoch(&members(4)));
+        // Without settlement, only the window ends it.
+        let (tx, rx) = watch::channel(members(3));
+        let c = ClusterClient::new(rx, ClientOptions::default());
+        tx.send_replace(members(4));
+        assert!(c.handoff_pending());
+        assert!(
+            !c.clone()
+                .with_handoff_window(std::time::Duration::ZERO)
+                .handoff_pending()
+        );
     }
 
     #[test]

@@ -643,8 +643,18 @@ async fn cluster_status(a: ClusterStatusArgs) -> Result<()> {
         return Ok(());
     }
     let under: u64 = members.iter().map(|m| m.under_replicated).sum();
+    let map: cluster::MemberMap = members.iter().map(|m| (m.node_id.clone(), m.clone())).collect();
+    let waiting: Vec<&str> = cluster::unsettled_members(&map)
+        .into_iter()
+        .map(|m| m.node_id.as_str())
+        .collect();
+    let handoff = if waiting.is_empty() {
+        "hand-off done".to_string()
+    } else {
+        format!("hand-off pending on {}", waiting.join(", "))
+    };
     println!(
-        "cluster {}: {} node(s), {under} under-replicated object(s)",
+        "cluster {}: {} node(s), {under} under-replicated object(s), {handoff}",
         a.etcd.cluster_id,
         members.len()
     );

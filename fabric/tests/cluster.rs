@@ -1825,4 +1825,100 @@ async fn nodes_read_objects_not_handed_off_yet_from_their_previous_owners() {
         .await
         .unwrap_or_else(|last| panic!("n3 never served: {last:?}"));
     read_all("after n3 joined").await;
+
+    // Repair has handed over one batch at most: the hand-off is reported
+    // pending everywhere, so nothing stops asking the earlier owners.
+    assert_eq!(kvfabric::cluster::settled_epoch(&m.snapshot()), 0);
+    assert_eq!(ca.members().await.unwrap().settled_epoch, 0);
+    assert_eq!(metric(a.metrics_addr, "kvfabric_handoff_pending").await, 1);
+    let out = cluster_cli("status", &etcd, "h").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hand-off pending on "), "{text}");
+}
+
+/// One sample of a node's metrics (the first line starting with `name `).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let body = common::http_get(addr, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+/// Once every node's repair pass has left all it holds at its owners after
+/// a join, the members report the hand-off done (member records, the
+/// `Members` call, `kvfabric_handoff_pending`, `cluster status`), and
+/// clients stop asking the earlier owners, long before the window closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_hand_off_is_reported_and_ends_reads_from_earlier_owners() {
+    use kvfabric::cluster::{settled_epoch, unsettled_members};
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let settings = |i: usize| {
+        let mut s = node_settings(dirs[i].path(), &etcd, "s", &format!("n{i}"), 30);
+        s.cluster.repair_interval_ms = 300;
+        s
+    };
+    let (a, ca) = common::start(settings(0)).await;
+    let (_b, _cb) = common::start(settings(1)).await;
+    let m = watch(&etcd, "s").await;
+    m.wait_for(Duration::from_secs(20), |m| {
+        serving(m, "n0") && serving(m, "n1") && settled_epoch(m) != 0
+    })
+    .await
+    .unwrap_or_else(|last| panic!("two idle nodes never settled: {last:?}"));
+    let ks = keys("obj", 600);
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(3))).collect();
+    ca.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let dc = ClusterClient::discover(vec![a.endpoint()], ClientOptions::default(), Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(!dc.handoff_pending());
+
+    // n2 joins: it takes its share from n0 and n1.
+    let (_c, cc) = common::start(settings(2)).await;
+    let done = m
+        .wait_for(Duration::from_secs(30), |m| serving(m, "n2") && settled_epoch(m) != 0)
+        .await
+        .unwrap_or_else(|last| {
+            let waiting: Vec<_> = unsettled_members(&last).iter().map(|r| r.node_id.clone()).collect();
+            panic!("the hand-off was never reported done (waiting on {waiting:?}): {last:?}")
+        });
+    assert_eq!(done.len(), 3);
+    let epoch = settled_epoch(&done);
+    // Every node's view follows: Members, the metric, the discovered client.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answered = ca.members().await.unwrap().settled_epoch;
+        let pending = metric(a.metrics_addr, "kvfabric_handoff_pending").await;
+        if answered == epoch && pending == 0 && !dc.handoff_pending() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n0 answers {answered} (want {epoch}), pending {pending}, discovered client pending {}",
+            dc.handoff_pending()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The data really moved: n2 holds its share, and every read is served
+    // by the current owners.
+    let n2_objects = cc.stats().await.unwrap().tiers.iter().map(|t| t.objects).sum::<u64>();
+    assert!(n2_objects > 100, "n2 holds {n2_objects} objects");
+    let before = dc.handoff_reads();
+    let got = dc.get_many("ns", ks.clone()).await.unwrap();
+    assert!(
+        ks.iter()
+            .zip(&got)
+            .all(|(k, g)| g.as_ref().is_some_and(|o| o.value == k.repeat(3)))
+    );
+    assert_eq!(dc.handoff_reads(), before, "nothing read from an earlier owner");
+    let got = ca.get_many("ns", ks.clone()).await.unwrap();
+    assert!(got.iter().all(Option::is_some));
+    let out = cluster_cli("status", &etcd, "s").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cluster s: 3 node(s), 0 under-replicated object(s), hand-off done"),
+        "{text}"
+    );
 }

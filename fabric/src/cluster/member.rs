@@ -73,6 +73,14 @@ pub struct Member {
     /// left them (0 from nodes that predate the field).
     #[serde(default)]
     pub under_replicated: u64,
+    /// The placement epoch ([`placement_epoch`](crate::client::placement_epoch)
+    /// of the serving set) under which this node's last repair pass left
+    /// every object it holds at all of its owners; 0 while a pass has not
+    /// (or from nodes that predate the field). Once every serving and
+    /// draining node reports the current epoch, the hand-off after a
+    /// membership change is done ([`Membership::settled_epoch`](super::Membership::settled_epoch)).
+    #[serde(default)]
+    pub settled: u64,
 }
 
 impl Member {
@@ -155,6 +163,7 @@ mod tests {
             version: "0.1.0".into(),
             incarnation: "1-1-0".into(),
             under_replicated: 0,
+            settled: 7,
         }
     }
 

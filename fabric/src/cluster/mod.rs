@@ -29,13 +29,13 @@ mod worker;
 
 pub use error::ClusterError;
 pub use member::{ClusterRecord, Member, MemberState, TierUsage};
-pub use membership::{MemberMap, Membership, list_members};
+pub use membership::{MemberMap, Membership, list_members, settled_epoch, unsettled_members};
 pub use namespace::{
     MAX_REPLICATION, NamespaceMap, NamespaceRecord, NamespaceWatch, PublishError, check_replication,
     follow_replication, list_namespaces, namespace_key, namespaces_prefix, publish, watch_namespaces,
 };
 #[cfg(feature = "server")]
-pub use registration::{Registration, RegistrationConfig, UsageFn};
+pub use registration::{Registration, RegistrationConfig, RepairStatus, UsageFn};
 pub use target::EtcdTarget;
 pub use watch::{PrefixWatch, Record, RecordMap};
 pub use worker::{WorkerLease, WorkerRecord, list_workers, watch_workers, worker_key, workers_prefix};

@@ -52,9 +52,20 @@ pub struct RegistrationConfig {
     pub refresh_interval: Duration,
     /// The node's data directory (holds the `cluster-id` file).
     pub data_dir: PathBuf,
-    /// Under-replicated objects, as the node's repair last counted them
-    /// (written into the record at each refresh).
-    pub under_replicated: Arc<AtomicU64>,
+    /// What the node's repair last found (written into the record at
+    /// each refresh).
+    pub repair: Arc<RepairStatus>,
+}
+
+/// What a node's repair last found, published in its member record.
+#[derive(Debug, Default)]
+pub struct RepairStatus {
+    /// Objects with fewer copies than wanted that the last pass could not
+    /// fix ([`Member::under_replicated`]).
+    pub under_replicated: AtomicU64,
+    /// The placement epoch the last pass left settled, or 0
+    /// ([`Member::settled`]).
+    pub settled: AtomicU64,
 }
 
 /// A live registration; dropping it without [`Registration::leave`] stops
@@ -222,7 +233,8 @@ impl Worker {
             updated_at_ms: self.clock.now_ms(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             incarnation: self.incarnation.clone(),
-            under_replicated: self.cfg.under_replicated.load(Ordering::Relaxed),
+            under_replicated: self.cfg.repair.under_replicated.load(Ordering::Relaxed),
+            settled: self.cfg.repair.settled.load(Ordering::Relaxed),
         }
     }
 

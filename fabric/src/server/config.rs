@@ -76,6 +76,12 @@ pub struct ClusterSettings {
     /// bring deleted objects back when it returns. Default 86400;
     /// 60..=31536000.
     pub tombstone_ttl_s: u64,
+    /// Longest time after a membership change that reads also ask a key's
+    /// earlier owners when its current owners lack it, in seconds; the
+    /// members reporting their repair done ends it sooner. 0 = never ask
+    /// earlier owners. Default 21600 (6 h: a terabyte at the default
+    /// repair rate); 0..=604800.
+    pub handoff_window_s: u64,
 }
 
 impl Default for ClusterSettings {
@@ -89,6 +95,7 @@ impl Default for ClusterSettings {
             repair_interval_ms: 10_000,
             repair_bytes_per_s: ByteSize(64 << 20),
             tombstone_ttl_s: 86_400,
+            handoff_window_s: 6 * 3600,
         }
     }
 }
@@ -438,6 +445,12 @@ impl Settings {
                 c.tombstone_ttl_s
             ));
         }
+        if c.handoff_window_s > 604_800 {
+            return Err(format!(
+                "cluster.handoff-window-s {} is outside 0..=604800",
+                c.handoff_window_s
+            ));
+        }
         if c.etcd_endpoints()?.is_none() {
             return Ok(());
         }
@@ -523,8 +536,9 @@ mod tests {
         );
         assert_eq!((s.cluster.lease_ttl_s, s.cluster.refresh_interval_ms), (3, 500));
         type Change = fn(&mut Settings);
-        let cases: [(Change, &str); 7] = [
+        let cases: [(Change, &str); 8] = [
             (|s| s.cluster.lease_ttl_s = 1, "cluster.lease-ttl-s"),
+            (|s| s.cluster.handoff_window_s = 604_801, "cluster.handoff-window-s"),
             (|s| s.cluster.lease_ttl_s = 301, "cluster.lease-ttl-s"),
             (|s| s.cluster.refresh_interval_ms = 50, "cluster.refresh-interval-ms"),
             (|s| s.cluster.id = "a/b".into(), "cluster.id"),

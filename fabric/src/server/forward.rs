@@ -16,6 +16,8 @@ use tonic::Status;
 pub(crate) struct Forwarder {
     client: ClusterClient,
     members: watch::Receiver<Vec<NodeInfo>>,
+    /// See [`Membership::settled_epoch`].
+    settled: watch::Receiver<u64>,
     node_id: String,
     /// The etcd watchers feeding `members` and the namespace registry;
     /// dropped (stopped) at shutdown.
@@ -46,17 +48,24 @@ impl std::fmt::Debug for Forwarder {
 
 impl Forwarder {
     /// Forwards over the serving members `membership` watches; `node_id`
-    /// is this node's id in it.
+    /// is this node's id in it. Reads also ask a key's earlier owners for
+    /// up to `handoff_window` after a membership change, until the members
+    /// report the hand-off done.
     pub(crate) fn new(
         membership: Membership,
         namespaces: Option<NamespaceWatch>,
         node_id: String,
         ctl: ClusterCtl,
+        handoff_window: std::time::Duration,
     ) -> Forwarder {
         let members = membership.serving_nodes();
+        let settled = membership.settled_epoch();
         Forwarder {
-            client: ClusterClient::new(members.clone(), ClientOptions::default()),
+            client: ClusterClient::new(members.clone(), ClientOptions::default())
+                .with_handoff_window(handoff_window)
+                .with_handoff_settlement(settled.clone()),
             members,
+            settled,
             node_id,
             membership: std::sync::Mutex::new(Some((membership, namespaces))),
             ctl,
@@ -87,6 +96,18 @@ impl Forwarder {
     /// previous owner (see [`ClusterClient::handoff_reads`]).
     pub(crate) fn handoff_reads(&self) -> u64 {
         self.client.handoff_reads()
+    }
+
+    /// The placement epoch the members report settled, or 0 (see
+    /// [`Membership::settled_epoch`]).
+    pub(crate) fn settled_epoch(&self) -> u64 {
+        *self.settled.borrow()
+    }
+
+    /// Whether this node's reads still ask earlier owners (see
+    /// [`ClusterClient::handoff_pending`]).
+    pub(crate) fn handoff_pending(&self) -> bool {
+        self.client.handoff_pending()
     }
 
     /// Whether this node knows no serving node but itself.

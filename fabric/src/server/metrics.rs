@@ -31,6 +31,10 @@ pub struct Metrics {
     /// Objects and chain keys this node's forwarded reads found only at a
     /// previous owner (mirrored at scrape time, see [`Self::mirror_handoff_reads`]).
     pub handoff_reads: IntCounter,
+    /// 1 while this node's reads still ask earlier owners after a
+    /// membership change (the members have not all reported the hand-off
+    /// done, and the window is open), else 0; set at scrape time.
+    pub handoff_pending: IntGauge,
     /// Objects this node is responsible for with fewer copies than their
     /// namespace asks for, after the last repair pass.
     pub under_replicated: IntGauge,
@@ -101,6 +105,11 @@ impl Metrics {
             "objects and chain keys this node's forwarded reads found only at an owner from before the last membership changes (not handed over yet)",
         )
         .expect("valid");
+        let handoff_pending = IntGauge::new(
+            "handoff_pending",
+            "1 while this node's reads also ask owners from before the last membership change (not every member has reported its repair done since), else 0",
+        )
+        .expect("valid");
         let under_replicated = IntGauge::new(
             "under_replicated_objects",
             "objects this node is responsible for with fewer copies than their namespace's replication, after the last repair pass",
@@ -125,6 +134,7 @@ impl Metrics {
             Box::new(repair_objects.clone()),
             Box::new(repair_bytes.clone()),
             Box::new(handoff_reads.clone()),
+            Box::new(handoff_pending.clone()),
             Box::new(under_replicated.clone()),
             Box::new(tier_counters.clone()),
             Box::new(tier_gauges.clone()),
@@ -141,6 +151,7 @@ impl Metrics {
             repair_objects,
             repair_bytes,
             handoff_reads,
+            handoff_pending,
             under_replicated,
             tier_counters,
             tier_gauges,

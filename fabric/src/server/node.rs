@@ -162,11 +162,11 @@ impl Node {
             .map_err(|e| startup(&format!("binding metrics {}", s.metrics_listen), e))?;
         let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
         let metrics_addr = metrics_l.local_addr().map_err(|e| startup("local addr", e))?;
-        let under_replicated = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let repair_status = Arc::new(crate::cluster::RepairStatus::default());
         // Parsed once: an `etcds://` URL reads its certificate files.
         let etcd = s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)?;
         let registration = self
-            .join_cluster(etcd.clone(), grpc_addr, metrics_addr, under_replicated.clone())
+            .join_cluster(etcd.clone(), grpc_addr, metrics_addr, repair_status.clone())
             .await?;
         let (repair_stop, repair_stop_rx) = tokio::sync::watch::channel(false);
         let mut cluster_tasks = Vec::new();
@@ -186,7 +186,13 @@ impl Node {
                     state: reg.state_handle(),
                     kick: Arc::new(tokio::sync::Notify::new()),
                 };
-                let f = Arc::new(Forwarder::new(membership, Some(ns_watch), s.node_id.clone(), ctl));
+                let f = Arc::new(Forwarder::new(
+                    membership,
+                    Some(ns_watch),
+                    s.node_id.clone(),
+                    ctl,
+                    std::time::Duration::from_secs(s.cluster.handoff_window_s),
+                ));
                 // Apply the cluster's namespace records to the registry and
                 // the forwarding client, now and on every change.
                 let apply = {
@@ -221,7 +227,7 @@ impl Node {
                     node_id: s.node_id.clone(),
                     interval: std::time::Duration::from_millis(s.cluster.repair_interval_ms),
                     bytes_per_s: s.cluster.repair_bytes_per_s.0,
-                    under_replicated,
+                    status: repair_status,
                     kick: f.ctl.kick.clone(),
                 };
                 repairer_slot = Some(repairer);
@@ -317,6 +323,7 @@ impl Node {
                     let (stack, metrics) = (stack.clone(), metrics.clone());
                     if let Some(f) = &fwd {
                         metrics.mirror_handoff_reads(f.handoff_reads());
+                        metrics.handoff_pending.set(i64::from(f.handoff_pending()));
                     }
                     async move {
                         (
@@ -379,7 +386,7 @@ impl Node {
         etcd: Option<crate::cluster::EtcdTarget>,
         grpc_addr: SocketAddr,
         metrics_addr: SocketAddr,
-        under_replicated: Arc<std::sync::atomic::AtomicU64>,
+        repair: Arc<crate::cluster::RepairStatus>,
     ) -> Result<Option<Registration>, FabricError> {
         let s = &self.settings;
         let Some(etcd) = etcd else {
@@ -414,7 +421,7 @@ impl Node {
             lease_ttl_s: s.cluster.lease_ttl_s,
             refresh_interval: std::time::Duration::from_millis(s.cluster.refresh_interval_ms),
             data_dir: s.data_dir.clone(),
-            under_replicated,
+            repair,
         };
         Ok(Some(Registration::join(cfg, usage, self.stack.clock().clone()).await?))
     }

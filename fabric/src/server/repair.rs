@@ -38,6 +38,13 @@
 //! replicated namespaces, judged against the placement it is about to
 //! serve under, and only then turns `serving`.
 //!
+//! A pass that ran whole under one serving set and left every object this
+//! node holds at all of its owners (nothing `unsettled`) records that
+//! set's placement epoch as **settled** in the member record; once every
+//! serving and draining member reports the current epoch, the hand-off
+//! after a membership change is done and readers stop asking earlier
+//! owners (`Membership::settled_epoch`). A change resets it to 0 at once.
+//!
 //! Passes run after every membership change (once it settles), every
 //! `cluster.repair-interval-ms`, and at once when a drain starts. An owner
 //! that does not answer makes its objects wait for the next pass (counted
@@ -45,7 +52,8 @@
 
 use super::forward::Forwarder;
 use super::{Metrics, Namespaces};
-use crate::client::{ClientError, ClientOptions, ClusterClient, KeyLocation, PutObject};
+use crate::client::{ClientError, ClientOptions, ClusterClient, KeyLocation, PutObject, placement_epoch};
+use crate::cluster::RepairStatus;
 use crate::proto::ErrorKind;
 use crate::proto::v1::Durability;
 use crate::proto::v1::Tier;
@@ -53,7 +61,7 @@ use bytes::Bytes;
 use kvfabric_tiers::{ObjectKey, TierStack};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
@@ -82,9 +90,9 @@ pub(crate) struct Repairer {
     pub(crate) interval: Duration,
     /// Copy rate limit in bytes per second (0 = unlimited).
     pub(crate) bytes_per_s: u64,
-    /// Objects found under-replicated and not fixed by the last pass;
-    /// shared with the member record.
-    pub(crate) under_replicated: Arc<AtomicU64>,
+    /// What the last pass found (under-replicated objects, the epoch it
+    /// settled); shared with the member record.
+    pub(crate) status: Arc<RepairStatus>,
     /// Starts a pass now (a drain began).
     pub(crate) kick: Arc<Notify>,
 }
@@ -106,6 +114,11 @@ pub(crate) struct PassReport {
     /// Local copies dropped as stale: an owner deleted the object after
     /// this copy was stored (tombstone), or holds a newer version.
     pub(crate) stale: u64,
+    /// Local objects that an owner may still lack after the pass (an
+    /// owner did not answer, a copy failed, no usable membership), at any
+    /// replication: while there are any, this node's part of a hand-off
+    /// is not done.
+    pub(crate) unsettled: u64,
 }
 
 /// A copy to make: local object `key` onto node `to`.
@@ -142,6 +155,8 @@ impl Repairer {
                     if r.is_err() {
                         return;
                     }
+                    // The last pass judged another placement.
+                    self.status.settled.store(0, Ordering::Relaxed);
                     // Let a burst of changes settle.
                     tokio::time::sleep(SETTLE).await;
                     members.mark_unchanged();
@@ -153,6 +168,7 @@ impl Repairer {
                 return;
             }
             let start = Instant::now();
+            let epoch = self.epoch();
             let r = self.pass().await;
             let m = &self.metrics;
             m.repair_passes.inc();
@@ -161,7 +177,17 @@ impl Repairer {
             m.repair_objects.with_label_values(&["dropped_stale"]).inc_by(r.stale);
             m.repair_bytes.inc_by(r.bytes);
             m.under_replicated.set(r.under_replicated as i64);
-            self.under_replicated.store(r.under_replicated, Ordering::Relaxed);
+            self.status
+                .under_replicated
+                .store(r.under_replicated, Ordering::Relaxed);
+            // Settled: every object this node holds is at all of its owners
+            // under the placement the whole pass ran against.
+            let settled = if r.unsettled == 0 && epoch != 0 && self.epoch() == epoch {
+                epoch
+            } else {
+                0
+            };
+            self.status.settled.store(settled, Ordering::Relaxed);
             if r.copied + r.handed_off + r.under_replicated + r.stale > 0 {
                 tracing::info!(
                     scanned = r.scanned,
@@ -175,6 +201,12 @@ impl Repairer {
                 );
             }
         }
+    }
+
+    /// The placement epoch of the serving members (0 when there are none).
+    fn epoch(&self) -> u64 {
+        let nodes = self.forwarder.serving_nodes().borrow().clone();
+        if nodes.is_empty() { 0 } else { placement_epoch(&nodes) }
     }
 
     /// One pass over every local object.
@@ -260,7 +292,10 @@ impl Repairer {
             match client.owners(ns, k) {
                 Ok(o) => owners.push(o),
                 // No usable membership: nothing to do this pass.
-                Err(_) => return,
+                Err(_) => {
+                    report.unsettled += batch.len() as u64;
+                    return;
+                }
             }
         }
         // Ask every other owner what it holds of these (or deleted).
@@ -312,6 +347,7 @@ impl Repairer {
                 if replication > 1 {
                     report.under_replicated += 1;
                 }
+                report.unsettled += 1;
                 continue;
             }
             let my_age = now.saturating_sub(mine.created_ms);
@@ -415,8 +451,11 @@ impl Repairer {
             }
         }
         for (i, os) in owners.iter().enumerate() {
-            if failed.contains(&i) && replication > 1 && os.iter().any(|o| o == me) {
-                report.under_replicated += 1;
+            if failed.contains(&i) {
+                report.unsettled += 1;
+                if replication > 1 && os.iter().any(|o| o == me) {
+                    report.under_replicated += 1;
+                }
             }
         }
         // Hand off (every owner now holds this version) and drop stale

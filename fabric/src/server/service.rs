@@ -1004,6 +1004,7 @@ impl KvBlockService for BlockService {
                     .map(|(namespace, replication)| NamespaceReplication { namespace, replication })
                     .collect(),
                 node_id: self.shared.node_id.clone(),
+                settled_epoch: f.settled_epoch(),
             },
             None => MembersResponse {
                 members: vec![NodeMember {
@@ -1014,6 +1015,7 @@ impl KvBlockService for BlockService {
                 cluster: false,
                 namespaces: Vec::new(),
                 node_id: self.shared.node_id.clone(),
+                settled_epoch: 0,
             },
         };
         Ok(Response::new(r))
