@@ -4,9 +4,9 @@
 //! round trips for any depth) and never a global lock; a writer holds one
 //! shard's write lock for one block at a time, so it never waits on a
 //! lookup for long and never deadlocks with one. Before it takes any, it
-//! prefetches the home slots of all of an event's blocks (through each
-//! shard's [`SlotHint`]), so an event of many blocks pays about one cache
-//! miss, not one per block.
+//! prefetches the home tags and slots of all of an event's blocks (through
+//! each shard's [`SlotHint`]), so an event of many blocks pays about one
+//! cache miss, not one per block.
 //!
 //! There is no per-holder block list: event application (the hot write
 //! path) touches exactly one map entry per block, and the rare whole-holder
@@ -16,7 +16,7 @@
 use parking_lot::{RwLock, RwLockReadGuard};
 use smallvec::SmallVec;
 
-use super::table::{BlockTable, Holders, SlotHint, mix};
+use super::table::{BlockTable, SlotHint, mix};
 use super::{BlockId, ChainMatch, HolderId, PrefixIndex, Tier, TierMask};
 
 const SHARDS: usize = 16;
@@ -93,10 +93,10 @@ impl ShardedIndex {
     /// waiting for its own under a lock.
     fn update_all(&self, blocks: &[BlockId], holder: HolderId, f: impl Fn(TierMask) -> TierMask) {
         let hashes: SmallVec<[u64; 32]> = blocks.iter().map(|&b| mix(b)).collect();
-        if blocks.len() > 1 {
-            for &h in &hashes {
-                self.hints[shard_of(h)].prefetch(h);
-            }
+        // Even for one block: its tag and slot lines then load together,
+        // and while the lock is taken.
+        for &h in &hashes {
+            self.hints[shard_of(h)].prefetch(h, true);
         }
         for (&b, &h) in blocks.iter().zip(&hashes) {
             self.update(b, h, holder, &f);
@@ -141,11 +141,11 @@ impl PrefixIndex for ShardedIndex {
         // fair read lock would park the lookup behind every queued writer.
         let mut guards: [Option<RwLockReadGuard<'_, BlockMap>>; SHARDS] = Default::default();
         let hashes: SmallVec<[u64; 128]> = chain.iter().map(|&b| mix(b)).collect();
-        // The first AHEAD positions' slots start loading while the locks
+        // The first AHEAD positions' tags start loading while the locks
         // are taken (through the lock-free hints; the pipeline below
         // prefetches the rest through the locked tables).
         for &h in hashes.iter().take(AHEAD) {
-            self.hints[shard_of(h)].prefetch(h);
+            self.hints[shard_of(h)].prefetch(h, false);
         }
         for &h in &hashes {
             let s = shard_of(h);
@@ -156,32 +156,24 @@ impl PrefixIndex for ShardedIndex {
         let tables: [Option<&BlockMap>; SHARDS] = std::array::from_fn(|s| guards[s].as_deref());
         // Every shard the chain touches is locked above.
         let table = |h: u64| tables[shard_of(h)].expect("the shard's read lock is held");
-        // A software pipeline over the positions: position i + AHEAD's home
-        // slot is prefetched while position i is probed, so about AHEAD
-        // slot misses are in flight at once; position i is appended LAG
-        // positions after it was probed, so the load of a spilled holder
-        // list (prefetched when probed) overlaps with the next probes. A
-        // position whose holder set has the fingerprint and length of the
-        // one before extends the run without reading its holder list (see
-        // `table`), so only a run's first position prefetches (and later
-        // reads) a spilled list.
-        const LAG: usize = 4;
+        // A software pipeline over the positions, reading tags (16 bytes
+        // per block: hash and holder fingerprint) until a run of identical
+        // holders ends. Position i + AHEAD's home tag is prefetched while
+        // position i is probed, so about AHEAD misses are in flight at
+        // once. A position that starts a run (its fingerprint differs from
+        // the one before) needs its slot, for the holders: the slot is
+        // prefetched when probed, its spilled holder list MID positions
+        // later, and the position is appended LAG positions after it was
+        // probed, so those loads overlap with later probes. Inside a run
+        // nothing but the tag is read (see `table`).
+        const MID: usize = 3;
+        const LAG: usize = 6;
         let n = chain.len();
-        let mut probed: [Option<(u64, &Holders)>; LAG] = [None; LAG];
-        let mut prefetched: Option<(u64, usize)> = None;
-        let mut last: Option<(u64, usize)> = None;
+        // Per position in flight: its table, slot and whether it starts a run.
+        let mut probed: [Option<(&BlockMap, usize, bool)>; LAG] = [None; LAG];
+        let mut run_fp: Option<u64> = None;
         // Positions below `end` are held (or not yet probed).
         let mut end = n;
-        let mut emit = |f: Option<(u64, &Holders)>| {
-            let Some((fp, hs)) = f else { return };
-            let id = Some((fp, hs.len()));
-            if id == last {
-                out.extend_last();
-            } else {
-                out.push(hs);
-                last = id;
-            }
-        };
         for i in 0..n + LAG {
             // Append position i - LAG first: its ring entry is position i's.
             if i >= LAG {
@@ -189,25 +181,47 @@ impl PrefixIndex for ShardedIndex {
                 if j >= end {
                     return;
                 }
-                emit(probed[j % LAG]);
+                let Some((t, slot, starts)) = probed[j % LAG] else {
+                    return;
+                };
+                if starts {
+                    let (key, hs) = t.slot(slot);
+                    if key != chain[j] {
+                        // Another block with the same 64-bit hash: this
+                        // one is not held.
+                        return;
+                    }
+                    out.push(hs);
+                } else {
+                    out.extend_last();
+                }
+            }
+            if i >= MID
+                && let Some((t, slot, true)) = probed[(i - MID) % LAG]
+                && i - MID < end
+            {
+                BlockTable::prefetch_holders(t.slot(slot).1);
             }
             if i < end {
                 if let Some(&h) = hashes.get(i + AHEAD) {
                     table(h).prefetch(h);
                 }
                 let h = hashes[i];
-                let f = table(h).get_with_fingerprint(chain[i], h);
-                match f {
-                    None => end = i,
-                    Some((fp, hs)) => {
-                        let id = Some((fp, hs.len()));
-                        if id != prefetched {
-                            BlockTable::prefetch_holders(hs);
-                            prefetched = id;
-                        }
+                let t = table(h);
+                probed[i % LAG] = match t.probe(h) {
+                    None => {
+                        end = i;
+                        None
                     }
-                }
-                probed[i % LAG] = f;
+                    Some((slot, fp)) => {
+                        let starts = run_fp != Some(fp);
+                        if starts {
+                            t.prefetch_slot(slot);
+                            run_fp = Some(fp);
+                        }
+                        Some((t, slot, starts))
+                    }
+                };
             }
         }
     }

@@ -1,29 +1,40 @@
 //! [`BlockTable`]: one shard's map from [`BlockId`] to its holders, an
-//! open-addressing hash table built so that a lookup costs one cache miss
-//! per block (two for a block with many holders) and the misses of a whole
-//! chain can be in flight at once.
+//! open-addressing hash table built so that a lookup reads 16 bytes per
+//! block (and a whole cache line only where the holders change along the
+//! chain), and the misses of a whole chain can be in flight at once.
 //!
-//! - **Slots** are 64 bytes, one cache line each: the key, the holder
-//!   set's fingerprint and a `SmallVec` of holders, [`INLINE`] of them in
-//!   the slot and more on the heap (a shared prefix held by many workers).
-//!   An empty slot has no holders; a live one always has one.
+//! - Two parallel arrays. **Tags** are 16 bytes: the key's 64-bit mixed
+//!   hash ([`mix`], never 0; 0 marks a free slot) and the holder set's
+//!   fingerprint. **Slots** are 64 bytes, one cache line each: the key and
+//!   a `SmallVec` of holders, [`INLINE`] of them in the slot and more on
+//!   the heap (a shared prefix held by many workers). A lookup probes the
+//!   tags, a quarter of the memory (an index of a million blocks keeps its
+//!   tags in 16 MiB, which a server's last-level cache holds), and reads a
+//!   slot only to get a run's holders.
 //! - The **fingerprint** is a sum of a strong 64-bit hash of each (holder,
 //!   tiers) pair, kept up to date in O(1) per change. Two positions of a
-//!   chain with equal fingerprints and lengths hold the same set (distinct
-//!   sets collide with probability about 2^-64 per comparison), so a lookup
-//!   extends a run of identical holders without reading the holder list: a
-//!   shared prefix whose holders spilled to the heap costs one dependent
-//!   miss per run, not one per block.
+//!   chain with equal fingerprints hold the same set (distinct sets collide
+//!   with probability about 2^-64 per comparison), so a lookup extends a
+//!   run of identical holders from the tags alone: a shared prefix whose
+//!   holders spilled to the heap costs one dependent miss per run, not one
+//!   per block.
+//! - Writers compare the full key; a lookup trusts a matching 64-bit hash
+//!   inside a run and checks the full key where a run starts (it reads
+//!   that slot anyway). Two distinct block ids (themselves 128-bit hashes)
+//!   with equal 64-bit mixes in one probe window are a 2^-64 event.
 //! - **Linear probing** from the key's home slot (low bits of its mixed
 //!   hash), with **backward-shift deletion** (no tombstones, so probe runs
-//!   stay short under the heavy eviction the router sees), and doubling
-//!   once three quarters of the slots are used.
-//! - [`BlockTable::prefetch`] starts the load of a key's home slot and
-//!   [`BlockTable::prefetch_holders`] that of a spilled holder list, without
-//!   waiting; `ShardedIndex::lookup` prefetches the slot of the position
-//!   16 ahead of the one it probes, so the CPU overlaps their misses.
-//! - A large table's **slots live on transparent huge pages** in a mapping
-//!   of their own ([`SlotArray`]), so random probes do not also miss the
+//!   stay short under the heavy eviction the router sees; the home of a
+//!   slot to shift is read from its tag), and doubling once three quarters
+//!   of the slots are used.
+//! - [`BlockTable::prefetch`] starts the load of a key's home tag,
+//!   [`BlockTable::prefetch_slot`] that of a slot and
+//!   [`BlockTable::prefetch_holders`] that of a spilled holder list,
+//!   without waiting; `ShardedIndex::lookup` prefetches the tag of the
+//!   position 16 ahead of the one it probes, so the CPU overlaps their
+//!   misses.
+//! - A large table's **arrays live on transparent huge pages** in mappings
+//!   of their own ([`HugeArray`]), so random probes do not also miss the
 //!   TLB.
 //!
 //! Single-threaded: the shard's lock serialises access.
@@ -44,14 +55,23 @@ pub(crate) type Holder = Holding;
 /// A block's holders, sorted by holder id.
 pub(crate) type Holders = SmallVec<[Holder; INLINE]>;
 
+/// A slot: the block and its holders (empty in a free slot).
 #[derive(Default)]
 #[repr(C, align(64))]
 struct Slot {
     key: BlockId,
-    /// [`fingerprint`] of `holders` (0 in a free slot).
-    fp: u64,
     /// Empty: a free slot.
     holders: Holders,
+}
+
+/// A slot's tag: what probes read.
+#[derive(Default, Clone, Copy)]
+#[repr(C, align(16))]
+struct Tag {
+    /// [`mix`] of the slot's key; 0 in a free slot.
+    hash: u64,
+    /// [`fingerprint`] of the slot's holders (0 in a free slot).
+    fp: u64,
 }
 
 /// The fingerprint term of one holder's tiers of a block (0 for none): a
@@ -74,7 +94,9 @@ pub(crate) fn fingerprint(hs: &[Holder]) -> u64 {
 
 /// The table (see the module doc).
 pub(crate) struct BlockTable {
-    slots: SlotArray,
+    slots: HugeArray<Slot>,
+    /// Parallel to `slots`.
+    tags: HugeArray<Tag>,
     mask: usize,
     len: usize,
 }
@@ -89,25 +111,26 @@ impl std::fmt::Debug for BlockTable {
 }
 
 /// Mixes both halves of a block id into 64 well-spread bits (block ids are
-/// hashes already, but an engine's keys need not be uniform).
+/// hashes already, but an engine's keys need not be uniform); never 0 (a
+/// free slot's tag).
 #[inline]
 pub(crate) fn mix(v: BlockId) -> u64 {
     let x = (v as u64) ^ ((v >> 64) as u64).rotate_left(29);
     let x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^ (x >> 32)
+    (x ^ (x >> 32)).max(1)
 }
 
 const MIN_SLOTS: usize = 16;
 
-/// Tables at least this big are mapped on their own, on transparent huge
-/// pages (see [`SlotArray`]).
+/// Arrays at least this big are mapped on their own, on transparent huge
+/// pages (see [`HugeArray`]).
 const HUGE_PAGE_MIN: usize = 4 << 20;
 
 /// A transparent huge page.
 #[cfg(target_os = "linux")]
 const HUGE: usize = 2 << 20;
 
-/// A table's slots. A lookup visits random slots all over a large table,
+/// A table's slots or tags. A lookup visits random slots all over a large table,
 /// and with 4 KiB pages nearly every visit would also miss the TLB (a
 /// two-dimensional page walk under a hypervisor), so on Linux a large array
 /// is its own anonymous mapping, aligned to 2 MiB and advised
@@ -117,14 +140,14 @@ const HUGE: usize = 2 << 20;
 /// already touched stay 4 KiB pages (measured: a quarter of a 128 MiB
 /// index on huge pages that way, lookups ~20% slower). Small arrays, other
 /// systems and a refused mapping use an ordinary boxed slice.
-struct SlotArray {
-    /// The first of `len` initialised slots, owned by `self`.
-    slots: std::ptr::NonNull<Slot>,
+struct HugeArray<T> {
+    /// The first of `len` initialised elements, owned by `self`.
+    slots: std::ptr::NonNull<T>,
     len: usize,
     backing: Backing,
 }
 
-/// Where a [`SlotArray`]'s memory comes from.
+/// Where a [`HugeArray`]'s memory comes from.
 enum Backing {
     /// A boxed slice (`Box::into_raw`).
     Boxed,
@@ -133,16 +156,16 @@ enum Backing {
     Mapped { map: *mut libc::c_void, map_len: usize },
 }
 
-// SAFETY: a SlotArray owns its memory exclusively, like a Box owns its
-// allocation; `Slot` itself is Send + Sync.
-unsafe impl Send for SlotArray {}
-// SAFETY: as above; shared access only reads through `&[Slot]`.
-unsafe impl Sync for SlotArray {}
+// SAFETY: a HugeArray owns its memory exclusively, like a Box owns its
+// allocation, so it is Send when its elements are.
+unsafe impl<T: Send> Send for HugeArray<T> {}
+// SAFETY: as above; shared access only reads through `&[T]`.
+unsafe impl<T: Sync> Sync for HugeArray<T> {}
 
-impl SlotArray {
-    /// `n` free slots.
+impl<T: Default> HugeArray<T> {
+    /// `n` default (free) elements.
     fn new(n: usize) -> Self {
-        let bytes = n * std::mem::size_of::<Slot>();
+        let bytes = n * std::mem::size_of::<T>();
         #[cfg(target_os = "linux")]
         if bytes >= HUGE_PAGE_MIN
             && let Some(a) = Self::mapped(n, bytes)
@@ -151,9 +174,9 @@ impl SlotArray {
         }
         #[cfg(not(target_os = "linux"))]
         let _ = (bytes, HUGE_PAGE_MIN);
-        let boxed: Box<[Slot]> = (0..n).map(|_| Slot::default()).collect();
-        let slots = std::ptr::NonNull::from(Box::leak(boxed)).cast::<Slot>();
-        SlotArray {
+        let boxed: Box<[T]> = (0..n).map(|_| T::default()).collect();
+        let slots = std::ptr::NonNull::from(Box::leak(boxed)).cast::<T>();
+        HugeArray {
             slots,
             len: n,
             backing: Backing::Boxed,
@@ -188,13 +211,14 @@ impl SlotArray {
         unsafe {
             libc::madvise(first as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
         }
-        let slots = first as *mut Slot;
+        let slots = first as *mut T;
         for i in 0..n {
-            // SAFETY: slot i lies inside the mapping, is aligned (the base
-            // is 2 MiB aligned, slots are 64 bytes) and not yet initialised.
-            unsafe { slots.add(i).write(Slot::default()) };
+            // SAFETY: element i lies inside the mapping, is aligned (the
+            // base is 2 MiB aligned, more than any element's alignment) and
+            // not yet initialised.
+            unsafe { slots.add(i).write(T::default()) };
         }
-        Some(SlotArray {
+        Some(HugeArray {
             slots: std::ptr::NonNull::new(slots)?,
             len: n,
             backing: Backing::Mapped { map, map_len },
@@ -202,24 +226,24 @@ impl SlotArray {
     }
 }
 
-impl std::ops::Deref for SlotArray {
-    type Target = [Slot];
+impl<T> std::ops::Deref for HugeArray<T> {
+    type Target = [T];
     #[inline]
-    fn deref(&self) -> &[Slot] {
+    fn deref(&self) -> &[T] {
         // SAFETY: `len` initialised slots start at `slots`, owned by self.
         unsafe { std::slice::from_raw_parts(self.slots.as_ptr(), self.len) }
     }
 }
 
-impl std::ops::DerefMut for SlotArray {
+impl<T> std::ops::DerefMut for HugeArray<T> {
     #[inline]
-    fn deref_mut(&mut self) -> &mut [Slot] {
+    fn deref_mut(&mut self) -> &mut [T] {
         // SAFETY: as in `deref`, and `&mut self` makes the access unique.
         unsafe { std::slice::from_raw_parts_mut(self.slots.as_ptr(), self.len) }
     }
 }
 
-impl Drop for SlotArray {
+impl<T> Drop for HugeArray<T> {
     fn drop(&mut self) {
         let slots = std::ptr::slice_from_raw_parts_mut(self.slots.as_ptr(), self.len);
         match self.backing {
@@ -250,36 +274,44 @@ fn prefetch_line<T>(p: *const T) {
     let _ = p;
 }
 
-/// Where a table's slots are, readable without the table's lock, so that a
-/// writer can start the cache misses of a whole event's blocks before it
-/// takes any lock (a prefetch hint, nothing else reads it). Refreshed by
-/// writers, under the write lock, whenever the table has grown.
+/// Where a table's tags and slots are, readable without the table's lock,
+/// so that a writer can start the cache misses of a whole event's blocks
+/// before it takes any lock (a prefetch hint, nothing else reads it).
+/// Refreshed by writers, under the write lock, whenever the table has
+/// grown.
 #[derive(Debug, Default)]
 pub(crate) struct SlotHint {
-    base: AtomicUsize,
+    tags: AtomicUsize,
+    slots: AtomicUsize,
     mask: AtomicUsize,
 }
 
 impl SlotHint {
-    /// Records `t`'s slots if they moved since the last call (only growth
+    /// Records `t`'s arrays if they moved since the last call (only growth
     /// moves them, and growth changes the mask).
     #[inline]
     pub(crate) fn refresh(&self, t: &BlockTable) {
         if self.mask.load(Relaxed) != t.mask {
-            self.base.store(t.slots.as_ptr() as usize, Relaxed);
+            self.tags.store(t.tags.as_ptr() as usize, Relaxed);
+            self.slots.store(t.slots.as_ptr() as usize, Relaxed);
             self.mask.store(t.mask, Relaxed);
         }
     }
 
-    /// Starts loading the home slot of the block whose [`mix`] is `hash` in
-    /// the table last recorded. A stale or torn record (the table grew
-    /// meanwhile) only prefetches a useless line: a prefetch never faults.
+    /// Starts loading the home tag of the block whose [`mix`] is `hash` in
+    /// the table last recorded, and with `slot` its home slot too (what a
+    /// writer reads next). A stale or torn record (the table grew
+    /// meanwhile) only prefetches useless lines: a prefetch never faults.
     #[inline]
-    pub(crate) fn prefetch(&self, hash: u64) {
-        let base = self.base.load(Relaxed);
-        if base != 0 {
-            let at = base.wrapping_add((hash as usize & self.mask.load(Relaxed)) * std::mem::size_of::<Slot>());
-            prefetch_line(at as *const u8);
+    pub(crate) fn prefetch(&self, hash: u64, slot: bool) {
+        let tags = self.tags.load(Relaxed);
+        if tags != 0 {
+            let home = hash as usize & self.mask.load(Relaxed);
+            prefetch_line(tags.wrapping_add(home * std::mem::size_of::<Tag>()) as *const u8);
+            if slot {
+                let slots = self.slots.load(Relaxed);
+                prefetch_line(slots.wrapping_add(home * std::mem::size_of::<Slot>()) as *const u8);
+            }
         }
     }
 }
@@ -294,7 +326,8 @@ impl BlockTable {
     /// An empty table.
     pub(crate) fn new() -> Self {
         BlockTable {
-            slots: SlotArray::new(MIN_SLOTS),
+            slots: HugeArray::new(MIN_SLOTS),
+            tags: HugeArray::new(MIN_SLOTS),
             mask: MIN_SLOTS - 1,
             len: 0,
         }
@@ -310,10 +343,16 @@ impl BlockTable {
         hash as usize & self.mask
     }
 
-    /// Starts loading the home slot of the block whose [`mix`] is `hash`.
+    /// Starts loading the home tag of the block whose [`mix`] is `hash`.
     #[inline]
     pub(crate) fn prefetch(&self, hash: u64) {
-        prefetch_line(&self.slots[self.home(hash)]);
+        prefetch_line(&self.tags[self.home(hash)]);
+    }
+
+    /// Starts loading slot `i` (a [`Self::probe`] result).
+    #[inline]
+    pub(crate) fn prefetch_slot(&self, i: usize) {
+        prefetch_line(&self.slots[i]);
     }
 
     /// Starts loading `hs`'s heap buffer, if it has one.
@@ -324,20 +363,46 @@ impl BlockTable {
         }
     }
 
-    /// The slot holding `b`, if any.
+    /// The slot holding `b`, if any (`hash` = [`mix`]`(b)`; the full key
+    /// is compared).
     #[inline]
     fn find(&self, b: BlockId, hash: u64) -> Option<usize> {
         let mut i = self.home(hash);
         loop {
-            let s = &self.slots[i];
-            if s.holders.is_empty() {
+            let t = self.tags[i].hash;
+            if t == 0 {
                 return None;
             }
-            if s.key == b {
+            if t == hash && self.slots[i].key == b {
                 return Some(i);
             }
             i = (i + 1) & self.mask;
         }
+    }
+
+    /// The slot whose key's [`mix`] is `hash`, and its holders'
+    /// [`fingerprint`], from the tags alone (the caller checks the key with
+    /// [`Self::slot`] where it reads the holders).
+    #[inline]
+    pub(crate) fn probe(&self, hash: u64) -> Option<(usize, u64)> {
+        let mut i = self.home(hash);
+        loop {
+            let t = &self.tags[i];
+            if t.hash == hash {
+                return Some((i, t.fp));
+            }
+            if t.hash == 0 {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Slot `i`'s key and holders (a [`Self::probe`] result).
+    #[inline]
+    pub(crate) fn slot(&self, i: usize) -> (BlockId, &Holders) {
+        let s = &self.slots[i];
+        (s.key, &s.holders)
     }
 
     /// `b`'s holders, sorted by holder id (`hash` = [`mix`]`(b)`).
@@ -346,11 +411,10 @@ impl BlockTable {
         self.find(b, hash).map(|i| &self.slots[i].holders)
     }
 
-    /// `b`'s holders and their [`fingerprint`]; reads only the slot's own
-    /// cache line (not a spilled list) until the holders are read.
-    #[inline]
+    /// `b`'s holders and their [`fingerprint`].
+    #[cfg(test)]
     pub(crate) fn get_with_fingerprint(&self, b: BlockId, hash: u64) -> Option<(u64, &Holders)> {
-        self.find(b, hash).map(|i| (self.slots[i].fp, &self.slots[i].holders))
+        self.find(b, hash).map(|i| (self.tags[i].fp, &self.slots[i].holders))
     }
 
     /// Applies `f` to `holder`'s tiers of block `b` (absent = empty); an
@@ -359,13 +423,13 @@ impl BlockTable {
         let hash = mix(b);
         match self.find(b, hash) {
             Some(i) => {
-                let slot = &mut self.slots[i];
-                let hs = &mut slot.holders;
+                let hs = &mut self.slots[i].holders;
+                let tag = &mut self.tags[i];
                 match hs.binary_search_by_key(&holder, |e| e.0) {
                     Ok(k) => {
                         let old = hs[k].1;
                         let new = f(old);
-                        slot.fp = slot.fp.wrapping_sub(term(holder, old)).wrapping_add(term(holder, new));
+                        tag.fp = tag.fp.wrapping_sub(term(holder, old)).wrapping_add(term(holder, new));
                         if !new.is_empty() {
                             hs[k].1 = new;
                             return;
@@ -374,7 +438,7 @@ impl BlockTable {
                         if hs.is_empty() {
                             // Keep no heap buffer in a free slot.
                             *hs = Holders::new();
-                            slot.fp = 0;
+                            *tag = Tag::default();
                             self.remove_at(i);
                         }
                     }
@@ -382,7 +446,7 @@ impl BlockTable {
                         let new = f(TierMask::EMPTY);
                         if !new.is_empty() {
                             hs.insert(k, (holder, new));
-                            slot.fp = slot.fp.wrapping_add(term(holder, new));
+                            tag.fp = tag.fp.wrapping_add(term(holder, new));
                         }
                     }
                 }
@@ -398,8 +462,11 @@ impl BlockTable {
                 let i = self.free_slot_for(hash);
                 let s = &mut self.slots[i];
                 s.key = b;
-                s.fp = term(holder, new);
                 s.holders.push((holder, new));
+                self.tags[i] = Tag {
+                    hash,
+                    fp: term(holder, new),
+                };
                 self.len += 1;
             }
         }
@@ -408,13 +475,13 @@ impl BlockTable {
     /// The first free slot of `hash`'s probe run.
     fn free_slot_for(&self, hash: u64) -> usize {
         let mut i = self.home(hash);
-        while !self.slots[i].holders.is_empty() {
+        while self.tags[i].hash != 0 {
             i = (i + 1) & self.mask;
         }
         i
     }
 
-    /// Frees slot `i` (its holders already emptied) and shifts the rest of
+    /// Frees slot `i` (its holders and tag already emptied) and shifts the rest of
     /// its probe run back, so that no run has a hole (backward-shift
     /// deletion).
     fn remove_at(&mut self, mut i: usize) {
@@ -422,10 +489,11 @@ impl BlockTable {
         let mut j = i;
         loop {
             j = (j + 1) & self.mask;
-            if self.slots[j].holders.is_empty() {
+            let hash = self.tags[j].hash;
+            if hash == 0 {
                 return;
             }
-            let home = self.home(mix(self.slots[j].key));
+            let home = self.home(hash);
             // Slot j may move to the hole at i unless its home lies in the
             // cyclic range (i, j].
             let stays = if i <= j {
@@ -435,19 +503,21 @@ impl BlockTable {
             };
             if !stays {
                 self.slots.swap(i, j);
+                self.tags.swap(i, j);
                 i = j;
             }
         }
     }
 
     fn grow(&mut self) {
-        let doubled = SlotArray::new(self.slots.len() * 2);
-        let mut old = std::mem::replace(&mut self.slots, doubled);
-        self.mask = self.slots.len() - 1;
-        for s in old.iter_mut().filter(|s| !s.holders.is_empty()) {
-            let s = std::mem::take(s);
-            let i = self.free_slot_for(mix(s.key));
-            self.slots[i] = s;
+        let n = self.slots.len() * 2;
+        let mut old = std::mem::replace(&mut self.slots, HugeArray::new(n));
+        let old_tags = std::mem::replace(&mut self.tags, HugeArray::new(n));
+        self.mask = n - 1;
+        for (s, t) in old.iter_mut().zip(old_tags.iter()).filter(|(_, t)| t.hash != 0) {
+            let i = self.free_slot_for(t.hash);
+            self.slots[i] = std::mem::take(s);
+            self.tags[i] = *t;
         }
     }
 
@@ -464,9 +534,10 @@ impl BlockTable {
                 continue;
             }
             f(&mut slot.holders);
-            slot.fp = fingerprint(&slot.holders);
+            self.tags[i].fp = fingerprint(&slot.holders);
             if slot.holders.is_empty() {
                 slot.holders = Holders::new();
+                self.tags[i] = Tag::default();
                 // Backward shift may move a later slot into i: look at i again.
                 self.remove_at(i);
                 continue;
@@ -495,9 +566,12 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_one_cache_line() {
+    fn slots_are_one_cache_line_and_four_tags_fill_one() {
         assert_eq!(std::mem::size_of::<Slot>(), 64);
         assert_eq!(std::mem::align_of::<Slot>(), 64);
+        assert_eq!(std::mem::size_of::<Tag>(), 16);
+        assert_eq!(mix(0), mix(0).max(1));
+        assert!((0..100_000u128).all(|b| mix(b) != 0));
     }
 
     #[test]
@@ -526,18 +600,21 @@ mod tests {
     #[test]
     fn a_large_table_lives_in_its_own_mapping_and_keeps_its_contents() {
         let mut tb = BlockTable::new();
-        // Past HUGE_PAGE_MIN (65536 slots) after a few doublings; every
-        // 97th block spills its holders to the heap.
-        let n = 60_000u128;
+        // Past HUGE_PAGE_MIN for both arrays (65536 slots, 262144 tags)
+        // after a few doublings; every 97th block spills its holders to
+        // the heap.
+        let n = 200_000u128;
         for b in 0..n {
             let holders = if b % 97 == 0 { 6 } else { 1 };
             for h in 0..holders {
                 tb.update(b, HolderId(h), |m| m.with(Tier::Hbm));
             }
         }
-        assert!(tb.slots.len() * std::mem::size_of::<Slot>() >= HUGE_PAGE_MIN);
+        assert!(tb.tags.len() * std::mem::size_of::<Tag>() >= HUGE_PAGE_MIN);
         #[cfg(target_os = "linux")]
         assert!(matches!(tb.slots.backing, Backing::Mapped { .. }));
+        #[cfg(target_os = "linux")]
+        assert!(matches!(tb.tags.backing, Backing::Mapped { .. }));
         for b in 0..n {
             let hs = tb.get(b, mix(b)).unwrap();
             assert_eq!(hs.len(), if b % 97 == 0 { 6 } else { 1 });
@@ -551,23 +628,25 @@ mod tests {
     fn a_slot_hint_follows_growth_and_a_stale_one_is_harmless() {
         let mut tb = BlockTable::new();
         let hint = SlotHint::default();
-        hint.prefetch(mix(1)); // nothing recorded yet: a no-op
+        hint.prefetch(mix(1), true); // nothing recorded yet: a no-op
         tb.update(1, HolderId(1), |m| m.with(Tier::Hbm));
         hint.refresh(&tb);
-        let first = tb.slots.as_ptr() as usize;
-        assert_eq!(hint.base.load(Relaxed), first);
+        let first = tb.tags.as_ptr() as usize;
+        assert_eq!(hint.tags.load(Relaxed), first);
+        assert_eq!(hint.slots.load(Relaxed), tb.slots.as_ptr() as usize);
         for b in 2..10_000u128 {
             tb.update(b, HolderId(1), |m| m.with(Tier::Hbm));
         }
         // Stale: points at the freed first array. Prefetching through it
         // must not fault.
         for b in 0..64u128 {
-            hint.prefetch(mix(b));
+            hint.prefetch(mix(b), true);
         }
         hint.refresh(&tb);
-        assert_eq!(hint.base.load(Relaxed), tb.slots.as_ptr() as usize);
+        assert_eq!(hint.tags.load(Relaxed), tb.tags.as_ptr() as usize);
+        assert_eq!(hint.slots.load(Relaxed), tb.slots.as_ptr() as usize);
         assert_eq!(hint.mask.load(Relaxed), tb.mask);
-        assert_ne!(tb.slots.as_ptr() as usize, first);
+        assert_ne!(tb.tags.as_ptr() as usize, first);
     }
 
     #[derive(Debug, Clone)]
@@ -622,9 +701,14 @@ mod tests {
                 prop_assert_eq!(got, want, "key {}", k);
             }
             prop_assert_eq!(tb.values().count(), model.len());
-            // Every live slot's fingerprint matches its holders; free ones are 0.
-            for s in tb.slots.iter() {
-                prop_assert_eq!(s.fp, fingerprint(&s.holders));
+            // Every live slot's tag has its key's hash and its holders'
+            // fingerprint; a free slot's tag is all 0.
+            for (s, t) in tb.slots.iter().zip(tb.tags.iter()) {
+                prop_assert_eq!(t.fp, fingerprint(&s.holders));
+                prop_assert_eq!(t.hash, if s.holders.is_empty() { 0 } else { mix(s.key) });
+                if !s.holders.is_empty() {
+                    prop_assert_eq!(tb.probe(t.hash).map(|(i, _)| tb.slot(i).0), Some(s.key));
+                }
             }
         }
     }
