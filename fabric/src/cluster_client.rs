@@ -886,38 +886,20 @@ impl ClusterClient {
                 let h = object_hash(namespace, k);
                 view.placement.owners_of_hash(h, r) != prev.placement.owners_of_hash(h, r)
             });
-            let up = prev.endpoints.keys().all(|id| !self.view.is_down(id));
-            if !(moved && up) {
+            if !moved {
                 continue;
             }
-            match tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, self.prefix_in(prev, namespace, rest)).await {
-                Ok(Ok((pt, pk, _))) => {
-                    known_ns |= pk;
-                    for (t, p) in tiers[end..].iter_mut().zip(pt) {
-                        if t.is_none() {
-                            *t = p;
-                        }
-                    }
-                    let before = end;
-                    end = first_gap(&tiers);
-                    self.handoff_reads
-                        .fetch_add((end - before) as u64, std::sync::atomic::Ordering::Relaxed);
-                }
-                // Refused for this request: nobody is down.
-                Ok(Err(e)) if !retryable(&e) => {
-                    tracing::debug!(error = %e, "previous owners refused a prefix read");
-                }
-                failed => {
-                    // Which node failed is not known here: skip those
-                    // that left, which are the likely ones.
-                    for id in prev.endpoints.keys().filter(|id| !view.endpoints.contains_key(*id)) {
-                        self.view.mark_down(id);
-                    }
-                    if let Ok(Err(e)) = failed {
-                        tracing::debug!(error = %e, "previous owners skipped until the membership changes");
-                    }
+            let (pt, pk) = self.prefix_from_previous(prev, namespace, rest).await;
+            known_ns |= pk;
+            for (t, p) in tiers[end..].iter_mut().zip(pt) {
+                if t.is_none() {
+                    *t = p;
                 }
             }
+            let before = end;
+            end = first_gap(&tiers);
+            self.handoff_reads
+                .fetch_add((end - before) as u64, std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(e) = unknown_ns
             && !known_ns
@@ -925,6 +907,66 @@ impl ClusterClient {
             return Err(e);
         }
         Ok(tiers[..end].iter().map(|t| t.unwrap_or(Tier::Unspecified)).collect())
+    }
+
+    /// `exists_prefix` of `keys` (what follows a chain's first gap) at
+    /// their owners in the earlier view `prev`: each key's first owner
+    /// there not marked down, every node asked once for its keys in chain
+    /// order, for at most [`PREVIOUS_OWNER_TIMEOUT`]. A node that fails or
+    /// does not answer is skipped until the membership changes (one that
+    /// refuses the request, or does not know the namespace, is not). Per
+    /// key its tier where a node reported it in its leading run, and
+    /// whether any node knew the namespace.
+    async fn prefix_from_previous(
+        &self,
+        prev: &Arc<View>,
+        namespace: &str,
+        keys: &[Bytes],
+    ) -> (Vec<Option<Tier>>, bool) {
+        let r = self.replicas(namespace);
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            let owners = prev.placement.owners_of_hash(object_hash(namespace, k), r);
+            if let Some(id) = owners.into_iter().find(|id| !self.view.is_down(id)) {
+                groups.entry(id.to_string()).or_default().push(i);
+            }
+        }
+        let calls = groups.into_iter().map(|(id, pos)| async move {
+            let ks: Vec<Bytes> = pos.iter().map(|&i| keys[i].clone()).collect();
+            let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
+                let c = self.node(prev, &id).await?;
+                c.exists_prefix(namespace, ks).await
+            })
+            .await;
+            (id, pos, answer)
+        });
+        let mut tiers: Vec<Option<Tier>> = vec![None; keys.len()];
+        let mut known_ns = false;
+        for (id, pos, answer) in join_all(calls).await {
+            match answer {
+                Ok(Ok(t)) => {
+                    known_ns = true;
+                    for (&i, tier) in pos.iter().zip(t) {
+                        tiers[i] = Some(tier);
+                    }
+                }
+                // Never stored the namespace: holds none of them.
+                Ok(Err(e)) if e.kind() == ErrorKind::NotFound => {}
+                // Refused for this request: the node stays up for others.
+                Ok(Err(e)) if !retryable(&e) => {
+                    tracing::debug!(node = %id, error = %e, "previous owner refused a prefix read");
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {PREVIOUS_OWNER_TIMEOUT:?}"),
+                    };
+                    tracing::debug!(node = %id, error = %why, "previous owner skipped until the membership changes");
+                    self.view.mark_down(&id);
+                }
+            }
+        }
+        (tiers, known_ns)
     }
 
     /// `exists_prefix` over the owners in `view`: per key its tier where

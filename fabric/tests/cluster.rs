@@ -1735,6 +1735,37 @@ async fn reads_find_objects_at_their_previous_owners_until_handed_off() {
     let _ = cc.exists_prefix("ns", chain.clone()).await.unwrap();
 }
 
+/// A chain whose earlier owners include a dead node and a live one (both
+/// left the membership): ExistsPrefix skips the dead one and still finds
+/// the live one's keys, so the prefix runs up to the dead node's first key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_previous_owner_does_not_hide_the_live_ones() {
+    let (_dirs, mut nodes, info) = plain_nodes(3).await;
+    let (tx, rx) = tokio::sync::watch::channel(info.clone());
+    let cc = ClusterClient::new(rx, ClientOptions::default());
+    let chain = keys("dead-chain", 64);
+    let objs: Vec<PutObject> = chain.iter().map(|k| PutObject::new(k.clone(), vec![3u8; 16])).collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let p = Placement::new(info.iter().map(|m| (m.id.clone(), 1.0))).unwrap();
+    let owner = |k: &Bytes| p.owners("ns", k, 1)[0].to_string();
+    // The chain's first key off n0 is on `live`; `dead` is the other one.
+    let first_off_n0 = chain.iter().position(|k| owner(k) != "n0").unwrap();
+    let live = owner(&chain[first_off_n0]);
+    let dead = if live == "n1" { "n2" } else { "n1" };
+    let first_dead = chain.iter().position(|k| owner(k) == dead).unwrap();
+    assert!(first_dead > first_off_n0);
+
+    // Both leave; `dead` is gone for good, `live` keeps its copies.
+    tx.send_replace(info[..1].to_vec());
+    let (h, _) = nodes.remove(if dead == "n1" { 1 } else { 2 });
+    h.shutdown().await;
+    let started = Instant::now();
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), first_dead);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // Again, with `dead` now skipped.
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), first_dead);
+}
+
 /// The same through a node, in a cluster whose repair is throttled to a
 /// byte a second (it hands off one batch of 256 objects per destination,
 /// then waits for hours): after a node
