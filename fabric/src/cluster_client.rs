@@ -824,8 +824,8 @@ impl ClusterClient {
             });
             let mut next = Vec::new();
             for (id, items, r) in join_all(calls).await {
-                match r {
-                    Ok(Ok(objects)) => {
+                match self.previous_answer(&id, "read", r) {
+                    Some(objects) => {
                         for ((i, _), o) in items.into_iter().zip(objects) {
                             match o {
                                 Some(o) => found.push((i, o)),
@@ -833,23 +833,7 @@ impl ClusterClient {
                             }
                         }
                     }
-                    // Never stored the namespace: holds none of them.
-                    Ok(Err(e)) if e.kind() == ErrorKind::NotFound => next.extend(items.into_iter().map(|(i, _)| i)),
-                    // Refused for this request (a tenant's rights, say):
-                    // the node stays up for others.
-                    Ok(Err(e)) if !retryable(&e) => {
-                        tracing::debug!(node = %id, error = %e, "previous owner refused a read");
-                        next.extend(items.into_iter().map(|(i, _)| i));
-                    }
-                    failed => {
-                        let why = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer within {PREVIOUS_OWNER_TIMEOUT:?}"),
-                        };
-                        tracing::debug!(node = %id, error = %why, "previous owner skipped until the membership changes");
-                        self.view.mark_down(&id);
-                        next.extend(items.into_iter().map(|(i, _)| i));
-                    }
+                    None => next.extend(items.into_iter().map(|(i, _)| i)),
                 }
             }
             pending = next;
@@ -943,30 +927,40 @@ impl ClusterClient {
         let mut tiers: Vec<Option<Tier>> = vec![None; keys.len()];
         let mut known_ns = false;
         for (id, pos, answer) in join_all(calls).await {
-            match answer {
-                Ok(Ok(t)) => {
-                    known_ns = true;
-                    for (&i, tier) in pos.iter().zip(t) {
-                        tiers[i] = Some(tier);
-                    }
-                }
-                // Never stored the namespace: holds none of them.
-                Ok(Err(e)) if e.kind() == ErrorKind::NotFound => {}
-                // Refused for this request: the node stays up for others.
-                Ok(Err(e)) if !retryable(&e) => {
-                    tracing::debug!(node = %id, error = %e, "previous owner refused a prefix read");
-                }
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {PREVIOUS_OWNER_TIMEOUT:?}"),
-                    };
-                    tracing::debug!(node = %id, error = %why, "previous owner skipped until the membership changes");
-                    self.view.mark_down(&id);
+            if let Some(t) = self.previous_answer(&id, "prefix read", answer) {
+                known_ns = true;
+                for (&i, tier) in pos.iter().zip(t) {
+                    tiers[i] = Some(tier);
                 }
             }
         }
         (tiers, known_ns)
+    }
+
+    /// What previous owner `id` answered to a `what` within
+    /// [`PREVIOUS_OWNER_TIMEOUT`], if it did. A node that does not know the
+    /// namespace holds none of the keys; one that refuses this request (a
+    /// tenant's rights, say) stays up for others; one that fails or does
+    /// not answer is skipped until the membership changes.
+    fn previous_answer<T>(
+        &self,
+        id: &str,
+        what: &str,
+        answer: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        let why = match answer {
+            Ok(Ok(t)) => return Some(t),
+            Ok(Err(e)) if e.kind() == ErrorKind::NotFound => return None,
+            Ok(Err(e)) if !retryable(&e) => {
+                tracing::debug!(node = %id, error = %e, "previous owner refused a {what}");
+                return None;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {PREVIOUS_OWNER_TIMEOUT:?}"),
+        };
+        tracing::debug!(node = %id, error = %why, "previous owner skipped until the membership changes ({what})");
+        self.view.mark_down(id);
+        None
     }
 
     /// `exists_prefix` over the owners in `view`: per key its tier where
