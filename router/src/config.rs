@@ -410,6 +410,8 @@ mod tests {
             [cost]
             temperature = 0.5
             reach = "colocated"
+            loads = "all"
+            load-overlaps-queue = true
             [cost.bandwidth]
             host = 1e10
             [[workers]]
@@ -425,6 +427,8 @@ mod tests {
         assert_eq!(s.max_body_size, ByteSize(1 << 20));
         assert_eq!(s.cost.temperature, 0.5);
         assert_eq!(s.cost.reach, crate::score::Reach::Colocated);
+        assert_eq!(s.cost.loads, crate::score::Loads::All);
+        assert!(s.cost.load_overlaps_queue);
         assert_eq!(s.cost.bandwidth.host, 1e10);
         assert_eq!(s.workers[0].fabric_node.as_deref(), Some("b"));
     }

@@ -28,6 +28,23 @@ pub enum Scope {
     HbmOnly,
 }
 
+/// Which cached blocks a worker loads instead of recomputing (what the
+/// engine does; the model should match it).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loads {
+    /// Only blocks cheaper to load than to recompute; the others are
+    /// priced as recomputed (default).
+    #[default]
+    Cheaper,
+    /// Every cached block it can reach, whatever the tier (what kvfabric's
+    /// reference worker and KV connectors such as LMCache do). A block no
+    /// cheaper to load than to recompute is still priced as recomputing
+    /// it, but as a load: it is not GPU work, which matters once loads
+    /// overlap the queue (`load-overlaps-queue`).
+    All,
+}
+
 /// Which fabric nodes a worker reads from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -126,6 +143,15 @@ pub struct CostSettings {
     pub scope: Scope,
     /// Which fabric nodes a worker can read.
     pub reach: Reach,
+    /// Which cached blocks workers load (default `cheaper`).
+    pub loads: Loads,
+    /// Whether workers load cached blocks while the request waits behind
+    /// queued prefill (asynchronous loading, as kvfabric's reference worker
+    /// does), so that a candidate pays the larger of its load time and its
+    /// queued prefill instead of their sum (default false). The router
+    /// does not see a worker's load backlog, so this favours busy workers
+    /// with slow tiers; see `benches/RESULTS.md` before turning it on.
+    pub load_overlaps_queue: bool,
 }
 
 impl Default for CostSettings {
@@ -139,6 +165,8 @@ impl Default for CostSettings {
             temperature: 0.0,
             scope: Scope::AllTiers,
             reach: Reach::Any,
+            loads: Loads::Cheaper,
+            load_overlaps_queue: false,
         }
     }
 }
@@ -289,8 +317,9 @@ pub fn score(
                 let (cost, Some(t)) = best else { break };
                 let n = run.len();
                 cached += n as usize;
-                // A block no cheaper to load than to recompute is recomputed.
-                if cost < bt {
+                // A block no cheaper to load than to recompute is
+                // recomputed, unless workers load every block they find.
+                if cost < bt || s.loads == Loads::All {
                     by_tier[t as usize] += n;
                     load_cost += cost * n as f64;
                 }
@@ -298,15 +327,22 @@ pub fn score(
             let reused: u64 = by_tier.iter().map(|&n| n as u64).sum::<u64>() * s.block_tokens as u64;
             let prefill_tokens = (tokens as u64).saturating_sub(reused);
             let prefill_cost = prefill_tokens as f64 + load_cost;
-            let load = s.weights.queued_prefill * c.load.active_prefill_tokens as f64
-                + s.weights.decode_block * c.load.active_decode_blocks as f64;
+            let queue = s.weights.queued_prefill * c.load.active_prefill_tokens as f64;
+            let load = queue + s.weights.decode_block * c.load.active_decode_blocks as f64;
+            let logit = if s.load_overlaps_queue {
+                // Loading runs while the request waits behind the queue.
+                let loading = s.weights.prefill * load_cost;
+                s.weights.prefill * prefill_tokens as f64 + loading.max(queue) - queue + load
+            } else {
+                s.weights.prefill * prefill_cost + load
+            };
             Scored {
                 worker: c.worker,
                 cached_blocks: cached,
                 blocks_by_tier: by_tier,
                 prefill_tokens,
                 prefill_cost,
-                logit: s.weights.prefill * prefill_cost + load,
+                logit,
                 load,
             }
         })
@@ -402,6 +438,81 @@ mod tests {
         assert!((sc[1].prefill_cost - (5.0 + 4.0 * host_remote)).abs() < 1e-9);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         assert_eq!(choose(&sc, 0.0, &mut rng), Some(0));
+    }
+
+    #[test]
+    fn workers_that_load_every_block_count_slow_tiers_as_loads() {
+        let cheaper = CostSettings {
+            prefill_tokens_per_s: 1e6, // disk loads cost more than recomputing
+            ..Default::default()
+        };
+        let all = CostSettings {
+            loads: Loads::All,
+            ..cheaper
+        };
+        assert_eq!(cheaper.load_cost(Tier::Disk, true), 16.0, "priced at recomputing");
+        assert_eq!(all.load_cost(Tier::Disk, true), 16.0);
+        let m = ChainMatch::from_entries(vec![entry(0, F, Tier::Disk), entry(1, F, Tier::Disk)]);
+        let sc = score(&cheaper, &m, 2 * 16 + 3, &[cand(W1, Some(F))], &[F]);
+        assert_eq!(
+            (sc[0].cached_blocks, sc[0].blocks_by_tier),
+            (2, [0, 0, 0, 0]),
+            "recomputed"
+        );
+        assert_eq!(sc[0].prefill_tokens, 35);
+        let sc_all = score(&all, &m, 2 * 16 + 3, &[cand(W1, Some(F))], &[F]);
+        assert_eq!(sc_all[0].blocks_by_tier, [0, 0, 2, 0], "loaded");
+        assert_eq!(sc_all[0].prefill_tokens, 3);
+        assert_eq!(sc_all[0].prefill_cost, sc[0].prefill_cost, "at the same price");
+        // Behind a queue, the loads hide; recomputing does not.
+        let queued = Candidate {
+            load: Load {
+                active_prefill_tokens: 100,
+                active_decode_blocks: 0,
+            },
+            ..cand(W1, Some(F))
+        };
+        let overlap = |loads| CostSettings {
+            loads,
+            load_overlaps_queue: true,
+            ..cheaper
+        };
+        let a = score(&overlap(Loads::All), &m, 35, &[queued], &[F]);
+        let c = score(&overlap(Loads::Cheaper), &m, 35, &[queued], &[F]);
+        assert_eq!((a[0].logit, c[0].logit), (3.0 + 100.0, 35.0 + 100.0));
+    }
+
+    #[test]
+    fn loading_behind_a_queue_costs_only_what_the_queue_does_not_hide() {
+        let s = CostSettings {
+            load_overlaps_queue: true,
+            ..Default::default()
+        };
+        let host = s.load_cost(Tier::Host, true);
+        // Blocks 0-3 on W1's node, host tier: W1 loads them (4 * host),
+        // W2 (no node) recomputes all 64 tokens.
+        let m = ChainMatch::from_entries((0..4).map(|p| entry(p, F, Tier::Host)).collect());
+        let busy = |worker, queued| Candidate {
+            worker,
+            colocated: Some(F),
+            load: Load {
+                active_prefill_tokens: queued,
+                active_decode_blocks: 2,
+            },
+        };
+        // A queue shorter than the load: the load shows through.
+        let short = (4.0 * host) as u64 / 2;
+        let sc = score(&s, &m, 64, &[busy(W1, short)], &[F]);
+        assert!((sc[0].logit - (4.0 * host + 2.0)).abs() < 1e-9, "{sc:?}");
+        // A longer queue hides it; the summed model pays both.
+        let sc = score(&s, &m, 64, &[busy(W1, 1000)], &[F]);
+        assert!((sc[0].logit - (1000.0 + 2.0)).abs() < 1e-9, "{sc:?}");
+        let summed = score(&CostSettings::default(), &m, 64, &[busy(W1, 1000)], &[F]);
+        assert!((summed[0].logit - (4.0 * host + 1000.0 + 2.0)).abs() < 1e-9);
+        assert_eq!(sc[0].load, summed[0].load, "the load term (tie breaks) is unchanged");
+        // Nothing to load: the same as summing.
+        let sc = score(&s, &ChainMatch::default(), 64, &[busy(W2, 100)], &[F]);
+        assert!((sc[0].logit - (64.0 + 100.0 + 2.0)).abs() < 1e-9);
     }
 
     #[test]

@@ -56,7 +56,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use kvfabric::server::ByteSize;
-use kvfabric_router::score::{Bandwidths, CostSettings, Reach};
+use kvfabric_router::score::{Bandwidths, CostSettings, Loads, Reach};
 
 use sim::{Policy, PrefillModel, RunResult, SimConfig};
 use trace::Trace;
@@ -78,6 +78,15 @@ pub(crate) enum ReachArg {
     Any,
     /// The node on the worker's host.
     Colocated,
+}
+
+/// `--loads`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LoadsArg {
+    /// Only blocks cheaper to load than to recompute (the router's default).
+    Cheaper,
+    /// Every block found (what the simulated workers do).
+    All,
 }
 
 /// Options of `kvfabric-bench replay`.
@@ -135,6 +144,15 @@ pub(crate) struct ReplayOpts {
     /// only the one on its host).
     #[arg(long, value_enum, default_value_t = ReachArg::Any)]
     reach: ReachArg,
+    /// The router's `[cost] loads`: which cached blocks it assumes workers
+    /// load (the simulated ones load every block they can reach).
+    #[arg(long, value_enum, default_value_t = LoadsArg::Cheaper)]
+    loads: LoadsArg,
+    /// The router's `[cost] load-overlaps-queue`: price a candidate's load
+    /// time and queued prefill as overlapping (the simulated workers load
+    /// beside the GPU).
+    #[arg(long)]
+    load_overlaps_queue: bool,
     /// Decode time per output token, ms.
     #[arg(long, default_value_t = 20.0)]
     decode_ms_per_token: f64,
@@ -252,6 +270,11 @@ impl ReplayOpts {
             kv_bytes_per_token: self.kv_bytes_per_token.0,
             prefill_tokens_per_s: self.prefill_tokens_per_s.unwrap_or_else(|| prefill.peak_tokens_per_s()),
             bandwidth,
+            loads: match self.loads {
+                LoadsArg::Cheaper => Loads::Cheaper,
+                LoadsArg::All => Loads::All,
+            },
+            load_overlaps_queue: self.load_overlaps_queue,
             ..CostSettings::default()
         };
         cost.validate()
