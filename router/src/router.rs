@@ -186,6 +186,7 @@ mod tests {
             load: Load {
                 active_prefill_tokens: queued,
                 active_decode_blocks: 0,
+                loading_tokens: 0,
             },
         }
     }

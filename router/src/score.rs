@@ -4,6 +4,13 @@
 //! choice among candidates (lowest cost, or a softmax sample with a
 //! temperature; ties go to the less loaded worker).
 //!
+//! By default the model describes engines that load every cached block
+//! they find ([`Loads::All`]) while the request waits behind queued prefill
+//! (`load_overlaps_queue`): a candidate pays its tokens to recompute plus
+//! the larger of its queued prefill and its load time, the load starting
+//! behind the loads already routed to that worker
+//! ([`Load::loading_tokens`]).
+//!
 //! What a worker can reach: its own block pool (engine events: HBM, or host
 //! memory when the engine offloads), and every fabric node (fabric events:
 //! every tier). A fabric node co-located with the worker is read at that
@@ -34,14 +41,14 @@ pub enum Scope {
 #[serde(rename_all = "kebab-case")]
 pub enum Loads {
     /// Only blocks cheaper to load than to recompute; the others are
-    /// priced as recomputed (default).
-    #[default]
+    /// priced as recomputed.
     Cheaper,
     /// Every cached block it can reach, whatever the tier (what kvfabric's
-    /// reference worker and KV connectors such as LMCache do). A block no
-    /// cheaper to load than to recompute is still priced as recomputing
-    /// it, but as a load: it is not GPU work, which matters once loads
-    /// overlap the queue (`load-overlaps-queue`).
+    /// reference worker and KV connectors such as LMCache do; default). A
+    /// block no cheaper to load than to recompute is still priced as
+    /// recomputing it, but as a load: it is not GPU work, which matters
+    /// once loads overlap the queue (`load-overlaps-queue`).
+    #[default]
     All,
 }
 
@@ -143,14 +150,13 @@ pub struct CostSettings {
     pub scope: Scope,
     /// Which fabric nodes a worker can read.
     pub reach: Reach,
-    /// Which cached blocks workers load (default `cheaper`).
+    /// Which cached blocks workers load (default `all`).
     pub loads: Loads,
     /// Whether workers load cached blocks while the request waits behind
     /// queued prefill (asynchronous loading, as kvfabric's reference worker
-    /// does), so that a candidate pays the larger of its load time and its
-    /// queued prefill instead of their sum (default false). The router
-    /// does not see a worker's load backlog, so this favours busy workers
-    /// with slow tiers; see `benches/RESULTS.md` before turning it on.
+    /// does; default true): a candidate then pays the larger of its
+    /// queued prefill and its load time (behind the loads already routed
+    /// to it, [`Load::loading_tokens`]), not their sum.
     pub load_overlaps_queue: bool,
 }
 
@@ -165,8 +171,8 @@ impl Default for CostSettings {
             temperature: 0.0,
             scope: Scope::AllTiers,
             reach: Reach::Any,
-            loads: Loads::Cheaper,
-            load_overlaps_queue: false,
+            loads: Loads::All,
+            load_overlaps_queue: true,
         }
     }
 }
@@ -237,6 +243,10 @@ pub struct Load {
     pub active_prefill_tokens: u64,
     /// KV blocks of sequences decoding.
     pub active_decode_blocks: u64,
+    /// Loads of cached blocks still ahead of the worker's load path, in
+    /// token-equivalents (0 when unknown); with `load-overlaps-queue` a
+    /// request's own load starts behind them.
+    pub loading_tokens: u64,
 }
 
 /// A worker the router may pick.
@@ -330,8 +340,14 @@ pub fn score(
             let queue = s.weights.queued_prefill * c.load.active_prefill_tokens as f64;
             let load = queue + s.weights.decode_block * c.load.active_decode_blocks as f64;
             let logit = if s.load_overlaps_queue {
-                // Loading runs while the request waits behind the queue.
-                let loading = s.weights.prefill * load_cost;
+                // Loading runs while the request waits behind the queue,
+                // after the loads already ahead of it.
+                let behind = if load_cost > 0.0 {
+                    c.load.loading_tokens as f64
+                } else {
+                    0.0
+                };
+                let loading = s.weights.prefill * (load_cost + behind);
                 s.weights.prefill * prefill_tokens as f64 + loading.max(queue) - queue + load
             } else {
                 s.weights.prefill * prefill_cost + load
@@ -347,6 +363,13 @@ pub fn score(
             }
         })
         .collect()
+}
+
+impl Scored {
+    /// Token-equivalents of the cached blocks it would load.
+    pub fn load_tokens(&self) -> f64 {
+        (self.prefill_cost - self.prefill_tokens as f64).max(0.0)
+    }
 }
 
 /// Picks an index into `scored`: the lowest logit at temperature 0 (ties to
@@ -444,6 +467,8 @@ mod tests {
     fn workers_that_load_every_block_count_slow_tiers_as_loads() {
         let cheaper = CostSettings {
             prefill_tokens_per_s: 1e6, // disk loads cost more than recomputing
+            loads: Loads::Cheaper,
+            load_overlaps_queue: false,
             ..Default::default()
         };
         let all = CostSettings {
@@ -469,6 +494,7 @@ mod tests {
             load: Load {
                 active_prefill_tokens: 100,
                 active_decode_blocks: 0,
+                loading_tokens: 0,
             },
             ..cand(W1, Some(F))
         };
@@ -498,6 +524,7 @@ mod tests {
             load: Load {
                 active_prefill_tokens: queued,
                 active_decode_blocks: 2,
+                loading_tokens: 0,
             },
         };
         // A queue shorter than the load: the load shows through.
@@ -507,12 +534,31 @@ mod tests {
         // A longer queue hides it; the summed model pays both.
         let sc = score(&s, &m, 64, &[busy(W1, 1000)], &[F]);
         assert!((sc[0].logit - (1000.0 + 2.0)).abs() < 1e-9, "{sc:?}");
-        let summed = score(&CostSettings::default(), &m, 64, &[busy(W1, 1000)], &[F]);
+        let summed = CostSettings {
+            load_overlaps_queue: false,
+            ..s
+        };
+        let summed = score(&summed, &m, 64, &[busy(W1, 1000)], &[F]);
         assert!((summed[0].logit - (4.0 * host + 1000.0 + 2.0)).abs() < 1e-9);
         assert_eq!(sc[0].load, summed[0].load, "the load term (tie breaks) is unchanged");
         // Nothing to load: the same as summing.
         let sc = score(&s, &ChainMatch::default(), 64, &[busy(W2, 100)], &[F]);
         assert!((sc[0].logit - (64.0 + 100.0 + 2.0)).abs() < 1e-9);
+        // Loads already routed there go first: the queue hides less.
+        let behind = |loading| Candidate {
+            load: Load {
+                loading_tokens: loading,
+                ..busy(W1, 1000).load
+            },
+            ..busy(W1, 1000)
+        };
+        let sc = score(&s, &m, 64, &[behind(1000)], &[F]);
+        assert!((sc[0].logit - (4.0 * host + 1000.0 + 2.0)).abs() < 1e-9, "{sc:?}");
+        let sc = score(&s, &ChainMatch::default(), 64, &[behind(1000)], &[F]);
+        assert!(
+            (sc[0].logit - (64.0 + 1000.0 + 2.0)).abs() < 1e-9,
+            "nothing to load: no wait"
+        );
     }
 
     #[test]
@@ -558,7 +604,10 @@ mod tests {
 
     #[test]
     fn a_gap_ends_the_reusable_prefix_and_slow_tiers_cost_recompute() {
-        let mut s = CostSettings::default();
+        let mut s = CostSettings {
+            loads: Loads::Cheaper,
+            ..Default::default()
+        };
         s.bandwidth.object = 1.0; // absurdly slow: loading costs more than recomputing
         let m = ChainMatch::from_entries(vec![
             entry(0, W1, Tier::Hbm),

@@ -12,7 +12,10 @@
 //!
 //! Load: a routed request adds the prefill tokens it still needs computed
 //! until its response starts, and the KV blocks it will occupy while
-//! decoding (prompt plus `max_tokens`) until it ends ([`LoadGuard`]).
+//! decoding (prompt plus `max_tokens`) until it ends ([`LoadGuard`]). The
+//! cached blocks it will load are queued, as load time, on the worker's
+//! one load path, which the router expects free once the loads routed
+//! there have had their time (`loading_tokens` of a candidate).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -70,6 +73,10 @@ pub(crate) struct Worker {
     prefill: AtomicU64,
     decode: AtomicU64,
     inflight: AtomicU64,
+    /// When the loads routed to it should be done, in microseconds since
+    /// [`Workers::epoch`]: each decision's load time queued behind the
+    /// earlier ones (one load path per worker).
+    load_free_us: AtomicU64,
 }
 
 /// Every worker: the configured ones first (holder id = position), then
@@ -83,6 +90,8 @@ pub(crate) struct Workers {
     names: FabricNames,
     router: Arc<Router>,
     metrics: Metrics,
+    /// Time base of [`Worker::load_free_us`].
+    epoch: std::time::Instant,
 }
 
 /// What a worker is added with.
@@ -113,6 +122,7 @@ impl Workers {
             names,
             router,
             metrics,
+            epoch: std::time::Instant::now(),
         };
         for spec in specs {
             ws.add(spec, false);
@@ -146,6 +156,7 @@ impl Workers {
             prefill: AtomicU64::new(0),
             decode: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
+            load_free_us: AtomicU64::new(0),
         });
         list.push(w.clone());
         Some(w)
@@ -155,16 +166,17 @@ impl Workers {
     /// entries dropped, its event subscription stopped. Requests already
     /// forwarded to it finish.
     pub(crate) fn remove(&self, name: &str) -> Option<Arc<Worker>> {
-        let w = {
-            let mut list = self.list.write();
-            let i = list.iter().position(|w| w.name == name)?;
-            list.remove(i)
-        };
+        // Its events stopped and its entries gone before the list shows it
+        // gone, so whoever sees it gone sees them gone too (an event batch
+        // being applied at that moment on another thread can still land;
+        // its holder id is never reused or scored again).
+        let w = self.list.read().iter().find(|w| w.name == name).cloned()?;
         w.healthy.store(false, Relaxed);
         if let Some(t) = w.events.lock().take() {
             t.abort();
         }
         self.router.remove_worker(w.holder);
+        self.list.write().retain(|x| !Arc::ptr_eq(x, &w));
         let _ = self.metrics.worker_healthy.remove_label_values(&[&w.name]);
         let _ = self.metrics.worker_inflight.remove_label_values(&[&w.name]);
         Some(w)
@@ -187,6 +199,7 @@ impl Workers {
     pub(crate) fn candidates(&self) -> (Vec<Arc<Worker>>, Vec<Candidate>) {
         let healthy: Vec<Arc<Worker>> = self.list.read().iter().filter(|w| w.is_healthy()).cloned().collect();
         let names = self.names.read();
+        let now = self.now_us();
         let cands = healthy
             .iter()
             .map(|w| Candidate {
@@ -195,6 +208,7 @@ impl Workers {
                 load: Load {
                     active_prefill_tokens: w.prefill.load(Relaxed),
                     active_decode_blocks: w.decode.load(Relaxed),
+                    loading_tokens: self.loading_tokens(w, now),
                 },
             })
             .collect();
@@ -235,8 +249,28 @@ impl Workers {
         futures::future::join_all(all.iter().map(|w| self.check_one(client, w, timeout))).await;
     }
 
-    /// Adds a routed request's load to `w` until the guard is dropped.
-    pub(crate) fn admit(&self, w: &Arc<Worker>, prefill: u64, decode_blocks: u64) -> LoadGuard {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// The loads routed to `w` that should still be ahead of its load path
+    /// at `now_us`, in token-equivalents.
+    fn loading_tokens(&self, w: &Worker, now_us: u64) -> u64 {
+        let left_s = w.load_free_us.load(Relaxed).saturating_sub(now_us) as f64 / 1e6;
+        (left_s * self.router.settings().prefill_tokens_per_s) as u64
+    }
+
+    /// Adds a routed request's load to `w` until the guard is dropped, and
+    /// queues its `load_tokens` (token-equivalents of cached blocks to
+    /// load) on the worker's load path.
+    pub(crate) fn admit(&self, w: &Arc<Worker>, prefill: u64, decode_blocks: u64, load_tokens: f64) -> LoadGuard {
+        if load_tokens > 0.0 {
+            let now = self.now_us();
+            let us = (load_tokens / self.router.settings().prefill_tokens_per_s * 1e6) as u64;
+            let _ = w
+                .load_free_us
+                .fetch_update(Relaxed, Relaxed, |free| Some(free.max(now).saturating_add(us)));
+        }
         w.prefill.fetch_add(prefill, Relaxed);
         w.decode.fetch_add(decode_blocks, Relaxed);
         let n = w.inflight.fetch_add(1, Relaxed) + 1;
@@ -336,5 +370,29 @@ mod tests {
             ws.add(spec("d", None), true).is_none(),
             "holder ids below the limit only"
         );
+    }
+
+    #[test]
+    fn routed_loads_queue_on_a_workers_load_path_and_drain_with_time() {
+        let router = Arc::new(Router::new(Default::default(), 0, Arc::new(ShardedIndex::new()), 0));
+        let names: FabricNames = Arc::default();
+        let ws = Workers::new(vec![spec("a", None)], 3, names, router.clone(), Metrics::new());
+        let a = ws.all()[0].clone();
+        a.healthy.store(true, Relaxed);
+        let loading = |ws: &Workers| ws.candidates().1[0].load.loading_tokens;
+        assert_eq!(loading(&ws), 0);
+        // 10 s of loads at the configured prefill rate, queued back to back.
+        let tps = router.settings().prefill_tokens_per_s;
+        let g1 = ws.admit(&a, 100, 1, 5.0 * tps);
+        let g2 = ws.admit(&a, 100, 1, 5.0 * tps);
+        let left = loading(&ws) as f64;
+        assert!(left > 9.0 * tps && left <= 10.0 * tps, "{left} of {}", 10.0 * tps);
+        // The load path is not released with the request: it drains with time.
+        drop((g1, g2));
+        assert!(loading(&ws) as f64 > 9.0 * tps);
+        assert_eq!(ws.candidates().1[0].load.active_prefill_tokens, 0);
+        let g3 = ws.admit(&a, 0, 0, 0.0);
+        assert!(loading(&ws) as f64 > 9.0 * tps, "nothing to load adds nothing");
+        drop(g3);
     }
 }

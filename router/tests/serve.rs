@@ -1084,7 +1084,10 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
     // b leaves the registry: out of the candidate set, its blocks dropped.
     lease_b.leave().await;
     eventually("b is taken out", || r.healthy_workers() == vec!["a".to_string()]).await?;
-    assert_eq!(r.router().index().holder_len(HolderId(1)), 0);
+    eventually("b's blocks are dropped", || {
+        r.router().index().holder_len(HolderId(1)) == 0
+    })
+    .await?;
     let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
     assert_eq!((s, w.as_str()), (StatusCode::OK, "a"));
     lease_clash.leave().await;

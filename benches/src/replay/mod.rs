@@ -83,9 +83,9 @@ pub(crate) enum ReachArg {
 /// `--loads`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum LoadsArg {
-    /// Only blocks cheaper to load than to recompute (the router's default).
+    /// Only blocks cheaper to load than to recompute.
     Cheaper,
-    /// Every block found (what the simulated workers do).
+    /// Every block found (what the simulated workers do; the router's default).
     All,
 }
 
@@ -146,12 +146,12 @@ pub(crate) struct ReplayOpts {
     reach: ReachArg,
     /// The router's `[cost] loads`: which cached blocks it assumes workers
     /// load (the simulated ones load every block they can reach).
-    #[arg(long, value_enum, default_value_t = LoadsArg::Cheaper)]
+    #[arg(long, value_enum, default_value_t = LoadsArg::All)]
     loads: LoadsArg,
     /// The router's `[cost] load-overlaps-queue`: price a candidate's load
     /// time and queued prefill as overlapping (the simulated workers load
-    /// beside the GPU).
-    #[arg(long)]
+    /// beside the GPU; the router's default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     load_overlaps_queue: bool,
     /// Decode time per output token, ms.
     #[arg(long, default_value_t = 20.0)]

@@ -57,7 +57,10 @@
 //! **Policies.** Round-robin and random pick without the router; the two
 //! KV-aware ones call [`Router::decide`] with every worker as a
 //! [`Candidate`] whose load is its queued-plus-running prefill tokens (the
-//! worker's own estimate at arrival) and its active decode blocks:
+//! worker's own estimate at arrival), its active decode blocks, and the
+//! loads the router itself routed there that should still be ahead of its
+//! load path (each decision's priced load time queued behind the earlier
+//! ones, as the router service tracks it):
 //! `Scope::HbmOnly` counts only the worker's own HBM blocks (what Dynamo's
 //! router scores), `Scope::AllTiers` also every fabric node's tiers priced
 //! by load time (the node on the candidate's host at tier bandwidth, others
@@ -554,6 +557,9 @@ struct Worker {
     holder: HolderId,
     hbm: Lru,
     load_free_at: f64,
+    /// When the router expects this worker's load path to be free, from
+    /// its own decisions (what the router service keeps per worker).
+    est_load_free_at: f64,
     queue: VecDeque<usize>,
     running: Vec<usize>,
     pending_prefill: u64,
@@ -657,6 +663,7 @@ impl<'a> Sim<'a> {
                     holder: HolderId(w as u32),
                     hbm: Lru::new(cfg.hbm_blocks as u64),
                     load_free_at: 0.0,
+                    est_load_free_at: 0.0,
                     queue: VecDeque::new(),
                     running: Vec::new(),
                     pending_prefill: 0,
@@ -761,12 +768,23 @@ impl<'a> Sim<'a> {
                         load: Load {
                             active_prefill_tokens: wk.pending_prefill,
                             active_decode_blocks: wk.decode_blocks,
+                            loading_tokens: ((wk.est_load_free_at - now).max(0.0) / 1000.0
+                                * self.cfg.cost.prefill_tokens_per_s)
+                                as u64,
                         },
                     });
                 }
-                self.router
-                    .decide(chain, r.input as usize, &self.cands)
-                    .map_or(0, |d| d.index)
+                let d = self.router.decide(chain, r.input as usize, &self.cands);
+                // As the router service does: the decision's loads queue on
+                // the worker's load path, as the router priced them.
+                if let Some(d) = &d
+                    && d.chosen.load_tokens() > 0.0
+                {
+                    let ms = d.chosen.load_tokens() / self.cfg.cost.prefill_tokens_per_s * 1000.0;
+                    let wk = &mut self.workers[d.index];
+                    wk.est_load_free_at = wk.est_load_free_at.max(now) + ms;
+                }
+                d.map_or(0, |d| d.index)
             }
         }
     }

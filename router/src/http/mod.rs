@@ -171,7 +171,12 @@ async fn route_and_forward(s: &Arc<AppState>, api: Api, headers: &HeaderMap, bod
     }
     let bt = s.router.settings().block_tokens as u64;
     let decode_blocks = (tokens.len() as u64 + req.max_tokens).div_ceil(bt) * req.batch;
-    let guard = s.workers.admit(&w, d.chosen.prefill_tokens * req.batch, decode_blocks);
+    let guard = s.workers.admit(
+        &w,
+        d.chosen.prefill_tokens * req.batch,
+        decode_blocks,
+        d.chosen.load_tokens() * req.batch as f64,
+    );
     forward(s, api, &w, headers, body, req.stream, guard).await
 }
 
