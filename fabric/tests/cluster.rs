@@ -1888,12 +1888,15 @@ async fn a_finished_hand_off_is_reported_and_ends_reads_from_earlier_owners() {
     let settings = |i: usize| {
         let mut s = node_settings(dirs[i].path(), &etcd, "s", &format!("n{i}"), 30);
         s.cluster.repair_interval_ms = 300;
+        // Records are rewritten as soon as `settled` changes, not at the
+        // next refresh: a minute would outlast every wait below.
+        s.cluster.refresh_interval_ms = 60_000;
         s
     };
     let (a, ca) = common::start(settings(0)).await;
     let (_b, _cb) = common::start(settings(1)).await;
     let m = watch(&etcd, "s").await;
-    m.wait_for(Duration::from_secs(20), |m| {
+    m.wait_for(Duration::from_secs(10), |m| {
         serving(m, "n0") && serving(m, "n1") && settled_epoch(m) != 0
     })
     .await
@@ -1909,7 +1912,7 @@ async fn a_finished_hand_off_is_reported_and_ends_reads_from_earlier_owners() {
     // n2 joins: it takes its share from n0 and n1.
     let (_c, cc) = common::start(settings(2)).await;
     let done = m
-        .wait_for(Duration::from_secs(30), |m| serving(m, "n2") && settled_epoch(m) != 0)
+        .wait_for(Duration::from_secs(10), |m| serving(m, "n2") && settled_epoch(m) != 0)
         .await
         .unwrap_or_else(|last| {
             let waiting: Vec<_> = unsettled_members(&last).iter().map(|r| r.node_id.clone()).collect();

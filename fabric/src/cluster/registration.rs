@@ -66,6 +66,19 @@ pub struct RepairStatus {
     /// The placement epoch the last pass left settled, or 0
     /// ([`Member::settled`]).
     pub settled: AtomicU64,
+    /// Notified when `settled` changes: the record is rewritten at once,
+    /// not at the next refresh, so readers learn promptly both that a
+    /// hand-off is done and that a change has reopened it.
+    pub changed: tokio::sync::Notify,
+}
+
+impl RepairStatus {
+    /// Sets `settled`, and has the record rewritten if it changed.
+    pub fn set_settled(&self, epoch: u64) {
+        if self.settled.swap(epoch, Ordering::Relaxed) != epoch {
+            self.changed.notify_one();
+        }
+    }
 }
 
 /// A live registration; dropping it without [`Registration::leave`] stops
@@ -386,6 +399,7 @@ impl Worker {
                     continue;
                 }
                 _ = refresh.tick() => {}
+                _ = self.cfg.repair.changed.notified() => {}
                 r = self.state.changed() => {
                     if r.is_err() {
                         // The handle is gone; its Drop aborts this task.

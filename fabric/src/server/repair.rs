@@ -156,7 +156,7 @@ impl Repairer {
                         return;
                     }
                     // The last pass judged another placement.
-                    self.status.settled.store(0, Ordering::Relaxed);
+                    self.status.set_settled(0);
                     // Let a burst of changes settle.
                     tokio::time::sleep(SETTLE).await;
                     members.mark_unchanged();
@@ -187,7 +187,7 @@ impl Repairer {
             } else {
                 0
             };
-            self.status.settled.store(settled, Ordering::Relaxed);
+            self.status.set_settled(settled);
             if r.copied + r.handed_off + r.under_replicated + r.stale > 0 {
                 tracing::info!(
                     scanned = r.scanned,
