@@ -223,6 +223,23 @@ impl CostSettings {
         Ok(())
     }
 
+    /// When a worker's load path, free at `free_s`, is free again once
+    /// `load_tokens` (token-equivalents) more are queued on it at `now_s`
+    /// (seconds on one clock). The router service and the trace replay
+    /// both track one such path per worker from the router's own decisions
+    /// ([`Load::loading_tokens`]).
+    pub fn load_path_free_after(&self, free_s: f64, now_s: f64, load_tokens: f64) -> f64 {
+        if load_tokens <= 0.0 {
+            return free_s;
+        }
+        free_s.max(now_s) + load_tokens / self.prefill_tokens_per_s
+    }
+
+    /// [`Load::loading_tokens`] of a load path free at `free_s`, at `now_s`.
+    pub fn load_path_ahead(&self, free_s: f64, now_s: f64) -> u64 {
+        ((free_s - now_s).max(0.0) * self.prefill_tokens_per_s) as u64
+    }
+
     /// Token-equivalents to load one block from `tier` (`local`: on the
     /// worker's host), never more than recomputing it.
     pub fn load_cost(&self, tier: Tier, local: bool) -> f64 {

@@ -73,10 +73,11 @@ pub(crate) struct Worker {
     prefill: AtomicU64,
     decode: AtomicU64,
     inflight: AtomicU64,
-    /// When the loads routed to it should be done, in microseconds since
-    /// [`Workers::epoch`]: each decision's load time queued behind the
-    /// earlier ones (one load path per worker).
-    load_free_us: AtomicU64,
+    /// When the loads routed to it should be done: the bits of an `f64`
+    /// of seconds since [`Workers::epoch`], each decision's load time
+    /// queued behind the earlier ones
+    /// ([`CostSettings::load_path_free_after`](crate::score::CostSettings::load_path_free_after)).
+    load_free_s: AtomicU64,
 }
 
 /// Every worker: the configured ones first (holder id = position), then
@@ -90,7 +91,7 @@ pub(crate) struct Workers {
     names: FabricNames,
     router: Arc<Router>,
     metrics: Metrics,
-    /// Time base of [`Worker::load_free_us`].
+    /// Time base of [`Worker::load_free_s`].
     epoch: std::time::Instant,
 }
 
@@ -156,7 +157,7 @@ impl Workers {
             prefill: AtomicU64::new(0),
             decode: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
-            load_free_us: AtomicU64::new(0),
+            load_free_s: AtomicU64::new(0f64.to_bits()),
         });
         list.push(w.clone());
         Some(w)
@@ -199,7 +200,8 @@ impl Workers {
     pub(crate) fn candidates(&self) -> (Vec<Arc<Worker>>, Vec<Candidate>) {
         let healthy: Vec<Arc<Worker>> = self.list.read().iter().filter(|w| w.is_healthy()).cloned().collect();
         let names = self.names.read();
-        let now = self.now_us();
+        let now = self.now_s();
+        let cost = self.router.settings();
         let cands = healthy
             .iter()
             .map(|w| Candidate {
@@ -208,7 +210,7 @@ impl Workers {
                 load: Load {
                     active_prefill_tokens: w.prefill.load(Relaxed),
                     active_decode_blocks: w.decode.load(Relaxed),
-                    loading_tokens: self.loading_tokens(w, now),
+                    loading_tokens: cost.load_path_ahead(f64::from_bits(w.load_free_s.load(Relaxed)), now),
                 },
             })
             .collect();
@@ -249,15 +251,8 @@ impl Workers {
         futures::future::join_all(all.iter().map(|w| self.check_one(client, w, timeout))).await;
     }
 
-    fn now_us(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
-    }
-
-    /// The loads routed to `w` that should still be ahead of its load path
-    /// at `now_us`, in token-equivalents.
-    fn loading_tokens(&self, w: &Worker, now_us: u64) -> u64 {
-        let left_s = w.load_free_us.load(Relaxed).saturating_sub(now_us) as f64 / 1e6;
-        (left_s * self.router.settings().prefill_tokens_per_s) as u64
+    fn now_s(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
     }
 
     /// Adds a routed request's load to `w` until the guard is dropped, and
@@ -265,11 +260,13 @@ impl Workers {
     /// load) on the worker's load path.
     pub(crate) fn admit(&self, w: &Arc<Worker>, prefill: u64, decode_blocks: u64, load_tokens: f64) -> LoadGuard {
         if load_tokens > 0.0 {
-            let now = self.now_us();
-            let us = (load_tokens / self.router.settings().prefill_tokens_per_s * 1e6) as u64;
-            let _ = w
-                .load_free_us
-                .fetch_update(Relaxed, Relaxed, |free| Some(free.max(now).saturating_add(us)));
+            let (now, cost) = (self.now_s(), self.router.settings());
+            let _ = w.load_free_s.fetch_update(Relaxed, Relaxed, |free| {
+                Some(
+                    cost.load_path_free_after(f64::from_bits(free), now, load_tokens)
+                        .to_bits(),
+                )
+            });
         }
         w.prefill.fetch_add(prefill, Relaxed);
         w.decode.fetch_add(decode_blocks, Relaxed);

@@ -557,9 +557,9 @@ struct Worker {
     holder: HolderId,
     hbm: Lru,
     load_free_at: f64,
-    /// When the router expects this worker's load path to be free, from
-    /// its own decisions (what the router service keeps per worker).
-    est_load_free_at: f64,
+    /// When the router expects this worker's load path to be free, in
+    /// seconds, from its own decisions (as the router service keeps it).
+    est_load_free_s: f64,
     queue: VecDeque<usize>,
     running: Vec<usize>,
     pending_prefill: u64,
@@ -663,7 +663,7 @@ impl<'a> Sim<'a> {
                     holder: HolderId(w as u32),
                     hbm: Lru::new(cfg.hbm_blocks as u64),
                     load_free_at: 0.0,
-                    est_load_free_at: 0.0,
+                    est_load_free_s: 0.0,
                     queue: VecDeque::new(),
                     running: Vec::new(),
                     pending_prefill: 0,
@@ -768,21 +768,20 @@ impl<'a> Sim<'a> {
                         load: Load {
                             active_prefill_tokens: wk.pending_prefill,
                             active_decode_blocks: wk.decode_blocks,
-                            loading_tokens: ((wk.est_load_free_at - now).max(0.0) / 1000.0
-                                * self.cfg.cost.prefill_tokens_per_s)
-                                as u64,
+                            loading_tokens: self.router.settings().load_path_ahead(wk.est_load_free_s, now / 1000.0),
                         },
                     });
                 }
                 let d = self.router.decide(chain, r.input as usize, &self.cands);
                 // As the router service does: the decision's loads queue on
                 // the worker's load path, as the router priced them.
-                if let Some(d) = &d
-                    && d.chosen.load_tokens() > 0.0
-                {
-                    let ms = d.chosen.load_tokens() / self.cfg.cost.prefill_tokens_per_s * 1000.0;
+                if let Some(d) = &d {
                     let wk = &mut self.workers[d.index];
-                    wk.est_load_free_at = wk.est_load_free_at.max(now) + ms;
+                    wk.est_load_free_s = self.router.settings().load_path_free_after(
+                        wk.est_load_free_s,
+                        now / 1000.0,
+                        d.chosen.load_tokens(),
+                    );
                 }
                 d.map_or(0, |d| d.index)
             }
