@@ -132,23 +132,28 @@ fn serving(map: &MemberMap) -> Vec<NodeInfo> {
 
 /// See [`Membership::settled_epoch`].
 pub fn settled_epoch(map: &MemberMap) -> u64 {
-    let nodes = serving(map);
-    if nodes.is_empty() || !unsettled_members(map).is_empty() {
-        return 0;
-    }
-    placement_epoch(&nodes)
+    let (epoch, unsettled) = handoff(map);
+    if unsettled.is_empty() { epoch } else { 0 }
 }
 
 /// The serving and draining members whose last repair pass has not
 /// settled the current placement (all of them when nothing serves): the
 /// ones a hand-off waits for.
 pub fn unsettled_members(map: &MemberMap) -> Vec<&Member> {
+    handoff(map).1
+}
+
+/// The current placement epoch (0 when nothing serves) and the members a
+/// hand-off to it waits for.
+fn handoff(map: &MemberMap) -> (u64, Vec<&Member>) {
     let nodes = serving(map);
     let epoch = if nodes.is_empty() { 0 } else { placement_epoch(&nodes) };
-    map.values()
+    let unsettled = map
+        .values()
         .filter(|m| matches!(m.state, MemberState::Serving | MemberState::Draining))
         .filter(|m| epoch == 0 || m.settled != epoch)
-        .collect()
+        .collect();
+    (epoch, unsettled)
 }
 
 /// A member as the client sees it: id, endpoint and placement weight.
