@@ -83,7 +83,7 @@ impl ShardedIndex {
     fn update(&self, b: BlockId, hash: u64, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
         let s = shard_of(hash);
         let mut g = write_spinning(&self.shards[s]);
-        g.update(b, holder, f);
+        g.update_hashed(b, hash, holder, f);
         self.hints[s].refresh(&g);
     }
 

@@ -417,10 +417,22 @@ impl BlockTable {
         self.find(b, hash).map(|i| (self.tags[i].fp, &self.slots[i].holders))
     }
 
-    /// Applies `f` to `holder`'s tiers of block `b` (absent = empty); an
-    /// empty result removes the holder, and the block once nobody holds it.
+    /// [`Self::update_hashed`] of `b`, hashing it here.
+    #[cfg(test)]
     pub(crate) fn update(&mut self, b: BlockId, holder: HolderId, f: impl FnOnce(TierMask) -> TierMask) {
-        let hash = mix(b);
+        self.update_hashed(b, mix(b), holder, f);
+    }
+
+    /// Applies `f` to `holder`'s tiers of block `b` (`hash` = [`mix`]`(b)`,
+    /// which the caller has for picking the shard; absent = empty); an
+    /// empty result removes the holder, and the block once nobody holds it.
+    pub(crate) fn update_hashed(
+        &mut self,
+        b: BlockId,
+        hash: u64,
+        holder: HolderId,
+        f: impl FnOnce(TierMask) -> TierMask,
+    ) {
         match self.find(b, hash) {
             Some(i) => {
                 let hs = &mut self.slots[i].holders;
