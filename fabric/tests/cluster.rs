@@ -1570,20 +1570,12 @@ fn worker_rec(name: &str) -> kvfabric::cluster::WorkerRecord {
 /// certificate, or over plain HTTP, every call fails (promptly) instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registry_works_over_tls_with_client_certificates() {
-    use kvfabric::cluster::{EtcdTarget, WorkerLease, list_workers};
+    use kvfabric::cluster::EtcdTarget;
     let etcd = Etcd::start_tls().await;
     assert!(etcd.url().starts_with("etcds://") && etcd.target().is_tls());
     let dir = tempfile::tempdir().unwrap();
-    let (_node, _c) = common::start(node_settings(dir.path(), &etcd, "tls", "a", 30)).await;
-    watch(&etcd, "tls")
-        .await
-        .wait_for(Duration::from_secs(10), |m| serving(m, "a"))
-        .await
-        .unwrap_or_else(|last| panic!("the node never served through TLS etcd: {last:?}"));
-    let _lease = WorkerLease::register(etcd.target(), "tls", worker_rec("w1"), 5)
-        .await
-        .unwrap();
-    assert!(list_workers(&etcd.target(), "tls").await.unwrap().contains_key("w1"));
+    let s = node_settings(dir.path(), &etcd, "tls", "a", 30);
+    let _joined = node_and_worker_join(&etcd.target(), s, "tls", "TLS etcd").await;
 
     let port = etcd.endpoints()[0].rsplit(':').next().unwrap().to_string();
     let ca = etcd.tls_file("ca.pem").display().to_string();
@@ -1601,6 +1593,31 @@ async fn the_registry_works_over_tls_with_client_certificates() {
     }
 }
 
+/// Starts node `a` with `s`, waits (through `target`) until it serves in
+/// `cluster`, and registers worker `w1` there through `target`: what a
+/// secured registry must let a node and a worker do. Keeps them alive
+/// while the result lives.
+async fn node_and_worker_join(
+    target: &kvfabric::cluster::EtcdTarget,
+    s: Settings,
+    cluster: &str,
+    how: &str,
+) -> (kvfabric::server::NodeHandle, Client, kvfabric::cluster::WorkerLease) {
+    use kvfabric::cluster::{WorkerLease, list_workers};
+    let (node, c) = common::start(s).await;
+    Membership::start(target.clone(), cluster.into())
+        .await
+        .unwrap()
+        .wait_for(Duration::from_secs(10), |m| serving(m, "a"))
+        .await
+        .unwrap_or_else(|last| panic!("the node never served through {how}: {last:?}"));
+    let lease = WorkerLease::register(target.clone(), cluster, worker_rec("w1"), 5)
+        .await
+        .unwrap();
+    assert!(list_workers(target, cluster).await.unwrap().contains_key("w1"));
+    (node, c, lease)
+}
+
 /// A registry on an etcd with authentication on: a node and a worker that
 /// name a user and a password file get in and work under a role limited to
 /// `/kvfabric/`; anonymous clients, a wrong password and a user without
@@ -1608,7 +1625,7 @@ async fn the_registry_works_over_tls_with_client_certificates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registry_authenticates_with_an_etcd_user_and_password() {
     use etcd_client::Permission;
-    use kvfabric::cluster::{EtcdTarget, WorkerLease, list_workers};
+    use kvfabric::cluster::EtcdTarget;
     let etcd = Etcd::start().await;
     let mut admin = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
     let _ = admin.role_add("root").await;
@@ -1639,17 +1656,7 @@ async fn the_registry_authenticates_with_an_etcd_user_and_password() {
     let node_dir = tempfile::tempdir().unwrap();
     let mut s = node_settings(node_dir.path(), &etcd, "auth", "a", 30);
     s.cluster.etcd = Some(kv_url.clone());
-    let (_node, _c) = common::start(s).await;
-    Membership::start(kv.clone(), "auth".into())
-        .await
-        .unwrap()
-        .wait_for(Duration::from_secs(10), |m| serving(m, "a"))
-        .await
-        .unwrap_or_else(|last| panic!("the node never served through etcd auth: {last:?}"));
-    let _lease = WorkerLease::register(kv.clone(), "auth", worker_rec("w1"), 5)
-        .await
-        .unwrap();
-    assert!(list_workers(&kv, "auth").await.unwrap().contains_key("w1"));
+    let _joined = node_and_worker_join(&kv, s, "auth", "etcd auth").await;
 
     let wrong = EtcdTarget::parse(&url("kv", &pw("wrong", "nope"))).unwrap();
     let nobody = EtcdTarget::parse(&url("nobody", &pw("nobody", "nobody-pw"))).unwrap();
