@@ -72,7 +72,10 @@ pub(crate) struct Worker {
     healthy: AtomicBool,
     prefill: AtomicU64,
     decode: AtomicU64,
-    inflight: AtomicU64,
+    /// Requests in flight; the gauge is set under this lock, so its last
+    /// write is always the latest count (two requests ending at once on
+    /// two threads could otherwise leave an older count in the gauge).
+    inflight: Mutex<u64>,
     /// When the loads routed to it should be done: the bits of an `f64`
     /// of seconds since [`Workers::epoch`], each decision's load time
     /// queued behind the earlier ones
@@ -156,7 +159,7 @@ impl Workers {
             healthy: AtomicBool::new(false),
             prefill: AtomicU64::new(0),
             decode: AtomicU64::new(0),
-            inflight: AtomicU64::new(0),
+            inflight: Mutex::new(0),
             load_free_s: AtomicU64::new(0f64.to_bits()),
         });
         list.push(w.clone());
@@ -270,8 +273,14 @@ impl Workers {
         }
         w.prefill.fetch_add(prefill, Relaxed);
         w.decode.fetch_add(decode_blocks, Relaxed);
-        let n = w.inflight.fetch_add(1, Relaxed) + 1;
-        self.metrics.worker_inflight.with_label_values(&[&w.name]).set(n as i64);
+        {
+            let mut n = w.inflight.lock();
+            *n += 1;
+            self.metrics
+                .worker_inflight
+                .with_label_values(&[&w.name])
+                .set(*n as i64);
+        }
         LoadGuard {
             worker: w.clone(),
             metrics: self.metrics.clone(),
@@ -322,8 +331,12 @@ impl Drop for LoadGuard {
         let w = &self.worker;
         w.prefill.fetch_sub(self.prefill, Relaxed);
         w.decode.fetch_sub(self.decode_blocks, Relaxed);
-        let n = w.inflight.fetch_sub(1, Relaxed).saturating_sub(1);
-        self.metrics.worker_inflight.with_label_values(&[&w.name]).set(n as i64);
+        let mut n = w.inflight.lock();
+        *n = n.saturating_sub(1);
+        self.metrics
+            .worker_inflight
+            .with_label_values(&[&w.name])
+            .set(*n as i64);
     }
 }
 
