@@ -235,6 +235,17 @@ impl CostSettings {
         free_s.max(now_s) + load_tokens / self.prefill_tokens_per_s
     }
 
+    /// When that load path is free again once `load_tokens` queued on it
+    /// earlier are taken back at `now_s` (the request failed or was
+    /// cancelled before its first token, so its load never ran or stopped):
+    /// the loads queued behind it move up, and nothing ends before `now_s`.
+    pub fn load_path_free_without(&self, free_s: f64, now_s: f64, load_tokens: f64) -> f64 {
+        if load_tokens <= 0.0 || free_s <= now_s {
+            return free_s;
+        }
+        (free_s - load_tokens / self.prefill_tokens_per_s).max(now_s)
+    }
+
     /// [`Load::loading_tokens`] of a load path free at `free_s`, at `now_s`.
     pub fn load_path_ahead(&self, free_s: f64, now_s: f64) -> u64 {
         ((free_s - now_s).max(0.0) * self.prefill_tokens_per_s) as u64
@@ -451,6 +462,22 @@ mod tests {
             colocated,
             load: Load::default(),
         }
+    }
+
+    #[test]
+    fn a_load_path_queues_loads_and_gives_back_a_cancelled_one() {
+        let s = CostSettings::default();
+        let tps = s.prefill_tokens_per_s;
+        // Free at 10 s; 2 s of loads queued at 12 s start then, not at 10.
+        let free = s.load_path_free_after(10.0, 12.0, 2.0 * tps);
+        assert!((free - 14.0).abs() < 1e-9);
+        assert_eq!(s.load_path_ahead(free, 13.0), tps as u64);
+        // Taking 0.5 s back at 13 s leaves 0.5 s; more than is left ends now.
+        assert!((s.load_path_free_without(free, 13.0, 0.5 * tps) - 13.5).abs() < 1e-9);
+        assert_eq!(s.load_path_free_without(free, 13.0, 5.0 * tps), 13.0);
+        // An idle path stays as it is.
+        assert_eq!(s.load_path_free_without(free, 20.0, 1.5 * tps), free);
+        assert_eq!(s.load_path_free_without(free, 13.0, 0.0), free);
     }
 
     #[test]

@@ -262,13 +262,11 @@ impl Workers {
     /// queues its `load_tokens` (token-equivalents of cached blocks to
     /// load) on the worker's load path.
     pub(crate) fn admit(&self, w: &Arc<Worker>, prefill: u64, decode_blocks: u64, load_tokens: f64) -> LoadGuard {
+        let load_tokens = load_tokens.max(0.0);
         if load_tokens > 0.0 {
-            let (now, cost) = (self.now_s(), self.router.settings());
-            let _ = w.load_free_s.fetch_update(Relaxed, Relaxed, |free| {
-                Some(
-                    cost.load_path_free_after(f64::from_bits(free), now, load_tokens)
-                        .to_bits(),
-                )
+            let cost = self.router.settings();
+            w.update_load_path(self.now_s(), |free, now| {
+                cost.load_path_free_after(free, now, load_tokens)
             });
         }
         w.prefill.fetch_add(prefill, Relaxed);
@@ -284,8 +282,11 @@ impl Workers {
         LoadGuard {
             worker: w.clone(),
             metrics: self.metrics.clone(),
+            router: self.router.clone(),
+            epoch: self.epoch,
             prefill,
             decode_blocks,
+            load_tokens,
         }
     }
 }
@@ -294,6 +295,13 @@ impl Worker {
     /// Whether it is in the candidate set.
     pub(crate) fn is_healthy(&self) -> bool {
         self.healthy.load(Relaxed)
+    }
+
+    /// Sets its load path's free time to `f(free, now)`, atomically.
+    fn update_load_path(&self, now: f64, f: impl Fn(f64, f64) -> f64) {
+        let _ = self
+            .load_free_s
+            .fetch_update(Relaxed, Relaxed, |free| Some(f(f64::from_bits(free), now).to_bits()));
     }
 }
 
@@ -314,21 +322,35 @@ async fn probe(client: &HttpClient, url: &str, timeout: Duration) -> Result<(), 
 pub(crate) struct LoadGuard {
     worker: Arc<Worker>,
     metrics: Metrics,
+    router: Arc<Router>,
+    /// [`Workers::epoch`].
+    epoch: std::time::Instant,
     prefill: u64,
     decode_blocks: u64,
+    /// Its load queued on the worker's load path, until its first token.
+    load_tokens: f64,
 }
 
 impl LoadGuard {
-    /// The response started: its prefill is done.
+    /// The response started: its prefill is done, and so is its load.
     pub(crate) fn prefill_done(&mut self) {
         self.worker.prefill.fetch_sub(self.prefill, Relaxed);
         self.prefill = 0;
+        self.load_tokens = 0.0;
     }
 }
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
         let w = &self.worker;
+        if self.load_tokens > 0.0 {
+            // Ended before its first token (failed or cancelled): its load
+            // is taken off the load path rather than left to drain.
+            let (cost, load) = (self.router.settings(), self.load_tokens);
+            w.update_load_path(self.epoch.elapsed().as_secs_f64(), |free, now| {
+                cost.load_path_free_without(free, now, load)
+            });
+        }
         w.prefill.fetch_sub(self.prefill, Relaxed);
         w.decode.fetch_sub(self.decode_blocks, Relaxed);
         let mut n = w.inflight.lock();
@@ -397,12 +419,29 @@ mod tests {
         let g2 = ws.admit(&a, 100, 1, 5.0 * tps);
         let left = loading(&ws) as f64;
         assert!(left > 9.0 * tps && left <= 10.0 * tps, "{left} of {}", 10.0 * tps);
-        // The load path is not released with the request: it drains with time.
+        // A request that got its first token leaves its load on the path:
+        // it drains with time.
+        let (mut g1, mut g2) = (g1, g2);
+        g1.prefill_done();
+        g2.prefill_done();
         drop((g1, g2));
         assert!(loading(&ws) as f64 > 9.0 * tps);
         assert_eq!(ws.candidates().1[0].load.active_prefill_tokens, 0);
         let g3 = ws.admit(&a, 0, 0, 0.0);
         assert!(loading(&ws) as f64 > 9.0 * tps, "nothing to load adds nothing");
         drop(g3);
+        // One that ends before its first token (failed, cancelled) takes its
+        // load back; the loads queued behind it move up.
+        let g4 = ws.admit(&a, 100, 1, 4.0 * tps);
+        let g5 = ws.admit(&a, 100, 1, 3.0 * tps);
+        let left = loading(&ws) as f64;
+        assert!(left > 16.0 * tps && left <= 17.0 * tps, "{left} of {}", 17.0 * tps);
+        drop(g4);
+        let left = loading(&ws) as f64;
+        assert!(left > 12.0 * tps && left <= 13.0 * tps, "{left} of {}", 13.0 * tps);
+        drop(g5);
+        let left = loading(&ws) as f64;
+        assert!(left > 9.0 * tps && left <= 10.0 * tps, "{left} of {}", 10.0 * tps);
+        assert_eq!(ws.candidates().1[0].load.active_prefill_tokens, 0);
     }
 }

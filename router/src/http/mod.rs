@@ -281,7 +281,10 @@ async fn forward(
         return out.body(body).map_err(internal);
     }
     let collected = tokio::time::timeout(s.timeout, incoming.collect()).await;
-    guard.prefill_done();
+    if parts.status.is_success() && matches!(collected, Ok(Ok(_))) {
+        // Answered: its load ran. A refusal or a broken answer gives it back.
+        guard.prefill_done();
+    }
     drop(guard);
     match collected {
         Err(_) => Err(worker_error(s, w, "timeout", "")),
