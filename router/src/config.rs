@@ -152,7 +152,7 @@ pub struct Settings {
     pub tenant: String,
     /// Fabric namespace whose blocks the router follows; its salt seeds the
     /// canonical block hash, so it must be the engines' namespace. Default
-    /// `default`; 1..=255 bytes.
+    /// `default`; 1 to 128 of `[A-Za-z0-9._-]`, as on the fabric.
     pub namespace: String,
     /// Model names served. A request naming another model gets 404
     /// `model_not_found`. Default empty: any name is accepted and forwarded;
@@ -330,8 +330,9 @@ impl Settings {
     /// Checks bounds and cross-references; the message names the setting.
     pub fn validate(&self) -> Result<(), String> {
         self.cost.validate()?;
-        if self.namespace.is_empty() || self.namespace.len() > 255 {
-            return Err(format!("namespace must be 1..=255 bytes, got {:?}", self.namespace));
+        kvfabric::validate::name("namespace", &self.namespace)?;
+        if !self.tenant.is_empty() {
+            kvfabric::validate::name("tenant", &self.tenant)?;
         }
         let range = |name: &str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
@@ -352,8 +353,11 @@ impl Settings {
         kvfabric::cluster::validate_id("cluster-id", &self.cluster_id)?;
         let mut names = std::collections::HashSet::new();
         for (i, f) in self.fabric.iter().enumerate() {
-            if !(f.url.starts_with("http://") || f.url.starts_with("https://") || !f.url.contains("://")) {
-                return Err(format!("fabric[{i}] url {:?} must be http:// or https://", f.url));
+            if f.url.contains("://") && !f.url.starts_with("http://") {
+                return Err(format!(
+                    "fabric[{i}] url {:?} must be http://host:port or host:port (the block service speaks plain gRPC)",
+                    f.url
+                ));
             }
             if !names.insert(f.name.as_str()) {
                 return Err(format!("fabric[{i}] name {:?} is used twice", f.name));
@@ -442,6 +446,12 @@ mod tests {
             ("[cost]\ntemperature = -1.0", "cost.temperature"),
             ("cluster = \"http://x:1\"", "cluster"),
             ("cluster-id = \"a b\"", "cluster-id"),
+            ("namespace = \"my ns\"", "namespace"),
+            ("tenant = \"t/1\"", "tenant"),
+            ("fabric = [\"https://x:1\"]", "fabric[0] url"),
+            ("[cost]\nkv-bytes-per-token = 1000000000000", "cost.kv-bytes-per-token"),
+            ("[cost.weights]\nprefill = 1e300", "cost.weights.prefill"),
+            ("[cost.bandwidth]\nhost = 1e300", "cost.bandwidth.host"),
             ("[[workers]]\nname = \"a\"\nurl = \"https://x\"", "workers[0].url"),
             (
                 "[[workers]]\nname = \"a\"\nurl = \"http://x:1\"\nfabric-node = \"nope\"",

@@ -177,6 +177,14 @@ impl Default for CostSettings {
     }
 }
 
+/// Largest `cost.kv-bytes-per-token` accepted (64 MiB; the largest models
+/// need well under 1 MiB).
+const MAX_KV_BYTES_PER_TOKEN: u64 = 64 << 20;
+/// Largest bandwidth (bytes/s) or prefill rate (tokens/s) accepted.
+const MAX_RATE: f64 = 1e15;
+/// Largest cost weight accepted: logits stay finite for any load.
+const MAX_WEIGHT: f64 = 1e9;
+
 impl CostSettings {
     /// Checks bounds; the message names the offending setting.
     pub fn validate(&self) -> Result<(), String> {
@@ -186,14 +194,17 @@ impl CostSettings {
                 self.block_tokens
             ));
         }
-        if self.kv_bytes_per_token == 0 {
-            return Err("cost.kv-bytes-per-token must be positive".into());
+        if self.kv_bytes_per_token == 0 || self.kv_bytes_per_token > MAX_KV_BYTES_PER_TOKEN {
+            return Err(format!(
+                "cost.kv-bytes-per-token must be 1..={MAX_KV_BYTES_PER_TOKEN}, got {}",
+                self.kv_bytes_per_token
+            ));
         }
         let pos = |name: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
+            if v.is_finite() && v > 0.0 && v <= MAX_RATE {
                 Ok(())
             } else {
-                Err(format!("{name} must be a positive number, got {v}"))
+                Err(format!("{name} must be a positive number up to {MAX_RATE:e}, got {v}"))
             }
         };
         pos("cost.prefill-tokens-per-s", self.prefill_tokens_per_s)?;
@@ -213,8 +224,8 @@ impl CostSettings {
             ("queued-prefill", w.queued_prefill),
             ("decode-block", w.decode_block),
         ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("cost.weights.{n} must be >= 0, got {v}"));
+            if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
+                return Err(format!("cost.weights.{n} must be 0..={MAX_WEIGHT:e}, got {v}"));
             }
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -406,6 +417,11 @@ impl Scored {
 pub fn choose(scored: &[Scored], temperature: f64, rng: &mut impl Rng) -> Option<usize> {
     if scored.is_empty() {
         return None;
+    }
+    if scored.iter().any(|s| !s.logit.is_finite()) {
+        // Only settings far outside any real deployment get here (validated
+        // weights keep logits finite); pick by load rather than by nothing.
+        return (0..scored.len()).min_by(|&a, &b| scored[a].load.total_cmp(&scored[b].load));
     }
     if temperature > 0.0 {
         let lo = scored.iter().map(|s| s.logit).fold(f64::INFINITY, f64::min);
@@ -717,6 +733,32 @@ mod tests {
         // p(cheap) = 1 / (1 + e^-1) ~ 0.73.
         assert!(n[0] > 1300 && n[0] < 1600, "{n:?}");
         assert!(choose(&[], 0.0, &mut rng).is_none());
+    }
+
+    #[test]
+    fn logits_that_are_not_numbers_fall_back_to_the_least_loaded() {
+        let base = Scored {
+            worker: W1,
+            cached_blocks: 0,
+            blocks_by_tier: [0; 4],
+            prefill_tokens: 0,
+            prefill_cost: 0.0,
+            logit: f64::NAN,
+            load: 5.0,
+        };
+        let sc = [
+            base,
+            Scored { load: 1.0, ..base },
+            Scored {
+                logit: f64::INFINITY,
+                load: 3.0,
+                ..base
+            },
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for t in [0.0, 1.0] {
+            assert_eq!(choose(&sc, t, &mut rng), Some(1));
+        }
     }
 
     #[test]

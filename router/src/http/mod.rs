@@ -170,10 +170,13 @@ async fn route_and_forward(s: &Arc<AppState>, api: Api, headers: &HeaderMap, bod
         s.router.assume_cached(w.holder, &chain, now, s.approximate_ttl_ms);
     }
     let bt = s.router.settings().block_tokens as u64;
-    let decode_blocks = (tokens.len() as u64 + req.max_tokens).div_ceil(bt) * req.batch;
+    let decode_blocks = (tokens.len() as u64)
+        .saturating_add(req.max_tokens)
+        .div_ceil(bt)
+        .saturating_mul(req.batch);
     let guard = s.workers.admit(
         &w,
-        d.chosen.prefill_tokens * req.batch,
+        d.chosen.prefill_tokens.saturating_mul(req.batch),
         decode_blocks,
         d.chosen.load_tokens() * req.batch as f64,
     );

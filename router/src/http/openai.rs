@@ -148,6 +148,10 @@ pub(crate) fn parse(api: Api, body: &[u8]) -> Result<Parsed, ApiError> {
     })
 }
 
+/// Largest `max_tokens` accepted: no model has a longer context, and the
+/// router's load arithmetic stays far from overflow.
+const MAX_MAX_TOKENS: u64 = u32::MAX as u64;
+
 fn max_tokens(o: &Map<String, Value>) -> Result<u64, ApiError> {
     for (key, param) in [
         ("max_tokens", "max_tokens"),
@@ -156,9 +160,16 @@ fn max_tokens(o: &Map<String, Value>) -> Result<u64, ApiError> {
         match o.get(key) {
             None | Some(Value::Null) => {}
             Some(v) => {
-                return v
+                let n = v
                     .as_u64()
-                    .ok_or_else(|| ApiError::invalid(Some(param), format!("'{key}' must be a non-negative integer")));
+                    .ok_or_else(|| ApiError::invalid(Some(param), format!("'{key}' must be a non-negative integer")))?;
+                if n > MAX_MAX_TOKENS {
+                    return Err(ApiError::invalid(
+                        Some(param),
+                        format!("'{key}' is {n}; the largest accepted is {MAX_MAX_TOKENS}"),
+                    ));
+                }
+                return Ok(n);
             }
         }
     }
@@ -289,6 +300,16 @@ mod tests {
                 Api::Completions,
                 br#"{"prompt":"x","max_tokens":-1}"#,
                 Some("max_tokens"),
+            ),
+            (
+                Api::Completions,
+                br#"{"prompt":"x","max_tokens":18446744073709551600}"#,
+                Some("max_tokens"),
+            ),
+            (
+                Api::Chat,
+                br#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":4294967296}"#,
+                Some("max_completion_tokens"),
             ),
             (Api::Chat, br#"{"messages":"hi"}"#, Some("messages")),
             (Api::Chat, br#"{"messages":[{"content":"hi"}]}"#, Some("messages")),
