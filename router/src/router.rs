@@ -5,7 +5,7 @@
 //! simulator its virtual workers) and, in approximate mode, the current
 //! time in milliseconds, so the same code runs live and in virtual time.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -57,7 +57,16 @@ pub struct Router {
     index: Arc<dyn PrefixIndex>,
     fabric: RwLock<Vec<HolderId>>,
     rng: Mutex<StdRng>,
-    assumed: Mutex<VecDeque<Assumed>>,
+    assumed: Mutex<Assumptions>,
+}
+
+/// Approximate mode's records: in decision order, and each (holder, block)
+/// with the expiry of its latest record, so expiring a record costs its
+/// own blocks only.
+#[derive(Debug, Default)]
+struct Assumptions {
+    queue: VecDeque<Assumed>,
+    latest: HashMap<(HolderId, BlockId), u64>,
 }
 
 impl Router {
@@ -71,7 +80,7 @@ impl Router {
             index,
             fabric: RwLock::new(Vec::new()),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
-            assumed: Mutex::new(VecDeque::new()),
+            assumed: Mutex::new(Assumptions::default()),
         }
     }
 
@@ -107,7 +116,9 @@ impl Router {
     /// Forgets a worker's own blocks (it left, or restarted).
     pub fn remove_worker(&self, holder: HolderId) {
         self.index.clear(holder, None);
-        self.assumed.lock().retain(|a| a.holder != holder);
+        let mut a = self.assumed.lock();
+        a.queue.retain(|r| r.holder != holder);
+        a.latest.retain(|&(h, _), _| h != holder);
     }
 
     /// Canonical block ids of the full blocks of `tokens`.
@@ -142,29 +153,39 @@ impl Router {
     pub fn assume_cached(&self, holder: HolderId, chain: &[BlockId], now_ms: u64, ttl_ms: u64) {
         self.expire(now_ms);
         self.index.store(holder, Tier::Hbm, chain);
-        self.assumed.lock().push_back(Assumed {
-            until_ms: now_ms.saturating_add(ttl_ms),
+        let until_ms = now_ms.saturating_add(ttl_ms);
+        let mut a = self.assumed.lock();
+        for &b in chain {
+            let t = a.latest.entry((holder, b)).or_insert(until_ms);
+            *t = (*t).max(until_ms);
+        }
+        a.queue.push_back(Assumed {
+            until_ms,
             holder,
             blocks: chain.to_vec(),
         });
     }
 
-    /// Drops approximate-mode records older than `now_ms`. A block assumed
-    /// again by a later decision stays (only its latest record expires it).
+    /// Drops approximate-mode records that ended by `now_ms`. A block
+    /// assumed again by a later decision stays (only its latest record
+    /// expires it).
     pub fn expire(&self, now_ms: u64) {
-        let mut q = self.assumed.lock();
-        while q.front().is_some_and(|a| a.until_ms <= now_ms) {
-            let a = q.pop_front().unwrap();
-            let renewed: Vec<BlockId> = a
+        let mut a = self.assumed.lock();
+        let Assumptions { queue, latest } = &mut *a;
+        while queue.front().is_some_and(|r| r.until_ms <= now_ms) {
+            let r = queue.pop_front().expect("checked above");
+            let ended: Vec<BlockId> = r
                 .blocks
                 .iter()
                 .copied()
-                .filter(|b| {
-                    !q.iter()
-                        .any(|later| later.holder == a.holder && later.blocks.contains(b))
+                .filter(|&b| match latest.get(&(r.holder, b)) {
+                    Some(&t) if t <= r.until_ms => latest.remove(&(r.holder, b)).is_some(),
+                    _ => false,
                 })
                 .collect();
-            self.index.remove(a.holder, Some(Tier::Hbm), &renewed);
+            if !ended.is_empty() {
+                self.index.remove(r.holder, Some(Tier::Hbm), &ended);
+            }
         }
     }
 }
@@ -245,8 +266,18 @@ mod tests {
         );
         r.expire(150);
         assert!(r.index().is_empty());
-        r.assume_cached(HolderId(3), &chain, 0, 10);
+        // Another holder's record of the same blocks is its own.
+        r.assume_cached(HolderId(1), &chain[..2], 200, 100);
+        r.assume_cached(HolderId(2), &chain[..2], 250, 100);
+        r.expire(300);
+        assert_eq!(r.index().holder_len(HolderId(1)), 0);
+        assert_eq!(r.index().holder_len(HolderId(2)), 2);
+        r.expire(350);
+        assert!(r.index().is_empty());
+        r.assume_cached(HolderId(3), &chain, 400, 10);
         r.remove_worker(HolderId(3));
         assert!(r.index().is_empty());
+        let a = r.assumed.lock();
+        assert!(a.latest.is_empty() && a.queue.is_empty(), "its records go with it");
     }
 }

@@ -154,6 +154,8 @@ async fn route_and_forward(s: &Arc<AppState>, api: Api, headers: &HeaderMap, bod
         })?,
     };
     let chain = s.router.chain(&tokens);
+    // Approximate-mode records that ended are not scored.
+    s.router.expire(s.started.elapsed().as_millis() as u64);
     let (healthy, cands) = s.workers.candidates();
     let Some(d) = s.router.decide(&chain, tokens.len(), &cands) else {
         return Err(ApiError::new(
