@@ -371,16 +371,7 @@ impl Settings {
             if !workers.insert(w.name.as_str()) {
                 return Err(format!("workers[{i}].name {:?} is used twice", w.name));
             }
-            let rest = w
-                .url
-                .strip_prefix("http://")
-                .ok_or_else(|| format!("workers[{i}].url {:?} must be http://host:port (plain HTTP)", w.url))?;
-            if rest.trim_end_matches('/').is_empty() || rest.trim_end_matches('/').contains('/') {
-                return Err(format!(
-                    "workers[{i}].url {:?} must be a base URL without a path",
-                    w.url
-                ));
-            }
+            check_worker_url(&w.url).map_err(|e| format!("workers[{i}].url {e}"))?;
             if let Some(e) = &w.kv_events
                 && !e.starts_with("tcp://")
             {
@@ -394,6 +385,19 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Checks a worker's URL: `http://host:port` (plain HTTP, what the router
+/// forwards with), no path. Configured workers and registered ones alike.
+pub(crate) fn check_worker_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?} must be http://host:port (plain HTTP)"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') {
+        return Err(format!("{url:?} must be a base URL without a path"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

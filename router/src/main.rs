@@ -82,7 +82,13 @@ async fn main() -> Result<()> {
         .init();
     let handle = RouterService::start(settings).await?;
     println!("kvfabric-router listening on {}", handle.url());
-    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+    // SIGTERM (systemd, Kubernetes) stops it as gracefully as Ctrl-C.
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
+        _ = term.recv() => {}
+    }
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())

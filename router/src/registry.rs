@@ -70,6 +70,11 @@ pub(crate) async fn follow(r: Registry) {
             if known.contains_key(name) || refused.contains(name) {
                 continue;
             }
+            if let Err(e) = crate::config::check_worker_url(&rec.url) {
+                tracing::warn!(worker = %name, "ignoring the registered worker: its url {e}");
+                refused.insert(name.clone());
+                continue;
+            }
             let spec = WorkerSpec {
                 name: name.clone(),
                 url: rec.url.clone(),

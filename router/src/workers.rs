@@ -70,6 +70,9 @@ pub(crate) struct Worker {
     /// Its engine-event subscription, stopped when it is removed.
     pub(crate) events: Mutex<Option<JoinHandle<()>>>,
     healthy: AtomicBool,
+    /// Why it is down, as last logged (empty while healthy): a reason is
+    /// logged when it changes, so a worker that never came up says why.
+    down_why: Mutex<String>,
     prefill: AtomicU64,
     decode: AtomicU64,
     /// Requests in flight; the gauge is set under this lock, so its last
@@ -157,6 +160,7 @@ impl Workers {
             registered,
             events: Mutex::new(None),
             healthy: AtomicBool::new(false),
+            down_why: Mutex::new(String::new()),
             prefill: AtomicU64::new(0),
             decode: AtomicU64::new(0),
             inflight: Mutex::new(0),
@@ -228,7 +232,20 @@ impl Workers {
             return;
         }
         let was = w.healthy.swap(up, Relaxed);
+        let new_why = {
+            let mut last = w.down_why.lock();
+            let why = if up { "" } else { why };
+            let new = *last != why;
+            if new {
+                *last = why.to_string();
+            }
+            new
+        };
         if was == up {
+            if !up && new_why {
+                // Down from the start, or down for a new reason.
+                tracing::warn!(worker = %w.name, why, "worker is not healthy: out of the candidate set until a health check passes");
+            }
             return;
         }
         self.metrics.worker_healthy.with_label_values(&[&w.name]).set(up as i64);

@@ -27,6 +27,7 @@ use kvfabric_router::{FABRIC_HOLDER_BASE, RouterHandle, RouterService};
 use parking_lot::Mutex;
 use rmpv::Value as V;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 use zeromq::{PubSocket, Socket, SocketSend, ZmqMessage};
@@ -743,6 +744,7 @@ async fn malformed_http_requests_get_openai_style_4xx() -> Result<()> {
     let mut s = base_settings(vec![a.settings(false)]);
     s.models = vec!["tiny".into()];
     s.max_body_size = kvfabric_router::config::ByteSize(1024);
+    s.request_timeout_ms = 2000;
     let r = RouterService::start(s).await?;
     let c = client();
     let url = |p: &str| format!("{}{p}", r.url());
@@ -799,6 +801,13 @@ async fn malformed_http_requests_get_openai_style_4xx() -> Result<()> {
         ),
         ("/v1/completions", big, 413, Value::Null, json!("request_too_large")),
         ("/v2/nothing", "{}".to_string(), 404, Value::Null, json!("unknown_url")),
+        (
+            "/v1/models",
+            "{}".to_string(),
+            405,
+            Value::Null,
+            json!("method_not_allowed"),
+        ),
     ] {
         let (s, h, b) = call(&c, Method::POST, url(path), body.clone()).await?;
         assert_eq!(s.as_u16(), status, "{path} {b}");
@@ -809,6 +818,16 @@ async fn malformed_http_requests_get_openai_style_4xx() -> Result<()> {
         assert_eq!(e["error"]["code"], code, "{b}");
         assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+    // A client that stops sending its body gets 408 once the request
+    // timeout passes, not a connection held for good.
+    let mut tcp = tokio::net::TcpStream::connect(r.local_addr()).await?;
+    tcp.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\"",
+    )
+    .await?;
+    let mut head = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_exact(&mut head)).await??;
+    assert_eq!(&head, b"HTTP/1.1 408", "{}", String::from_utf8_lossy(&head));
     let (s, _, b) = call(&c, Method::GET, url("/v1/models"), "").await?;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&b)?["data"][0]["id"], "tiny");
@@ -1064,6 +1083,11 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
             fabric_node: None,
         }
     };
+    // A record the router cannot forward to (TLS) is refused, before b.
+    let mut tls = record(&b);
+    tls.name = "tls".into();
+    tls.url = "https://127.0.0.1:1".into();
+    let lease_tls = WorkerLease::register(etcd.target(), "c1", tls, 5).await?;
     let lease_b = WorkerLease::register(etcd.target(), "c1", record(&b), 5).await?;
     // A record under a configured worker's name (at another URL) is ignored.
     let mut clash = record(&b);
@@ -1079,7 +1103,7 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
     let (_, _, health) = call(&c, Method::GET, format!("{}/health", r.url()), "").await?;
     let health: Value = serde_json::from_str(&health)?;
     assert_eq!(health["workers"], 2, "{health}");
-    assert_eq!(health["registered_workers"], 1, "{health}");
+    assert_eq!(health["registered_workers"], 1, "tls and the clash are not taken in: {health}");
 
     // b leaves the registry: out of the candidate set, its blocks dropped.
     lease_b.leave().await;
@@ -1091,6 +1115,7 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
     let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
     assert_eq!((s, w.as_str()), (StatusCode::OK, "a"));
     lease_clash.leave().await;
+    lease_tls.leave().await;
     r.shutdown().await;
     a.kill();
     b.kill();

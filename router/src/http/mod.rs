@@ -67,6 +67,7 @@ pub(crate) fn app(state: Arc<AppState>) -> axum::Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -100,7 +101,9 @@ async fn handle(s: Arc<AppState>, api: Api, headers: HeaderMap, body: Body) -> R
     r
 }
 
-async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+/// The request body, at most `max` bytes, read within `timeout` (a client
+/// that stops sending does not hold a connection and a task for good).
+async fn read_body(max: usize, timeout: Duration, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -117,7 +120,15 @@ async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes,
     {
         return Err(too_large());
     }
-    match Limited::new(body, max).collect().await {
+    let Ok(read) = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!("the request body did not arrive within {timeout:?}"),
+        ));
+    };
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Err(e) => Err(ApiError::invalid(None, format!("could not read the request body: {e}"))),
@@ -125,7 +136,7 @@ async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes,
 }
 
 async fn route_and_forward(s: &Arc<AppState>, api: Api, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(s.max_body, headers, body).await?;
+    let body = read_body(s.max_body, s.timeout, headers, body).await?;
     let req = openai::parse(api, &body)?;
     if !s.models.is_empty() {
         let Some(m) = &req.model else {
@@ -388,6 +399,16 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response {
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let text = s.metrics.render(&s.counters, s.router.index().as_ref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
+    .into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
