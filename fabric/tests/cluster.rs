@@ -735,6 +735,65 @@ async fn any_node_forwards_to_the_owners() {
     }
 }
 
+/// Many concurrent put streams through one node of a cluster, with an
+/// in-flight budget far smaller than their objects together: every stream
+/// finishes. (A stream collecting objects for its owners used to wait for
+/// more budget while holding what it had collected; eight such streams
+/// held it all and waited on each other for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_forwarded_puts_share_a_small_budget_without_deadlock() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (d, id) in dirs.iter().zip(["a", "b"]) {
+        let mut s = node_settings(d.path(), &etcd, "budget", id, 30);
+        s.host.capacity = kvfabric::server::ByteSize(64 << 20);
+        s.limits.max_object_size = kvfabric::server::ByteSize(1 << 20);
+        s.limits.max_inflight_put_bytes = kvfabric::server::ByteSize(1 << 20);
+        nodes.push(common::start(s).await);
+    }
+    for (h, _) in &nodes {
+        wait_view(h, 2).await;
+    }
+    let ca = nodes[0].1.clone();
+    let streams = 8;
+    let per_stream = 24;
+    let puts = (0..streams).map(|s| {
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            let objs: Vec<PutObject> = keys(&format!("budget{s}"), per_stream)
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| PutObject::new(k, common::payload((s * 100 + i) as u64, 64 << 10)))
+                .collect();
+            ca.put_many("ns", objs, Durability::Memory).await
+        })
+    });
+    let all = futures::future::join_all(puts);
+    let done = tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("every put stream finishes (no budget deadlock)");
+    for r in done {
+        assert_eq!(r.unwrap().unwrap().len(), per_stream);
+    }
+    for s in 0..streams {
+        let got = nodes[1]
+            .1
+            .get_many("ns", keys(&format!("budget{s}"), per_stream))
+            .await
+            .unwrap();
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(
+                g.as_ref().expect("stored").value,
+                common::payload((s * 100 + i) as u64, 64 << 10)
+            );
+        }
+    }
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
 /// Every node's `Locate` for `ks`: per key, the ids of the nodes holding a
 /// copy on a persistent tier (disk or object).
 async fn durable_holders(nodes: &[(&str, Client)], ns: &str, ks: &[Bytes]) -> Vec<Vec<String>> {

@@ -22,7 +22,7 @@ use kvfabric_tiers::{Block, Durability, Layout, ObjectKey, StackEventKind, TierK
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{TryAcquireError, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -381,7 +381,8 @@ impl BlockService {
         self.shared.namespaces.for_write(&tenant, &open.namespace)?;
         // Cluster mode: objects are collected (validated, holding their
         // share of the in-flight budget) and stored by `flush`, here or on
-        // their owners, whenever they hold half the budget and at the end.
+        // their owners, whenever they hold half the budget, before waiting
+        // for more budget, and at the end.
         let fwd = self.forwarder(open.forwarded).cloned();
         let half_budget = u64::from(inflight_units(limits.max_inflight_put_bytes.0)) / 2;
         let mut collected: Vec<Pending> = Vec::new();
@@ -436,22 +437,42 @@ impl BlockService {
                     check_layout(&b.layout).map_err(invalid)?;
                     // Wait for room in the in-flight budget (backpressure).
                     let units = inflight_units(b.length).min(inflight_units(limits.max_inflight_put_bytes.0));
-                    if let Some(f) = &fwd {
-                        // Never wait for budget this stream holds itself.
-                        if !collected.is_empty() && held + u64::from(units) > half_budget {
-                            let batch = std::mem::take(&mut collected);
-                            results.extend(self.flush(f, &tenant, &ns, durability, batch).await?);
-                            held = 0;
+                    // A stream never holds more than half the budget.
+                    if let Some(f) = &fwd
+                        && !collected.is_empty()
+                        && held + u64::from(units) > half_budget
+                    {
+                        let batch = std::mem::take(&mut collected);
+                        results.extend(self.flush(f, &tenant, &ns, durability, batch).await?);
+                        held = 0;
+                    }
+                    let shutting_down = || status(ErrorKind::Unavailable, "node is shutting down");
+                    let inflight = &self.shared.inflight;
+                    let budget = match inflight.clone().try_acquire_many_owned(units) {
+                        Ok(b) => b,
+                        Err(TryAcquireError::Closed) => return Err(shutting_down()),
+                        Err(TryAcquireError::NoPermits) => {
+                            // Never wait while holding budget: streams
+                            // waiting on each other's collected objects
+                            // would wait for good (the semaphore is FIFO,
+                            // so every later put would hang behind them).
+                            if let Some(f) = &fwd
+                                && !collected.is_empty()
+                            {
+                                let batch = std::mem::take(&mut collected);
+                                results.extend(self.flush(f, &tenant, &ns, durability, batch).await?);
+                                held = 0;
+                            }
+                            inflight
+                                .clone()
+                                .acquire_many_owned(units)
+                                .await
+                                .map_err(|_| shutting_down())?
                         }
+                    };
+                    if fwd.is_some() {
                         held += u64::from(units);
                     }
-                    let budget = self
-                        .shared
-                        .inflight
-                        .clone()
-                        .acquire_many_owned(units)
-                        .await
-                        .map_err(|_| status(ErrorKind::Unavailable, "node is shutting down"))?;
                     let p = Pending {
                         _budget: budget,
                         key: b.key,
