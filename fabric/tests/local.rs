@@ -267,6 +267,54 @@ async fn bytes_that_do_not_match_their_checksum_are_refused() {
     node.shutdown().await;
 }
 
+/// A layout string longer than a stored header holds (256 bytes) is refused
+/// on the local path as on gRPC, and nothing of it is stored; one of exactly
+/// 256 bytes is stored durably and reads back with its layout. (The local
+/// path used to store and acknowledge a 300-byte model, whose durable copy
+/// could then not be decoded again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layout_strings_over_256_bytes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _grpc) = start(settings(dir.path(), 8 << 20, 8 << 20)).await;
+    let local = LocalClient::connect(node.local_socket.as_ref().unwrap()).await.unwrap();
+    let layout = |model: usize, dtype: usize| v1::Layout {
+        model: "m".repeat(model),
+        dtype: "d".repeat(dtype),
+        num_layers: 2,
+        ..Default::default()
+    };
+    let rs = local.reserve(&[8192, 8192, 8192]).await.unwrap();
+    let mut items = Vec::new();
+    for (i, (r, l)) in rs
+        .into_iter()
+        .zip([layout(300, 4), layout(1, 257), layout(256, 256)])
+        .enumerate()
+    {
+        let sum = local.write(&r, &payload(i as u64, 8192)).unwrap();
+        items.push((r, Bytes::from(key(i as u64)), sum, Some(l)));
+    }
+    let res = local.commit("ns", items, Durability::Disk).await.unwrap();
+    for e in [&res[0], &res[1]] {
+        let e = e.as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("256 bytes"), "{e}");
+    }
+    assert_eq!(*res[2].as_ref().unwrap(), Tier::Disk);
+    for i in 0..2 {
+        assert!(!node.stack.contains(&kvfabric_tiers::ObjectKey::new("ns", key(i))));
+    }
+    assert_eq!(
+        node.stack.host_tier().unwrap().used(),
+        8192,
+        "the refused slots went back"
+    );
+    let got = local.get_many_with_layout("ns", &[&key(2)]).await.unwrap();
+    let (bytes, l) = got[0].clone().expect("stored");
+    assert_eq!(bytes, payload(2, 8192));
+    assert_eq!(l, layout(256, 256));
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_disconnects_mid_request_harm_nobody() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,7 +32,7 @@ fn check_decoded(data: &[u8]) {
         "decode consumed {len} of {} bytes",
         data.len()
     );
-    let enc = header.encode(&key);
+    let enc = header.encode(&key).expect("a decoded header encodes");
     assert_eq!(
         &enc[..],
         &data[..len],
@@ -85,7 +85,7 @@ fn roundtrip(u: &mut Unstructured<'_>) -> Result<()> {
             tp_size: u.arbitrary()?,
         },
     };
-    let enc = header.encode(&key);
+    let enc = header.encode(&key).expect("fields within the limits encode");
     let (h2, k2, n) = BlockHeader::decode(&enc).expect("an encoded header must decode");
     assert_eq!((h2, k2, n), (header, key, enc.len()));
     Ok(())

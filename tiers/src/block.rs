@@ -189,6 +189,19 @@ pub enum HeaderError {
         /// Computed checksum.
         actual: u64,
     },
+    /// A string field is too long (or a key empty) to be encoded in a
+    /// header that decodes again: refused before anything is written.
+    #[error("{field} is {len} bytes; a stored object's {field} must be {min} to {max} bytes")]
+    FieldLength {
+        /// The field: namespace, key, layout model or layout dtype.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// Shortest allowed.
+        min: usize,
+        /// Longest allowed.
+        max: usize,
+    },
     /// The header names another object.
     #[error("header names object {found}, expected {expected}")]
     KeyMismatch {
@@ -202,6 +215,9 @@ pub enum HeaderError {
 const MAGIC: u32 = 0x4B56_4642; // "KVFB"
 const VERSION: u16 = 1;
 const MAX_STR: usize = 256;
+
+/// Longest layout `model` or `dtype` string, in bytes (what a header holds).
+pub const MAX_LAYOUT_STR: usize = MAX_STR;
 
 fn put_str(buf: &mut BytesMut, s: &[u8]) {
     buf.put_u16_le(s.len() as u16);
@@ -222,9 +238,29 @@ fn get_str(buf: &mut &[u8], what: &'static str) -> Result<Vec<u8>, HeaderError> 
 }
 
 impl BlockHeader {
+    /// Checks that the header for `key` can be encoded and decoded again:
+    /// the namespace is 1 to 256 bytes, the key 1 to [`MAX_KEY_LEN`], the
+    /// layout's model and dtype at most [`MAX_LAYOUT_STR`]. Tiers call it
+    /// before storing anything, so no acknowledged object is undecodable.
+    pub fn check(&self, key: &ObjectKey) -> Result<(), HeaderError> {
+        for (field, len, min, max) in [
+            ("namespace", key.namespace().len(), 1, MAX_STR),
+            ("key", key.key().len(), 1, MAX_KEY_LEN),
+            ("layout model", self.layout.model.len(), 0, MAX_LAYOUT_STR),
+            ("layout dtype", self.layout.dtype.len(), 0, MAX_LAYOUT_STR),
+        ] {
+            if !(min..=max).contains(&len) {
+                return Err(HeaderError::FieldLength { field, len, min, max });
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes the header for `key`: magic, version, total header length,
-    /// fields, then an xxh3-64 of everything before it.
-    pub fn encode(&self, key: &ObjectKey) -> Bytes {
+    /// fields, then an xxh3-64 of everything before it. Refuses (see
+    /// [`BlockHeader::check`]) what [`BlockHeader::decode`] would not read back.
+    pub fn encode(&self, key: &ObjectKey) -> Result<Bytes, HeaderError> {
+        self.check(key)?;
         let mut b = BytesMut::with_capacity(128);
         b.put_u32_le(MAGIC);
         b.put_u16_le(VERSION);
@@ -250,7 +286,7 @@ impl BlockHeader {
         b[6..10].copy_from_slice(&total.to_le_bytes());
         let sum = checksum(&b);
         b.put_u64_le(sum);
-        b.freeze()
+        Ok(b.freeze())
     }
 
     /// Decodes a header from the front of `data`, returning it, the key it
@@ -356,7 +392,7 @@ mod tests {
     #[test]
     fn header_roundtrip() {
         let (h, k) = sample();
-        let enc = h.encode(&k);
+        let enc = h.encode(&k).unwrap();
         let (h2, k2, n) = BlockHeader::decode(&enc).unwrap();
         assert_eq!((h2, k2, n), (h, k, enc.len()));
     }
@@ -364,12 +400,48 @@ mod tests {
     #[test]
     fn header_detects_bitflips() {
         let (h, k) = sample();
-        let enc = h.encode(&k);
+        let enc = h.encode(&k).unwrap();
         for i in 0..enc.len() {
             let mut bad = enc.to_vec();
             bad[i] ^= 0x40;
             assert!(BlockHeader::decode(&bad).is_err(), "flip at {i} went unnoticed");
         }
+    }
+
+    #[test]
+    fn header_refuses_fields_decode_would_reject() {
+        let (h, k) = sample();
+        let mut long = h.clone();
+        long.layout.model = "m".repeat(MAX_LAYOUT_STR);
+        long.layout.dtype = "d".repeat(MAX_LAYOUT_STR);
+        let enc = long.encode(&k).unwrap();
+        assert_eq!(BlockHeader::decode(&enc).unwrap().0, long, "256 bytes still fit");
+        for (field, bad) in [
+            ("layout model", {
+                let mut b = h.clone();
+                b.layout.model = "m".repeat(300);
+                b
+            }),
+            ("layout dtype", {
+                let mut b = h.clone();
+                b.layout.dtype = "d".repeat(MAX_LAYOUT_STR + 1);
+                b
+            }),
+        ] {
+            let e = bad.encode(&k).unwrap_err();
+            assert!(
+                matches!(e, HeaderError::FieldLength { field: f, .. } if f == field),
+                "{field}: {e:?}"
+            );
+            assert_eq!(bad.check(&k), Err(e));
+        }
+        let e = h.encode(&ObjectKey::new("ns", vec![0u8; MAX_KEY_LEN + 1])).unwrap_err();
+        assert!(matches!(e, HeaderError::FieldLength { field: "key", .. }), "{e:?}");
+        let e = h.encode(&ObjectKey::new("n".repeat(257), vec![1u8])).unwrap_err();
+        assert!(
+            matches!(e, HeaderError::FieldLength { field: "namespace", .. }),
+            "{e:?}"
+        );
     }
 
     #[test]

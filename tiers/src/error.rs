@@ -79,12 +79,30 @@ pub enum TierError {
     /// does not match its reservation, say).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The object's header could not be stored so that it decodes again
+    /// (a layout string too long, say); nothing was stored.
+    #[error("object {key} not stored: {source}")]
+    InvalidHeader {
+        /// Key, printable.
+        key: String,
+        /// What is wrong with the header.
+        #[source]
+        source: crate::HeaderError,
+    },
     /// The tier cannot serve (device lost, I/O thread gone, GPU error).
     #[error("{0}")]
     Unavailable(String),
 }
 
 impl TierError {
+    /// Checks that `header` can be stored for `key` ([`crate::BlockHeader::check`]).
+    pub fn check_header(key: &crate::ObjectKey, header: &crate::BlockHeader) -> TierResult<()> {
+        header.check(key).map_err(|source| TierError::InvalidHeader {
+            key: key.to_string(),
+            source,
+        })
+    }
+
     /// Builds an [`TierError::Io`] with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         TierError::Io {

@@ -18,7 +18,9 @@ mod stack;
 mod tier;
 
 pub use alloc::{Extent, ExtentAllocator};
-pub use block::{Block, BlockHeader, CHECKSUM_PENDING, HeaderError, Layout, MAX_KEY_LEN, ObjectKey, checksum};
+pub use block::{
+    Block, BlockHeader, CHECKSUM_PENDING, HeaderError, Layout, MAX_KEY_LEN, MAX_LAYOUT_STR, ObjectKey, checksum,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cpu::{OFFLOAD_BYTES, offload};
 pub use disk::{DiskTier, DiskTierConfig, IoEngineKind};

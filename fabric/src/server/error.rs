@@ -62,7 +62,7 @@ impl FabricError {
                     ErrorKind::Unavailable
                 }
                 TierError::Config(_) => ErrorKind::Internal,
-                TierError::Invalid(_) => ErrorKind::InvalidArgument,
+                TierError::Invalid(_) | TierError::InvalidHeader { .. } => ErrorKind::InvalidArgument,
             },
         }
     }

@@ -425,6 +425,13 @@ impl Session {
                 });
                 continue;
             }
+            if let Err(m) = super::service::check_layout(&it.layout) {
+                results.push(LocalCommitResult {
+                    tier: 0,
+                    error: Some(invalid(format!("object {i}: {m}; not stored"))),
+                });
+                continue;
+            }
             if it.has_checksum && sh.settings.verify_commits {
                 let sum = r.checksum();
                 if sum != it.checksum {

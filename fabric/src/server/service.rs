@@ -70,9 +70,11 @@ pub(crate) fn layout_to_proto(l: &Layout) -> v1::Layout {
     }
 }
 
-fn check_layout(l: &Option<v1::Layout>) -> Result<(), String> {
+/// Layout strings are limited to what a stored header holds (same limit on
+/// the gRPC and the local path).
+pub(super) fn check_layout(l: &Option<v1::Layout>) -> Result<(), String> {
     if let Some(l) = l
-        && (l.model.len() > 256 || l.dtype.len() > 256)
+        && (l.model.len() > kvfabric_tiers::MAX_LAYOUT_STR || l.dtype.len() > kvfabric_tiers::MAX_LAYOUT_STR)
     {
         return Err("layout model and dtype are limited to 256 bytes".into());
     }

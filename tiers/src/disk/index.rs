@@ -48,9 +48,12 @@ pub(super) fn db_key(key: &ObjectKey) -> Vec<u8> {
     k
 }
 
-/// Encodes a record for `key`.
-pub(super) fn encode_value(key: &ObjectKey, rec: &IndexRecord) -> Vec<u8> {
-    let header = rec.header.encode(key);
+/// Encodes a record for `key`; refuses a header that would not decode.
+pub(super) fn encode_value(key: &ObjectKey, rec: &IndexRecord) -> TierResult<Vec<u8>> {
+    let header = rec.header.encode(key).map_err(|source| TierError::InvalidHeader {
+        key: key.to_string(),
+        source,
+    })?;
     let mut v = Vec::with_capacity(FIXED + header.len() + 8);
     v.push(VALUE_VERSION);
     v.extend_from_slice(&rec.file.to_le_bytes());
@@ -59,7 +62,7 @@ pub(super) fn encode_value(key: &ObjectKey, rec: &IndexRecord) -> Vec<u8> {
     v.extend_from_slice(&header);
     let sum = checksum(&v);
     v.extend_from_slice(&sum.to_le_bytes());
-    v
+    Ok(v)
 }
 
 /// Decodes a value; never panics on any input.
@@ -139,7 +142,7 @@ impl Index {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db
-            .put_opt(db_key(key), encode_value(key, rec), &wo)
+            .put_opt(db_key(key), encode_value(key, rec)?, &wo)
             .map_err(|e| index_err("writing an entry", e))
     }
 
@@ -201,7 +204,7 @@ mod tests {
     #[test]
     fn value_roundtrip_and_damage() {
         let (key, rec) = sample();
-        let v = encode_value(&key, &rec);
+        let v = encode_value(&key, &rec).unwrap();
         assert_eq!(decode_value(&v).unwrap(), (key, rec));
         for i in 0..v.len() {
             let mut bad = v.clone();

@@ -388,6 +388,7 @@ impl Tier for DiskTier {
     }
 
     async fn put(&self, key: &ObjectKey, block: &Block, sync: bool) -> TierResult<()> {
+        TierError::check_header(key, &block.header)?;
         let inner = &self.inner;
         let len = block.payload.len() as u64;
         if block.header.length != len {

@@ -198,7 +198,8 @@ async fn recovery_drops_bad_index_entries() {
                 },
                 8,
             ),
-        );
+        )
+        .unwrap();
         idx.put_raw(&db_key(&key(7)), &v).unwrap();
     }
     let t = DiskTier::open(c.clone()).unwrap();

@@ -491,6 +491,7 @@ impl Tier for ObjectTier {
     }
 
     async fn put(&self, key: &ObjectKey, block: &Block, sync: bool) -> TierResult<()> {
+        TierError::check_header(key, &block.header)?;
         let len = block.payload.len() as u64;
         if block.header.length != len {
             return Err(Self::corrupt(
@@ -526,9 +527,13 @@ impl Tier for ObjectTier {
             idx.reserved += need;
         }
         let path = self.path_for(key);
-        let res = self
-            .upload(&path, block.header.encode(key), block.payload.clone(), sync)
-            .await;
+        let res = match block.header.encode(key) {
+            Ok(header) => self.upload(&path, header, block.payload.clone(), sync).await,
+            Err(source) => Err(TierError::InvalidHeader {
+                key: key.to_string(),
+                source,
+            }),
+        };
         let mut idx = self.index.lock();
         idx.reserved -= need;
         res?;

@@ -62,6 +62,7 @@ impl TierStack {
         durability: Durability,
     ) -> TierResult<TierKind> {
         let (h, host) = self.host_level().ok_or_else(Self::no_host)?;
+        TierError::check_header(key, &header)?;
         if header.length != reservation.len() {
             return Err(TierError::Invalid(format!(
                 "{key}: header says {} bytes but {} were reserved",

@@ -328,6 +328,7 @@ impl TierStack {
     /// Stores an object with the requested durability; returns the tier the
     /// acknowledged copy lives in (the durable one for `disk`/`object`).
     pub async fn put(&self, key: &ObjectKey, block: &Block, durability: Durability) -> TierResult<TierKind> {
+        TierError::check_header(key, &block.header)?;
         let _g = self.stripe(key).lock().await;
         let durable_level = match durability {
             Durability::Memory => None,

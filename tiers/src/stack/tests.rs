@@ -62,6 +62,36 @@ async fn put_lands_in_fastest_and_demotes_when_full() {
     f.stack.check_consistency().unwrap();
 }
 
+/// A header no tier could store so that it decodes again (a 300-byte layout
+/// model) is refused up front, even for a memory put that would not encode
+/// it until a later demotion; nothing is placed.
+#[tokio::test]
+async fn headers_that_would_not_decode_are_refused_before_placement() {
+    let f = fixture(3000, 3000, 100_000).await;
+    let mut b = block(1, 1000);
+    b.header.layout.model = "m".repeat(300);
+    for d in [Durability::Memory, Durability::Disk] {
+        let e = f.stack.put(&k(1), &b, d).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                TierError::InvalidHeader {
+                    source: crate::HeaderError::FieldLength {
+                        field: "layout model",
+                        len: 300,
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+    assert!(!f.stack.contains(&k(1)));
+    assert_eq!((f.host.len(), f.disk.len(), f.object.len()), (0, 0, 0));
+    f.stack.check_consistency().unwrap();
+}
+
 #[tokio::test]
 async fn hit_below_is_promoted_and_lower_copy_kept() {
     let f = fixture(2000, 10_000, 10_000).await;
