@@ -86,8 +86,23 @@ impl Namespaces {
                 format!("{n}\t{}\t{}\t{scope}\n", e.owner, e.replication)
             })
             .collect();
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, p)
+        // Durable before it is relied on: the temp file's bytes are synced
+        // before the rename, and the directory after it, so a power loss
+        // cannot bring back an older registry (or none) under objects
+        // acknowledged as durable, which would then belong to `default`.
+        // This is blocking I/O under the registry's lock, on whichever
+        // thread (often an async one) created the namespace: rare (a new
+        // namespace), but it stalls other puts for a sync or two.
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, p)?;
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
     }
 
     fn saved(&self, owners: &BTreeMap<String, NamespaceEntry>) -> Result<(), FabricError> {
@@ -283,6 +298,8 @@ mod tests {
         assert_eq!(again.replication("ns"), 1);
         assert_eq!(again.replication("unknown"), 1);
         assert_eq!(again.owner("weights").as_deref(), Some("a"));
+        // Saved by a synced temp file renamed over the registry: none left.
+        assert!(!p.with_extension("tmp").exists());
         // A file from an older node (two columns) still loads.
         std::fs::write(&p, "old\tt\n").unwrap();
         let old = Namespaces::load(Some(p)).unwrap();
