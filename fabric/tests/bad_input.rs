@@ -399,3 +399,122 @@ async fn client_disconnecting_mid_put_stream_releases_everything() {
     intact().await;
     node.shutdown().await;
 }
+
+/// A gRPC codec sending pre-encoded request frames as they are (so a test
+/// can send what the generated client never would: frames over the message
+/// limit, bytes that are not a `PutRequest`), decoding the `PutResponse`.
+#[derive(Clone, Copy, Default)]
+struct RawFrames;
+
+impl tonic::codec::Encoder for RawFrames {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawFrames {
+    type Item = v1::PutResponse;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<v1::PutResponse>, tonic::Status> {
+        let b = bytes::Buf::copy_to_bytes(src, bytes::Buf::remaining(src));
+        <v1::PutResponse as prost::Message>::decode(b)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawFrames {
+    type Encode = Bytes;
+    type Decode = v1::PutResponse;
+    type Encoder = RawFrames;
+    type Decoder = RawFrames;
+    fn encoder(&mut self) -> RawFrames {
+        RawFrames
+    }
+    fn decoder(&mut self) -> RawFrames {
+        RawFrames
+    }
+}
+
+/// A Put whose frames are sent as given, with no client-side size limit.
+async fn raw_frames(endpoint: String, frames: Vec<Bytes>) -> Result<v1::PutResponse, tonic::Status> {
+    let ch = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/kvfabric.v1.KvBlockService/Put");
+    g.client_streaming(tonic::Request::new(futures::stream::iter(frames)), path, RawFrames)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Messages of a Put stream that cannot be read (over the 4 MiB message
+/// limit, or not a `PutRequest`) are INVALID_ARGUMENT with tonic's reason,
+/// wherever they are in the stream, not ABORTED (which clients retry
+/// forever); nothing of the object is stored. (Only a first frame got an
+/// argument error; later ones came back as "put stream broke", ABORTED.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_put_messages_are_argument_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 16 << 20, 0);
+    s.limits.max_object_size = kvfabric::server::ByteSize(8 << 20);
+    let (node, c) = start(s).await;
+    let intact = reference(&c).await;
+    let enc = |m: PutRequest| Bytes::from(prost::Message::encode_to_vec(&m));
+    let big = 5 << 20;
+    // The second data chunk of an object is over the message limit.
+    expect(
+        raw_frames(
+            node.endpoint(),
+            vec![
+                enc(open("ns", 0)),
+                enc(begin(b"big", (1 << 20) + big as u64)),
+                enc(data(&payload(1, 1 << 20))),
+                enc(data(&payload(2, big))),
+            ],
+        )
+        .await,
+        Code::InvalidArgument,
+        "decoded message length too large",
+    );
+    // The same message first: the same answer.
+    expect(
+        raw_frames(node.endpoint(), vec![enc(data(&payload(2, big)))]).await,
+        Code::InvalidArgument,
+        "decoded message length too large",
+    );
+    // Not a PutRequest after `begin`: field 3 (data, bytes) as a varint.
+    expect(
+        raw_frames(
+            node.endpoint(),
+            vec![
+                enc(open("ns", 0)),
+                enc(begin(b"bad", 4)),
+                Bytes::from_static(&[0x18, 0x01]),
+            ],
+        )
+        .await,
+        Code::InvalidArgument,
+        "failed to decode Protobuf message",
+    );
+    // Well-formed frames through the same raw client are stored as usual.
+    raw_frames(
+        node.endpoint(),
+        vec![enc(open("ns", 0)), enc(begin(b"ok", 2)), enc(data(b"ok"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.get("ns", &b"ok"[..]).await.unwrap().unwrap().value, "ok");
+    c.delete("ns", vec![Bytes::from_static(b"ok")]).await.unwrap();
+    for k in [&b"big"[..], &b"bad"[..]] {
+        assert!(c.get("ns", k).await.unwrap().is_none());
+    }
+    intact().await;
+    node.shutdown().await;
+}

@@ -357,7 +357,8 @@ impl BlockService {
     async fn do_put(&self, mut stream: Streaming<PutRequest>) -> Result<PutResponse, Status> {
         let first = stream
             .message()
-            .await?
+            .await
+            .map_err(|s| put_stream_error(&s, "nothing was stored"))?
             .ok_or_else(|| invalid("empty put stream: the first message must be `open`"))?;
         let Some(put_request::Msg::Open(open)) = first.msg else {
             return Err(invalid("the first message of a put stream must be `open`"));
@@ -398,13 +399,9 @@ impl BlockService {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(s) => {
-                    return Err(status(
-                        ErrorKind::Aborted,
-                        format!(
-                            "put stream broke ({}); the incomplete object was not stored; {}",
-                            s.message(),
-                            committed(results.len())
-                        ),
+                    return Err(put_stream_error(
+                        &s,
+                        &format!("the incomplete object was not stored; {}", committed(results.len())),
                     ));
                 }
             };
@@ -554,6 +551,34 @@ impl BlockService {
             results.extend(self.flush(f, &tenant, &ns, durability, collected).await?);
         }
         Ok(PutResponse { results })
+    }
+}
+
+/// The status for a Put stream that failed to deliver its next message.
+/// A message the client sent but that cannot be read (over the size limit,
+/// not valid protobuf, bad framing or compression) is the client's error:
+/// INVALID_ARGUMENT, which it should not retry as is. Anything else (the
+/// connection or stream cut, reset, timed out) is ABORTED: retry.
+fn put_stream_error(s: &Status, what_happened: &str) -> Status {
+    let m = s.message();
+    let bad_request = match s.code() {
+        // Over the message size limit (as sent, or once decompressed).
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => true,
+        // tonic reports both undecodable messages and transport failures as
+        // INTERNAL; only the decoder's own errors are the client's fault.
+        tonic::Code::Internal => {
+            m.starts_with("failed to decode Protobuf message")
+                || m.starts_with("protocol error: received message with")
+                || m.starts_with("Error decompressing")
+        }
+        _ => false,
+    };
+    if bad_request {
+        invalid(format!(
+            "put stream carried an unreadable message ({m}); {what_happened}"
+        ))
+    } else {
+        status(ErrorKind::Aborted, format!("put stream broke ({m}); {what_happened}"))
     }
 }
 
@@ -1177,5 +1202,44 @@ impl KvBlockService for BlockService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_put_messages_are_invalid_and_broken_streams_aborted() {
+        // Field 3 (`data`, bytes) sent as a varint.
+        let decode = <PutRequest as prost::Message>::decode(&[0x18u8, 0x01][..])
+            .unwrap_err()
+            .to_string();
+        for s in [
+            Status::out_of_range("Error, decoded message length too large: found 5 bytes, the limit is: 4 bytes"),
+            Status::resource_exhausted(
+                "Error decompressing: size limit, of 4 bytes, exceeded while decompressing message",
+            ),
+            Status::internal(decode.clone()),
+            Status::internal(
+                "protocol error: received message with invalid compression flag: 7 (valid flags are 0 and 1), while sending request",
+            ),
+        ] {
+            let got = put_stream_error(&s, "nothing was stored");
+            assert_eq!(got.code(), tonic::Code::InvalidArgument, "{s:?}: {got:?}");
+            assert!(got.message().contains(s.message()), "{got:?}");
+            assert!(got.message().ends_with("nothing was stored"), "{got:?}");
+        }
+        for s in [
+            Status::internal("h2 protocol error: stream error received: unexpected internal error encountered"),
+            Status::internal("Unexpected EOF decoding stream."),
+            Status::cancelled("operation was canceled"),
+            Status::unavailable("connection reset"),
+            Status::unknown("h2 protocol error: something else"),
+        ] {
+            let got = put_stream_error(&s, "x");
+            assert_eq!(got.code(), tonic::Code::Aborted, "{s:?}: {got:?}");
+            assert!(got.message().contains(s.message()), "{got:?}");
+        }
     }
 }
