@@ -645,8 +645,25 @@ impl TierStack {
         }
     }
 
+    /// Drops level `i`'s copy of `key` after it failed verification. The
+    /// read was not under the key's stripe, so a put may have replaced the
+    /// copy since: under the stripe, the copy is read again and deleted only
+    /// if the index still places one there and it still fails (a newer,
+    /// acknowledged copy stays).
     async fn drop_copy(&self, i: usize, key: &ObjectKey) {
         let level = &self.levels[i];
+        let _g = self.stripe(key).lock().await;
+        if self.index.lock().get(key).is_none_or(|e| e.mask & bit(i) == 0) {
+            return; // deleted or moved meanwhile
+        }
+        match level.tier.get(key).await {
+            Err(TierError::Corrupt { .. }) => {}
+            Ok(Some(_)) => {
+                tracing::info!(%key, tier = %level.tier.kind(), "bad copy replaced meanwhile; keeping the new one");
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        }
         let _ = level.tier.delete(key).await;
         level.policy.lock().remove(key);
         {

@@ -189,6 +189,45 @@ async fn checksum_failure_is_a_counted_miss_and_deleted() {
     stack.check_consistency().unwrap();
 }
 
+/// A bad copy found by a read is dropped under the key's stripe, and only
+/// if it is still the bad one: a put that replaced it meanwhile (here, done
+/// by hand while the test holds the stripe, as a put would) keeps its copy.
+/// (The drop used to delete whatever the tier held and forget the key.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_bad_copy_spares_a_newer_one() {
+    let disk = Arc::new(MemTier::new(TierKind::Disk, 10_000));
+    let stack = Arc::new(
+        TierStack::open(vec![disk.clone()], Arc::new(ManualClock::new(0)))
+            .await
+            .unwrap(),
+    );
+    stack.put(&k(1), &block(1, 100), Durability::Disk).await.unwrap();
+    disk.corrupt(&k(1));
+    let guard = stack.stripe(&k(1)).lock().await; // a put in flight
+    let reader = tokio::spawn({
+        let stack = stack.clone();
+        async move { stack.get(&k(1)).await }
+    });
+    while stack.stats()[0].checksum_failures == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // The put's work: a new version in the tier and the index.
+    let newer = block(2, 100);
+    disk.put(&k(1), &newer, true).await.unwrap();
+    stack.index.lock().get_mut(&k(1)).expect("still indexed").checksum = newer.header.checksum;
+    drop(guard);
+    let _ = reader.await.unwrap();
+    let (b, _) = stack.get(&k(1)).await.unwrap().expect("the newer copy survives");
+    assert_eq!(b.payload, newer.payload);
+    stack.check_consistency().unwrap();
+    // Still bad when dropped: deleted, as before.
+    disk.corrupt(&k(1));
+    assert!(stack.get(&k(1)).await.unwrap().is_none());
+    assert!(!disk.contains(&k(1)) && !stack.contains(&k(1)));
+    stack.check_consistency().unwrap();
+}
+
 #[tokio::test]
 async fn overwrite_with_new_content_removes_old_copies() {
     let f = fixture(10_000, 10_000, 10_000).await;
