@@ -11,7 +11,7 @@
 //! is looked up in `$KVFABRIC_LIBEXEC_DIR`, then beside this executable,
 //! then on `PATH`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use kvfabric::client::{Client, ClientError, Durability};
@@ -333,15 +333,17 @@ struct StatsArgs {
 
 fn key_bytes(key: &str, hex_key: bool) -> Result<Bytes> {
     if hex_key {
-        let s = key.trim();
+        // Bytes, not chars: any non-hex-digit (a sign, non-ASCII) is refused,
+        // never sliced through.
+        let s = key.trim().as_bytes();
+        if !s.iter().all(u8::is_ascii_hexdigit) {
+            anyhow::bail!("key is not valid hex: only 0-9, a-f and A-F are allowed");
+        }
         if !s.len().is_multiple_of(2) {
             anyhow::bail!("hex key has an odd number of digits");
         }
-        let v: Result<Vec<u8>, _> = (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
-            .collect();
-        Ok(Bytes::from(v.context("key is not valid hex")?))
+        let digit = |c: u8| (c as char).to_digit(16).expect("checked hex digit") as u8;
+        Ok(s.chunks_exact(2).map(|p| digit(p[0]) << 4 | digit(p[1])).collect())
     } else {
         Ok(Bytes::copy_from_slice(key.as_bytes()))
     }
@@ -729,4 +731,22 @@ async fn main() {
         },
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_keys_are_decoded_and_bad_ones_refused_without_panicking() {
+        assert_eq!(
+            key_bytes(" 00fFa1 ", true).unwrap(),
+            Bytes::from_static(&[0, 0xff, 0xa1])
+        );
+        assert_eq!(key_bytes("", true).unwrap(), Bytes::new());
+        for bad in ["aé0", "é0", "0é", "+f", "-1", "0x", "zz", "abc"] {
+            assert!(key_bytes(bad, true).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(key_bytes("aé0", false).unwrap(), Bytes::from("aé0"));
+    }
 }
