@@ -24,7 +24,8 @@ pub use crate::proto::v1::{
     DrainResponse, Durability, Event, EventKind, KeyLocation, Layout, MembersResponse, NamespaceInfo, NodeMember, Tier,
 };
 
-/// Most keys the client sends in one request (matches the server default).
+/// Most keys the client sends in one request, unless raised with
+/// [`Client::with_max_batch_keys`] (matches the server default).
 pub const MAX_BATCH_KEYS: usize = 4096;
 
 /// Errors from the client.
@@ -200,6 +201,8 @@ pub struct Client {
     tenant: String,
     chunk: usize,
     forwarded: bool,
+    /// Most keys sent in one request.
+    max_batch_keys: usize,
 }
 
 impl Client {
@@ -251,6 +254,7 @@ impl Client {
             tenant: String::new(),
             chunk: DEFAULT_CHUNK_BYTES,
             forwarded: false,
+            max_batch_keys: MAX_BATCH_KEYS,
         })
     }
 
@@ -272,6 +276,14 @@ impl Client {
     #[doc(hidden)]
     pub fn forwarded(mut self, forwarded: bool) -> Self {
         self.forwarded = forwarded;
+        self
+    }
+
+    /// Sends up to `keys` keys in one request (at least 1; default
+    /// [`MAX_BATCH_KEYS`]): for nodes whose `limits.max-batch-keys` is
+    /// higher (a node forwarding in cluster mode uses its own).
+    pub fn with_max_batch_keys(mut self, keys: usize) -> Self {
+        self.max_batch_keys = keys.max(1);
         self
     }
 
@@ -333,7 +345,7 @@ impl Client {
         Self::check_ns(namespace)?;
         validate::keys(
             &objects.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
-            MAX_BATCH_KEYS,
+            self.max_batch_keys,
         )
         .map_err(ClientError::InvalidArgument)?;
         let open = PutRequest {
@@ -383,7 +395,7 @@ impl Client {
     /// Reads a batch; the result has one entry per key, in order.
     pub async fn get_many(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Option<Object>>> {
         Self::check_ns(namespace)?;
-        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        validate::keys(&keys, self.max_batch_keys).map_err(ClientError::InvalidArgument)?;
         let n = keys.len();
         let req = GetRequest {
             tenant: self.tenant.clone(),
@@ -450,7 +462,7 @@ impl Client {
     /// length is how many leading keys the node holds).
     pub async fn exists_prefix(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Tier>> {
         Self::check_ns(namespace)?;
-        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        validate::keys(&keys, self.max_batch_keys).map_err(ClientError::InvalidArgument)?;
         let r = self
             .control
             .clone()
@@ -468,7 +480,7 @@ impl Client {
     /// Deletes keys; returns how many existed.
     pub async fn delete(&self, namespace: &str, keys: Vec<Bytes>) -> Result<u64> {
         Self::check_ns(namespace)?;
-        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        validate::keys(&keys, self.max_batch_keys).map_err(ClientError::InvalidArgument)?;
         let req = DeleteRequest {
             tenant: self.tenant.clone(),
             namespace: namespace.into(),
@@ -496,7 +508,7 @@ impl Client {
     /// whether it exists.
     pub async fn lease(&self, namespace: &str, keys: Vec<Bytes>, ttl: Duration) -> Result<Vec<bool>> {
         Self::check_ns(namespace)?;
-        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        validate::keys(&keys, self.max_batch_keys).map_err(ClientError::InvalidArgument)?;
         let ttl_seconds =
             u32::try_from(ttl.as_secs()).map_err(|_| ClientError::InvalidArgument("lease too long".into()))?;
         let req = LeaseRequest {
@@ -513,7 +525,7 @@ impl Client {
     /// forwarded.
     pub async fn locate(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<KeyLocation>> {
         Self::check_ns(namespace)?;
-        validate::keys(&keys, MAX_BATCH_KEYS).map_err(ClientError::InvalidArgument)?;
+        validate::keys(&keys, self.max_batch_keys).map_err(ClientError::InvalidArgument)?;
         let n = keys.len();
         let req = LocateRequest {
             tenant: self.tenant.clone(),

@@ -105,6 +105,8 @@ pub struct ClusterClient {
     options: ClientOptions,
     tenant: Option<String>,
     forwarded: bool,
+    /// Most keys sent to one node in one request.
+    max_batch_keys: usize,
     replication: ReplicationMap,
     default_replication: usize,
     handoff_window: std::time::Duration,
@@ -330,6 +332,7 @@ impl ClusterClient {
             options,
             tenant: None,
             forwarded: false,
+            max_batch_keys: crate::client::MAX_BATCH_KEYS,
             replication: Arc::default(),
             default_replication: 1,
             handoff_window: DEFAULT_HANDOFF_WINDOW,
@@ -466,6 +469,13 @@ impl ClusterClient {
         Self::new(rx, options)
     }
 
+    /// Sends up to `keys` keys to one node in one request (see
+    /// [`Client::with_max_batch_keys`]).
+    pub fn with_max_batch_keys(mut self, keys: usize) -> Self {
+        self.max_batch_keys = keys.max(1);
+        self
+    }
+
     /// Acts for `tenant` on every node.
     pub fn with_tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
@@ -596,7 +606,7 @@ impl ClusterClient {
             Some(t) => c.with_tenant(t.clone()),
             None => c,
         };
-        Ok(c.forwarded(self.forwarded))
+        Ok(c.forwarded(self.forwarded).with_max_batch_keys(self.max_batch_keys))
     }
 
     /// Owners of each key, best first.

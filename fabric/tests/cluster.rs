@@ -794,6 +794,72 @@ async fn concurrent_forwarded_puts_share_a_small_budget_without_deadlock() {
     }
 }
 
+/// A cluster whose `limits.max-batch-keys` is above the client library's
+/// default (4096): a request of 9000 keys through one node reaches each
+/// owner as one batch of ~4500 and succeeds (put, get, exists, delete).
+/// (The forwarding client refused any per-node batch over 4096 whatever
+/// the node's limit, so such requests failed with INVALID_ARGUMENT.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_batches_follow_the_nodes_batch_limit() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (d, id) in dirs.iter().zip(["a", "b"]) {
+        let mut s = node_settings(d.path(), &etcd, "batch", id, 30);
+        s.limits.max_batch_keys = 10_000;
+        s.host.capacity = kvfabric::server::ByteSize(64 << 20); // 4 KiB slots
+        nodes.push(common::start(s).await);
+    }
+    let mut view = Vec::new();
+    for (h, _) in &nodes {
+        view = wait_view(h, 2).await;
+    }
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let n = 9000;
+    let ks = keys("batch", n);
+    let on_a = ks.iter().filter(|k| placement.owners("ns", k, 1)[0] == "a").count();
+    assert!(
+        on_a > 4096 || n - on_a > 4096,
+        "a per-node batch over 4096: {on_a} / {n}"
+    );
+    // The put as any gRPC client sends it (not limited by this library).
+    use kvfabric::proto::v1::{ObjectBegin, PutOpen, PutRequest, put_request::Msg};
+    let mut msgs = vec![PutRequest {
+        msg: Some(Msg::Open(PutOpen {
+            namespace: "ns".into(),
+            expected_objects: n as u32,
+            ..Default::default()
+        })),
+    }];
+    for k in &ks {
+        msgs.push(PutRequest {
+            msg: Some(Msg::Begin(ObjectBegin {
+                key: k.clone(),
+                length: k.len() as u64,
+                ..Default::default()
+            })),
+        });
+        msgs.push(PutRequest {
+            msg: Some(Msg::Data(k.clone())),
+        });
+    }
+    let ca = nodes[0].1.clone().with_max_batch_keys(10_000);
+    let cb = nodes[1].1.clone().with_max_batch_keys(10_000);
+    let put = nodes[0].1.raw().put(futures::stream::iter(msgs)).await.unwrap();
+    assert_eq!(put.into_inner().results.len(), n);
+    let held: Vec<usize> = nodes.iter().map(|(h, _)| h.stack.len()).collect();
+    assert_eq!(held, [on_a, n - on_a]);
+    let got = cb.get_many("ns", ks.clone()).await.unwrap();
+    for (k, g) in ks.iter().zip(&got) {
+        assert_eq!(&g.as_ref().expect("found").value, k);
+    }
+    assert_eq!(cb.delete("ns", ks.clone()).await.unwrap(), n as u64);
+    assert!(ca.get_many("ns", ks).await.unwrap().iter().all(Option::is_none));
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
 /// Every node's `Locate` for `ks`: per key, the ids of the nodes holding a
 /// copy on a persistent tier (disk or object).
 async fn durable_holders(nodes: &[(&str, Client)], ns: &str, ks: &[Bytes]) -> Vec<Vec<String>> {

@@ -50,18 +50,21 @@ impl Forwarder {
     /// Forwards over the serving members `membership` watches; `node_id`
     /// is this node's id in it. Reads also ask a key's earlier owners for
     /// up to `handoff_window` after a membership change, until the members
-    /// report the hand-off done.
+    /// report the hand-off done. Requests to the owners carry up to
+    /// `max_batch_keys` keys, this node's own limit.
     pub(crate) fn new(
         membership: Membership,
         namespaces: Option<NamespaceWatch>,
         node_id: String,
         ctl: ClusterCtl,
         handoff_window: std::time::Duration,
+        max_batch_keys: usize,
     ) -> Forwarder {
         let members = membership.serving_nodes();
         let settled = membership.settled_epoch();
         Forwarder {
             client: ClusterClient::new(members.clone(), ClientOptions::default())
+                .with_max_batch_keys(max_batch_keys)
                 .with_handoff_window(handoff_window)
                 .with_handoff_settlement(settled.clone()),
             members,

@@ -192,6 +192,7 @@ impl Node {
                     s.node_id.clone(),
                     ctl,
                     std::time::Duration::from_secs(s.cluster.handoff_window_s),
+                    s.limits.max_batch_keys,
                 ));
                 // Apply the cluster's namespace records to the registry and
                 // the forwarding client, now and on every change.
