@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use kvfabric::hash::{BlockHash, block_hash};
 use kvfabric_proto::v1::{Event as FabricEvent, EventKind};
 
-use crate::index::{BlockId, HolderId, PrefixIndex, Tier, block_id};
+use crate::index::{BlockId, HolderId, PrefixIndex, Tier, TierMask, block_id};
 use vllm::{EngineEvent, EngineHash};
 
 /// Counters of event ingestion, shared by every tracker of a router.
@@ -148,7 +148,9 @@ pub struct EngineTracker {
     index: Arc<dyn PrefixIndex>,
     counters: Arc<EventCounters>,
     /// Engine hash -> canonical id, for every block the engine holds.
-    ids: HashMap<EngineHash, BlockHash>,
+    /// The engine's hash of each block it holds: our id, and the tiers
+    /// its copies are in (the mapping goes with the last copy).
+    ids: HashMap<EngineHash, (BlockHash, TierMask)>,
     seq: SeqTracker,
 }
 
@@ -267,14 +269,20 @@ impl EngineTracker {
                 }
                 let mut parent = match parent_block_hash {
                     None => None,
-                    Some(p) => Some(*self.ids.get(p).ok_or(ApplyError::UnknownParent(*p))?),
+                    Some(p) => Some(self.ids.get(p).ok_or(ApplyError::UnknownParent(*p))?.0),
                 };
                 let lora = lora_id.map(|l| l.to_le_bytes());
                 let extra: Vec<&[u8]> = lora.iter().map(|l| &l[..]).collect();
                 let mut ids = Vec::with_capacity(block_hashes.len());
                 for (h, toks) in block_hashes.iter().zip(token_ids.chunks_exact(*block_size)) {
                     let id = block_hash(self.salt, parent.as_ref(), toks, &extra);
-                    self.ids.insert(*h, id);
+                    let e = self.ids.entry(*h).or_insert((id, TierMask::EMPTY));
+                    // A hash reused for other tokens (the engine's choice)
+                    // names the new block in every tier it is stored in now.
+                    if e.0 != id {
+                        *e = (id, TierMask::EMPTY);
+                    }
+                    e.1 = e.1.with(tier);
                     ids.push(u128::from_le_bytes(id));
                     parent = Some(id);
                 }
@@ -284,20 +292,20 @@ impl EngineTracker {
             }
             EngineEvent::BlockRemoved { block_hashes, medium } => {
                 let tier = medium_tier(medium.as_deref())?;
+                // The engine-hash mapping stays while any tier holds the
+                // block: a CPU-offloaded copy can outlive the GPU one.
                 let ids: Vec<BlockId> = block_hashes
                     .iter()
                     .filter_map(|h| {
-                        let id = self.ids.get(h)?;
-                        Some(u128::from_le_bytes(*id))
+                        let e = self.ids.get_mut(h)?;
+                        let id = u128::from_le_bytes(e.0);
+                        e.1 = e.1.without(TierMask::of(tier));
+                        if e.1.is_empty() {
+                            self.ids.remove(h);
+                        }
+                        Some(id)
                     })
                     .collect();
-                // The engine-hash mapping stays while any tier may hold the
-                // block: a CPU-offloaded copy can outlive the GPU one.
-                if medium.is_none() || tier == Tier::Hbm {
-                    for h in block_hashes {
-                        self.ids.remove(h);
-                    }
-                }
                 self.counters.bump(&self.counters.blocks_removed, ids.len() as u64);
                 self.index.remove(self.holder, Some(tier), &ids);
                 Ok(())
@@ -307,8 +315,12 @@ impl EngineTracker {
                     None => None,
                     Some(m) => Some(medium_tier(Some(m))?),
                 };
-                if tier.is_none() {
-                    self.ids.clear();
+                match tier {
+                    None => self.ids.clear(),
+                    Some(t) => self.ids.retain(|_, e| {
+                        e.1 = e.1.without(TierMask::of(t));
+                        !e.1.is_empty()
+                    }),
                 }
                 self.index.clear(self.holder, tier);
                 Ok(())

@@ -205,11 +205,29 @@ fn offloaded_copies_and_clears_by_medium() {
     .unwrap();
     ix.lookup(&ch, &mut m);
     assert_eq!(m.entries()[0].tiers, TierMask::of(Tier::Host));
-    t.apply(&EngineEvent::AllBlocksCleared {
+    // The CPU copy outlived the GPU one: its removal still finds it.
+    t.apply(&EngineEvent::BlockRemoved {
+        block_hashes: vec![1],
         medium: Some("cpu".into()),
     })
     .unwrap();
     assert!(ix.is_empty());
+    // Clearing one medium keeps the others' copies, and their mapping.
+    t.apply(&ev(None)).unwrap();
+    t.apply(&ev(Some("CPU"))).unwrap();
+    t.apply(&EngineEvent::AllBlocksCleared {
+        medium: Some("cpu".into()),
+    })
+    .unwrap();
+    ix.lookup(&ch, &mut m);
+    assert_eq!(m.entries()[0].tiers, TierMask::of(Tier::Hbm));
+    t.apply(&EngineEvent::BlockRemoved {
+        block_hashes: vec![1],
+        medium: Some("GPU".into()),
+    })
+    .unwrap();
+    assert!(ix.is_empty());
+    assert_eq!(c.unknown_parent.load(Relaxed), 0);
 }
 
 #[test]
