@@ -1103,7 +1103,10 @@ async fn workers_registered_in_the_cluster_come_and_go() -> Result<()> {
     let (_, _, health) = call(&c, Method::GET, format!("{}/health", r.url()), "").await?;
     let health: Value = serde_json::from_str(&health)?;
     assert_eq!(health["workers"], 2, "{health}");
-    assert_eq!(health["registered_workers"], 1, "tls and the clash are not taken in: {health}");
+    assert_eq!(
+        health["registered_workers"], 1,
+        "tls and the clash are not taken in: {health}"
+    );
 
     // b leaves the registry: out of the candidate set, its blocks dropped.
     lease_b.leave().await;
