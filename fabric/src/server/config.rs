@@ -280,6 +280,11 @@ pub struct TieringSettings {
     pub low_watermark: f64,
     /// Promotions queued at most; more are skipped. Default 256.
     pub promote_queue: usize,
+    /// Payload bytes the promotion queue may hold (queued promotions and
+    /// the one in progress); a hit that would pass it is not promoted, so
+    /// objects larger than this are never promoted in the background.
+    /// Default 256MiB; at least 1B.
+    pub promote_queue_bytes: ByteSize,
 }
 
 impl Default for TieringSettings {
@@ -289,6 +294,7 @@ impl Default for TieringSettings {
             high_watermark: 0.90,
             low_watermark: 0.80,
             promote_queue: 256,
+            promote_queue_bytes: ByteSize(256 << 20),
         }
     }
 }
@@ -418,6 +424,9 @@ impl Settings {
         if t.promote_queue == 0 {
             return Err("tiering.promote-queue must be at least 1".into());
         }
+        if t.promote_queue_bytes.0 == 0 {
+            return Err("tiering.promote-queue-bytes must be positive".into());
+        }
         self.validate_cluster()
     }
 
@@ -502,14 +511,19 @@ mod tests {
         bad.tiering.low_watermark = 0.95;
         assert!(bad.validate().unwrap_err().contains("watermark"));
         let mut bad = Settings::default();
+        bad.tiering.promote_queue_bytes = ByteSize(0);
+        assert!(bad.validate().unwrap_err().contains("tiering.promote-queue-bytes"));
+        let mut bad = Settings::default();
         bad.local.lease_ttl_ms = 0;
         assert!(bad.validate().unwrap_err().contains("local.lease-ttl-ms"));
         let s = Settings::from_toml(
-            "[local]\nsocket = \"/run/kv.sock\"\nverify-commits = false\n[tiering]\nbackground = false\n",
+            "[local]\nsocket = \"/run/kv.sock\"\nverify-commits = false\n[tiering]\nbackground = false\n\
+             promote-queue-bytes = \"64MiB\"\n",
         )
         .unwrap();
         assert_eq!(s.local_socket(), PathBuf::from("/run/kv.sock"));
         assert!(!s.local.verify_commits && !s.tiering.background);
+        assert_eq!(s.tiering.promote_queue_bytes.0, 64 << 20);
         Settings::default().validate().unwrap();
     }
 

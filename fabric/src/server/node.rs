@@ -260,6 +260,7 @@ impl Node {
                 high_watermark: t.high_watermark,
                 low_watermark: t.low_watermark,
                 promote_queue: t.promote_queue,
+                promote_queue_bytes: t.promote_queue_bytes.0,
                 ..Default::default()
             };
             Some(self.stack.start_background(cfg)?)

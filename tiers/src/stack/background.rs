@@ -4,6 +4,11 @@
 //! copies hits from slower tiers into the fastest one after the read that
 //! found them has already returned.
 //!
+//! The promotion queue holds the payloads it is to copy, so it is bounded
+//! twice: by entries ([`BackgroundConfig::promote_queue`]) and by payload
+//! bytes ([`BackgroundConfig::promote_queue_bytes`], counting the promotion
+//! in progress). A hit that would pass either bound is not promoted.
+//!
 //! Both are optional: a stack without them evicts and promotes inline (the
 //! behaviour the stack's own tests pin down). Puts still evict inline when a
 //! tier is full despite the demoter (a burst faster than it), so nothing
@@ -12,7 +17,8 @@
 use super::{StackMetrics, TierStack};
 use crate::{Block, ObjectKey, TierError, TierResult};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -25,7 +31,13 @@ pub struct BackgroundConfig {
     /// ... and stops once it is down to this fraction.
     pub low_watermark: f64,
     /// Promotions waiting to run; when full, further ones are skipped.
+    /// Default 256; at least 1.
     pub promote_queue: usize,
+    /// Payload bytes the promotion queue may hold (waiting promotions and
+    /// the one in progress); a hit that would pass it is not promoted, so an
+    /// object larger than this is never promoted in the background. Default
+    /// 256 MiB; at least 1.
+    pub promote_queue_bytes: u64,
     /// How often the demoter looks even when nobody woke it.
     pub interval: Duration,
 }
@@ -36,6 +48,7 @@ impl Default for BackgroundConfig {
             high_watermark: 0.90,
             low_watermark: 0.80,
             promote_queue: 256,
+            promote_queue_bytes: 256 << 20,
             interval: Duration::from_millis(100),
         }
     }
@@ -56,6 +69,11 @@ impl BackgroundConfig {
                 "the promotion queue needs room for at least one entry".into(),
             ));
         }
+        if self.promote_queue_bytes == 0 {
+            return Err(TierError::Config(
+                "the promotion queue needs a positive byte budget".into(),
+            ));
+        }
         if self.interval.is_zero() {
             return Err(TierError::Config("the demoter interval must be positive".into()));
         }
@@ -63,10 +81,36 @@ impl BackgroundConfig {
     }
 }
 
+/// One queued promotion: the hit found in level `from`, and its share of
+/// the queue's byte budget, given back when the promotion is dropped (done,
+/// refused by a full queue, or discarded with the queue).
+#[derive(Debug)]
+pub(super) struct Promotion {
+    key: ObjectKey,
+    from: usize,
+    block: Block,
+    _bytes: QueuedBytes,
+}
+
+#[derive(Debug)]
+struct QueuedBytes {
+    queued: Arc<AtomicU64>,
+    n: u64,
+}
+
+impl Drop for QueuedBytes {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.n, AcqRel);
+    }
+}
+
 /// What the foreground uses to hand work to the background tasks.
 #[derive(Debug)]
 pub(super) struct Channels {
-    pub(super) promote: mpsc::Sender<(ObjectKey, usize, Block)>,
+    promote: mpsc::Sender<Promotion>,
+    /// Payload bytes of the promotions queued or in progress.
+    queued: Arc<AtomicU64>,
+    queue_budget: u64,
     pub(super) wake: Notify,
     high: f64,
 }
@@ -74,6 +118,39 @@ pub(super) struct Channels {
 impl Channels {
     pub(super) fn high_mark(&self, capacity: u64) -> u64 {
         (capacity as f64 * self.high) as u64
+    }
+
+    /// Queues the promotion of `block`, found in level `from`, unless the
+    /// queue is full by entries or by bytes; never waits. Returns whether it
+    /// was queued.
+    pub(super) fn try_promote(&self, key: &ObjectKey, from: usize, block: &Block) -> bool {
+        let n = block.payload.len() as u64;
+        let budget = self.queue_budget;
+        if self
+            .queued
+            .fetch_update(AcqRel, Acquire, |q| q.checked_add(n).filter(|&t| t <= budget))
+            .is_err()
+        {
+            return false;
+        }
+        let p = Promotion {
+            key: key.clone(),
+            from,
+            block: block.clone(),
+            _bytes: QueuedBytes {
+                queued: self.queued.clone(),
+                n,
+            },
+        };
+        // A refused promotion comes back in the error and gives its bytes
+        // back as it is dropped.
+        self.promote.try_send(p).is_ok()
+    }
+
+    /// Payload bytes of the promotions queued or in progress.
+    #[cfg(test)]
+    pub(super) fn queued_bytes(&self) -> u64 {
+        self.queued.load(Acquire)
     }
 }
 
@@ -112,6 +189,8 @@ impl TierStack {
         let (tx, mut rx) = mpsc::channel(config.promote_queue);
         let channels = Channels {
             promote: tx,
+            queued: Arc::new(AtomicU64::new(0)),
+            queue_budget: config.promote_queue_bytes,
             wake: Notify::new(),
             high: config.high_watermark,
         };
@@ -126,12 +205,13 @@ impl TierStack {
         let mut halt = stopped.clone();
         let promoter = tokio::spawn(async move {
             loop {
-                let (key, from, block) = tokio::select! {
+                let p = tokio::select! {
                     m = rx.recv() => match m { Some(m) => m, None => return },
                     _ = halt.changed() => return,
                 };
                 let Some(stack) = weak.upgrade() else { return };
-                stack.promote(from, &key, &block).await;
+                stack.promote(p.from, &p.key, &p.block).await;
+                // Dropping `p` gives its bytes back to the queue's budget.
             }
         });
         let weak = Arc::downgrade(self);

@@ -109,7 +109,9 @@ pub struct StackMetrics {
     pub bytes_out: AtomicU64,
     /// Evicted objects that no lower tier could take.
     pub dropped: AtomicU64,
-    /// Promotions out of this tier skipped because the background queue was full.
+    /// Promotions out of this tier skipped: the background queue was full
+    /// (by entries or by payload bytes), or the object can never fit in the
+    /// fastest tier.
     pub promotions_skipped: AtomicU64,
     /// Evictions from this tier done by the background demoter (the rest
     /// were done inline by a put that found the tier full).
@@ -612,10 +614,15 @@ impl TierStack {
                     }
                     if i > 0 && promote {
                         match self.bg.get() {
+                            // An object the fastest tier can never hold is
+                            // not worth queueing (or copying inline).
+                            _ if !self.fits_fastest(block.header.length) => {
+                                level.metrics.promotions_skipped.fetch_add(1, Relaxed);
+                            }
                             // Foreground gets never wait for a promotion;
                             // a full queue skips it (promotion is a hint).
                             Some(bg) => {
-                                if bg.promote.try_send((key.clone(), i, block.clone())).is_err() {
+                                if !bg.try_promote(key, i, &block) {
                                     level.metrics.promotions_skipped.fetch_add(1, Relaxed);
                                 }
                             }
@@ -676,6 +683,13 @@ impl TierStack {
             }
         }
         self.emit(StackEventKind::Removed, key, i);
+    }
+
+    /// Whether an object of `len` payload bytes could ever fit in the
+    /// fastest tier (when empty).
+    fn fits_fastest(&self, len: u64) -> bool {
+        let t = &self.levels[0].tier;
+        t.footprint(len) <= t.capacity()
     }
 
     async fn promote(&self, from: usize, key: &ObjectKey, block: &Block) {

@@ -547,6 +547,46 @@ async fn background_promotion_happens_after_the_get_returns() {
     stack.check_consistency().unwrap();
 }
 
+// A current-thread runtime: the promoter cannot run until the test awaits
+// something that really waits, so what the gets queued stays queued and the
+// budget is checked against a queue that only grows.
+#[tokio::test]
+async fn promotion_queue_is_bounded_in_bytes_and_skips_what_cannot_fit() {
+    let (_host, disk, stack) = host_stack(64 << 10, 1 << 20).await;
+    for i in 0..10 {
+        stack.put(&k(i), &block(i, 16_000), Durability::Memory).await.unwrap();
+    }
+    // Larger than the whole host tier (64 KiB), so it lands on disk, but
+    // within the queue's byte budget.
+    stack.put(&k(99), &block(99, 70_000), Durability::Memory).await.unwrap();
+    assert_eq!(disk.len(), 7);
+    let budget = 72_000;
+    let bg = stack
+        .start_background(BackgroundConfig {
+            promote_queue_bytes: budget,
+            ..Default::default()
+        })
+        .unwrap();
+    let queued = || stack.bg.get().unwrap().queued_bytes();
+    let skipped = |stack: &TierStack| stack.stats()[1].promotions_skipped;
+    // The oversized object is never queued: promoting it could only fail.
+    assert_eq!(stack.get(&k(99)).await.unwrap().unwrap().1, TierKind::Disk);
+    assert_eq!((queued(), skipped(&stack)), (0, 1));
+    // Disk hits: four fit in the budget, the other two are skipped.
+    for i in 0..6 {
+        assert_eq!(stack.get(&k(i)).await.unwrap().unwrap().1, TierKind::Disk);
+        assert!(queued() <= budget, "{} queued bytes", queued());
+    }
+    assert_eq!(queued(), 64_000);
+    assert_eq!(skipped(&stack), 1 + 2);
+    // The promoter drains the queue and gives the bytes back.
+    wait_until("the promotions", || queued() == 0).await;
+    assert_eq!(stack.stats()[0].promotions, 4);
+    assert_eq!(stack.exists_prefix(&[k(99)])[0].tier, TierKind::Disk);
+    bg.stop().await;
+    stack.check_consistency().unwrap();
+}
+
 #[tokio::test]
 async fn background_config_is_validated() {
     let (_h, _d, stack) = host_stack(64 << 10, 1 << 20).await;
@@ -556,6 +596,11 @@ async fn background_config_is_validated() {
         ..Default::default()
     };
     assert!(matches!(stack.start_background(bad), Err(TierError::Config(_))));
+    let no_bytes = BackgroundConfig {
+        promote_queue_bytes: 0,
+        ..Default::default()
+    };
+    assert!(matches!(stack.start_background(no_bytes), Err(TierError::Config(_))));
     let _bg = stack.start_background(BackgroundConfig::default()).unwrap();
     assert!(
         matches!(
