@@ -77,12 +77,18 @@ pub(crate) fn on_zmq_message(tracker: &mut EngineTracker, counters: &EventCounte
 }
 
 /// Follows the vLLM publisher at `endpoint` (`tcp://host:port`) for ever.
+/// Subscribes afresh (and resynchronises) when the connection breaks or
+/// closes, and when `resubscribe` is notified: the worker came back after
+/// being down, and a publisher whose host died without closing the
+/// connection would otherwise never be heard from again (a SUB socket
+/// sends nothing once subscribed, so a half-open connection goes unseen).
 pub(crate) async fn engine_events(
     source: String,
     endpoint: String,
     mut tracker: EngineTracker,
     counters: Arc<EventCounters>,
     metrics: Metrics,
+    resubscribe: Arc<tokio::sync::Notify>,
 ) {
     let connected = metrics.stream_connected.with_label_values(&[&source]);
     let connects = metrics.stream_connects.with_label_values(&[&source]);
@@ -92,6 +98,7 @@ pub(crate) async fn engine_events(
         let mut opts = SocketOptions::default();
         opts.connect_timeout(Duration::from_secs(5));
         let mut sock = SubSocket::with_options(opts);
+        let mut monitor = sock.monitor();
         let up = async {
             sock.connect(&endpoint).await?;
             sock.subscribe("").await
@@ -111,10 +118,24 @@ pub(crate) async fn engine_events(
         connects.inc();
         tracing::info!(%source, %endpoint, "subscribed to engine KV events");
         loop {
-            match sock.recv().await {
-                Ok(msg) => on_zmq_message(&mut tracker, &counters, &msg),
-                Err(e) => {
-                    tracing::warn!(%source, error = %e, "engine event stream broke; reconnecting");
+            tokio::select! {
+                r = sock.recv() => match r {
+                    Ok(msg) => on_zmq_message(&mut tracker, &counters, &msg),
+                    Err(e) => {
+                        tracing::warn!(%source, error = %e, "engine event stream broke; reconnecting");
+                        break;
+                    }
+                },
+                ev = futures::StreamExt::next(&mut monitor) => match ev {
+                    // A clean close (the engine exited) ends no `recv`.
+                    Some(zeromq::SocketEvent::Disconnected(_)) | None => {
+                        tracing::warn!(%source, "engine event publisher disconnected; reconnecting");
+                        break;
+                    }
+                    Some(_) => {}
+                },
+                () = resubscribe.notified() => {
+                    tracing::info!(%source, "worker is back after being down; resubscribing to its events");
                     break;
                 }
             }
@@ -287,6 +308,25 @@ pub(crate) async fn discover_fabric(d: Discovery) {
     }
 }
 
+/// How long a node may take to answer `Members`.
+const MEMBERS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `Members` of one node within [`MEMBERS_TIMEOUT`]: a node that accepts
+/// the connection but never answers does not stall discovery of the rest.
+async fn members_of(
+    c: &kvfabric::client::Client,
+) -> Result<kvfabric_proto::v1::MembersResponse, kvfabric::client::ClientError> {
+    tokio::time::timeout(MEMBERS_TIMEOUT, c.members())
+        .await
+        .unwrap_or_else(|_| {
+            Err(kvfabric::client::ClientError::Status {
+                kind: kvfabric::ErrorKind::Unavailable,
+                code: tonic::Code::DeadlineExceeded,
+                message: format!("no Members answer within {MEMBERS_TIMEOUT:?}"),
+            })
+        })
+}
+
 /// Asks each configured node its node id (`Members`) every `interval`
 /// until it has answered, so that workers may name it by id even when it
 /// is not in the registry (a single node).
@@ -300,7 +340,7 @@ async fn learn_configured_ids(d: &Discovery) {
         for entry in left {
             let (name, url, holder) = entry;
             let answer = match kvfabric::client::Client::connect(url.clone()).await {
-                Ok(c) => c.members().await,
+                Ok(c) => members_of(&c).await,
                 Err(e) => Err(e),
             };
             match answer {
@@ -381,7 +421,7 @@ async fn poll_members(d: &Discovery, f: &mut Following) {
                     }
                 },
             };
-            match c.members().await {
+            match members_of(&c).await {
                 Ok(m) => {
                     answered = true;
                     // The configured node itself, by its id (older nodes

@@ -168,6 +168,7 @@ impl RouterService {
                     tracker,
                     counters.clone(),
                     metrics.clone(),
+                    w.resubscribe.clone(),
                 ))
             })
         };

@@ -50,7 +50,10 @@ pub(crate) fn http_client() -> HttpClient {
     conn.set_nodelay(true);
     conn.set_connect_timeout(Some(Duration::from_secs(5)));
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Below the 5 s keep-alive of common engine servers (uvicorn): a
+        // pooled connection the server is closing is not reused, which
+        // would fail the request and take the worker out.
+        .pool_idle_timeout(Duration::from_secs(4))
         .build(conn)
 }
 
@@ -69,6 +72,11 @@ pub(crate) struct Worker {
     pub(crate) registered: bool,
     /// Its engine-event subscription, stopped when it is removed.
     pub(crate) events: Mutex<Option<JoinHandle<()>>>,
+    /// Tells its event subscription to subscribe afresh: it came back
+    /// after being down (its index entries were dropped then).
+    pub(crate) resubscribe: Arc<tokio::sync::Notify>,
+    /// It has been healthy once.
+    was_up: AtomicBool,
     healthy: AtomicBool,
     /// Why it is down, as last logged (empty while healthy): a reason is
     /// logged when it changes, so a worker that never came up says why.
@@ -159,6 +167,8 @@ impl Workers {
             approximate: spec.approximate,
             registered,
             events: Mutex::new(None),
+            resubscribe: Arc::default(),
+            was_up: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
             down_why: Mutex::new(String::new()),
             prefill: AtomicU64::new(0),
@@ -251,6 +261,11 @@ impl Workers {
         self.metrics.worker_healthy.with_label_values(&[&w.name]).set(up as i64);
         if up {
             tracing::info!(worker = %w.name, "worker is healthy");
+            if w.was_up.swap(true, Relaxed) {
+                // Back after being down: what it holds is learned afresh,
+                // over a new connection (the old one may be half-open).
+                w.resubscribe.notify_one();
+            }
         } else {
             tracing::warn!(worker = %w.name, why, "worker is down: out of the candidate set until a health check passes");
             self.router.remove_worker(w.holder);

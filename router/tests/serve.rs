@@ -596,6 +596,70 @@ async fn a_worker_that_was_down_is_routed_to_again_once_healthy() -> Result<()> 
     Ok(())
 }
 
+/// A worker back from being down is subscribed to afresh even though its
+/// publisher's connection never closed (it may be half-open), and a
+/// publisher that closes cleanly is noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_subscriptions_follow_worker_health_and_publisher_closes() -> Result<()> {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let mut a = StandIn::start("a", tx.clone()).await?;
+    let mut s = base_settings(vec![a.settings(true)]);
+    s.health_interval_ms = 50;
+    let r = RouterService::start(s).await?;
+    let c = client();
+    let ids: Vec<u32> = (0..64).collect();
+    publish_until_seen(&mut a, &r, HolderId(0), &ids).await?;
+    let line = |m: &str, name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(&format!("kvfabric_router_{name}{{source=\"engine:a\"}}")))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(line(&metrics(&c, &r).await?, "event_stream_connects_total"), "1");
+
+    // Its HTTP side goes down and comes back on the same address; the
+    // publisher (and its connection) stays up all along.
+    a.kill();
+    let http = a.url.trim_start_matches("http://").to_string();
+    eventually("a is taken out", || r.healthy_workers().is_empty()).await?;
+    let mut back = None;
+    for _ in 0..500 {
+        if let Ok(w) = StandIn::start_at("a", tx.clone(), &http, "tcp://127.0.0.1:0").await {
+            back = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let back = back.context("a's HTTP address came free")?;
+    eventually("a is healthy again", || r.healthy_workers().len() == 1).await?;
+    let mut m = String::new();
+    for _ in 0..500 {
+        m = metrics(&c, &r).await?;
+        if line(&m, "event_stream_connects_total") == "2" && line(&m, "event_stream_connected") == "1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(line(&m, "event_stream_connects_total"), "2", "resubscribed: {m}");
+    // The fresh subscription is followed (numbering goes on where it was).
+    let more: Vec<u32> = (3000..3064).collect();
+    publish_until_seen(&mut a, &r, HolderId(0), &more).await?;
+
+    // The publisher closes cleanly: the stream is seen to be down.
+    let _ = std::mem::replace(&mut a.publisher, PubSocket::new()).close().await;
+    for _ in 0..500 {
+        m = metrics(&c, &r).await?;
+        if line(&m, "event_stream_connected") == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(line(&m, "event_stream_connected"), "0", "{m}");
+    r.shutdown().await;
+    back.kill();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_event_publisher_is_followed_and_resynchronised() -> Result<()> {
     let (tx, _rx) = mpsc::unbounded_channel();
