@@ -471,7 +471,7 @@ impl Tier for DiskTier {
             header: stored.header.clone(),
             payload,
         };
-        block.verify().map_err(|e| TierError::Corrupt {
+        crate::offload(block.payload.len(), || block.verify()).map_err(|e| TierError::Corrupt {
             tier: TierKind::Disk,
             key: key.to_string(),
             reason: e.to_string(),

@@ -93,6 +93,27 @@ async fn corrupted_bytes_are_reported() {
     // The tier reports; the stack deletes. Deleting frees the space.
     assert!(t.delete(&key(1)).await.unwrap());
     assert_eq!(t.used(), 2 * t.footprint(10_000));
+    // A payload above OFFLOAD_BYTES is verified off the async worker, with
+    // the same outcome.
+    let big = 1 << 20;
+    assert!(big >= crate::OFFLOAD_BYTES);
+    t.put(&key(3), &block(3, big), false).await.unwrap();
+    assert_eq!(t.get(&key(3)).await.unwrap().unwrap().payload, block(3, big).payload);
+    let (path, ext) = t.location(&key(3)).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(b"scribble", ext.offset + 500_000).unwrap();
+    f.sync_data().unwrap();
+    let err = t.get(&key(3)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TierError::Corrupt {
+                tier: TierKind::Disk,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -572,7 +572,7 @@ impl Tier for ObjectTier {
             header,
             payload: data.slice(hlen..),
         };
-        block.verify().map_err(|e| Self::corrupt(key, e.to_string()))?;
+        crate::offload(block.payload.len(), || block.verify()).map_err(|e| Self::corrupt(key, e.to_string()))?;
         Ok(Some(block))
     }
 

@@ -84,18 +84,23 @@ impl TierStack {
                 durability: name,
                 needed: kind,
             })?;
-            let payload = reservation.snapshot();
-            if header.checksum == CHECKSUM_PENDING {
-                // A durable copy always carries a real checksum.
-                header.checksum = crate::checksum(&payload);
-            }
-            let block = Block {
-                header: header.clone(),
-                payload,
-            };
-            // The snapshot is what gets stored durably, so it is what must
-            // match the checksum.
-            block.verify().map_err(|e| TierError::Corrupt {
+            // A copy and up to two passes over the object: off the async
+            // worker when large.
+            let block = crate::offload(reservation.len() as usize, || {
+                let payload = reservation.snapshot();
+                if header.checksum == CHECKSUM_PENDING {
+                    // A durable copy always carries a real checksum.
+                    header.checksum = crate::checksum(&payload);
+                }
+                let block = Block {
+                    header: header.clone(),
+                    payload,
+                };
+                // The snapshot is what gets stored durably, so it is what
+                // must match the checksum.
+                block.verify().map(|()| block)
+            })
+            .map_err(|e| TierError::Corrupt {
                 tier: TierKind::Host,
                 key: key.to_string(),
                 reason: format!("committed bytes do not match their header: {e}"),
