@@ -259,6 +259,7 @@ impl Following {
         for id in gone {
             if let Some(t) = self.tasks.remove(&id) {
                 t.abort();
+                d.metrics.forget_source(&format!("fabric:{id}"));
             }
             if let Some(h) = self.holders.get(&id) {
                 d.router.remove_fabric_node(*h);

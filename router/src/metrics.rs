@@ -14,6 +14,9 @@ use prometheus::{
 use crate::events::EventCounters;
 use crate::index::PrefixIndex;
 
+/// The `kind` label values of `worker_errors_total`.
+pub const WORKER_ERROR_KINDS: [&str; 3] = ["connect", "timeout", "body"];
+
 /// The router's metrics registry and handles.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -52,6 +55,30 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
 }
 
 impl Metrics {
+    /// Drops every series of worker `name` (it was removed): its gauges
+    /// would otherwise stay at their last value, and workers coming and
+    /// going through the registry would grow the series without bound.
+    pub fn forget_worker(&self, name: &str) {
+        let _ = self.decisions.remove_label_values(&[name]);
+        for t in crate::index::Tier::ALL {
+            let _ = self.cached_blocks.remove_label_values(&[name, t.name()]);
+        }
+        let _ = self.prefill_saved.remove_label_values(&[name]);
+        let _ = self.prefill_tokens.remove_label_values(&[name]);
+        let _ = self.worker_healthy.remove_label_values(&[name]);
+        let _ = self.worker_inflight.remove_label_values(&[name]);
+        for kind in WORKER_ERROR_KINDS {
+            let _ = self.worker_errors.remove_label_values(&[name, kind]);
+        }
+        self.forget_source(&format!("engine:{name}"));
+    }
+
+    /// Drops the series of event stream `source` (its task was stopped).
+    pub fn forget_source(&self, source: &str) {
+        let _ = self.stream_connected.remove_label_values(&[source]);
+        let _ = self.stream_connects.remove_label_values(&[source]);
+    }
+
     /// Registers every metric in a fresh registry.
     pub fn new() -> Metrics {
         let r = Registry::new_custom(Some("kvfabric_router".into()), None).expect("valid prefix");

@@ -77,6 +77,8 @@ pub(crate) struct Worker {
     pub(crate) resubscribe: Arc<tokio::sync::Notify>,
     /// It has been healthy once.
     was_up: AtomicBool,
+    /// Removed: its metrics are gone and are not written again.
+    removed: AtomicBool,
     healthy: AtomicBool,
     /// Why it is down, as last logged (empty while healthy): a reason is
     /// logged when it changes, so a worker that never came up says why.
@@ -169,6 +171,7 @@ impl Workers {
             events: Mutex::new(None),
             resubscribe: Arc::default(),
             was_up: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
             down_why: Mutex::new(String::new()),
             prefill: AtomicU64::new(0),
@@ -195,8 +198,13 @@ impl Workers {
         }
         self.router.remove_worker(w.holder);
         self.list.write().retain(|x| !Arc::ptr_eq(x, &w));
-        let _ = self.metrics.worker_healthy.remove_label_values(&[&w.name]);
-        let _ = self.metrics.worker_inflight.remove_label_values(&[&w.name]);
+        {
+            // Under the in-flight lock, so a request ending now does not
+            // write its gauge back (LoadGuard checks `removed` under it).
+            let _n = w.inflight.lock();
+            w.removed.store(true, Relaxed);
+            self.metrics.forget_worker(&w.name);
+        }
         Some(w)
     }
 
@@ -237,7 +245,7 @@ impl Workers {
     /// Records a health observation; a worker going down is forgotten by
     /// the index.
     pub(crate) fn set_healthy(&self, w: &Worker, up: bool, why: &str) {
-        if up && !self.list.read().iter().any(|x| std::ptr::eq(&**x, w)) {
+        if w.removed.load(Relaxed) || (up && !self.list.read().iter().any(|x| std::ptr::eq(&**x, w))) {
             // Removed while its check was in flight.
             return;
         }
@@ -306,10 +314,12 @@ impl Workers {
         {
             let mut n = w.inflight.lock();
             *n += 1;
-            self.metrics
-                .worker_inflight
-                .with_label_values(&[&w.name])
-                .set(*n as i64);
+            if !w.removed.load(Relaxed) {
+                self.metrics
+                    .worker_inflight
+                    .with_label_values(&[&w.name])
+                    .set(*n as i64);
+            }
         }
         LoadGuard {
             worker: w.clone(),
@@ -387,10 +397,12 @@ impl Drop for LoadGuard {
         w.decode.fetch_sub(self.decode_blocks, Relaxed);
         let mut n = w.inflight.lock();
         *n = n.saturating_sub(1);
-        self.metrics
-            .worker_inflight
-            .with_label_values(&[&w.name])
-            .set(*n as i64);
+        if !w.removed.load(Relaxed) {
+            self.metrics
+                .worker_inflight
+                .with_label_values(&[&w.name])
+                .set(*n as i64);
+        }
     }
 }
 
@@ -434,6 +446,28 @@ mod tests {
             ws.add(spec("d", None), true).is_none(),
             "holder ids below the limit only"
         );
+    }
+
+    #[test]
+    fn a_removed_workers_series_go_and_stay_gone() {
+        let router = Arc::new(Router::new(Default::default(), 0, Arc::new(ShardedIndex::new()), 0));
+        let m = Metrics::new();
+        let ws = Workers::new(vec![spec("a", None)], 3, Arc::default(), router.clone(), m.clone());
+        let a = ws.all()[0].clone();
+        ws.set_healthy(&a, true, "");
+        m.decisions.with_label_values(&["a"]).inc();
+        m.worker_errors.with_label_values(&["a", "body"]).inc();
+        m.stream_connected.with_label_values(&["engine:a"]).set(1);
+        let g = ws.admit(&a, 10, 1, 0.0);
+        let text = || m.render(&crate::events::EventCounters::default(), router.index().as_ref());
+        assert!(text().contains("worker=\"a\""), "{}", text());
+        ws.remove("a");
+        // A request that ends and a health check that lands after the
+        // removal write nothing back.
+        drop(g);
+        ws.set_healthy(&a, false, "gone");
+        let t = text();
+        assert!(!t.contains("worker=\"a\"") && !t.contains("engine:a"), "{t}");
     }
 
     #[test]
