@@ -868,12 +868,12 @@ impl KvBlockService for BlockService {
             let ns: Arc<str> = req.namespace.into();
             let now = self.shared.stack.clock().now_ms();
             let mut deleted = 0;
+            // Remembered whether or not this node held them, before any is
+            // deleted: a replica that was away must not bring them back.
+            if replicated {
+                self.shared.tombstones.record(&ns, &req.keys, now);
+            }
             for k in req.keys {
-                // Remembered whether or not this node held it: a replica
-                // that was away must not bring it back.
-                if replicated {
-                    self.shared.tombstones.record(&ns, &k, now);
-                }
                 if self
                     .shared
                     .stack

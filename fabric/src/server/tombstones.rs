@@ -11,7 +11,10 @@
 //! directory; `+ NS HEXKEY MS` records a delete, `- NS HEXKEY` a later
 //! store, `* NS MS` a clear), read back and compacted at start (expired and cleared entries
 //! dropped) and compacted again whenever it holds more than twice the live
-//! entries. Writes are not synced: a tombstone is lost only with the
+//! entries. A compaction past start writes the new file on a blocking
+//! thread, off the lock that puts and deletes take; lines appended meanwhile
+//! go to the old file and are carried over when the new one replaces it.
+//! Writes are not synced: a tombstone is lost only with the
 //! machine, and then only for objects deleted in the last moments.
 //! Times are this node's clock; only ages (durations) leave the node.
 
@@ -33,7 +36,8 @@ pub(crate) struct Tombstones {
     ttl_ms: u64,
     /// Live entries, read without the lock on the put path.
     live: AtomicUsize,
-    inner: Mutex<Inner>,
+    /// Shared with a compaction in progress.
+    inner: Arc<Mutex<Inner>>,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +48,45 @@ struct Inner {
     file: Option<std::fs::File>,
     /// Lines in the file.
     lines: usize,
+    /// While a compacted file is being written: the lines appended since
+    /// its snapshot, to be carried over into it.
+    compacting: Option<String>,
+}
+
+/// A compaction started under the lock: the live entries' text, to be
+/// written off the lock and then swapped in ([`Compaction::finish`]).
+#[derive(Debug)]
+struct Compaction {
+    path: PathBuf,
+    text: String,
+    lines: usize,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Compaction {
+    /// Writes the snapshot to a temporary file (no lock held), then, under
+    /// the lock, appends the lines written since, renames it over the old
+    /// file and appends to it from then on.
+    fn finish(self) {
+        let tmp = self.path.with_extension("tmp");
+        let written = std::fs::write(&tmp, &self.text);
+        let mut inner = self.inner.lock();
+        let since = inner.compacting.take().unwrap_or_default();
+        let swapped = written.and_then(|()| {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&tmp)?;
+            f.write_all(since.as_bytes())?;
+            std::fs::rename(&tmp, &self.path)?;
+            Ok(f)
+        });
+        match swapped {
+            Ok(f) => {
+                inner.file = Some(f);
+                inner.lines = self.lines + since.lines().count();
+            }
+            // The old file is intact and has every line; appends go on there.
+            Err(e) => tracing::warn!(error = %e, "compacting the tombstone file"),
+        }
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -103,58 +146,101 @@ impl Tombstones {
             path,
             ttl_ms,
             live: AtomicUsize::new(map.len() + clears.len()),
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 map,
                 clears,
                 file: None,
                 lines: 0,
-            }),
+                compacting: None,
+            })),
         };
         t.rewrite(&mut t.inner.lock())?;
         Ok(t)
     }
 
-    /// Writes the live entries to a fresh file and appends from there.
-    fn rewrite(&self, inner: &mut Inner) -> std::io::Result<()> {
-        let Some(p) = &self.path else { return Ok(()) };
-        let tmp = p.with_extension("tmp");
+    /// The live entries as file text, and how many lines that is.
+    fn snapshot(inner: &Inner) -> (String, usize) {
         let mut text: String = inner
             .map
             .iter()
             .map(|((ns, k), ms)| format!("+ {ns} {} {ms}\n", hex(k)))
             .collect();
         text.extend(inner.clears.iter().map(|(ns, ms)| format!("* {ns} {ms}\n")));
+        (text, inner.map.len() + inner.clears.len())
+    }
+
+    /// Writes the live entries to a fresh file and appends from there (at
+    /// load, before anyone else can append).
+    fn rewrite(&self, inner: &mut Inner) -> std::io::Result<()> {
+        let Some(p) = &self.path else { return Ok(()) };
+        let tmp = p.with_extension("tmp");
+        let (text, lines) = Self::snapshot(inner);
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, p)?;
         inner.file = Some(std::fs::OpenOptions::new().append(true).open(p)?);
-        inner.lines = inner.map.len() + inner.clears.len();
+        inner.lines = lines;
         Ok(())
     }
 
-    fn append(&self, inner: &mut Inner, line: String) {
-        if self.path.is_none() {
-            return;
-        }
-        inner.lines += 1;
-        if inner.lines > 2 * (inner.map.len() + inner.clears.len()) + 1024 {
-            if let Err(e) = self.rewrite(inner) {
-                tracing::warn!(error = %e, "compacting the tombstone file");
-            }
-            return;
-        }
+    /// Appends `text` (whole lines, `n` of them) to the file in one write;
+    /// returns a compaction to run, once the lock is released, when the file
+    /// has grown past twice the live entries.
+    #[must_use]
+    fn append(&self, inner: &mut Inner, text: &str, n: usize) -> Option<Compaction> {
+        let path = self.path.as_ref()?;
         if let Some(f) = &mut inner.file
-            && let Err(e) = f.write_all(line.as_bytes())
+            && let Err(e) = f.write_all(text.as_bytes())
         {
             tracing::warn!(error = %e, "writing a tombstone");
         }
+        inner.lines += n;
+        match &mut inner.compacting {
+            Some(since) => {
+                since.push_str(text);
+                None
+            }
+            None if inner.lines > 2 * (inner.map.len() + inner.clears.len()) + 1024 => {
+                let (text, lines) = Self::snapshot(inner);
+                inner.compacting = Some(String::new());
+                Some(Compaction {
+                    path: path.clone(),
+                    text,
+                    lines,
+                    inner: self.inner.clone(),
+                })
+            }
+            None => None,
+        }
     }
 
-    /// Records that `key` of `namespace` was deleted at `now_ms`.
-    pub(crate) fn record(&self, namespace: &Arc<str>, key: &Bytes, now_ms: u64) {
-        let mut inner = self.inner.lock();
-        inner.map.insert((namespace.clone(), key.clone()), now_ms);
-        self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
-        self.append(&mut inner, format!("+ {namespace} {} {now_ms}\n", hex(key)));
+    /// Runs a compaction on a blocking thread (inline without a runtime).
+    fn compact(job: Option<Compaction>) {
+        let Some(job) = job else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(move || job.finish())),
+            Err(_) => job.finish(),
+        }
+    }
+
+    /// Records that `keys` of `namespace` were deleted at `now_ms`, in one
+    /// write to the file.
+    pub(crate) fn record(&self, namespace: &Arc<str>, keys: &[Bytes], now_ms: u64) {
+        if keys.is_empty() {
+            return;
+        }
+        let text: String = keys
+            .iter()
+            .map(|k| format!("+ {namespace} {} {now_ms}\n", hex(k)))
+            .collect();
+        let job = {
+            let mut inner = self.inner.lock();
+            for k in keys {
+                inner.map.insert((namespace.clone(), k.clone()), now_ms);
+            }
+            self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
+            self.append(&mut inner, &text, keys.len())
+        };
+        Self::compact(job);
     }
 
     /// Forgets `key`'s tombstone (it was stored again).
@@ -162,21 +248,28 @@ impl Tombstones {
         if self.live.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut inner = self.inner.lock();
-        if inner.map.remove(&(namespace.clone(), key.clone())).is_some() {
+        let job = {
+            let mut inner = self.inner.lock();
+            if inner.map.remove(&(namespace.clone(), key.clone())).is_none() {
+                return;
+            }
             self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
-            self.append(&mut inner, format!("- {namespace} {}\n", hex(key)));
-        }
+            self.append(&mut inner, &format!("- {namespace} {}\n", hex(key)), 1)
+        };
+        Self::compact(job);
     }
 
     /// Records that the whole of `namespace` was cleared at `now_ms` (its
     /// keys' own tombstones are subsumed).
     pub(crate) fn record_clear(&self, namespace: &Arc<str>, now_ms: u64) {
-        let mut inner = self.inner.lock();
-        inner.map.retain(|(ns, _), _| ns != namespace);
-        inner.clears.insert(namespace.clone(), now_ms);
-        self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
-        self.append(&mut inner, format!("* {namespace} {now_ms}\n"));
+        let job = {
+            let mut inner = self.inner.lock();
+            inner.map.retain(|(ns, _), _| ns != namespace);
+            inner.clears.insert(namespace.clone(), now_ms);
+            self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
+            self.append(&mut inner, &format!("* {namespace} {now_ms}\n"), 1)
+        };
+        Self::compact(job);
     }
 
     /// How long ago `key` was deleted (or its namespace cleared, the
@@ -211,9 +304,9 @@ mod tests {
         );
         let t = Tombstones::load(Some(p.clone()), 10_000, 1_000).unwrap();
         assert_eq!(t.age(&ns, &k1, 1_000), None);
-        t.record(&ns, &k1, 1_000);
-        t.record(&ns, &k2, 2_000);
-        t.record(&ns, &k3, 2_500);
+        t.record(&ns, std::slice::from_ref(&k1), 1_000);
+        t.record(&ns, std::slice::from_ref(&k2), 2_000);
+        t.record(&ns, std::slice::from_ref(&k3), 2_500);
         t.clear(&ns, &k3);
         assert_eq!(t.age(&ns, &k1, 1_500), Some(500));
         assert_eq!(t.age(&ns, &k3, 3_000), None, "stored again");
@@ -243,5 +336,69 @@ mod tests {
         let t = Tombstones::load(Some(p), 10_000, 13_000).unwrap();
         assert_eq!(t.age(&ns, &k1, 13_000), Some(1_000));
         assert_eq!(t.age(&ns, &k1, 22_500), None, "expired");
+    }
+
+    #[test]
+    fn compaction_keeps_what_was_appended_while_it_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tombstones");
+        let ns: Arc<str> = "w".into();
+        let key = |i: u32| Bytes::from(i.to_be_bytes().to_vec());
+        let t = Tombstones::load(Some(p.clone()), 1_000_000, 0).unwrap();
+        // One call records a batch.
+        t.record(&ns, &[key(0), key(1), key(2)], 10);
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 3);
+        // Start a compaction as a long file would, but hold it back.
+        let job = {
+            let mut inner = t.inner.lock();
+            inner.lines = 10_000;
+            t.append(&mut inner, "", 0)
+        };
+        let job = job.expect("a compaction is due");
+        // Meanwhile the lock is free and writes go on.
+        t.record(&ns, &[key(3)], 20);
+        t.clear(&ns, &key(0));
+        assert!(t.inner.lock().compacting.is_some());
+        job.finish();
+        assert!(t.inner.lock().compacting.is_none());
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 3 + 2, "{text}");
+        assert_eq!(t.inner.lock().lines, 5);
+        // Appends after the swap land in the new file.
+        t.record(&ns, &[key(4)], 30);
+        drop(t);
+        let t = Tombstones::load(Some(p), 1_000_000, 40).unwrap();
+        assert_eq!(t.age(&ns, &key(0), 40), None, "stored again during the compaction");
+        for (i, at) in [(1, 10), (2, 10), (3, 20), (4, 30)] {
+            assert_eq!(t.age(&ns, &key(i), 40), Some(40 - at), "key {i}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_runs_in_the_background_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tombstones");
+        let ns: Arc<str> = "w".into();
+        let t = Tombstones::load(Some(p.clone()), 1_000_000, 0).unwrap();
+        let live = Bytes::from_static(b"live");
+        t.record(&ns, std::slice::from_ref(&live), 1);
+        // Churn on one key grows the file well past the compaction threshold.
+        let churn = Bytes::from_static(b"churn");
+        for i in 0..3_000 {
+            t.record(&ns, std::slice::from_ref(&churn), 2 + i);
+            t.clear(&ns, &churn);
+        }
+        for _ in 0..500 {
+            if t.inner.lock().compacting.is_none() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let lines = std::fs::read_to_string(&p).unwrap().lines().count();
+        assert!(lines < 2_000, "the file was compacted ({lines} lines)");
+        drop(t);
+        let t = Tombstones::load(Some(p), 1_000_000, 10_000).unwrap();
+        assert_eq!(t.age(&ns, &live, 10_000), Some(9_999));
+        assert_eq!(t.age(&ns, &churn, 10_000), None);
     }
 }
