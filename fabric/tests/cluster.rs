@@ -656,8 +656,9 @@ async fn any_node_forwards_to_the_owners() {
         1
     );
     assert_eq!(cc.delete("solo", vec![kc.clone(), kb.clone()]).await.unwrap(), 1);
-    let err = cb.delete("solo", vec![kc.clone()]).await.unwrap_err();
-    assert_eq!(err.kind(), kvfabric::ErrorKind::NotFound, "only c was asked: {err}");
+    // The first put claimed "solo" cluster-wide, so c knows it too: a
+    // delete of a key nobody holds deletes nothing.
+    assert_eq!(cb.delete("solo", vec![kc.clone()]).await.unwrap(), 0);
     let err = ca.get_many("nope", vec![kb, kc]).await.unwrap_err();
     assert_eq!(err.kind(), kvfabric::ErrorKind::NotFound, "{err}");
 
@@ -683,6 +684,31 @@ async fn any_node_forwards_to_the_owners() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), kvfabric::ErrorKind::PermissionDenied, "{err}");
+    // A namespace made by a first put is the tenant's on every node, also
+    // on one that holds none of its objects yet: t1's first put into
+    // "claimed" lands on a alone, and t2's put into it through c, of a
+    // key c owns, is refused (c took the name for t2 before).
+    let owned_by = |id: &str| {
+        keys("claim", 64)
+            .into_iter()
+            .find(|k| placement.owners("claimed", k, 1)[0] == id)
+            .unwrap()
+    };
+    t1.put_many("claimed", vec![PutObject::new(owned_by("a"), "1")], Durability::Memory)
+        .await
+        .unwrap();
+    let err = cc
+        .clone()
+        .with_tenant("t2")
+        .put_many("claimed", vec![PutObject::new(owned_by("c"), "2")], Durability::Memory)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::PermissionDenied, "{err}");
+    cc.clone()
+        .with_tenant("t1")
+        .put_many("claimed", vec![PutObject::new(owned_by("c"), "3")], Durability::Memory)
+        .await
+        .unwrap();
     let err = cb
         .raw()
         .get(kvfabric::proto::v1::GetRequest {

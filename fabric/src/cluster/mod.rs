@@ -31,7 +31,7 @@ pub use error::ClusterError;
 pub use member::{ClusterRecord, Member, MemberState, TierUsage};
 pub use membership::{MemberMap, Membership, list_members, settled_epoch, unsettled_members};
 pub use namespace::{
-    MAX_REPLICATION, NamespaceMap, NamespaceRecord, NamespaceWatch, PublishError, check_replication,
+    MAX_REPLICATION, NamespaceMap, NamespaceRecord, NamespaceWatch, PublishError, check_replication, claim,
     follow_replication, list_namespaces, namespace_key, namespaces_prefix, publish, watch_namespaces,
 };
 #[cfg(feature = "server")]

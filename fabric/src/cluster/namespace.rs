@@ -3,10 +3,11 @@
 //! `/kvfabric/<cluster-id>/namespaces/<name>`, holding its owner tenant and
 //! replication factor. Every node watches the prefix ([`NamespaceWatch`])
 //! and applies the records to its registry, so all nodes (and their
-//! forwarding clients) agree on a namespace's replication; namespaces that
-//! come into being implicitly on a first put stay known per node, with
-//! replication 1. [`publish`] creates or updates a record with a
-//! compare-and-swap that refuses another tenant's namespace.
+//! forwarding clients) agree on a namespace's replication. A namespace
+//! that comes into being implicitly on a first put is [`claim`]ed: its
+//! record is created with replication 1 unless one exists, so one tenant
+//! owns a name on every node. [`publish`] creates or updates a record with
+//! a compare-and-swap that refuses another tenant's namespace.
 
 use super::watch::{PrefixWatch, Record, RecordMap, decode_named};
 use super::{ClusterError, EtcdTarget, KEY_ROOT};
@@ -150,6 +151,53 @@ pub async fn publish(etcd: &EtcdTarget, cluster_id: &str, rec: &NamespaceRecord)
         if bounded(etcd, c.txn(txn)).await?.succeeded() {
             return Ok(());
         }
+    }
+    Err(ClusterError::Etcd(format!("namespace record {key} kept changing; try again")).into())
+}
+
+/// Claims `name` for `owner` (a first put into a namespace this node does
+/// not know): creates its record with replication 1 if there is none, and
+/// returns the record that stands, which may be one another node wrote
+/// (with its replication). Refuses a name another tenant owns.
+pub async fn claim(
+    etcd: &EtcdTarget,
+    cluster_id: &str,
+    name: &str,
+    owner: &str,
+    now_ms: u64,
+) -> Result<NamespaceRecord, PublishError> {
+    let rec = NamespaceRecord {
+        name: name.to_string(),
+        owner: owner.to_string(),
+        replication: 1,
+        updated_at_ms: now_ms,
+    };
+    rec.validate().map_err(ClusterError::InvalidSettings)?;
+    let key = namespace_key(cluster_id, name);
+    let mut c = connect(etcd).await?;
+    // A record deleted between the compare and the get is claimed again.
+    for _ in 0..5 {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), rec.encode(), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let r = bounded(etcd, c.txn(txn)).await?;
+        if r.succeeded() {
+            return Ok(rec);
+        }
+        let existing = r.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let Some(value) = existing else { continue };
+        let old = NamespaceRecord::decode(&key, &value)?;
+        if old.owner != owner {
+            return Err(PublishError::OtherOwner {
+                namespace: name.to_string(),
+                owner: old.owner,
+            });
+        }
+        return Ok(old);
     }
     Err(ClusterError::Etcd(format!("namespace record {key} kept changing; try again")).into())
 }

@@ -124,6 +124,11 @@ impl Namespaces {
         if changed { self.save(&owners) } else { Ok(()) }
     }
 
+    /// Whether this node knows `namespace` (any owner).
+    pub fn knows(&self, namespace: &str) -> bool {
+        self.owners.lock().contains_key(namespace)
+    }
+
     /// For a write: creates the namespace for `tenant` if new, else checks
     /// the tenant owns it.
     pub fn for_write(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {

@@ -7,7 +7,7 @@ use super::forward::{Forwarder, to_status};
 use super::tombstones::{DEFAULT_TOMBSTONE_TTL_MS, Tombstones};
 use super::{FabricError, LimitSettings, Metrics, Namespaces, namespaces::DEFAULT_TENANT};
 use crate::client::PutObject;
-use crate::cluster::{MemberState, NamespaceRecord, PublishError, check_replication, publish};
+use crate::cluster::{MemberState, NamespaceRecord, PublishError, check_replication, claim, publish};
 use crate::proto::v1::{
     self, CreateNamespaceRequest, DeleteRequest, DeleteResponse, DescribeNamespaceRequest, DrainRequest, DrainResponse,
     Event, EventKind, ExistsPrefixRequest, ExistsPrefixResponse, GetRequest, GetResponse, KeyLocation, LeaseRequest,
@@ -97,6 +97,17 @@ struct Shared {
     tombstones: Arc<Tombstones>,
 }
 
+/// A refused namespace record as the service's error.
+fn publish_error(e: PublishError, tenant: &str, namespace: &str) -> FabricError {
+    match e {
+        PublishError::OtherOwner { .. } => FabricError::PermissionDenied {
+            tenant: tenant.into(),
+            namespace: namespace.into(),
+        },
+        PublishError::Cluster(c) => FabricError::Cluster(c),
+    }
+}
+
 /// Unit of the in-flight put budget.
 const INFLIGHT_UNIT: u64 = 64 << 10;
 
@@ -138,6 +149,35 @@ impl Pending {
 }
 
 impl BlockService {
+    /// Cluster mode: a put into a namespace this node does not know claims
+    /// it cluster-wide first ([`claim`]), so another tenant cannot take the
+    /// same name on a node that has not seen it yet. A name another tenant
+    /// owns is refused; one the same tenant owns elsewhere is adopted with
+    /// its replication. While etcd cannot be reached the put goes on and
+    /// the name is known on this node only, as without a cluster (data
+    /// keeps flowing through an etcd outage; the gap is logged).
+    async fn claim_if_new(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
+        let (Some(f), false) = (&self.shared.forwarder, self.shared.namespaces.knows(namespace)) else {
+            return Ok(());
+        };
+        let now = self.shared.stack.clock().now_ms();
+        match claim(&f.ctl.etcd, &f.ctl.cluster_id, namespace, tenant, now).await {
+            Ok(rec) => {
+                self.shared
+                    .namespaces
+                    .create(tenant, namespace, rec.replication, true)?;
+                f.set_replication(namespace, rec.replication);
+                Ok(())
+            }
+            Err(PublishError::Cluster(e)) => {
+                tracing::warn!(namespace, tenant, error = %e,
+                    "cannot claim the new namespace cluster-wide (etcd unreachable); it is known on this node only");
+                Ok(())
+            }
+            Err(e) => Err(publish_error(e, tenant, namespace)),
+        }
+    }
+
     /// A service over `stack`.
     pub fn new(
         stack: Arc<TierStack>,
@@ -381,6 +421,7 @@ impl BlockService {
                 limits.max_batch_keys
             )));
         }
+        self.claim_if_new(&tenant, &open.namespace).await?;
         self.shared.namespaces.for_write(&tenant, &open.namespace)?;
         // Cluster mode: objects are collected (validated, holding their
         // share of the in-flight budget) and stored by `flush`, here or on
@@ -971,13 +1012,7 @@ impl KvBlockService for BlockService {
                     };
                     publish(&f.ctl.etcd, &f.ctl.cluster_id, &rec)
                         .await
-                        .map_err(|e| match e {
-                            PublishError::OtherOwner { .. } => FabricError::PermissionDenied {
-                                tenant: tenant.clone(),
-                                namespace: req.namespace.clone(),
-                            },
-                            PublishError::Cluster(c) => FabricError::Cluster(c),
-                        })?;
+                        .map_err(|e| publish_error(e, &tenant, &req.namespace))?;
                     f.set_replication(&req.namespace, replication);
                     f.ctl.kick.notify_one();
                     true
