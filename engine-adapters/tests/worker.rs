@@ -782,3 +782,49 @@ async fn co_located_workers_use_the_local_path() -> Result<()> {
     node.shutdown().await;
     Ok(())
 }
+
+/// A fabric node that accepts connections but never answers (stuck, or a
+/// half-dead host) does not stall the worker: each fabric call gives up
+/// after `fabric-timeout-ms`, the node is then left alone for a cooldown,
+/// and every request is answered, computed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_fabric_node_does_not_stall_requests() -> Result<()> {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = silent.local_addr()?;
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let start = Worker::start(WorkerSettings {
+        fabric: Some(format!("http://{addr}")),
+        fabric_timeout_ms: 300,
+        ..settings(None)
+    });
+    let w = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .context("the worker starts beside a silent node")??;
+    let c = http();
+    for i in 0..4 {
+        if i == 2 {
+            // Past the first cooldown: the node is tried (and waited for) again.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let text = long_text(&format!("silent node {i}"), 100);
+        let body = json!({"prompt": text, "max_tokens": 4, "ignore_eos": true});
+        let out = tokio::time::timeout(Duration::from_secs(20), complete(&c, &w, body))
+            .await
+            .with_context(|| format!("request {i} was not answered"))??;
+        assert_eq!(ids(&out), reference(&encode(&text, true), 4)?);
+        assert_eq!(ext(&out, "fabric_tokens"), 0, "{out}");
+    }
+    let (_, metrics) = get(&c, &format!("{}/metrics", w.url())).await?;
+    assert!(
+        metrics.contains("kvfabric_worker_fabric_errors_total{op="),
+        "the timeouts are counted: {metrics}"
+    );
+    w.shutdown().await;
+    holder.abort();
+    Ok(())
+}

@@ -35,6 +35,9 @@ struct Cli {
     /// Unix socket of the node's zero-copy local path (co-located node).
     #[arg(long, env = "KVFABRIC_WORKER_FABRIC_SOCKET")]
     fabric_socket: Option<PathBuf>,
+    /// Time one fabric call may take, ms, before the request goes on without the fabric.
+    #[arg(long, env = "KVFABRIC_WORKER_FABRIC_TIMEOUT_MS")]
+    fabric_timeout_ms: Option<u64>,
     /// Fabric tenant.
     #[arg(long, env = "KVFABRIC_WORKER_TENANT")]
     tenant: Option<String>,
@@ -142,6 +145,7 @@ async fn main() -> Result<()> {
         listen: cli.listen,
         fabric: cli.fabric,
         fabric_socket: cli.fabric_socket,
+        fabric_timeout_ms: cli.fabric_timeout_ms,
         tenant: cli.tenant,
         namespace: cli.namespace,
         model: cli.model,

@@ -102,6 +102,13 @@ pub struct WorkerSettings {
     /// (gRPC only). A socket that cannot be opened is logged and the worker
     /// falls back to gRPC.
     pub fabric_socket: Option<PathBuf>,
+    /// Time one fabric call (the connect, an `ExistsPrefix`, a request's
+    /// block load or store) may take, ms. A call that runs out of it, or
+    /// finds the node unreachable, leaves the request to go on without the
+    /// fabric (computing what it would have loaded) and the node alone for
+    /// a cooldown (1 s, doubling up to 30 s while it keeps failing).
+    /// Default 5000; 1 to 600 000.
+    pub fabric_timeout_ms: u64,
     /// Fabric tenant the worker acts as. Default empty (the node's default
     /// tenant).
     pub tenant: String,
@@ -199,6 +206,7 @@ impl Default for WorkerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
             fabric: None,
             fabric_socket: None,
+            fabric_timeout_ms: 5000,
             tenant: String::new(),
             namespace: "default".into(),
             model: None,
@@ -241,6 +249,8 @@ pub struct Overrides {
     pub fabric: Option<String>,
     /// `--fabric-socket` / `KVFABRIC_WORKER_FABRIC_SOCKET`.
     pub fabric_socket: Option<PathBuf>,
+    /// `--fabric-timeout-ms` / `KVFABRIC_WORKER_FABRIC_TIMEOUT_MS`.
+    pub fabric_timeout_ms: Option<u64>,
     /// `--tenant` / `KVFABRIC_WORKER_TENANT`.
     pub tenant: Option<String>,
     /// `--namespace` / `KVFABRIC_WORKER_NAMESPACE`.
@@ -341,6 +351,7 @@ impl WorkerSettings {
         set!(
             role,
             listen,
+            fabric_timeout_ms,
             tenant,
             namespace,
             pool_blocks,
@@ -420,6 +431,7 @@ impl WorkerSettings {
             1,
             1 << 20,
         )?;
+        range("fabric-timeout-ms", self.fabric_timeout_ms, 1, 600_000)?;
         range("prefill-timeout-ms", self.prefill_timeout_ms, 1, 3_600_000)?;
         range("prefill-health-timeout-ms", self.prefill_health_timeout_ms, 1, 60_000)?;
         range("max-body-size", self.max_body_size.0, 1 << 10, 1 << 30)?;
@@ -565,6 +577,7 @@ mod tests {
             ("kv-events = \"ipc:///tmp/x\"", "kv-events"),
             ("prefill-workers = [\"http://x\"]", "prefill-workers[0]"),
             ("prefill-timeout-ms = 0", "prefill-timeout-ms"),
+            ("fabric-timeout-ms = 0", "fabric-timeout-ms"),
             ("max-body-size = \"2GiB\"", "max-body-size"),
             ("[model-config]\nnum-kv-heads = 3", "model-config"),
             ("model = \"/x.toml\"\n[model-config]\nseed = 1", "model-config"),

@@ -183,9 +183,10 @@ impl Worker {
         let fabric = settings
             .fabric
             .clone()
-            .map(|url| FabricConn::new(&settings, url, layout, metrics.clone()));
+            .map(|url| Arc::new(FabricConn::new(&settings, url, layout, metrics.clone())));
         if let Some(f) = &fabric {
-            // Connect now when possible; a node that is down is retried per request.
+            // Connect now when possible; a node that is down is retried
+            // after a cooldown.
             let _ = f.get().await;
         }
         if settings.role == Role::Decode && !settings.disaggregates() {

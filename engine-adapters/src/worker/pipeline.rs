@@ -7,20 +7,26 @@
 //!
 //! Fabric failures never fail a request: a load that fails computes, a
 //! store that fails is logged and counted (only `/v1/prefill`, whose whole
-//! point is the store, reports it to its caller).
+//! point is the store, reports it to its caller). Every fabric call runs
+//! under `fabric-timeout-ms`, and a node that is down or does not answer
+//! is left alone for a cooldown ([`FabricConn`]), so a dead or stuck node
+//! delays a request by at most that much and the requests after it not at
+//! all.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use kvfabric::client::{Client, ClientOptions, LocalClient};
+use kvfabric::ErrorKind as FabricErrorKind;
+use kvfabric::client::{Client, ClientError, ClientOptions, LocalClient};
 use kvfabric::hash::{BlockHash, chain_hashes};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::clock::Clock;
@@ -56,8 +62,35 @@ impl PrefillPlace {
     }
 }
 
-/// The fabric connection, made on first use (a node that is down at start
-/// is retried by later requests).
+/// How long a worker serves without the fabric after a failed connect or
+/// a call that timed out or found the node unreachable: from this ...
+const FIRST_COOLDOWN: Duration = Duration::from_secs(1);
+/// ... doubling with each failure in a row, up to this.
+const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Why a fabric call came back without a result.
+#[derive(Debug)]
+pub(crate) struct FabricFailure {
+    /// The node is unreachable or too slow (a timeout, or an error of kind
+    /// `Unavailable`): the request goes on without the fabric.
+    pub(crate) down: bool,
+    /// What happened.
+    pub(crate) message: String,
+}
+
+#[derive(Debug)]
+struct Cooldown {
+    /// No connect or call before this.
+    until: Option<Instant>,
+    /// The next cooldown's length.
+    next: Duration,
+}
+
+/// The fabric connection, made on first use. A node that cannot be
+/// reached, or that does not answer within `fabric-timeout-ms`, is left
+/// alone for a cooldown (1 s, doubling up to 30 s while it keeps failing):
+/// requests meanwhile are served without the fabric instead of each
+/// waiting for it.
 #[derive(Debug)]
 pub(crate) struct FabricConn {
     url: String,
@@ -65,7 +98,11 @@ pub(crate) struct FabricConn {
     tenant: String,
     namespace: String,
     layout: KvLayout,
-    kv: OnceCell<Arc<FabricKv>>,
+    timeout: Duration,
+    kv: OnceLock<Arc<FabricKv>>,
+    /// Held by the one request connecting; others go on without waiting.
+    connecting: tokio::sync::Mutex<()>,
+    cooldown: Mutex<Cooldown>,
     metrics: Arc<Metrics>,
 }
 
@@ -77,52 +114,118 @@ impl FabricConn {
             tenant: settings.tenant.clone(),
             namespace: settings.namespace.clone(),
             layout,
-            kv: OnceCell::new(),
+            timeout: Duration::from_millis(settings.fabric_timeout_ms),
+            kv: OnceLock::new(),
+            connecting: tokio::sync::Mutex::new(()),
+            cooldown: Mutex::new(Cooldown {
+                until: None,
+                next: FIRST_COOLDOWN,
+            }),
             metrics,
         }
     }
 
-    /// The connector, connecting if needed; `None` (logged, counted) when
-    /// the node cannot be reached.
+    /// The connector, connecting if needed; `None` while the node is in
+    /// its cooldown, while another request is connecting, or when the
+    /// connect fails or times out (logged, counted, starting a cooldown).
     pub(crate) async fn get(&self) -> Option<Arc<FabricKv>> {
-        let r = self
-            .kv
-            .get_or_try_init(|| async {
-                let opts = ClientOptions {
-                    connect_timeout: std::time::Duration::from_secs(2),
-                    ..ClientOptions::default()
-                };
-                let mut c = Client::connect_with(self.url.clone(), opts).await?;
-                if !self.tenant.is_empty() {
-                    c = c.with_tenant(self.tenant.clone());
+        if self.cooling() {
+            return None;
+        }
+        if let Some(kv) = self.kv.get() {
+            return Some(kv.clone());
+        }
+        let Ok(_connecting) = self.connecting.try_lock() else {
+            return None;
+        };
+        if let Some(kv) = self.kv.get() {
+            return Some(kv.clone());
+        }
+        match self.call("connect", self.connect()).await {
+            Ok(kv) => Some(self.kv.get_or_init(|| kv).clone()),
+            Err(_) => None,
+        }
+    }
+
+    async fn connect(&self) -> Result<Arc<FabricKv>, ClientError> {
+        let opts = ClientOptions {
+            connect_timeout: self.timeout.min(Duration::from_secs(2)),
+            ..ClientOptions::default()
+        };
+        let mut c = Client::connect_with(self.url.clone(), opts).await?;
+        if !self.tenant.is_empty() {
+            c = c.with_tenant(self.tenant.clone());
+        }
+        let mut kv = FabricKv::new(c, self.namespace.clone(), self.layout.clone());
+        if let Some(socket) = &self.socket {
+            let local = if self.tenant.is_empty() {
+                LocalClient::connect(socket).await
+            } else {
+                LocalClient::connect_as(socket, &self.tenant).await
+            };
+            match local {
+                Ok(l) => kv = kv.with_local(l),
+                Err(e) => {
+                    self.metrics.fabric_errors.with_label_values(&["connect"]).inc();
+                    tracing::warn!(socket = %socket.display(), error = %e, "fabric local path unavailable: moving blocks over gRPC");
                 }
-                let mut kv = FabricKv::new(c, self.namespace.clone(), self.layout.clone());
-                if let Some(socket) = &self.socket {
-                    let local = if self.tenant.is_empty() {
-                        LocalClient::connect(socket).await
-                    } else {
-                        LocalClient::connect_as(socket, &self.tenant).await
-                    };
-                    match local {
-                        Ok(l) => kv = kv.with_local(l),
-                        Err(e) => {
-                            self.metrics.fabric_errors.with_label_values(&["connect"]).inc();
-                            tracing::warn!(socket = %socket.display(), error = %e, "fabric local path unavailable: moving blocks over gRPC");
-                        }
-                    }
-                }
-                tracing::info!(url = %self.url, namespace = %self.namespace, local = kv.is_local(), "connected to the fabric");
-                Ok::<_, kvfabric::client::ClientError>(Arc::new(kv))
-            })
-            .await;
-        match r {
-            Ok(kv) => Some(kv.clone()),
-            Err(e) => {
-                self.metrics.fabric_errors.with_label_values(&["connect"]).inc();
-                tracing::warn!(url = %self.url, error = %e, "fabric unreachable: serving from the own pool only");
-                None
             }
         }
+        tracing::info!(url = %self.url, namespace = %self.namespace, local = kv.is_local(), "connected to the fabric");
+        Ok(Arc::new(kv))
+    }
+
+    /// Runs one fabric call (`op` names it in logs and in
+    /// `fabric_errors_total`) under `fabric-timeout-ms`. A timeout or an
+    /// unreachable node starts a cooldown; any failure is logged and
+    /// counted.
+    pub(crate) async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, FabricFailure> {
+        let failure = match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => {
+                self.recovered();
+                return Ok(v);
+            }
+            Ok(Err(e)) => FabricFailure {
+                down: e.kind() == FabricErrorKind::Unavailable,
+                message: e.to_string(),
+            },
+            Err(_) => FabricFailure {
+                down: true,
+                message: format!("no answer within fabric-timeout-ms ({} ms)", self.timeout.as_millis()),
+            },
+        };
+        self.metrics.fabric_errors.with_label_values(&[op]).inc();
+        if failure.down {
+            let pause = self.trip();
+            tracing::warn!(url = %self.url, op, error = %failure.message, cooldown_ms = pause.as_millis() as u64, "fabric unreachable: serving without it for a while");
+        } else {
+            tracing::warn!(url = %self.url, op, error = %failure.message, "fabric call failed");
+        }
+        Err(failure)
+    }
+
+    fn cooling(&self) -> bool {
+        let c = self.cooldown.lock().unwrap_or_else(|e| e.into_inner());
+        c.until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Starts a cooldown; returns its length.
+    fn trip(&self) -> Duration {
+        let mut c = self.cooldown.lock().unwrap_or_else(|e| e.into_inner());
+        let pause = c.next;
+        c.until = Some(Instant::now() + pause);
+        c.next = (pause * 2).min(MAX_COOLDOWN);
+        pause
+    }
+
+    fn recovered(&self) {
+        let mut c = self.cooldown.lock().unwrap_or_else(|e| e.into_inner());
+        c.until = None;
+        c.next = FIRST_COOLDOWN;
     }
 
     /// The connector if connected.
@@ -138,7 +241,7 @@ pub(crate) struct AppState {
     pub(crate) model: ModelConfig,
     pub(crate) model_name: String,
     pub(crate) engine: EngineHandle,
-    pub(crate) fabric: Option<FabricConn>,
+    pub(crate) fabric: Option<Arc<FabricConn>>,
     pub(crate) salt: u64,
     pub(crate) pool_capacity: usize,
     pub(crate) metrics: Arc<Metrics>,
@@ -251,7 +354,10 @@ type StoreTask = JoinHandle<Result<usize, String>>;
 pub(crate) struct Generation {
     rx: mpsc::UnboundedReceiver<Out>,
     metrics: Arc<Metrics>,
+    conn: Option<Arc<FabricConn>>,
     kv: Option<Arc<FabricKv>>,
+    /// Why a store was not even tried.
+    store_error: Option<String>,
     prompt: Vec<u32>,
     place: PrefillPlace,
     t0: Instant,
@@ -295,42 +401,44 @@ pub(crate) async fn start(state: &Arc<AppState>, req: GenRequest, t0: Instant) -
     let keys = state.keys(&req.tokens);
     let pinned = state.engine.lookup(keys[..usable].to_vec()).await.map_err(job_error)?;
     let own = pinned.len();
-    let kv = match &state.fabric {
+    let conn = state.fabric.clone();
+    let mut kv = match &conn {
         Some(f) => f.get().await,
         None => None,
     };
     let prefill_only = req.max_tokens == 0;
     let mut place = PrefillPlace::Local;
-    if let Some(kv) = &kv
+    // Every fabric call below runs under `fabric-timeout-ms`; one that
+    // finds the node down or too slow ends the fabric's part in this
+    // request (`kv = None`), which then computes and stores nothing.
+    if let (Some(f), Some(k)) = (&conn, kv.clone())
         && state.settings.disaggregates()
         && !prefill_only
     {
-        let present = match kv.present_blocks(&req.tokens, own..usable).await {
-            Ok(n) => n,
-            Err(e) => {
-                state.metrics.fabric_errors.with_label_values(&["exists"]).inc();
-                tracing::warn!(error = %e, "fabric ExistsPrefix failed");
-                0
+        match f.call("exists", k.present_blocks(&req.tokens, own..usable)).await {
+            Err(e) if e.down => kv = None,
+            r => {
+                let present = r.unwrap_or(0);
+                let uncached = len - (own + present) * tpb;
+                if uncached >= state.settings.disagg_min_uncached_tokens {
+                    place = disagg::remote_prefill(state, &req.tokens).await;
+                } else {
+                    tracing::debug!(uncached, "prefilling locally: short uncached part");
+                }
             }
-        };
-        let uncached = len - (own + present) * tpb;
-        if uncached >= state.settings.disagg_min_uncached_tokens {
-            place = disagg::remote_prefill(state, &req.tokens).await;
-        } else {
-            tracing::debug!(uncached, "prefilling locally: short uncached part");
         }
     }
-    let fabric = match &kv {
-        Some(kv) if own < usable => match kv.load_blocks(&req.tokens, own..usable).await {
-            Ok(b) => b,
-            Err(e) => {
-                state.metrics.fabric_errors.with_label_values(&["load"]).inc();
-                tracing::warn!(error = %e, "loading blocks from the fabric failed: computing them");
-                Vec::new()
-            }
-        },
-        _ => Vec::new(),
-    };
+    let mut fabric = Vec::new();
+    if let (Some(f), Some(k)) = (&conn, kv.clone())
+        && own < usable
+    {
+        match f.call("load", k.load_blocks(&req.tokens, own..usable)).await {
+            Ok(b) => fabric = b,
+            Err(e) if e.down => kv = None,
+            // Computed instead.
+            Err(_) => {}
+        }
+    }
     if place == PrefillPlace::Remote && fabric.len() < usable - own {
         tracing::warn!(
             expected = usable - own,
@@ -338,19 +446,21 @@ pub(crate) async fn start(state: &Arc<AppState>, req: GenRequest, t0: Instant) -
             "the prefill worker's blocks are not all in the fabric: computing the rest"
         );
     }
-    let export_from = match &kv {
-        None => None,
+    let export_from = match (&conn, kv.clone()) {
         // A prefill worker makes sure every full block ends up in the
         // fabric, also those it had in its own pool.
-        Some(kv) if prefill_only && own > 0 => Some(match kv.present_blocks(&req.tokens, 0..own).await {
-            Ok(n) => n,
-            Err(e) => {
-                state.metrics.fabric_errors.with_label_values(&["exists"]).inc();
-                tracing::warn!(error = %e, "fabric ExistsPrefix failed");
-                0
+        (Some(f), Some(k)) if prefill_only && own > 0 => {
+            match f.call("exists", k.present_blocks(&req.tokens, 0..own)).await {
+                Ok(n) => Some(n),
+                Err(e) if e.down => {
+                    kv = None;
+                    None
+                }
+                Err(_) => Some(0),
             }
-        }),
-        Some(_) => Some(own + fabric.len()),
+        }
+        (_, Some(_)) => Some(own + fabric.len()),
+        _ => None,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     state
@@ -369,7 +479,9 @@ pub(crate) async fn start(state: &Arc<AppState>, req: GenRequest, t0: Instant) -
     Ok(Generation {
         rx,
         metrics: state.metrics.clone(),
+        conn,
         kv,
+        store_error: None,
         prompt: req.tokens,
         place,
         t0,
@@ -385,17 +497,21 @@ pub(crate) async fn start(state: &Arc<AppState>, req: GenRequest, t0: Instant) -
 
 impl Generation {
     fn store(&mut self, tokens: Vec<u32>, blocks: Vec<(usize, Vec<u8>)>) {
-        let Some(kv) = self.kv.clone() else { return };
+        let (Some(conn), Some(kv)) = (self.conn.clone(), self.kv.clone()) else {
+            return;
+        };
         if blocks.is_empty() {
             return;
         }
-        let m = self.metrics.clone();
+        if conn.cooling() {
+            // An earlier call of this request found the node down.
+            self.store_error = Some("the fabric node is unreachable".into());
+            return;
+        }
         self.stores.push(tokio::spawn(async move {
-            kv.store(&tokens, blocks).await.map_err(|e| {
-                m.fabric_errors.with_label_values(&["store"]).inc();
-                tracing::warn!(error = %e, "storing blocks in the fabric failed");
-                e.to_string()
-            })
+            conn.call("store", kv.store(&tokens, blocks))
+                .await
+                .map_err(|e| e.message)
         }));
     }
 
@@ -432,7 +548,7 @@ impl Generation {
                 Out::Finished { reason, tokens, blocks } => {
                     self.store(tokens, blocks);
                     let mut stored_blocks = 0;
-                    let mut store_error = None;
+                    let mut store_error = self.store_error.take();
                     for t in self.stores.drain(..) {
                         match t.await {
                             Ok(Ok(n)) => stored_blocks += n,
