@@ -66,8 +66,20 @@ impl Etcd {
         if tls {
             e.make_certificates();
         }
-        e.spawn().await;
-        e
+        // A free port can be taken by another test between our pick and
+        // etcd's bind: pick again (a few times) rather than fail the test.
+        for _ in 0..5 {
+            match e.try_spawn().await {
+                Ok(()) => return e,
+                Err(log) if log.contains("address already in use") => {
+                    let _ = std::fs::remove_dir_all(e.dir.path().join("data"));
+                    let _ = std::fs::remove_file(e.dir.path().join("etcd.log"));
+                    (e.client_port, e.peer_port) = (free_port(), free_port());
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("etcd found no free ports in 5 tries; log: {}", e.log())
     }
 
     /// `name` (`ca.pem`, `server.pem`, `server.key`, `client.pem`,
@@ -139,6 +151,13 @@ impl Etcd {
 
     /// Starts etcd (same data dir and ports every time) and waits until it answers.
     pub async fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn().await {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Self::spawn`], or why etcd exited (with its log).
+    async fn try_spawn(&mut self) -> Result<(), String> {
         let scheme = if self.tls { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -180,10 +199,11 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if list_members(&self.target(), "probe").await.is_ok() {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("etcd exited with {status}; log: {}", self.log());
+                self.child = None;
+                return Err(format!("etcd exited with {status}; log: {}", self.log()));
             }
             assert!(
                 Instant::now() < deadline,
