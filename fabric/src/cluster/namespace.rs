@@ -116,6 +116,50 @@ pub enum PublishError {
     Cluster(#[from] ClusterError),
 }
 
+/// What [`create_or_read`] found.
+enum Found {
+    /// No record was there: `rec` was written.
+    Written,
+    /// One was there but went before it could be read (retry).
+    Gone,
+    /// The record there, of the same tenant, and its mod revision.
+    Owned(NamespaceRecord, i64),
+}
+
+/// Writes `rec` at `key` if no record is there; else reads the one that
+/// is, refusing it when another tenant owns it.
+async fn create_or_read(
+    c: &mut etcd_client::Client,
+    etcd: &EtcdTarget,
+    key: &str,
+    rec: &NamespaceRecord,
+) -> Result<Found, PublishError> {
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key, rec.encode(), None)])
+        .or_else([TxnOp::get(key, None)]);
+    let r = bounded(etcd, c.txn(txn)).await?;
+    if r.succeeded() {
+        return Ok(Found::Written);
+    }
+    let existing = r.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+        _ => None,
+    });
+    let Some((value, rev)) = existing else {
+        return Ok(Found::Gone);
+    };
+    // A malformed record is replaced only by... nobody: report it.
+    let old = NamespaceRecord::decode(key, &value)?;
+    if old.owner != rec.owner {
+        return Err(PublishError::OtherOwner {
+            namespace: rec.name.clone(),
+            owner: old.owner,
+        });
+    }
+    Ok(Found::Owned(old, rev))
+}
+
 /// Creates the namespace record, or updates its replication when the same
 /// tenant owns it; refuses another tenant's namespace. Retries a lost
 /// compare-and-swap a few times.
@@ -124,27 +168,11 @@ pub async fn publish(etcd: &EtcdTarget, cluster_id: &str, rec: &NamespaceRecord)
     let key = namespace_key(cluster_id, &rec.name);
     let mut c = connect(etcd).await?;
     for _ in 0..5 {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), rec.encode(), None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let r = bounded(etcd, c.txn(txn)).await?;
-        if r.succeeded() {
-            return Ok(());
-        }
-        let existing = r.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
-            _ => None,
-        });
-        let Some((value, rev)) = existing else { continue };
-        // A malformed record is replaced only by... nobody: report it.
-        let old = NamespaceRecord::decode(&key, &value)?;
-        if old.owner != rec.owner {
-            return Err(PublishError::OtherOwner {
-                namespace: rec.name.clone(),
-                owner: old.owner,
-            });
-        }
+        let rev = match create_or_read(&mut c, etcd, &key, rec).await? {
+            Found::Written => return Ok(()),
+            Found::Gone => continue,
+            Found::Owned(_, rev) => rev,
+        };
         let txn = Txn::new()
             .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
             .and_then([TxnOp::put(key.clone(), rec.encode(), None)]);
@@ -175,29 +203,13 @@ pub async fn claim(
     rec.validate().map_err(ClusterError::InvalidSettings)?;
     let key = namespace_key(cluster_id, name);
     let mut c = connect(etcd).await?;
-    // A record deleted between the compare and the get is claimed again.
+    // A record deleted between the compare and the read is claimed again.
     for _ in 0..5 {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), rec.encode(), None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let r = bounded(etcd, c.txn(txn)).await?;
-        if r.succeeded() {
-            return Ok(rec);
+        match create_or_read(&mut c, etcd, &key, &rec).await? {
+            Found::Written => return Ok(rec),
+            Found::Gone => continue,
+            Found::Owned(old, _) => return Ok(old),
         }
-        let existing = r.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        });
-        let Some(value) = existing else { continue };
-        let old = NamespaceRecord::decode(&key, &value)?;
-        if old.owner != owner {
-            return Err(PublishError::OtherOwner {
-                namespace: name.to_string(),
-                owner: old.owner,
-            });
-        }
-        return Ok(old);
     }
     Err(ClusterError::Etcd(format!("namespace record {key} kept changing; try again")).into())
 }

@@ -67,26 +67,29 @@ async fn corrupted_bytes_are_reported() {
     for i in 0..3 {
         t.put(&key(i), &block(i, 10_000), false).await.unwrap();
     }
-    let (path, ext) = t.location(&key(1)).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(b"scribble", ext.offset + 100).unwrap();
-    f.sync_data().unwrap();
-    let err = t.get(&key(1)).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TierError::Corrupt {
-                tier: TierKind::Disk,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    // Writes `what` into `k`'s extent at `at`, on disk, behind the tier.
+    let scribble = |k: u64, what: &[u8], at: u64| {
+        let (path, ext) = t.location(&key(k)).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(what, ext.offset + at).unwrap();
+        f.sync_data().unwrap();
+    };
+    let corrupt = |err: TierError| {
+        assert!(
+            matches!(
+                err,
+                TierError::Corrupt {
+                    tier: TierKind::Disk,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    };
+    scribble(1, b"scribble", 100);
+    corrupt(t.get(&key(1)).await.unwrap_err());
     // Damage past the payload (in the extent's padding) is harmless.
-    let (path, ext) = t.location(&key(2)).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(b"padding", ext.offset + 10_500).unwrap();
-    f.sync_data().unwrap();
+    scribble(2, b"padding", 10_500);
     for i in [0, 2] {
         assert_eq!(t.get(&key(i)).await.unwrap().unwrap().payload, block(i, 10_000).payload);
     }
@@ -99,21 +102,8 @@ async fn corrupted_bytes_are_reported() {
     assert!(big >= crate::OFFLOAD_BYTES);
     t.put(&key(3), &block(3, big), false).await.unwrap();
     assert_eq!(t.get(&key(3)).await.unwrap().unwrap().payload, block(3, big).payload);
-    let (path, ext) = t.location(&key(3)).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(b"scribble", ext.offset + 500_000).unwrap();
-    f.sync_data().unwrap();
-    let err = t.get(&key(3)).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TierError::Corrupt {
-                tier: TierKind::Disk,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    scribble(3, b"scribble", 500_000);
+    corrupt(t.get(&key(3)).await.unwrap_err());
 }
 
 #[tokio::test(flavor = "multi_thread")]
