@@ -828,3 +828,77 @@ async fn a_silent_fabric_node_does_not_stall_requests() -> Result<()> {
     holder.abort();
     Ok(())
 }
+
+/// `/v1/prefill` answers 503 `fabric_unavailable` when the prefill
+/// worker's fabric node cannot be reached, instead of block keys of blocks
+/// it never stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_without_a_reachable_fabric_is_503() -> Result<()> {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let w = Worker::start(WorkerSettings {
+        role: Role::Prefill,
+        fabric: Some(format!("http://{closed}")),
+        fabric_timeout_ms: 1000,
+        ..settings(None)
+    })
+    .await?;
+    let c = http();
+    let prompt = encode(&long_text("unreachable", 100), true);
+    let (status, v) = post(
+        &c,
+        &format!("{}/v1/prefill", w.url()),
+        &json!({"prompt": prompt, "namespace": NS}),
+    )
+    .await?;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "fabric_unavailable", "{v}");
+    // Completions are still served, computed here.
+    let out = complete(&c, &w, json!({"prompt": prompt, "max_tokens": 2})).await?;
+    assert_eq!(ids(&out), reference(&prompt, 2)?);
+    w.shutdown().await;
+    Ok(())
+}
+
+/// A fabric block that is found but does not import (here: NaNs) is
+/// computed, and the computed block replaces the bad copy in the fabric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fabric_block_that_does_not_import_is_stored_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = node(dir.path()).await?;
+    let client = kvfabric::client::Client::connect(node.endpoint()).await?;
+    let layout = Engine::new(Model::from_seed(&ModelConfig::tiny())?, 4)?
+        .kv_layout()
+        .clone();
+    let text = long_text("bad block", 100);
+    let prompt = encode(&text, true);
+    let key0 = Bytes::copy_from_slice(&chain_hashes(namespace_salt(NS), &prompt, TPB, &[])[0]);
+    let nan = f32::NAN.to_le_bytes().repeat(layout.block_bytes() / 4);
+    client
+        .put_many(
+            NS,
+            vec![kvfabric::client::PutObject {
+                key: key0.clone(),
+                value: Bytes::from(nan.clone()),
+                layout: Some(kvfabric_engine_adapters::fabric_kv::wire_layout(&layout)),
+            }],
+            kvfabric::client::Durability::Memory,
+        )
+        .await?;
+    let w = Worker::start(settings(Some(&node))).await?;
+    let c = http();
+    let out = complete(&c, &w, json!({"prompt": text, "max_tokens": 2})).await?;
+    assert_eq!(ids(&out), reference(&prompt, 2)?);
+    assert_eq!(ext(&out, "fabric_tokens"), 0, "the bad block was not used: {out}");
+    let got = client.get(NS, key0).await?.context("block 0 is in the fabric")?;
+    assert!(got.value[..] != nan[..], "the bad copy was replaced");
+    assert!(
+        got.value
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        "by the computed block"
+    );
+    w.shutdown().await;
+    node.shutdown().await;
+    Ok(())
+}

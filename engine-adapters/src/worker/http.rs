@@ -10,7 +10,8 @@
 //! - `POST /v1/prefill` (internal, for decode workers): `{prompt: [ids],
 //!   namespace?}` -> `{block_keys: [hex...], cached_tokens,
 //!   computed_tokens, own_pool_tokens, fabric_tokens, stored_blocks}`
-//!   after every full block of the prompt is in the fabric.
+//!   after every full block of the prompt is in the fabric; 503 when the
+//!   worker has no fabric, cannot reach it or the store fails.
 //! - `GET /v1/models`, `GET /health` (200, `{status, role, model,
 //!   queue_depth, running, free_blocks, cached_blocks}`), `GET /metrics`.
 //!

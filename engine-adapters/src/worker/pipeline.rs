@@ -462,6 +462,15 @@ pub(crate) async fn start(state: &Arc<AppState>, req: GenRequest, t0: Instant) -
         (_, Some(_)) => Some(own + fabric.len()),
         _ => None,
     };
+    if prefill_only && conn.is_some() && kv.is_none() {
+        // `/v1/prefill` exists to put the blocks into the fabric: without
+        // it, the caller had better prefill locally.
+        return Err(ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fabric_unavailable",
+            "the fabric node is unreachable: the prefilled blocks could not be stored",
+        ));
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     state
         .engine

@@ -110,8 +110,9 @@ pub(crate) struct Job {
     pub(crate) sampling: Sampling,
     /// Keep going after EOS.
     pub(crate) ignore_eos: bool,
-    /// Export full blocks from this index on for the fabric (`None`: the
-    /// worker has no fabric).
+    /// Export full blocks from this index on for the fabric, or from the
+    /// first one computed here if that is earlier (`None`: the worker has
+    /// no fabric).
     pub(crate) export_from: Option<usize>,
     /// Where the output goes.
     pub(crate) out: mpsc::UnboundedSender<Out>,
@@ -520,7 +521,10 @@ impl Scheduler {
             let prompt_blocks = len / self.tpb;
             self.cache_blocks(seq);
             let blocks = match job.export_from {
-                Some(from) => self.export(seq, from, prompt_blocks),
+                // From no later than the first block computed here: a
+                // fabric block that did not import was computed, and the
+                // fabric's copy is bad.
+                Some(from) => self.export(seq, from.min((own_t + fab_t) / self.tpb), prompt_blocks),
                 None => Vec::new(),
             };
             let prefilled = Out::Prefilled {
