@@ -156,6 +156,13 @@ pub(crate) struct ReplayOpts {
     /// Decode time per output token, ms.
     #[arg(long, default_value_t = 20.0)]
     decode_ms_per_token: f64,
+    /// Decode and prefill share each worker's GPU: decoding sequences
+    /// make no progress while a prefill batch runs on their worker
+    /// (prefill first, as engines without chunked prefill schedule), so a
+    /// worker's prefills lengthen its decodes' end-to-end latency. Off:
+    /// decode runs beside prefill (the model).
+    #[arg(long)]
+    decode_stalls: bool,
     /// Uncached tokens per prefill batch (a longer request runs alone).
     #[arg(long, default_value_t = 8192)]
     max_batch_tokens: u64,
@@ -295,6 +302,7 @@ impl ReplayOpts {
                 ReachArg::Colocated => Reach::Colocated,
             },
             decode_ms_per_token: self.decode_ms_per_token,
+            decode_stalls: self.decode_stalls,
             max_batch_tokens: self.max_batch_tokens,
             prefill,
             cost,

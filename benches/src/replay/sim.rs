@@ -38,7 +38,11 @@
 //! then its blocks (`ceil((input + output) / block_tokens)`) count as active
 //! decode blocks. Decode does not slow prefill down and its KV does not
 //! take HBM cache room (a cache-only model: the capacity flag is what is
-//! left for cached prefixes).
+//! left for cached prefixes). With `decode_stalls` (`--decode-stalls`) a
+//! worker's decodes stand still while a prefill batch runs on it (prefill
+//! first, no chunking): each worker keeps a decode clock that stops during
+//! its batches, a decode ends when that clock has advanced by its decode
+//! time (a `DecodeDone` event), and its end-to-end latency is then.
 //!
 //! **Fabric.** One node per host (`workers_per_host` workers share it), each
 //! with host, disk and object tiers, each an LRU holding a block in exactly
@@ -162,6 +166,8 @@ pub(crate) struct SimConfig {
     pub(crate) reach: Reach,
     /// Decode time per output token.
     pub(crate) decode_ms_per_token: f64,
+    /// Decode makes no progress while a prefill batch runs on its worker.
+    pub(crate) decode_stalls: bool,
     /// Uncached tokens per prefill batch (a longer request runs alone).
     pub(crate) max_batch_tokens: u64,
     /// Prefill time model.
@@ -563,8 +569,15 @@ struct Worker {
     queue: VecDeque<usize>,
     running: Vec<usize>,
     pending_prefill: u64,
-    decodes: BinaryHeap<Reverse<(Ms, u64)>>,
+    /// Decoding sequences: when their decode ends on this worker's decode
+    /// clock ([`Worker::decode_clock`]), their blocks, the request.
+    decodes: BinaryHeap<Reverse<(Ms, u64, usize)>>,
     decode_blocks: u64,
+    /// The decode clock (ms of decode progress) at real time
+    /// `decode_clock_at`: with `decode_stalls` it stands still while a
+    /// prefill batch runs; else it is real time.
+    decode_clock: f64,
+    decode_clock_at: f64,
     busy_ms: f64,
     /// Requests in its load stage (queued or loading).
     loading: Vec<usize>,
@@ -591,6 +604,8 @@ impl Ord for Ms {
 enum Ev {
     LoadDone(usize),
     BatchDone(usize),
+    /// A worker's first decode may have ended (`decode_stalls`).
+    DecodeDone(usize),
 }
 
 #[derive(Clone, Default)]
@@ -669,6 +684,8 @@ impl<'a> Sim<'a> {
                     pending_prefill: 0,
                     decodes: BinaryHeap::new(),
                     decode_blocks: 0,
+                    decode_clock: 0.0,
+                    decode_clock_at: 0.0,
                     busy_ms: 0.0,
                     loading: Vec::new(),
                     batch_end: 0.0,
@@ -728,6 +745,7 @@ impl<'a> Sim<'a> {
                     match ev {
                         Ev::LoadDone(i) => self.load_done(i, t),
                         Ev::BatchDone(w) => self.batch_done(w, t),
+                        Ev::DecodeDone(w) => self.decode_done(w, t),
                     }
                 }
             }
@@ -755,7 +773,10 @@ impl<'a> Sim<'a> {
                 self.cands.clear();
                 for (w, wk) in self.workers.iter_mut().enumerate() {
                     let colocated = self.cfg.colocated.then(|| self.fabric[self.cfg.host_of(w)].holder);
-                    while let Some(Reverse((Ms(end), blocks))) = wk.decodes.peek().copied() {
+                    // (With stalls, DecodeDone events end decodes on time.)
+                    while !self.cfg.decode_stalls
+                        && let Some(Reverse((Ms(end), blocks, _))) = wk.decodes.peek().copied()
+                    {
                         if end > now {
                             break;
                         }
@@ -954,6 +975,10 @@ impl<'a> Sim<'a> {
         if wk.running.is_empty() {
             return;
         }
+        if self.cfg.decode_stalls {
+            wk.decode_clock += now - wk.decode_clock_at;
+            wk.decode_clock_at = now;
+        }
         let ms = self.cfg.prefill.ms(tokens);
         wk.batch_end = now + ms;
         wk.busy_ms += ms;
@@ -963,6 +988,10 @@ impl<'a> Sim<'a> {
     fn batch_done(&mut self, w: usize, now: f64) {
         let bt = self.cfg.block_tokens;
         let trace = self.trace;
+        let stalls = self.cfg.decode_stalls;
+        // The decode clock stood still during the batch (with stalls).
+        self.workers[w].decode_clock_at = now;
+        let decode_now = self.workers[w].decode_clock;
         let batch = std::mem::take(&mut self.workers[w].running);
         let home = self.cfg.host_of(w);
         for &i in &batch {
@@ -979,14 +1008,53 @@ impl<'a> Sim<'a> {
             let ttft = now - st.arrival;
             let decode = r.output as f64 * self.cfg.decode_ms_per_token;
             let blocks = (r.input + r.output).div_ceil(bt);
-            wk.decodes.push(Reverse((Ms(now + decode), blocks)));
+            let end = if stalls { decode_now } else { now } + decode;
+            wk.decodes.push(Reverse((Ms(end), blocks, i)));
             wk.decode_blocks += blocks;
             self.res.ttft_ms[i] = ttft;
-            self.res.e2e_ms[i] = ttft + decode;
+            if !stalls {
+                self.res.e2e_ms[i] = ttft + decode;
+            }
         }
         self.workers[w].running = batch;
         self.workers[w].running.clear();
         self.try_start(w, now);
+        if stalls {
+            self.schedule_decode_done(w, now);
+        }
+    }
+
+    /// With `decode_stalls`: when worker `w`'s first decode ends if no
+    /// prefill batch starts before (one that does stops the clock; its end
+    /// schedules again).
+    fn schedule_decode_done(&mut self, w: usize, now: f64) {
+        let wk = &self.workers[w];
+        if !wk.running.is_empty() {
+            return;
+        }
+        if let Some(Reverse((Ms(end), _, _))) = wk.decodes.peek() {
+            let clock = wk.decode_clock + (now - wk.decode_clock_at);
+            self.push(now + (end - clock).max(0.0), Ev::DecodeDone(w));
+        }
+    }
+
+    /// With `decode_stalls`: ends the decodes of worker `w` whose decode
+    /// clock target has passed (a stale event finds none).
+    fn decode_done(&mut self, w: usize, now: f64) {
+        let wk = &mut self.workers[w];
+        if !wk.running.is_empty() {
+            return;
+        }
+        let clock = wk.decode_clock + (now - wk.decode_clock_at);
+        while let Some(Reverse((Ms(end), blocks, i))) = wk.decodes.peek().copied() {
+            if end > clock + 1e-6 {
+                break;
+            }
+            wk.decodes.pop();
+            wk.decode_blocks -= blocks;
+            self.res.e2e_ms[i] = now - self.reqs[i].arrival;
+        }
+        self.schedule_decode_done(w, now);
     }
 }
 
@@ -1033,6 +1101,7 @@ mod tests {
             colocated: true,
             reach: Reach::Any,
             decode_ms_per_token: 10.0,
+            decode_stalls: false,
             max_batch_tokens: 8192,
             prefill,
             cost: CostSettings {
@@ -1119,6 +1188,37 @@ mod tests {
             assert!((r.ttft_ms[1] - pm.ms(2200 - 3 * 512)).abs() < 1e-9);
             assert!((r.e2e_ms[1] - r.ttft_ms[1] - 40.0).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn with_decode_stalls_a_prefill_on_the_worker_delays_its_decodes() {
+        // One worker: request 0 decodes 100 tokens (1000 ms at 10 ms each);
+        // request 1 arrives 200 ms after 0's first token and prefills 4096
+        // tokens while 0 decodes.
+        let pm = PrefillModel::default();
+        let first = pm.ms(2048);
+        let t = trace_out(&[
+            (0, 2048, 100, &[1, 2, 3, 4]),
+            ((first + 200.0) as u64, 4096, 10, &[9, 10, 11, 12, 13, 14, 15, 16]),
+        ]);
+        let mut c = cfg(1);
+        let beside = run(&t, &c, Policy::RoundRobin, 1.0, 1);
+        assert!((beside.e2e_ms[0] - first - 1000.0).abs() < 1e-6, "{:?}", beside.e2e_ms);
+        c.decode_stalls = true;
+        let stalls = run(&t, &c, Policy::RoundRobin, 1.0, 1);
+        assert_eq!(stalls.ttft_ms, beside.ttft_ms, "prefill goes first either way");
+        let batch1 = pm.ms(4096);
+        assert!(
+            (stalls.e2e_ms[0] - (first + 1000.0 + batch1)).abs() < 1e-6,
+            "0 stood still for 1's batch: {:?}",
+            stalls.e2e_ms
+        );
+        // 1 decodes after its own batch, unhindered.
+        assert!(
+            (stalls.e2e_ms[1] - (batch1 + 100.0)).abs() < 1e-6,
+            "{:?}",
+            stalls.e2e_ms
+        );
     }
 
     #[test]
