@@ -902,3 +902,64 @@ async fn a_fabric_block_that_does_not_import_is_stored_again() -> Result<()> {
     node.shutdown().await;
     Ok(())
 }
+
+/// Sends a request's head and the start of its body, then nothing.
+async fn stalled_body(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nhost: w\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\":",
+    )
+    .await?;
+    Ok(s)
+}
+
+/// A body that stops arriving gets 408 after `body-timeout-ms`, with an
+/// OpenAI error body; and a shutdown waits for such a client (or any
+/// request) no longer than `shutdown-timeout-ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_get_408_and_do_not_hold_up_shutdown() -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let w = Worker::start(WorkerSettings {
+        body_timeout_ms: 300,
+        ..settings(None)
+    })
+    .await?;
+    let mut s = stalled_body(w.local_addr()).await?;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await?;
+            got.extend_from_slice(&buf[..n]);
+            if n == 0 || String::from_utf8_lossy(&got).contains("request_timeout") {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .context("no answer to a stalled body")??;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body: Value =
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default()).with_context(|| text.to_string())?;
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    let still = complete(&http(), &w, json!({"prompt": "after", "max_tokens": 2})).await?;
+    assert_eq!(ids(&still), reference(&encode("after", true), 2)?);
+    w.shutdown().await;
+
+    let w = Worker::start(WorkerSettings {
+        body_timeout_ms: 600_000,
+        shutdown_timeout_ms: 300,
+        ..settings(None)
+    })
+    .await?;
+    let _held = stalled_body(w.local_addr()).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(20), w.shutdown())
+        .await
+        .context("shutdown waited on the stalled request")?;
+    Ok(())
+}

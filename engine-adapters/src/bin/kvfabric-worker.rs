@@ -3,7 +3,8 @@
 //! router forwards to. Settings come from a TOML file, then
 //! `KVFABRIC_WORKER_*` environment variables, then flags (later wins); see
 //! the crate README's worker settings table. SIGINT or SIGTERM stops it
-//! gracefully (requests in flight finish first).
+//! gracefully (requests in flight finish first, for up to
+//! `shutdown-timeout-ms`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -102,6 +103,12 @@ struct Cli {
     /// Largest request body (e.g. 8MiB).
     #[arg(long, env = "KVFABRIC_WORKER_MAX_BODY_SIZE")]
     max_body_size: Option<ByteSize>,
+    /// Time a request body may take to arrive, ms (slower: 408).
+    #[arg(long, env = "KVFABRIC_WORKER_BODY_TIMEOUT_MS")]
+    body_timeout_ms: Option<u64>,
+    /// Time a shutdown waits for requests in flight, ms.
+    #[arg(long, env = "KVFABRIC_WORKER_SHUTDOWN_TIMEOUT_MS")]
+    shutdown_timeout_ms: Option<u64>,
     /// Log filter (RUST_LOG overrides).
     #[arg(long, env = "KVFABRIC_WORKER_LOG")]
     log: Option<String>,
@@ -166,6 +173,8 @@ async fn main() -> Result<()> {
         prefill_timeout_ms: cli.prefill_timeout_ms,
         prefill_health_timeout_ms: cli.prefill_health_timeout_ms,
         max_body_size: cli.max_body_size,
+        body_timeout_ms: cli.body_timeout_ms,
+        shutdown_timeout_ms: cli.shutdown_timeout_ms,
         log: cli.log,
         cluster: cli.cluster,
         cluster_id: cli.cluster_id,

@@ -174,6 +174,13 @@ pub struct WorkerSettings {
     /// Largest request body accepted; larger ones get 413. Default `8MiB`;
     /// 1KiB..=1GiB.
     pub max_body_size: ByteSize,
+    /// Time a request's body may take to arrive, ms; a slower one gets 408.
+    /// Default 30000; 1 to 3 600 000.
+    pub body_timeout_ms: u64,
+    /// Time a shutdown waits for the requests in flight to finish, ms;
+    /// those still running then are cut off. Default 30000; 0 to
+    /// 3 600 000.
+    pub shutdown_timeout_ms: u64,
     /// Log filter (`tracing` env-filter syntax) of the binary. Default
     /// `info`; `RUST_LOG` overrides.
     pub log: String,
@@ -228,6 +235,8 @@ impl Default for WorkerSettings {
             prefill_timeout_ms: 30_000,
             prefill_health_timeout_ms: 1000,
             max_body_size: ByteSize(8 << 20),
+            body_timeout_ms: 30_000,
+            shutdown_timeout_ms: 30_000,
             log: "info".into(),
             cluster: None,
             cluster_id: "kvfabric".into(),
@@ -292,6 +301,10 @@ pub struct Overrides {
     pub prefill_health_timeout_ms: Option<u64>,
     /// `--max-body-size` / `KVFABRIC_WORKER_MAX_BODY_SIZE`.
     pub max_body_size: Option<ByteSize>,
+    /// `--body-timeout-ms` / `KVFABRIC_WORKER_BODY_TIMEOUT_MS`.
+    pub body_timeout_ms: Option<u64>,
+    /// `--shutdown-timeout-ms` / `KVFABRIC_WORKER_SHUTDOWN_TIMEOUT_MS`.
+    pub shutdown_timeout_ms: Option<u64>,
     /// `--cluster` / `KVFABRIC_WORKER_CLUSTER`.
     pub cluster: Option<String>,
     /// `--cluster-id` / `KVFABRIC_WORKER_CLUSTER_ID`.
@@ -368,6 +381,8 @@ impl WorkerSettings {
             prefill_timeout_ms,
             prefill_health_timeout_ms,
             max_body_size,
+            body_timeout_ms,
+            shutdown_timeout_ms,
             log,
             cluster_id,
             registration_ttl_s
@@ -435,6 +450,8 @@ impl WorkerSettings {
         range("prefill-timeout-ms", self.prefill_timeout_ms, 1, 3_600_000)?;
         range("prefill-health-timeout-ms", self.prefill_health_timeout_ms, 1, 60_000)?;
         range("max-body-size", self.max_body_size.0, 1 << 10, 1 << 30)?;
+        range("body-timeout-ms", self.body_timeout_ms, 1, 3_600_000)?;
+        range("shutdown-timeout-ms", self.shutdown_timeout_ms, 0, 3_600_000)?;
         if let Err(e) = kvfabric::validate::name("namespace", &self.namespace) {
             return invalid(e);
         }
@@ -578,6 +595,8 @@ mod tests {
             ("prefill-workers = [\"http://x\"]", "prefill-workers[0]"),
             ("prefill-timeout-ms = 0", "prefill-timeout-ms"),
             ("fabric-timeout-ms = 0", "fabric-timeout-ms"),
+            ("body-timeout-ms = 0", "body-timeout-ms"),
+            ("shutdown-timeout-ms = 3600001", "shutdown-timeout-ms"),
             ("max-body-size = \"2GiB\"", "max-body-size"),
             ("[model-config]\nnum-kv-heads = 3", "model-config"),
             ("model = \"/x.toml\"\n[model-config]\nseed = 1", "model-config"),

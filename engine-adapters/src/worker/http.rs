@@ -18,12 +18,13 @@
 //! Bad input is a 4xx with an OpenAI error body: malformed JSON, missing or
 //! mistyped fields (400), an unknown model (404), an empty prompt, token ids
 //! outside the vocabulary, a prompt plus `max_tokens` over the model's
-//! context or the pool (400), a body over `max-body-size` (413). A full
+//! context or the pool (400), a body slower than `body-timeout-ms` (408), a
+//! body over `max-body-size` (413). A full
 //! waiting queue or pool is 503.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -87,7 +88,9 @@ const DRAIN_BYTES: u64 = 16 << 20;
 /// How long the worker keeps draining an oversized body.
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+/// Reads a request body of at most `max` bytes that must arrive within
+/// `timeout` (else 408).
+async fn read_body(max: usize, timeout: Duration, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -105,6 +108,7 @@ async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes,
     let mut over = declared.is_some_and(|n| n > max as u64);
     let mut seen = 0u64;
     let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    let body_deadline = tokio::time::Instant::now() + timeout;
     loop {
         let frame = if over {
             // Discard mode: bounded in bytes and time.
@@ -116,7 +120,20 @@ async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes,
                 Err(_) => break,
             }
         } else {
-            body.frame().await
+            match tokio::time::timeout_at(body_deadline, body.frame()).await {
+                Ok(f) => f,
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "invalid_request_error",
+                        "request_timeout",
+                        format!(
+                            "the request body did not arrive within the worker's body-timeout-ms ({} ms)",
+                            timeout.as_millis()
+                        ),
+                    ));
+                }
+            }
         };
         match frame {
             None => break,
@@ -141,6 +158,10 @@ async fn read_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Bytes,
         }
     }
     if over { Err(too_large()) } else { Ok(buf.freeze()) }
+}
+
+fn body_timeout(s: &AppState) -> Duration {
+    Duration::from_millis(s.settings.body_timeout_ms)
 }
 
 /// Checks a prompt against the model and the pool.
@@ -212,7 +233,7 @@ async fn run_generate(
     body: Body,
     t0: Instant,
 ) -> Result<Response, ApiError> {
-    let body = read_body(s.settings.max_body_size.0 as usize, headers, body).await?;
+    let body = read_body(s.settings.max_body_size.0 as usize, body_timeout(s), headers, body).await?;
     let req: GenerateRequest = openai::parse_generate(api, &body)?;
     check_model(s, req.model.as_deref())?;
     let tokens = match &req.prompt {
@@ -447,7 +468,7 @@ async fn prefill(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body)
 }
 
 async fn run_prefill(s: &Arc<AppState>, headers: &HeaderMap, body: Body, t0: Instant) -> Result<Value, ApiError> {
-    let body = read_body(s.settings.max_body_size.0 as usize, headers, body).await?;
+    let body = read_body(s.settings.max_body_size.0 as usize, body_timeout(s), headers, body).await?;
     let req = openai::parse_prefill(&body)?;
     if let Some(ns) = &req.namespace
         && *ns != s.settings.namespace

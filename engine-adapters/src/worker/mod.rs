@@ -293,14 +293,24 @@ impl WorkerHandle {
         self.state.metrics.render()
     }
 
-    /// Stops serving (requests in flight finish first), then the engine
-    /// thread (publishing `AllBlocksCleared`) and the event publisher.
+    /// Stops serving (requests in flight finish first, for up to
+    /// `shutdown-timeout-ms`; the engine thread's stop then fails those
+    /// still running), then the engine thread (publishing
+    /// `AllBlocksCleared`) and the event publisher.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         if let Some(s) = self.server.take() {
-            let _ = s.await;
+            let grace = Duration::from_millis(self.state.settings.shutdown_timeout_ms);
+            let abort = s.abort_handle();
+            if tokio::time::timeout(grace, s).await.is_err() {
+                tracing::warn!(
+                    shutdown_timeout_ms = self.state.settings.shutdown_timeout_ms,
+                    "requests still in flight at the end of shutdown-timeout-ms: cutting them off"
+                );
+                abort.abort();
+            }
         }
         self.state.engine.shutdown();
         if let Some(t) = self.engine.take() {
