@@ -42,7 +42,7 @@
 //! worker's decodes stand still while a prefill batch runs on it (prefill
 //! first, no chunking): each worker keeps a decode clock that stops during
 //! its batches, a decode ends when that clock has advanced by its decode
-//! time (a `DecodeDone` event), and its end-to-end latency is then.
+//! time (a `Decoded` event), and its end-to-end latency is then.
 //!
 //! **Fabric.** One node per host (`workers_per_host` workers share it), each
 //! with host, disk and object tiers, each an LRU holding a block in exactly
@@ -602,10 +602,10 @@ impl Ord for Ms {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
-    LoadDone(usize),
-    BatchDone(usize),
+    Loaded(usize),
+    Prefilled(usize),
     /// A worker's first decode may have ended (`decode_stalls`).
-    DecodeDone(usize),
+    Decoded(usize),
 }
 
 #[derive(Clone, Default)]
@@ -743,9 +743,9 @@ impl<'a> Sim<'a> {
                         break;
                     };
                     match ev {
-                        Ev::LoadDone(i) => self.load_done(i, t),
-                        Ev::BatchDone(w) => self.batch_done(w, t),
-                        Ev::DecodeDone(w) => self.decode_done(w, t),
+                        Ev::Loaded(i) => self.load_done(i, t),
+                        Ev::Prefilled(w) => self.batch_done(w, t),
+                        Ev::Decoded(w) => self.decode_done(w, t),
                     }
                 }
             }
@@ -915,7 +915,7 @@ impl<'a> Sim<'a> {
         self.workers[w].loading.push(i);
         self.reqs[i].load_end = start + ms;
         self.reqs[i].loaded = loaded;
-        self.push(start + ms, Ev::LoadDone(i));
+        self.push(start + ms, Ev::Loaded(i));
     }
 
     fn load_done(&mut self, i: usize, now: f64) {
@@ -982,7 +982,7 @@ impl<'a> Sim<'a> {
         let ms = self.cfg.prefill.ms(tokens);
         wk.batch_end = now + ms;
         wk.busy_ms += ms;
-        self.push(now + ms, Ev::BatchDone(w));
+        self.push(now + ms, Ev::Prefilled(w));
     }
 
     fn batch_done(&mut self, w: usize, now: f64) {
@@ -1034,7 +1034,7 @@ impl<'a> Sim<'a> {
         }
         if let Some(Reverse((Ms(end), _, _))) = wk.decodes.peek() {
             let clock = wk.decode_clock + (now - wk.decode_clock_at);
-            self.push(now + (end - clock).max(0.0), Ev::DecodeDone(w));
+            self.push(now + (end - clock).max(0.0), Ev::Decoded(w));
         }
     }
 
