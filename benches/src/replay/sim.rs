@@ -773,7 +773,7 @@ impl<'a> Sim<'a> {
                 self.cands.clear();
                 for (w, wk) in self.workers.iter_mut().enumerate() {
                     let colocated = self.cfg.colocated.then(|| self.fabric[self.cfg.host_of(w)].holder);
-                    // (With stalls, DecodeDone events end decodes on time.)
+                    // (With stalls, Decoded events end decodes on time.)
                     while !self.cfg.decode_stalls
                         && let Some(Reverse((Ms(end), blocks, _))) = wk.decodes.peek().copied()
                     {
