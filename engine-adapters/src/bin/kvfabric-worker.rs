@@ -231,10 +231,8 @@ async fn register(
     }
     let endpoints = parse_etcd_url(cluster).map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
     let url = settings.advertise_url.clone().unwrap_or_else(|| handle.url());
-    let name = settings.name.clone().unwrap_or_else(|| {
-        let hostport = url.trim_start_matches("http://").trim_start_matches("https://");
-        format!("worker-{}", hostport.replace([':', '[', ']', '/'], "-"))
-    });
+    let name = settings.name.clone().unwrap_or_else(|| default_name(&url));
+    kvfabric::cluster::validate_id("name", &name).map_err(|e| anyhow::anyhow!(e))?;
     // The fabric node it uses, by node id, so that routers can tell its
     // host's node from others (best effort: a node that cannot say leaves
     // it unset).
@@ -271,4 +269,56 @@ async fn register(
     .context("registering in the cluster")?;
     println!("registered as {} in cluster {}", record.name, settings.cluster_id);
     Ok(Some(lease))
+}
+
+/// Longest name the registry takes.
+const MAX_NAME: usize = 64;
+
+/// The name registered when `name` is unset: `worker-HOST-PORT` from the
+/// registered URL, every character the registry does not take as `-`; when
+/// that is longer than the registry's 64, its first 47 characters, `-` and
+/// 16 hex digits of a hash of the URL, so it always fits and different
+/// URLs still get different names.
+fn default_name(url: &str) -> String {
+    let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+    let name: String = format!("worker-{hostport}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    // FNV-1a: stable across builds and platforms.
+    let hash = url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{}-{hash:016x}", &name[..MAX_NAME - 17])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_always_fit_the_registry() {
+        assert_eq!(default_name("http://10.0.0.7:8100"), "worker-10.0.0.7-8100");
+        assert_eq!(default_name("http://[::1]:8100"), "worker----1--8100");
+        let long_host = format!("http://{}.example.internal:8100", "worker-host".repeat(6));
+        let v6 = "http://[fd12:3456:789a:1::abcd:ef01:2345]:65535/".to_string();
+        let other_port = long_host.replace(":8100", ":8101");
+        let mut seen = std::collections::HashSet::new();
+        for url in [&long_host, &v6, &other_port] {
+            let n = default_name(url);
+            assert!(n.len() <= MAX_NAME, "{n}");
+            kvfabric::cluster::validate_id("name", &n).unwrap();
+            assert!(seen.insert(n.clone()), "distinct: {n}");
+        }
+        assert_eq!(default_name(&long_host), default_name(&long_host), "stable");
+    }
 }

@@ -194,8 +194,9 @@ pub struct WorkerSettings {
     /// The cluster's id. Default `kvfabric`.
     pub cluster_id: String,
     /// Name registered; unique in the cluster, 1 to 64 of
-    /// `A-Z a-z 0-9 . _ -`. Default `worker-HOST-PORT` from the listen
-    /// address.
+    /// `A-Z a-z 0-9 . _ -`. Default `worker-HOST-PORT` from the
+    /// registered URL (cut to 47 characters plus a hash when longer than
+    /// 64).
     pub name: Option<String>,
     /// Base URL registered, `http://host:port`. Default `http://` plus the
     /// bound listen address (set it when that is not reachable from the
