@@ -190,6 +190,13 @@ async fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if settings.cluster.is_some()
+        && settings.role != Role::Prefill
+        && let Some(ep) = &settings.kv_events
+    {
+        // Refused now rather than after binding.
+        advertised_events(ep, settings.advertise_url.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    }
     let registration = settings.clone();
     let handle = Worker::start(settings).await.context("starting the worker")?;
     println!(
@@ -256,7 +263,11 @@ async fn register(
     let record = WorkerRecord {
         name,
         url,
-        kv_events: handle.kv_events_endpoint().map(|e| e.to_string()),
+        kv_events: handle
+            .kv_events_endpoint()
+            .map(|e| advertised_events(e, settings.advertise_url.as_deref()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?,
         fabric_node,
     };
     let lease = WorkerLease::register(
@@ -269,6 +280,37 @@ async fn register(
     .context("registering in the cluster")?;
     println!("registered as {} in cluster {}", record.name, settings.cluster_id);
     Ok(Some(lease))
+}
+
+/// The KV event endpoint registered for routers to subscribe to: the
+/// bound `tcp://HOST:PORT`, except that a bind host meaning every address
+/// (`0.0.0.0`, `::`, `*`) is replaced by the host of `advertise_url`; an
+/// error without one (routers cannot reach "every address").
+fn advertised_events(bound: &str, advertise_url: Option<&str>) -> Result<String, String> {
+    let Some((host, port)) = bound.strip_prefix("tcp://").and_then(|r| r.rsplit_once(':')) else {
+        return Err(format!("kv-events {bound:?} is not tcp://host:port"));
+    };
+    let unspecified = host == "*"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+    if !unspecified {
+        return Ok(bound.to_string());
+    }
+    let advertised = advertise_url
+        .and_then(|u| u.strip_prefix("http://"))
+        .map(|r| r.trim_end_matches('/'))
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(h, _)| h)
+        .filter(|h| !h.is_empty());
+    match advertised {
+        Some(h) => Ok(format!("tcp://{h}:{port}")),
+        None => Err(format!(
+            "kv-events binds {bound}, every address, which routers cannot subscribe to: set advertise-url (its host is registered for the events) or bind kv-events to a reachable address"
+        )),
+    }
 }
 
 /// Longest name the registry takes.
@@ -320,5 +362,37 @@ mod tests {
             assert!(seen.insert(n.clone()), "distinct: {n}");
         }
         assert_eq!(default_name(&long_host), default_name(&long_host), "stable");
+    }
+
+    #[test]
+    fn kv_events_bound_to_every_address_advertise_the_url_host() {
+        let adv = Some("http://10.1.2.3:8100");
+        assert_eq!(
+            advertised_events("tcp://10.0.0.5:5557", adv).unwrap(),
+            "tcp://10.0.0.5:5557"
+        );
+        assert_eq!(
+            advertised_events("tcp://10.0.0.5:5557", None).unwrap(),
+            "tcp://10.0.0.5:5557"
+        );
+        assert_eq!(
+            advertised_events("tcp://0.0.0.0:5557", adv).unwrap(),
+            "tcp://10.1.2.3:5557"
+        );
+        assert_eq!(
+            advertised_events("tcp://[::]:5557", adv).unwrap(),
+            "tcp://10.1.2.3:5557"
+        );
+        assert_eq!(advertised_events("tcp://*:5557", adv).unwrap(), "tcp://10.1.2.3:5557");
+        assert_eq!(
+            advertised_events("tcp://0.0.0.0:5557", Some("http://[fd00::7]:8100/")).unwrap(),
+            "tcp://[fd00::7]:5557"
+        );
+        assert_eq!(
+            advertised_events("tcp://0.0.0.0:5557", Some("http://worker-3.lan:8100")).unwrap(),
+            "tcp://worker-3.lan:5557"
+        );
+        let e = advertised_events("tcp://0.0.0.0:5557", None).unwrap_err();
+        assert!(e.contains("advertise-url"), "{e}");
     }
 }

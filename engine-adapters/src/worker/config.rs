@@ -145,7 +145,9 @@ pub struct WorkerSettings {
     /// at most 8; 0 to 256.
     pub threads: usize,
     /// ZMQ PUB bind address for vLLM-format KV events, `tcp://host:port`
-    /// (port 0 picks a free one). Default unset: no events.
+    /// (port 0 picks a free one). Default unset: no events. A registered
+    /// worker (`cluster`) bound to every address (`0.0.0.0`, `::`)
+    /// registers `advertise-url`'s host for its events, and needs one.
     pub kv_events: Option<String>,
     /// Topic frame of every KV event message. Default `kv-events`; at most
     /// 255 bytes.
