@@ -93,7 +93,8 @@ pub struct WorkerSettings {
     /// HTTP listen address (API, `/health`, `/metrics`). Default
     /// `127.0.0.1:8100`; port 0 picks a free one.
     pub listen: SocketAddr,
-    /// Fabric node endpoint, `http://host:port`. Default unset: the worker
+    /// Fabric node endpoint, `http://host:port` (no TLS: `https://` is
+    /// refused). Default unset: the worker
     /// uses only its own pool (no loads, no stores, no disaggregation).
     pub fabric: Option<String>,
     /// Unix socket of that node's zero-copy local path (`data-dir/kvfabric.sock`
@@ -200,7 +201,8 @@ pub struct WorkerSettings {
     /// registered URL (cut to 47 characters plus a hash when longer than
     /// 64).
     pub name: Option<String>,
-    /// Base URL registered, `http://host:port`. Default `http://` plus the
+    /// Base URL registered, `http://host:port` (`https://` is refused).
+    /// Default `http://` plus the
     /// bound listen address (set it when that is not reachable from the
     /// routers, e.g. when listening on 0.0.0.0).
     pub advertise_url: Option<String>,
@@ -464,7 +466,7 @@ impl WorkerSettings {
             return invalid(e);
         }
         if let Some(f) = &self.fabric
-            && let Err(e) = check_base_url(f, true)
+            && let Err(e) = check_base_url(f)
         {
             return invalid(format!("fabric {e}"));
         }
@@ -497,7 +499,7 @@ impl WorkerSettings {
             return invalid(format!("served-model-name must be 1..=256 bytes, got {n:?}"));
         }
         for (i, w) in self.prefill_workers.iter().enumerate() {
-            if let Err(e) = check_base_url(w, false) {
+            if let Err(e) = check_base_url(w) {
                 return invalid(format!("prefill-workers[{i}] {e}"));
             }
         }
@@ -515,7 +517,7 @@ impl WorkerSettings {
             return invalid(e);
         }
         if let Some(u) = &self.advertise_url
-            && let Err(e) = check_base_url(u, true)
+            && let Err(e) = check_base_url(u)
         {
             return invalid(format!("advertise-url {e}"));
         }
@@ -535,13 +537,17 @@ impl WorkerSettings {
     }
 }
 
-/// `http://host:port` (or `https://` when `tls_ok`), no path.
-fn check_base_url(u: &str, tls_ok: bool) -> Result<(), String> {
+/// `http://host:port`, no path. `https://` is refused by name: neither the
+/// fabric client nor the worker speaks TLS, and routers reach workers over
+/// plain HTTP.
+fn check_base_url(u: &str) -> Result<(), String> {
     let rest = match u.strip_prefix("http://") {
         Some(r) => r,
-        None if tls_ok => u
-            .strip_prefix("https://")
-            .ok_or_else(|| format!("{u:?} must be http://host:port or https://host:port"))?,
+        None if u.starts_with("https://") => {
+            return Err(format!(
+                "{u:?}: https is not supported (no TLS on this link); use http://host:port"
+            ));
+        }
         None => return Err(format!("{u:?} must be http://host:port (plain HTTP)")),
     };
     let rest = rest.trim_end_matches('/');
@@ -607,6 +613,14 @@ mod tests {
             ("cluster-id = \"a/b\"", "cluster-id"),
             ("name = \"\"", "name"),
             ("advertise-url = \"x:1\"", "advertise-url"),
+            (
+                "fabric = \"https://x:1\"",
+                "fabric \"https://x:1\": https is not supported",
+            ),
+            (
+                "advertise-url = \"https://x:1\"",
+                "advertise-url \"https://x:1\": https is not supported",
+            ),
             ("registration-ttl-s = 1", "registration-ttl-s"),
         ] {
             let e = WorkerSettings::from_toml(toml).unwrap_err().to_string();
