@@ -10,8 +10,10 @@
 //!   the layout header (model id, dtype, layers, tokens per block, KV
 //!   heads, head dim).
 //! - **Loading a prefix**: `ExistsPrefix` over the prompt's chain says how
-//!   many leading blocks the fabric holds; those are fetched in one batched
-//!   get. The prefix ends at the first block that is gone by then, has a
+//!   many leading blocks the fabric holds; those are fetched in batched
+//!   gets. Every call carries at most [`MAX_BATCH_KEYS`] keys (a node's
+//!   default limit): longer chains are asked about, read and stored batch
+//!   by batch, `ExistsPrefix` stopping at the first batch not all present. The prefix ends at the first block that is gone by then, has a
 //!   layout that is not this engine's (logged and counted, never loaded) or
 //!   has the wrong length. A namespace the node has never seen holds
 //!   nothing. A worker that already holds the first blocks in its own pool
@@ -34,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use kvfabric::ErrorKind as FabricErrorKind;
-use kvfabric::client::{Client, ClientError, Durability, Layout, LocalClient, LocalPut, PutObject};
+use kvfabric::client::{Client, ClientError, Durability, Layout, LocalClient, LocalPut, MAX_BATCH_KEYS, PutObject};
 use kvfabric::hash::{BlockHash, chain_hashes, namespace_salt};
 
 use crate::engine::KvLayout;
@@ -204,20 +206,19 @@ impl FabricKv {
         let mut out: Vec<Option<(Bytes, Layout, bool)>> = vec![None; keys.len()];
         if let Some(local) = &self.local {
             let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_ref()).collect();
-            for (slot, got) in out
-                .iter_mut()
-                .zip(local.get_many_with_layout(&self.namespace, &refs).await?)
-            {
-                *slot = got.map(|(v, l)| (Bytes::from(v), l, true));
+            for (slots, batch) in out.chunks_mut(MAX_BATCH_KEYS).zip(refs.chunks(MAX_BATCH_KEYS)) {
+                for (slot, got) in slots
+                    .iter_mut()
+                    .zip(local.get_many_with_layout(&self.namespace, batch).await?)
+                {
+                    *slot = got.map(|(v, l)| (Bytes::from(v), l, true));
+                }
             }
         }
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
-        if !missing.is_empty() {
-            let ks: Vec<Bytes> = missing.iter().map(|&i| keys[i].clone()).collect();
-            for (i, o) in missing
-                .into_iter()
-                .zip(self.client.get_many(&self.namespace, ks).await?)
-            {
+        for batch in missing.chunks(MAX_BATCH_KEYS) {
+            let ks: Vec<Bytes> = batch.iter().map(|&i| keys[i].clone()).collect();
+            for (&i, o) in batch.iter().zip(self.client.get_many(&self.namespace, ks).await?) {
                 out[i] = o.map(|o| (o.value, o.layout, false));
             }
         }
@@ -235,11 +236,20 @@ impl FabricKv {
         if keys.is_empty() {
             return Ok(0);
         }
-        match self.client.exists_prefix(&self.namespace, keys.to_vec()).await {
-            Ok(tiers) => Ok(tiers.len()),
-            Err(e) if e.kind() == FabricErrorKind::NotFound => Ok(0),
-            Err(e) => Err(e),
+        // Batch by batch, up to the first that is not all present.
+        let mut present = 0;
+        for batch in keys.chunks(MAX_BATCH_KEYS) {
+            let n = match self.client.exists_prefix(&self.namespace, batch.to_vec()).await {
+                Ok(tiers) => tiers.len(),
+                Err(e) if e.kind() == FabricErrorKind::NotFound => 0,
+                Err(e) => return Err(e),
+            };
+            present += n;
+            if n < batch.len() {
+                break;
+            }
         }
+        Ok(present)
     }
 
     /// Stores full blocks of `tokens`: `(index in the sequence, bytes)`.
@@ -260,24 +270,30 @@ impl FabricKv {
             return Ok(0);
         }
         let n = objects.len();
-        match &self.local {
-            Some(local) => {
-                let puts: Vec<LocalPut<'_>> = objects
-                    .iter()
-                    .map(|o| LocalPut {
-                        key: &o.key,
-                        value: &o.value,
-                        layout: Some(&self.wire_layout),
-                    })
-                    .collect();
-                local.put_many(&self.namespace, &puts, self.durability).await?;
-                self.counters.blocks_stored_local.fetch_add(n as u64, Ordering::Relaxed);
+        // In batches of at most MAX_BATCH_KEYS, each counted once stored.
+        for batch in objects.chunks(MAX_BATCH_KEYS) {
+            let m = batch.len() as u64;
+            match &self.local {
+                Some(local) => {
+                    let puts: Vec<LocalPut<'_>> = batch
+                        .iter()
+                        .map(|o| LocalPut {
+                            key: &o.key,
+                            value: &o.value,
+                            layout: Some(&self.wire_layout),
+                        })
+                        .collect();
+                    local.put_many(&self.namespace, &puts, self.durability).await?;
+                    self.counters.blocks_stored_local.fetch_add(m, Ordering::Relaxed);
+                }
+                None => {
+                    self.client
+                        .put_many(&self.namespace, batch.to_vec(), self.durability)
+                        .await?;
+                }
             }
-            None => {
-                self.client.put_many(&self.namespace, objects, self.durability).await?;
-            }
+            self.counters.blocks_stored.fetch_add(m, Ordering::Relaxed);
         }
-        self.counters.blocks_stored.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }

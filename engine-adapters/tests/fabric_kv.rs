@@ -190,3 +190,39 @@ async fn co_located_engines_share_blocks_through_the_local_path() -> Result<()> 
     node.shutdown().await;
     Ok(())
 }
+
+/// A chain longer than one request may carry (`MAX_BATCH_KEYS` keys) is
+/// stored, found and loaded whole, batch by batch; a gap stops the prefix
+/// there even in a later batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_longer_than_one_batch_are_stored_and_loaded() -> Result<()> {
+    use kvfabric::client::MAX_BATCH_KEYS;
+    let dir = tempfile::tempdir()?;
+    let node = node(dir.path()).await?;
+    let client = Client::connect(node.endpoint()).await?;
+    let cfg = ModelConfig::tiny();
+    let tpb = cfg.tokens_per_block;
+    let layout = Engine::new(Model::from_seed(&cfg)?, 4)?.kv_layout().clone();
+    let kv = FabricKv::new(client.clone(), "long", layout.clone());
+    let blocks = MAX_BATCH_KEYS + 5;
+    let tokens: Vec<u32> = (0..blocks * tpb).map(|i| (i % 250) as u32).collect();
+    let block = |i: usize| (i as f32).to_le_bytes().repeat(layout.block_bytes() / 4);
+    // Leave out one block of the second batch.
+    let gap = MAX_BATCH_KEYS + 2;
+    let stored = kv
+        .store(
+            &tokens,
+            (0..blocks).filter(|&i| i != gap).map(|i| (i, block(i))).collect(),
+        )
+        .await?;
+    assert_eq!(stored, blocks - 1);
+    assert_eq!(kv.present_blocks(&tokens, 0..usize::MAX).await?, gap);
+    assert_eq!(kv.present_blocks(&tokens, gap + 1..usize::MAX).await?, blocks - gap - 1);
+    let loaded = kv.load_prefix(&tokens).await?;
+    assert_eq!(loaded.len(), gap);
+    for i in [0, MAX_BATCH_KEYS - 1, MAX_BATCH_KEYS, gap - 1] {
+        assert_eq!(&loaded[i][..], &block(i)[..], "block {i}");
+    }
+    node.shutdown().await;
+    Ok(())
+}
