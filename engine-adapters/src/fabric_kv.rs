@@ -240,7 +240,7 @@ impl FabricKv {
         let mut present = 0;
         for batch in keys.chunks(MAX_BATCH_KEYS) {
             let n = match self.client.exists_prefix(&self.namespace, batch.to_vec()).await {
-                Ok(tiers) => tiers.len(),
+                Ok(tiers) => prefix_answer(batch.len(), tiers.len())?,
                 Err(e) if e.kind() == FabricErrorKind::NotFound => 0,
                 Err(e) => return Err(e),
             };
@@ -295,5 +295,36 @@ impl FabricKv {
             self.counters.blocks_stored.fetch_add(m, Ordering::Relaxed);
         }
         Ok(n)
+    }
+}
+
+/// How many of `sent` chained keys an `ExistsPrefix` that answered
+/// `answered` tiers says are present: more than were sent breaks the
+/// protocol (and would index past the keys), an error the caller treats
+/// like any failed call (it computes instead).
+fn prefix_answer(sent: usize, answered: usize) -> Result<usize, ClientError> {
+    if answered > sent {
+        return Err(ClientError::Protocol(format!(
+            "ExistsPrefix of {sent} keys answered {answered} present"
+        )));
+    }
+    Ok(answered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_longer_exists_prefix_answer_is_a_protocol_error() {
+        assert_eq!(prefix_answer(4, 0).unwrap(), 0);
+        assert_eq!(prefix_answer(4, 4).unwrap(), 4);
+        let e = prefix_answer(4, 5).unwrap_err();
+        assert!(matches!(e, ClientError::Protocol(_)), "{e}");
+        assert_ne!(
+            e.kind(),
+            FabricErrorKind::Unavailable,
+            "not taken for a node that is down"
+        );
     }
 }
