@@ -121,7 +121,12 @@ pub(crate) struct Job {
 enum Command {
     Lookup {
         keys: Vec<BlockHash>,
-        reply: oneshot::Sender<Vec<BlockId>>,
+        /// Gets the pins as a guard: one the requester no longer waits for
+        /// (the client went away after the reply was sent) unpins when the
+        /// channel drops it.
+        reply: oneshot::Sender<Pinned>,
+        /// Where that guard's unpin goes.
+        unpin: std_mpsc::Sender<Command>,
     },
     Unpin(Vec<BlockId>),
     Submit(Box<Job>),
@@ -186,13 +191,13 @@ impl EngineHandle {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Lookup { keys, reply })
+            .send(Command::Lookup {
+                keys,
+                reply,
+                unpin: self.tx.clone(),
+            })
             .map_err(|_| JobError::Shutdown)?;
-        let blocks = rx.await.map_err(|_| JobError::Shutdown)?;
-        Ok(Pinned {
-            blocks,
-            tx: Some(self.tx.clone()),
-        })
+        rx.await.map_err(|_| JobError::Shutdown)
     }
 
     /// Queues a job; its output arrives on the returned channel.
@@ -342,7 +347,7 @@ impl Scheduler {
     /// Handles one command; false on shutdown.
     fn handle(&mut self, c: Command) -> bool {
         match c {
-            Command::Lookup { keys, reply } => {
+            Command::Lookup { keys, reply, unpin } => {
                 let found = self.cache.lookup(&keys);
                 // Pin only as far as the running sequences' reserve allows.
                 let mut room = self.available().saturating_sub(self.reserved());
@@ -361,10 +366,16 @@ impl Scheduler {
                     pinned.push(b);
                 }
                 let n = pinned.len();
-                if let Err(pinned) = reply.send(pinned) {
-                    self.release(&pinned);
-                } else {
-                    self.pins_in_flight += n;
+                let guard = Pinned {
+                    blocks: pinned,
+                    tx: Some(unpin),
+                };
+                match reply.send(guard) {
+                    Ok(()) => self.pins_in_flight += n,
+                    Err(mut guard) => {
+                        let blocks = guard.take();
+                        self.release(&blocks);
+                    }
                 }
             }
             Command::Unpin(blocks) => {
@@ -764,5 +775,93 @@ impl Scheduler {
         }
         self.pending.clear();
         self.gauges();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Model, ModelConfig};
+
+    fn job(tokens: Vec<u32>, max_tokens: usize) -> (Job, mpsc::UnboundedReceiver<Out>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            tokens,
+            pinned: Pinned {
+                blocks: Vec::new(),
+                tx: None,
+            },
+            fabric: Vec::new(),
+            max_tokens,
+            sampling: Sampling::Greedy,
+            ignore_eos: true,
+            export_from: None,
+            out,
+        };
+        (job, rx)
+    }
+
+    /// The last output of a job, waiting up to 10 s.
+    fn last(rx: &mut mpsc::UnboundedReceiver<Out>) -> Option<Out> {
+        let mut last = None;
+        for _ in 0..1000 {
+            match rx.try_recv() {
+                Ok(o @ (Out::Finished { .. } | Out::Failed(_))) => return Some(o),
+                Ok(o) => last = Some(o),
+                Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(10)),
+                Err(mpsc::error::TryRecvError::Disconnected) => return last,
+            }
+        }
+        None
+    }
+
+    /// Pins whose lookup reply was sent but never received (the client
+    /// went away meanwhile) are given back: a job that can never fit then
+    /// fails instead of waiting for pins that would never come back.
+    #[test]
+    fn pins_of_an_abandoned_lookup_come_back() {
+        let engine = Engine::new(Model::from_seed(&ModelConfig::tiny()).unwrap(), 8).unwrap();
+        let tpb = engine.config().tokens_per_block;
+        let limits = Limits {
+            max_batch_tokens: 2048,
+            max_running: 4,
+            salt: 0,
+        };
+        let (h, thread) = spawn(engine, limits, None, Arc::new(Metrics::new())).unwrap();
+        let tokens: Vec<u32> = (0..3 * tpb as u32 + 1).map(|t| t % 200).collect();
+        let (j, mut rx) = job(tokens.clone(), 1);
+        h.submit(j).unwrap();
+        assert!(matches!(last(&mut rx), Some(Out::Finished { .. })));
+
+        // A lookup pins the cached blocks; its requester is gone by the
+        // time the reply is there.
+        let keys = chain_hashes(0, &tokens, tpb, &[]);
+        let (reply, abandoned) = oneshot::channel();
+        h.tx.send(Command::Lookup {
+            keys: keys[..3].to_vec(),
+            reply,
+            unpin: h.tx.clone(),
+        })
+        .unwrap();
+        let (reply, rx2) = oneshot::channel();
+        h.tx.send(Command::Lookup {
+            keys: Vec::new(),
+            reply,
+            unpin: h.tx.clone(),
+        })
+        .unwrap();
+        // Commands run in order: the first reply was sent.
+        drop(rx2.blocking_recv().unwrap());
+        drop(abandoned);
+
+        // Needs 9 blocks of a pool of 8: fails once no pin is out.
+        let (j, mut rx) = job(vec![1; 6 * tpb], 3 * tpb);
+        h.submit(j).unwrap();
+        match last(&mut rx) {
+            Some(Out::Failed(JobError::Capacity(_))) => {}
+            other => panic!("expected a capacity failure, got {other:?}"),
+        }
+        h.shutdown();
+        thread.join().unwrap();
     }
 }
