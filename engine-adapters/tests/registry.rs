@@ -110,5 +110,16 @@ async fn the_worker_registers_itself_and_leaves_on_sigterm() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster"), "{out:?}");
+    // Registering a worker that listens on every address, without
+    // advertise-url, would register an address routers cannot reach.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvfabric-worker"))
+        .args(["--listen", "0.0.0.0:0", "--cluster", &etcd.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("advertise-url"),
+        "{out:?}"
+    );
     node.shutdown().await;
 }

@@ -190,12 +190,17 @@ async fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if settings.cluster.is_some()
-        && settings.role != Role::Prefill
-        && let Some(ep) = &settings.kv_events
-    {
+    if settings.cluster.is_some() && settings.role != Role::Prefill {
         // Refused now rather than after binding.
-        advertised_events(ep, settings.advertise_url.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(ep) = &settings.kv_events {
+            advertised_events(ep, settings.advertise_url.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        if settings.advertise_url.is_none() && settings.listen.ip().is_unspecified() {
+            anyhow::bail!(
+                "listen is {}, every address, which routers cannot reach: set advertise-url (the URL registered for this worker) or listen on a reachable address",
+                settings.listen
+            );
+        }
     }
     let registration = settings.clone();
     let handle = Worker::start(settings).await.context("starting the worker")?;
