@@ -4,9 +4,9 @@
 //!   `kv-events` (the pure-Rust `zeromq` crate), receiving vLLM's
 //!   `[topic, sequence, payload]` messages. A sequence gap resynchronises
 //!   the worker (inside [`EngineTracker::on_message`]); a sequence that goes
-//!   backwards means the publisher restarted, and a broken connection means
-//!   events may have been lost: both resynchronise too
-//!   ([`EngineTracker::restart`]).
+//!   backwards means the publisher restarted ([`EngineTracker::restart`]).
+//!   A broken or closed connection is made again, and the next message's
+//!   sequence number tells which of those, if any, happened meanwhile.
 //! - [`fabric_events`]: one `Subscribe` stream per fabric node, asked to
 //!   start from a snapshot (STORED events for everything the node holds,
 //!   then live events), so blocks stored before the router started are
@@ -77,11 +77,13 @@ pub(crate) fn on_zmq_message(tracker: &mut EngineTracker, counters: &EventCounte
 }
 
 /// Follows the vLLM publisher at `endpoint` (`tcp://host:port`) for ever.
-/// Subscribes afresh (and resynchronises) when the connection breaks or
-/// closes, and when `resubscribe` is notified: the worker came back after
-/// being down, and a publisher whose host died without closing the
-/// connection would otherwise never be heard from again (a SUB socket
-/// sends nothing once subscribed, so a half-open connection goes unseen).
+/// Subscribes afresh when the connection breaks or closes, and when
+/// `resubscribe` is notified: the worker came back after being down, and a
+/// publisher whose host died without closing the connection would
+/// otherwise never be heard from again (a SUB socket sends nothing once
+/// subscribed, so a half-open connection goes unseen). The next message's
+/// sequence number then says whether anything was lost or the publisher
+/// restarted.
 pub(crate) async fn engine_events(
     source: String,
     endpoint: String,
@@ -93,7 +95,6 @@ pub(crate) async fn engine_events(
     let connected = metrics.stream_connected.with_label_values(&[&source]);
     let connects = metrics.stream_connects.with_label_values(&[&source]);
     let mut backoff = Backoff::new();
-    let mut first = true;
     loop {
         let mut opts = SocketOptions::default();
         opts.connect_timeout(Duration::from_secs(5));
@@ -108,11 +109,10 @@ pub(crate) async fn engine_events(
             backoff.wait().await;
             continue;
         }
-        if !first {
-            // Events published while disconnected are lost.
-            tracker.restart();
-        }
-        first = false;
+        // A new connection keeps what is known: the next message's sequence
+        // number tells a stream that goes on (kept), events lost while
+        // disconnected (a gap: resynchronised) and a restarted publisher
+        // (numbering went back: restarted).
         backoff.reset();
         connected.set(1);
         connects.inc();

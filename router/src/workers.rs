@@ -73,7 +73,7 @@ pub(crate) struct Worker {
     /// Its engine-event subscription, stopped when it is removed.
     pub(crate) events: Mutex<Option<JoinHandle<()>>>,
     /// Tells its event subscription to subscribe afresh: it came back
-    /// after being down (its index entries were dropped then).
+    /// after being down.
     pub(crate) resubscribe: Arc<tokio::sync::Notify>,
     /// It has been healthy once.
     was_up: AtomicBool,
@@ -270,13 +270,19 @@ impl Workers {
         if up {
             tracing::info!(worker = %w.name, "worker is healthy");
             if w.was_up.swap(true, Relaxed) {
-                // Back after being down: what it holds is learned afresh,
-                // over a new connection (the old one may be half-open).
+                // Back after being down: its events over a new connection
+                // (the old one may be half-open).
                 w.resubscribe.notify_one();
             }
         } else {
             tracing::warn!(worker = %w.name, why, "worker is down: out of the candidate set until a health check passes");
-            self.router.remove_worker(w.holder);
+            // An event-fed worker's entries stay: a health blip must not
+            // hide the prefixes it holds (engines do not announce cached
+            // blocks again), and its event sequence tells a restart. A
+            // worker scored from the router's own decisions forgets them.
+            if w.events.lock().is_none() {
+                self.router.remove_worker(w.holder);
+            }
         }
     }
 

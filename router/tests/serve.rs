@@ -190,15 +190,25 @@ fn stored(tokens: &[u32]) -> Vec<u8> {
 /// Publishes `tokens` as stored by `w` until the router's index shows them
 /// (a new ZMQ subscription misses what was sent before it was up).
 async fn publish_until_seen(w: &mut StandIn, r: &RouterHandle, holder: HolderId, tokens: &[u32]) -> Result<()> {
-    let want = tokens.len() / 16;
+    let chain = r.router().chain(tokens);
     for _ in 0..500 {
         w.publish(stored(tokens)).await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if r.router().index().holder_len(holder) >= want {
+        if held_by(r, holder, &chain) == chain.len() {
             return Ok(());
         }
     }
     bail!("router never saw {}'s events", w.name)
+}
+
+/// Leading blocks of `chain` the index says `holder` holds.
+fn held_by(r: &RouterHandle, holder: HolderId, chain: &[u128]) -> usize {
+    let mut m = kvfabric_router::index::ChainMatch::default();
+    r.router().index().lookup(chain, &mut m);
+    let entries = m.entries();
+    (0..chain.len())
+        .take_while(|&d| entries.iter().any(|e| e.pos as usize == d && e.holder == holder))
+        .count()
 }
 
 /// A small in-process fabric node's settings: loopback, free ports, 8 MiB
@@ -567,14 +577,11 @@ async fn a_worker_that_was_down_is_routed_to_again_once_healthy() -> Result<()> 
     let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
     assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
 
-    // b goes down: out of the candidate set, its blocks forgotten.
+    // b goes down: out of the candidate set; what its events said stays
+    // (a health blip must not hide its prefixes) until its events say more.
     let (http, events) = b.kill_all().await?;
     eventually("b is taken out", || r.healthy_workers() == vec!["a".to_string()]).await?;
-    assert_eq!(
-        r.router().index().holder_len(HolderId(1)),
-        0,
-        "a down worker's blocks are dropped"
-    );
+    assert_eq!(r.router().index().holder_len(HolderId(1)), 4, "kept while down");
     for _ in 0..3 {
         let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
         assert_eq!((s, w.as_str()), (StatusCode::OK, "a"));
@@ -586,6 +593,9 @@ async fn a_worker_that_was_down_is_routed_to_again_once_healthy() -> Result<()> 
     eventually("b is healthy again", || r.healthy_workers().len() == 2).await?;
     let other: Vec<u32> = (1000..1064).collect();
     publish_until_seen(&mut b, &r, HolderId(1), &other).await?;
+    // Its numbering started over: a restart, so what the old process
+    // announced is forgotten.
+    assert_eq!(held_by(&r, HolderId(1), &r.router().chain(&ids)), 0);
     let (s, w, _) = complete(&c, &r, json!({"prompt": other})).await?;
     assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
     let m = metrics(&c, &r).await?;
@@ -641,9 +651,15 @@ async fn event_subscriptions_follow_worker_health_and_publisher_closes() -> Resu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(line(&m, "event_stream_connects_total"), "2", "resubscribed: {m}");
-    // The fresh subscription is followed (numbering goes on where it was).
+    // The fresh subscription is followed, numbering going on where it
+    // was, and what the worker announced before the blip is still known.
     let more: Vec<u32> = (3000..3064).collect();
     publish_until_seen(&mut a, &r, HolderId(0), &more).await?;
+    assert_eq!(
+        held_by(&r, HolderId(0), &r.router().chain(&ids)),
+        4,
+        "kept across the blip"
+    );
 
     // The publisher closes cleanly: the stream is seen to be down.
     let _ = std::mem::replace(&mut a.publisher, PubSocket::new()).close().await;
