@@ -713,18 +713,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn softmax_prefers_cheaper_but_samples_all() {
-        let base = Scored {
+    /// A bare score: only its logit and load matter to `choose`.
+    fn scored(logit: f64, load: f64) -> Scored {
+        Scored {
             worker: W1,
             cached_blocks: 0,
             blocks_by_tier: [0; 4],
             prefill_tokens: 0,
             prefill_cost: 0.0,
-            logit: 0.0,
-            load: 0.0,
-        };
-        let sc = [base, Scored { logit: 100.0, ..base }];
+            logit,
+            load,
+        }
+    }
+
+    #[test]
+    fn softmax_prefers_cheaper_but_samples_all() {
+        let sc = [scored(0.0, 0.0), scored(100.0, 0.0)];
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut n = [0; 2];
         for _ in 0..2000 {
@@ -737,24 +741,7 @@ mod tests {
 
     #[test]
     fn logits_that_are_not_numbers_fall_back_to_the_least_loaded() {
-        let base = Scored {
-            worker: W1,
-            cached_blocks: 0,
-            blocks_by_tier: [0; 4],
-            prefill_tokens: 0,
-            prefill_cost: 0.0,
-            logit: f64::NAN,
-            load: 5.0,
-        };
-        let sc = [
-            base,
-            Scored { load: 1.0, ..base },
-            Scored {
-                logit: f64::INFINITY,
-                load: 3.0,
-                ..base
-            },
-        ];
+        let sc = [scored(f64::NAN, 5.0), scored(f64::NAN, 1.0), scored(f64::INFINITY, 3.0)];
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for t in [0.0, 1.0] {
             assert_eq!(choose(&sc, t, &mut rng), Some(1));
