@@ -57,6 +57,9 @@ pub(crate) struct Metrics {
     pub(crate) bad_lengths: IntCounter,
     pub(crate) fabric_errors: IntCounterVec,
     pub(crate) kv_events: IntCounterVec,
+    /// Held while the fabric counters are mirrored: two scrapes at once
+    /// would each add the same difference.
+    mirroring: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// Latency buckets, seconds: 1 ms to 60 s.
@@ -80,6 +83,7 @@ impl Metrics {
             )
         };
         let m = Metrics {
+            mirroring: Default::default(),
             queue_depth: g("queue_depth", "Requests accepted but not yet prefilled."),
             running: g("running_sequences", "Sequences decoding."),
             prefill_tokens: cv(
@@ -153,6 +157,7 @@ impl Metrics {
 
     /// Mirrors the fabric connector's counters.
     pub(crate) fn mirror_fabric(&self, c: &FabricKvCounters) {
+        let _one_at_a_time = self.mirroring.lock().unwrap_or_else(|e| e.into_inner());
         let up = |m: &IntCounter, v: u64| {
             let cur = m.get();
             if v > cur {
