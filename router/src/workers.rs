@@ -317,16 +317,7 @@ impl Workers {
         }
         w.prefill.fetch_add(prefill, Relaxed);
         w.decode.fetch_add(decode_blocks, Relaxed);
-        {
-            let mut n = w.inflight.lock();
-            *n += 1;
-            if !w.removed.load(Relaxed) {
-                self.metrics
-                    .worker_inflight
-                    .with_label_values(&[&w.name])
-                    .set(*n as i64);
-            }
-        }
+        w.count_inflight(&self.metrics, true);
         LoadGuard {
             worker: w.clone(),
             metrics: self.metrics.clone(),
@@ -343,6 +334,16 @@ impl Worker {
     /// Whether it is in the candidate set.
     pub(crate) fn is_healthy(&self) -> bool {
         self.healthy.load(Relaxed)
+    }
+
+    /// One request more (`up`) or fewer in flight, and the gauge set to the
+    /// count under its lock (not written back once the worker is removed).
+    fn count_inflight(&self, metrics: &Metrics, up: bool) {
+        let mut n = self.inflight.lock();
+        *n = if up { *n + 1 } else { n.saturating_sub(1) };
+        if !self.removed.load(Relaxed) {
+            metrics.worker_inflight.with_label_values(&[&self.name]).set(*n as i64);
+        }
     }
 
     /// Sets its load path's free time to `f(free, now)`, atomically.
@@ -401,14 +402,7 @@ impl Drop for LoadGuard {
         }
         w.prefill.fetch_sub(self.prefill, Relaxed);
         w.decode.fetch_sub(self.decode_blocks, Relaxed);
-        let mut n = w.inflight.lock();
-        *n = n.saturating_sub(1);
-        if !w.removed.load(Relaxed) {
-            self.metrics
-                .worker_inflight
-                .with_label_values(&[&w.name])
-                .set(*n as i64);
-        }
+        w.count_inflight(&self.metrics, false);
     }
 }
 
