@@ -166,7 +166,8 @@ async fn route_and_forward(s: &Arc<AppState>, api: Api, headers: &HeaderMap, bod
     };
     let chain = s.router.chain(&tokens);
     // Approximate-mode records that ended are not scored.
-    s.router.expire(s.started.elapsed().as_millis() as u64);
+    let now_ms = s.started.elapsed().as_millis() as u64;
+    s.router.expire(now_ms);
     let (healthy, cands) = s.workers.candidates();
     let Some(d) = s.router.decide(&chain, tokens.len(), &cands) else {
         return Err(ApiError::new(
@@ -179,8 +180,7 @@ async fn route_and_forward(s: &Arc<AppState>, api: Api, headers: &HeaderMap, bod
     let w = healthy[d.index].clone();
     record_decision(s, &w, &d, tokens.len());
     if w.approximate {
-        let now = s.started.elapsed().as_millis() as u64;
-        s.router.assume_cached(w.holder, &chain, now, s.approximate_ttl_ms);
+        s.router.assume_cached(w.holder, &chain, now_ms, s.approximate_ttl_ms);
     }
     let bt = s.router.settings().block_tokens as u64;
     let decode_blocks = (tokens.len() as u64)
