@@ -585,6 +585,13 @@ struct Worker {
     batch_end: f64,
 }
 
+impl Worker {
+    /// Its decode clock at `now` while no prefill batch runs on it.
+    fn running_decode_clock(&self, now: f64) -> f64 {
+        self.decode_clock + (now - self.decode_clock_at)
+    }
+}
+
 /// A time in ms with a total order.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Ms(f64);
@@ -976,7 +983,7 @@ impl<'a> Sim<'a> {
             return;
         }
         if self.cfg.decode_stalls {
-            wk.decode_clock += now - wk.decode_clock_at;
+            wk.decode_clock = wk.running_decode_clock(now);
             wk.decode_clock_at = now;
         }
         let ms = self.cfg.prefill.ms(tokens);
@@ -1033,7 +1040,7 @@ impl<'a> Sim<'a> {
             return;
         }
         if let Some(Reverse((Ms(end), _, _))) = wk.decodes.peek() {
-            let clock = wk.decode_clock + (now - wk.decode_clock_at);
+            let clock = wk.running_decode_clock(now);
             self.push(now + (end - clock).max(0.0), Ev::Decoded(w));
         }
     }
@@ -1045,7 +1052,7 @@ impl<'a> Sim<'a> {
         if !wk.running.is_empty() {
             return;
         }
-        let clock = wk.decode_clock + (now - wk.decode_clock_at);
+        let clock = wk.running_decode_clock(now);
         while let Some(Reverse((Ms(end), blocks, i))) = wk.decodes.peek().copied() {
             if end > clock + 1e-6 {
                 break;
