@@ -26,6 +26,8 @@
 
 pub mod config;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod index;
 mod ingest;

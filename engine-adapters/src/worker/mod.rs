@@ -23,6 +23,8 @@ mod clock;
 mod config;
 mod disagg;
 mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod metrics;
 mod openai;

@@ -71,6 +71,8 @@ use crate::ErrorKind;
 pub use desc::{Mtu, RdmaConnInfo, RegionDescriptor, RemoteSlice};
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaConfig, RdmaTransport};
+#[doc(hidden)]
+pub use tcp::ServeHarness;
 pub use tcp::TcpTransport;
 
 /// Results of this module.

@@ -36,8 +36,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::desc::RegionDescriptor;
 use super::registry::{Deregistration, Lease, Registry};
 use super::{
-    Access, Connection, OpKind, ReadOp, RegionHandle, RegionId, RegisteredMemory, RejectReason, RemoteSlice, Result,
-    Transport, TransportError, TransportKind, WriteOp, new_instance_id, validate_batch,
+    Access, Connection, HostRegion, OpKind, ReadOp, RegionHandle, RegionId, RegisteredMemory, RejectReason,
+    RemoteSlice, Result, Transport, TransportError, TransportKind, WriteOp, new_instance_id, validate_batch,
 };
 
 const MAGIC: &[u8; 4] = b"KVFT";
@@ -283,6 +283,16 @@ fn copy_in(lease: &MemoryLease, at: usize, src: &[u8]) {
 async fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();
+    serve_io(rd, wr, shared).await
+}
+
+/// The owner's side of the protocol over any byte stream: hello, then requests until the
+/// client closes.
+async fn serve_io<R, W>(rd: R, wr: W, shared: &Shared) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut rd = BufReader::with_capacity(IO_BUFFER, rd);
     let mut wr = BufWriter::with_capacity(IO_BUFFER, wr);
 
@@ -375,6 +385,91 @@ async fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         if rd.buffer().is_empty() {
             wr.flush().await?;
         }
+    }
+}
+
+/// The owner's side of the protocol over bytes in memory, for the fuzz target
+/// (`fuzz/fuzz_targets/tcp_transport.rs`) and tests. Not part of the API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ServeHarness {
+    shared: Shared,
+    regions: Vec<(Arc<HostRegion>, RegionId)>,
+}
+
+impl ServeHarness {
+    /// An owner with transport instance `instance` and one zeroed region per `(len, access)`,
+    /// registered in that order (region ids 1, 2, ...).
+    pub fn new(instance: u64, regions: &[(usize, Access)]) -> Result<ServeHarness> {
+        let shared = Shared {
+            instance,
+            registry: Registry::new(),
+        };
+        let mut held = Vec::with_capacity(regions.len());
+        for &(len, access) in regions {
+            let memory = Arc::new(HostRegion::zeroed(len)?);
+            let payload: Arc<dyn RegisteredMemory> = memory.clone();
+            let info = shared
+                .registry
+                .insert(memory.as_ptr() as u64, len as u64, access, 0, 0, payload)?;
+            held.push((memory, info.id));
+        }
+        Ok(ServeHarness { shared, regions: held })
+    }
+
+    /// The id of the `i`th region.
+    pub fn region(&self, i: usize) -> RegionId {
+        self.regions[i].1
+    }
+
+    /// Fills the `i`th region with `byte`.
+    pub fn fill(&self, i: usize, byte: u8) {
+        let memory = &self.regions[i].0;
+        // SAFETY: nothing else touches the harness's regions while it is not serving.
+        unsafe { memory.write_at(0, &vec![byte; memory.len()]) }.expect("in bounds");
+    }
+
+    /// A copy of the `i`th region's bytes.
+    pub fn contents(&self, i: usize) -> Vec<u8> {
+        let memory = &self.regions[i].0;
+        let mut out = vec![0u8; memory.len()];
+        // SAFETY: as in `fill`.
+        unsafe { memory.read_at(0, &mut out) }.expect("in bounds");
+        out
+    }
+
+    /// Serves `input` as one connection's bytes from the client; returns what the owner
+    /// answered and how serving ended.
+    pub async fn serve(&self, input: &[u8]) -> (Vec<u8>, io::Result<()>) {
+        let mut out = Vec::new();
+        let ended = serve_io(input, &mut out, &self.shared).await;
+        (out, ended)
+    }
+
+    /// Splits an owner's answer into its hello reply's instance (0: refused) and its responses
+    /// `(status, request id, payload)`; fails on bytes that are not a whole answer.
+    pub fn responses(out: &[u8]) -> std::result::Result<(u64, Vec<(u8, u64, Vec<u8>)>), String> {
+        if out.len() < HELLO_REPLY_LEN || &out[..4] != MAGIC {
+            return Err(format!("no hello reply in {} bytes", out.len()));
+        }
+        let instance = u64::from_le_bytes(out[6..14].try_into().expect("8 bytes"));
+        let mut rest = &out[HELLO_REPLY_LEN..];
+        let mut responses = Vec::new();
+        while !rest.is_empty() {
+            if rest.len() < RESPONSE_LEN {
+                return Err(format!("{} bytes of a response header", rest.len()));
+            }
+            let id = u64::from_le_bytes(rest[1..9].try_into().expect("8 bytes"));
+            let len = u64::from_le_bytes(rest[9..17].try_into().expect("8 bytes"));
+            let body = &rest[RESPONSE_LEN..];
+            let len = usize::try_from(len).ok().filter(|&n| n <= body.len());
+            let Some(len) = len else {
+                return Err(format!("response {id} claims more bytes than follow"));
+            };
+            responses.push((rest[0], id, body[..len].to_vec()));
+            rest = &body[len..];
+        }
+        Ok((instance, responses))
     }
 }
 
@@ -616,6 +711,79 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(300), conformance::run_all(&b, &a))
             .await
             .expect("suite hung");
+    }
+
+    fn hello() -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        b
+    }
+
+    fn request(op: u8, id: u64, instance: u64, region: RegionId, offset: u64, len: u64) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        Request {
+            op,
+            id,
+            instance,
+            region,
+            offset,
+            len,
+        }
+        .put(&mut out);
+        out.to_vec()
+    }
+
+    #[tokio::test]
+    async fn harness_serves_bytes_and_checks_every_request() {
+        let h = ServeHarness::new(7, &[(4096, Access::REMOTE_READ), (4096, Access::REMOTE_READ_WRITE)]).unwrap();
+        h.fill(0, 0xab);
+        let (ro, rw) = (h.region(0), h.region(1));
+        let mut input = hello();
+        input.extend(request(OP_READ, 1, 7, ro, 10, 5));
+        input.extend(request(OP_WRITE, 2, 7, ro, 0, 3)); // read-only: refused, payload skipped
+        input.extend([1, 2, 3]);
+        input.extend(request(OP_WRITE, 3, 7, rw, 4094, 2));
+        input.extend([9, 9]);
+        input.extend(request(OP_READ, 4, 8, rw, 0, 1)); // another instance
+        input.extend(request(OP_READ, 5, 7, rw, 4095, 2)); // past the end
+        input.extend(request(OP_READ, 6, 7, RegionId(99), 0, 1)); // no such region
+        input.extend(request(9, 7, 7, rw, 0, 0)); // unknown op: answered, then hung up
+        input.extend(request(OP_READ, 8, 7, ro, 0, 1)); // never read
+        let (out, ended) = h.serve(&input).await;
+        ended.unwrap();
+        let (instance, responses) = ServeHarness::responses(&out).unwrap();
+        assert_eq!(instance, 7);
+        let summary: Vec<(u8, u64)> = responses.iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                (STATUS_OK, 1),
+                (RejectReason::AccessDenied.code(), 2),
+                (STATUS_OK, 3),
+                (RejectReason::WrongInstance.code(), 4),
+                (RejectReason::OutOfBounds.code(), 5),
+                (RejectReason::UnknownRegion.code(), 6),
+                (RejectReason::Malformed.code(), 7),
+            ]
+        );
+        assert_eq!(responses[0].2, vec![0xab; 5]);
+        assert_eq!(h.contents(0), vec![0xab; 4096], "a read-only region is never written");
+        assert_eq!(&h.contents(1)[4094..], &[9, 9]);
+
+        // A wrong protocol version gets instance 0 and nothing more.
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        old.extend(request(OP_READ, 1, 7, ro, 0, 1));
+        let (out, ended) = h.serve(&old).await;
+        ended.unwrap();
+        assert_eq!(ServeHarness::responses(&out).unwrap(), (0, vec![]));
+        // A truncated write payload ends the connection with an error, writing nothing.
+        let mut cut = hello();
+        cut.extend(request(OP_WRITE, 1, 7, rw, 0, 100));
+        cut.extend([5; 10]);
+        let (_, ended) = h.serve(&cut).await;
+        assert!(ended.is_err());
+        assert_eq!(h.contents(1)[..10], [0; 10]);
     }
 
     async fn raw_client(t: &TcpTransport, version: u16) -> (TcpStream, u64) {
