@@ -226,6 +226,7 @@ pub struct MemTier {
     kind: crate::TierKind,
     capacity: u64,
     map: parking_lot::Mutex<std::collections::HashMap<ObjectKey, Block>>,
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl MemTier {
@@ -235,7 +236,13 @@ impl MemTier {
             kind,
             capacity,
             map: Default::default(),
+            failing: Default::default(),
         }
+    }
+    /// While set, every put fails with an I/O error (a device or object
+    /// store that is down).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, std::sync::atomic::Ordering::Relaxed);
     }
     /// Flips a byte of a stored payload behind the tier's back.
     pub fn corrupt(&self, key: &ObjectKey) {
@@ -268,6 +275,9 @@ impl Tier for MemTier {
         len.max(1)
     }
     async fn put(&self, key: &ObjectKey, block: &Block, _sync: bool) -> crate::TierResult<()> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(TierError::Unavailable(format!("{} tier is down", self.kind)));
+        }
         let need = self.footprint(block.header.length);
         if need > self.capacity {
             return Err(TierError::TooLarge {

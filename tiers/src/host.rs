@@ -50,7 +50,7 @@ impl Arena {
         let name = c"kvfabric-host-arena";
         // SAFETY: FFI calls with valid arguments; results are checked.
         unsafe {
-            let fd = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC);
+            let fd = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
             if fd < 0 {
                 return Err(TierError::io(
                     "memfd_create for host arena",
@@ -69,6 +69,14 @@ impl Arena {
                 let e = std::io::Error::last_os_error();
                 libc::close(fd);
                 return Err(TierError::io(format!("allocating the {len}-byte host arena"), e));
+            }
+            // Co-located clients get this file read-write. Sealed, none of
+            // them can shrink it under the node's mapping (which would make
+            // the node's next access past the new end a SIGBUS) or grow it.
+            if libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL) != 0 {
+                let e = std::io::Error::last_os_error();
+                libc::close(fd);
+                return Err(TierError::io("sealing the host arena's size", e));
             }
             let populate = if prefault { libc::MAP_POPULATE } else { 0 };
             let ptr = libc::mmap(
@@ -447,6 +455,24 @@ mod tests {
         assert_eq!(held.bytes(), &crate::conformance::payload(1, 8192)[..]);
         drop(held);
         assert_eq!(t.used(), 8192);
+    }
+
+    /// A client that holds the arena file cannot change its size under the
+    /// node's mapping.
+    #[test]
+    fn the_shared_arena_file_cannot_be_resized() {
+        use std::os::fd::AsRawFd;
+        let t = HostTier::new(1 << 20).unwrap();
+        let fd = t.arena_fd().try_clone_to_owned().unwrap();
+        for len in [0, 4096, 2 << 20] {
+            // SAFETY: plain FFI on an fd we own.
+            let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };
+            assert_eq!(rc, -1, "resizing to {len} bytes was allowed");
+            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        }
+        // SAFETY: as above.
+        let rc = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, 4 << 20) };
+        assert_eq!(rc, -1, "growing by fallocate was allowed");
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub struct Metrics {
     tier_gauges: IntGaugeVec,
 }
 
-const COUNTERS: [&str; 11] = [
+const COUNTERS: [&str; 12] = [
     "hits",
     "misses",
     "evictions",
@@ -54,6 +54,7 @@ const COUNTERS: [&str; 11] = [
     "dropped",
     "promotions_skipped",
     "background_demotions",
+    "demote_errors",
 ];
 
 impl Metrics {
@@ -116,7 +117,7 @@ impl Metrics {
         )
         .expect("valid");
         let tier_counters = IntCounterVec::new(
-            Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped, promotions_skipped, background_demotions"),
+            Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped, promotions_skipped, background_demotions, demote_errors"),
             &["tier", "event"],
         )
         .expect("valid");
@@ -175,6 +176,7 @@ impl Metrics {
                 t.dropped,
                 t.promotions_skipped,
                 t.background_demotions,
+                t.demote_errors,
             ];
             for (name, v) in COUNTERS.iter().zip(values) {
                 let c = self.tier_counters.with_label_values(&[tier, name]);

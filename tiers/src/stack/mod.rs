@@ -109,6 +109,10 @@ pub struct StackMetrics {
     pub bytes_out: AtomicU64,
     /// Evicted objects that no lower tier could take.
     pub dropped: AtomicU64,
+    /// Evictions from this tier abandoned because the lower tier failed
+    /// (not for lack of room: an object store that is down, an I/O error);
+    /// the object stays here.
+    pub demote_errors: AtomicU64,
     /// Promotions out of this tier skipped: the background queue was full
     /// (by entries or by payload bytes), or the object can never fit in the
     /// fastest tier.
@@ -165,6 +169,8 @@ pub struct TierStats {
     pub bytes_out: u64,
     /// See [`StackMetrics`].
     pub dropped: u64,
+    /// See [`StackMetrics`].
+    pub demote_errors: u64,
 }
 
 #[derive(Debug)]
@@ -527,7 +533,20 @@ impl TierStack {
                             }
                             new_level = Some(j);
                         }
-                        Err(e) => tracing::warn!(%key, error = %e, "eviction: no lower tier has room; dropping"),
+                        Err(
+                            e @ (TierError::TooLarge { .. }
+                            | TierError::Full { .. }
+                            | TierError::CapacityExhausted { .. }),
+                        ) => tracing::warn!(%key, error = %e, "eviction: no lower tier has room; dropping"),
+                        Err(e) => {
+                            // A lower tier failed (an object store that is
+                            // down, an I/O error): keep this copy rather
+                            // than lose the object; the caller picks
+                            // another victim or reports the tier full.
+                            tracing::warn!(%key, error = %e, "eviction: could not write to a lower tier; keeping");
+                            level.metrics.demote_errors.fetch_add(1, Relaxed);
+                            return Ok(false);
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -910,6 +929,7 @@ impl TierStack {
                     bytes_in: m.bytes_in.load(Relaxed),
                     bytes_out: m.bytes_out.load(Relaxed),
                     dropped: m.dropped.load(Relaxed),
+                    demote_errors: m.demote_errors.load(Relaxed),
                     promotions_skipped: m.promotions_skipped.load(Relaxed),
                     background_demotions: m.background_demotions.load(Relaxed),
                 }

@@ -121,6 +121,36 @@ async fn dropped_only_when_no_lower_tier_has_room() {
     f.stack.check_consistency().unwrap();
 }
 
+/// An eviction whose lower tier fails (not for room) keeps the object:
+/// the put that needed the room is refused instead of losing another
+/// object. Once the lower tier is back, eviction goes on as usual.
+#[tokio::test]
+async fn eviction_keeps_the_object_when_the_lower_tier_fails() {
+    let f = fixture(2000, 2000, 100_000).await;
+    for i in 0..4 {
+        f.stack.put(&k(i), &block(i, 1000), Durability::Memory).await.unwrap();
+    }
+    assert_eq!((f.host.len(), f.disk.len()), (2, 2));
+    f.object.set_failing(true);
+    let err = f.stack.put(&k(4), &block(4, 1000), Durability::Memory).await.unwrap_err();
+    // The put itself fell through to the object tier too, and says why.
+    assert!(matches!(err, TierError::Unavailable(_)), "{err}");
+    assert_eq!(f.stack.len(), 4, "nothing was lost");
+    for i in 0..4 {
+        let (b, _) = f.stack.get(&k(i)).await.unwrap().unwrap();
+        assert_eq!(b.payload, block(i, 1000).payload);
+    }
+    let s = f.stack.stats();
+    assert_eq!(s.iter().map(|t| t.dropped).sum::<u64>(), 0);
+    assert!(s[1].demote_errors >= 1, "{s:?}");
+    f.stack.check_consistency().unwrap();
+    f.object.set_failing(false);
+    f.stack.put(&k(4), &block(4, 1000), Durability::Memory).await.unwrap();
+    assert_eq!(f.stack.len(), 5);
+    assert_eq!(f.object.len(), 1);
+    f.stack.check_consistency().unwrap();
+}
+
 #[tokio::test]
 async fn leases_pin_and_expire() {
     let f = fixture(2000, 1, 1).await; // lower tiers too small to take anything
