@@ -2114,3 +2114,51 @@ async fn a_finished_hand_off_is_reported_and_ends_reads_from_earlier_owners() {
         "{text}"
     );
 }
+
+/// A namespace made by a first commit on the zero-copy local path is claimed
+/// cluster-wide like one made by a gRPC put: another tenant cannot take the
+/// name through a node that has not seen it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_path_commit_claims_its_namespace_cluster_wide() {
+    use kvfabric::client::{LocalClient, LocalPut};
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut sa = node_settings(dirs[0].path(), &etcd, "lc", "a", 30);
+    sa.local.enabled = true;
+    let (a, _ca) = common::start(sa).await;
+    let (b, cb) = common::start(node_settings(dirs[1].path(), &etcd, "lc", "b", 30)).await;
+    wait_view(&a, 2).await;
+    let view = wait_view(&b, 2).await;
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let owned_by_b = keys("lc", 64)
+        .into_iter()
+        .find(|k| placement.owners("lclaim", k, 1)[0] == "b")
+        .unwrap();
+
+    let local = LocalClient::connect_as(a.local_socket.as_ref().unwrap(), "t1")
+        .await
+        .unwrap();
+    local
+        .put_many("lclaim", &[LocalPut::new(b"k", b"v")], Durability::Memory)
+        .await
+        .unwrap();
+    let err = cb
+        .clone()
+        .with_tenant("t2")
+        .put_many(
+            "lclaim",
+            vec![PutObject::new(owned_by_b.clone(), "x")],
+            Durability::Memory,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), kvfabric::ErrorKind::PermissionDenied, "{err}");
+    cb.clone()
+        .with_tenant("t1")
+        .put_many("lclaim", vec![PutObject::new(owned_by_b, "y")], Durability::Memory)
+        .await
+        .unwrap();
+    drop(local);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -143,13 +143,17 @@ async fn reservation_never_committed_is_released() {
     let local = LocalClient::connect(node.local_socket.as_ref().unwrap()).await.unwrap();
     let r = local.reserve(&[1 << 20, 1 << 20]).await.unwrap();
     assert_eq!(host(), 2 << 20, "reserved space is held");
-    // Expired: the commit is refused with a clear status...
+    // Expired: the client refuses to write into it (the node may have given
+    // the space away)...
     tokio::time::sleep(Duration::from_millis(250)).await;
     let mut r = r.into_iter();
     let first = r.next().unwrap();
-    let sum = local.write(&first, &payload(1, 1 << 20)).unwrap();
+    let e = local.write(&first, &payload(1, 1 << 20)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("TTL"), "{e}");
+    // ... and the node refuses the commit with a clear status...
     let res = local
-        .commit("ns", vec![(first, Bytes::from(key(1)), sum, None)], Durability::Memory)
+        .commit("ns", vec![(first, Bytes::from(key(1)), None, None)], Durability::Memory)
         .await
         .unwrap();
     let e = res.into_iter().next().unwrap().unwrap_err();
@@ -194,6 +198,64 @@ impl Raw {
     }
 }
 
+/// A client that sends requests but never reads the responses cannot keep
+/// its session (and what it pins) alive: once a response waits unread for a
+/// lease TTL, the node hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 8 << 20, 0);
+    s.local.lease_ttl_ms = 300;
+    let (node, _grpc) = start(s).await;
+    let sock = node.local_socket.clone().unwrap();
+    let good = LocalClient::connect(&sock).await.unwrap();
+    let keys: Vec<Vec<u8>> = (0..64).map(key).collect();
+    let values: Vec<Bytes> = (0..64).map(|i| payload(i, 4096)).collect();
+    let puts: Vec<LocalPut<'_>> = keys.iter().zip(&values).map(|(k, v)| LocalPut::new(k, v)).collect();
+    good.put_many("ns", &puts, Durability::Memory).await.unwrap();
+
+    let raw = Raw::connect(&sock).await;
+    let (mut rd, mut wr) = raw.0.into_split();
+    // Acquires of 64 keys each: their answers fill the socket long before
+    // the requests run out. Sending stops when the node hangs up.
+    let acquire = v1::LocalRequest {
+        id: 1,
+        op: Some(v1::local_request::Op::Acquire(v1::LocalAcquire {
+            namespace: "ns".into(),
+            keys: keys.iter().map(|k| Bytes::from(k.clone())).collect(),
+        })),
+    };
+    let body = acquire.encode_to_vec();
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let sender = tokio::spawn(async move {
+        for _ in 0..20_000 {
+            if wr.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        // Keep the connection open, as a stuck client would.
+        std::future::pending::<()>().await;
+        drop(wr);
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Whatever was answered, the stream ends: the node closed the session.
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut sink = Vec::new();
+        rd.read_to_end(&mut sink).await.map(|_| sink.len())
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the node kept the session of a client that stopped reading"
+    );
+    sender.abort();
+    // Other clients were served all along, and still are.
+    let got = good.get_many("ns", &[&keys[0]]).await.unwrap();
+    assert_eq!(got[0].as_deref(), Some(&values[0][..]));
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committing_a_slot_another_client_holds_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -205,6 +267,10 @@ async fn committing_a_slot_another_client_holds_is_refused() {
         .await
         .unwrap();
     let ra = a.reserve(&[10_000]).await.unwrap().pop().unwrap();
+    // Another client (connection) cannot write into it, even through the library.
+    let other = LocalClient::connect(&sock).await.unwrap();
+    let e = other.write(&ra, &payload(2, 10_000)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     let sum = a.write(&ra, &payload(1, 10_000)).unwrap();
     // Another connection names a's reservation id in its commit.
     let mut b = Raw::connect(&sock).await;

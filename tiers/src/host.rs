@@ -73,7 +73,12 @@ impl Arena {
             // Co-located clients get this file read-write. Sealed, none of
             // them can shrink it under the node's mapping (which would make
             // the node's next access past the new end a SIGBUS) or grow it.
-            if libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL) != 0 {
+            if libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            ) != 0
+            {
                 let e = std::io::Error::last_os_error();
                 libc::close(fd);
                 return Err(TierError::io("sealing the host arena's size", e));

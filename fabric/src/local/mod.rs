@@ -99,6 +99,11 @@ pub struct Reservation {
     id: u64,
     offset: u64,
     len: u64,
+    /// The connection that reserved it: a slot is only meaningful in that
+    /// connection's mapping, and only while it is open.
+    owner: u64,
+    /// When the node may expire it: the reserve was sent before this.
+    expires: std::time::Instant,
 }
 
 impl Reservation {
@@ -135,6 +140,8 @@ struct Inner {
     map: Mapping,
     welcome: LocalWelcome,
     next_id: AtomicU64,
+    /// Unique per connection in this process ([`LocalClient::owner`]).
+    connection: u64,
 }
 
 /// A connection to a co-located node's zero-copy path. Cheap to clone;
@@ -224,6 +231,10 @@ impl LocalClient {
                 map,
                 welcome,
                 next_id: AtomicU64::new(1),
+                connection: {
+                    static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+                    CONNECTIONS.fetch_add(1, Ordering::Relaxed)
+                },
             }),
         })
     }
@@ -239,15 +250,22 @@ impl LocalClient {
         self
     }
 
+    /// Identifies this connection (shared by clones), unique in the process.
+    fn owner(&self) -> u64 {
+        self.inner.connection
+    }
+
     /// What the node said in the handshake (arena size, TTLs).
     pub fn welcome(&self) -> &LocalWelcome {
         &self.inner.welcome
     }
 
     async fn call(&self, op: local_request::Op) -> Result<local_response::Result> {
+        // The id is taken under the connection's lock, so ids go out in
+        // the order requests do (responses are matched by that order).
+        let mut conn = self.inner.conn.lock().await;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let req = LocalRequest { id, op: Some(op) };
-        let mut conn = self.inner.conn.lock().await;
         let Conn { stream, frames } = &mut *conn;
         let path = &self.inner.path;
         wire::write_msg(stream, &req)
@@ -293,6 +311,9 @@ impl LocalClient {
     /// Reserves one slot per length (low-level; [`Self::put_many`] does
     /// reserve, write and commit in one go).
     pub async fn reserve(&self, lengths: &[u64]) -> Result<Vec<Reservation>> {
+        // The node starts each reservation's TTL after this instant.
+        let expires =
+            std::time::Instant::now() + std::time::Duration::from_millis(self.inner.welcome.reservation_ttl_ms);
         match self
             .call(local_request::Op::Reserve(LocalReserve {
                 lengths: lengths.to_vec(),
@@ -315,6 +336,8 @@ impl LocalClient {
                         id: s.id,
                         offset: s.offset,
                         len: s.length,
+                        owner: self.owner(),
+                        expires,
                     });
                 }
                 Ok(out)
@@ -327,7 +350,27 @@ impl LocalClient {
     /// are writable only for the duration of the copy). With checksums on (see
     /// [`Self::with_checksums`]) it hashes the bytes on the way and returns
     /// the xxh3-64 to pass to [`Self::commit`]; otherwise `None`.
+    ///
+    /// Fails without writing when the reservation came from another client
+    /// (connection) or its TTL has passed (the node may have given the
+    /// space to someone else).
     pub fn write(&self, r: &Reservation, value: &[u8]) -> Result<Option<u64>> {
+        if r.owner != self.owner() {
+            return Err(ClientError::InvalidArgument(format!(
+                "reservation {} belongs to another local connection",
+                r.id
+            )));
+        }
+        if std::time::Instant::now() >= r.expires {
+            return Err(ClientError::Status {
+                kind: crate::ErrorKind::FailedPrecondition,
+                code: tonic::Code::FailedPrecondition,
+                message: format!(
+                    "reservation {} is past its {} ms TTL; reserve again",
+                    r.id, self.inner.welcome.reservation_ttl_ms
+                ),
+            });
+        }
         if value.len() as u64 != r.len {
             return Err(ClientError::InvalidArgument(format!(
                 "value of {} bytes for a reservation of {}",
@@ -468,12 +511,12 @@ impl LocalClient {
         if ids.is_empty() {
             return Ok(());
         }
+        let mut conn = self.inner.conn.lock().await;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let req = LocalRequest {
             id,
             op: Some(local_request::Op::Release(LocalRelease { leases: ids })),
         };
-        let mut conn = self.inner.conn.lock().await;
         wire::write_msg(&mut conn.stream, &req)
             .await
             .map_err(|e| io_err(&self.inner.path, "sending a release", e))

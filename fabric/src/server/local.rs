@@ -43,6 +43,9 @@ pub(crate) struct LocalShared {
     pub(crate) max_batch_keys: usize,
     pub(crate) max_object_size: u64,
     pub(crate) node_id: String,
+    /// The gRPC service, for what a commit shares with its puts (claiming a
+    /// new namespace cluster-wide, clearing tombstones).
+    pub(crate) service: super::BlockService,
 }
 
 /// Binds the socket (replacing a stale one) and serves until `stop` flips.
@@ -205,6 +208,7 @@ impl Session {
                 / 4)
             .max(5),
         );
+        let stall = Duration::from_millis(session.shared.settings.lease_ttl_ms.max(100));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut frames = wire::FrameReader::default();
@@ -214,8 +218,20 @@ impl Session {
                     Ok(Some(req)) => {
                         session.sweep();
                         let resp = session.handle(req).await;
-                        if wire::write_msg(&mut s, &resp).await.is_err() {
-                            break;
+                        // A client that stops reading its responses would
+                        // hold this write, and with it the sweep that expires
+                        // what it holds: it gets as long as a lease to read.
+                        let written = tokio::select! {
+                            r = tokio::time::timeout(stall, wire::write_msg(&mut s, &resp)) => r,
+                            _ = stop.changed() => break,
+                        };
+                        match written {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break,
+                            Err(_) => {
+                                tracing::warn!(pid = ?session.pid, "local client stopped reading its responses; closing");
+                                break;
+                            }
                         }
                     }
                     Ok(None) => break,
@@ -398,7 +414,8 @@ impl Session {
             Ok(v1::Durability::Object) => Durability::Object,
             Err(_) => return Err(invalid(format!("unknown durability {}", c.durability))),
         };
-        if let Err(e) = sh.namespaces.for_write(&self.tenant, &c.namespace) {
+        let claimed = sh.service.claim_if_new(&self.tenant, &c.namespace).await;
+        if let Err(e) = claimed.and_then(|()| sh.namespaces.for_write(&self.tenant, &c.namespace)) {
             // Give the reservations back: nothing of this commit is stored.
             for it in &c.items {
                 let _ = self.take_reservation(it.reservation);
@@ -458,10 +475,11 @@ impl Session {
                 created_ms: sh.stack.clock().now_ms(),
                 layout: layout_from_proto(it.layout),
             };
-            let key = ObjectKey::new(ns.clone(), it.key);
+            let key = ObjectKey::new(ns.clone(), it.key.clone());
             let len = header.length;
             match sh.stack.commit_host(&key, r, header, durability).await {
                 Ok(tier) => {
+                    sh.service.stored(&ns, &it.key);
                     sh.metrics.rpc_bytes.with_label_values(&["in"]).inc_by(len);
                     results.push(LocalCommitResult {
                         tier: super::service::tier_to_proto(tier) as i32,

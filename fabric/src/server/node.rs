@@ -280,6 +280,7 @@ impl Node {
                 max_batch_keys: s.limits.max_batch_keys,
                 max_object_size: s.limits.max_object_size.0,
                 node_id: s.node_id.clone(),
+                service: service.clone(),
             });
             local_task = Some(super::local::serve(path.clone(), shared, local_stop_rx).await?);
             local_socket = Some(path);

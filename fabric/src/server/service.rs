@@ -156,7 +156,7 @@ impl BlockService {
     /// its replication. While etcd cannot be reached the put goes on and
     /// the name is known on this node only, as without a cluster (data
     /// keeps flowing through an etcd outage; the gap is logged).
-    async fn claim_if_new(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
+    pub(crate) async fn claim_if_new(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
         let (Some(f), false) = (&self.shared.forwarder, self.shared.namespaces.knows(namespace)) else {
             return Ok(());
         };
@@ -176,6 +176,12 @@ impl BlockService {
             }
             Err(e) => Err(publish_error(e, tenant, namespace)),
         }
+    }
+
+    /// Bookkeeping after `key` of `ns` was stored by another path (the
+    /// local path's commit): it is no longer deleted.
+    pub(crate) fn stored(&self, ns: &Arc<str>, key: &Bytes) {
+        self.shared.tombstones.clear(ns, key);
     }
 
     /// A service over `stack`.

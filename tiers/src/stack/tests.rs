@@ -132,7 +132,11 @@ async fn eviction_keeps_the_object_when_the_lower_tier_fails() {
     }
     assert_eq!((f.host.len(), f.disk.len()), (2, 2));
     f.object.set_failing(true);
-    let err = f.stack.put(&k(4), &block(4, 1000), Durability::Memory).await.unwrap_err();
+    let err = f
+        .stack
+        .put(&k(4), &block(4, 1000), Durability::Memory)
+        .await
+        .unwrap_err();
     // The put itself fell through to the object tier too, and says why.
     assert!(matches!(err, TierError::Unavailable(_)), "{err}");
     assert_eq!(f.stack.len(), 4, "nothing was lost");
