@@ -227,6 +227,7 @@ pub struct MemTier {
     capacity: u64,
     map: parking_lot::Mutex<std::collections::HashMap<ObjectKey, Block>>,
     failing: std::sync::atomic::AtomicBool,
+    synced: std::sync::atomic::AtomicU64,
 }
 
 impl MemTier {
@@ -237,7 +238,12 @@ impl MemTier {
             capacity,
             map: Default::default(),
             failing: Default::default(),
+            synced: Default::default(),
         }
+    }
+    /// Puts so far that asked for `sync`.
+    pub fn synced_puts(&self) -> u64 {
+        self.synced.load(std::sync::atomic::Ordering::Relaxed)
     }
     /// While set, every put fails with an I/O error (a device or object
     /// store that is down).
@@ -274,7 +280,10 @@ impl Tier for MemTier {
     fn footprint(&self, len: u64) -> u64 {
         len.max(1)
     }
-    async fn put(&self, key: &ObjectKey, block: &Block, _sync: bool) -> crate::TierResult<()> {
+    async fn put(&self, key: &ObjectKey, block: &Block, sync: bool) -> crate::TierResult<()> {
+        if sync {
+            self.synced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(TierError::Unavailable(format!("{} tier is down", self.kind)));
         }

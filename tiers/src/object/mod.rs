@@ -234,6 +234,21 @@ struct Index {
     reserved: u64,
 }
 
+/// Bytes a put has reserved while it uploads; given back when dropped armed.
+struct Reserved<'a> {
+    index: &'a Mutex<Index>,
+    need: u64,
+    armed: bool,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.index.lock().reserved -= self.need;
+        }
+    }
+}
+
 /// The object-store tier (G4). See the module documentation.
 pub struct ObjectTier {
     store: Arc<dyn ObjectStore>,
@@ -526,6 +541,13 @@ impl Tier for ObjectTier {
             }
             idx.reserved += need;
         }
+        // Given back if this future is dropped mid-upload (a client that
+        // went away), or below under the same lock that counts it as used.
+        let mut reserved = Reserved {
+            index: &self.index,
+            need,
+            armed: true,
+        };
         let path = self.path_for(key);
         let res = match block.header.encode(key) {
             Ok(header) => self.upload(&path, header, block.payload.clone(), sync).await,
@@ -536,6 +558,7 @@ impl Tier for ObjectTier {
         };
         let mut idx = self.index.lock();
         idx.reserved -= need;
+        reserved.armed = false;
         res?;
         if let Some(old) = idx.map.insert(
             key.clone(),

@@ -158,6 +158,24 @@ async fn failed_multipart_upload_is_aborted_and_leaves_old_object() {
     assert_eq!(t.len(), 1);
 }
 
+/// A put dropped mid-upload (its client went away) gives back the room it
+/// reserved: a bounded tier is not left smaller for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_dropped_mid_upload_gives_its_room_back() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = file_cfg(dir.path());
+    cfg.capacity = 1000;
+    let t = ObjectTier::open(cfg).await.unwrap();
+    let block = conformance::block(1, 1000);
+    // One poll: the file store's write runs on the blocking pool, so the
+    // put is still uploading when it is dropped.
+    let first = t.put(&ObjectKey::new("ns", vec![1u8]), &block, false).now_or_never();
+    assert!(first.is_none(), "the put finished in one poll; nothing was dropped");
+    t.put(&ObjectKey::new("ns", vec![2u8]), &block, false).await.unwrap();
+    assert_eq!(t.used(), 1000);
+}
+
 #[derive(Debug)]
 struct FailingParts(Arc<object_store::memory::InMemory>);
 

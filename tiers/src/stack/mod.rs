@@ -524,7 +524,11 @@ impl TierStack {
                     {
                         e.checksum = block.header.checksum;
                     }
-                    match Box::pin(self.place_first_fit(i + 1, key, &block, false)).await {
+                    // Out of a persistent tier the copy must be as durable
+                    // as the one it replaces (a local-directory object store
+                    // then fsyncs it before the disk copy goes).
+                    let sync = level.tier.kind().is_persistent();
+                    match Box::pin(self.place_first_fit(i + 1, key, &block, sync)).await {
                         Ok(j) => {
                             // Publish the lower copy before the upper one goes,
                             // so readers always find one of them.

@@ -121,6 +121,23 @@ async fn dropped_only_when_no_lower_tier_has_room() {
     f.stack.check_consistency().unwrap();
 }
 
+/// A copy demoted out of a persistent tier is written with `sync`, as
+/// durable as the copy it replaces; one out of host memory is not.
+#[tokio::test]
+async fn demotion_out_of_a_persistent_tier_syncs() {
+    let f = fixture(2000, 2000, 100_000).await;
+    for i in 0..6 {
+        f.stack.put(&k(i), &block(i, 1000), Durability::Memory).await.unwrap();
+    }
+    assert_eq!((f.host.len(), f.disk.len(), f.object.len()), (2, 2, 2));
+    assert_eq!(
+        f.disk.synced_puts(),
+        0,
+        "host -> disk: the host copy was not durable either"
+    );
+    assert_eq!(f.object.synced_puts(), 2, "disk -> object");
+}
+
 /// An eviction whose lower tier fails (not for room) keeps the object:
 /// the put that needed the room is refused instead of losing another
 /// object. Once the lower tier is back, eviction goes on as usual.
