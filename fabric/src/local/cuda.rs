@@ -231,7 +231,7 @@ impl DeviceLink {
         let events = match self.batch().queue_with_events(ops, ends.clone()).await {
             Ok(ev) => ev,
             Err(e) => {
-                let _ = self.client.abort(slots).await;
+                self.give_back(slots).await;
                 return Err(e);
             }
         };
@@ -243,7 +243,7 @@ impl DeviceLink {
         for (end, event) in ends.into_iter().zip(events) {
             let chunk: Vec<Reservation> = slots.by_ref().take(end - start).collect();
             if let Err(e) = self.wait(event).await {
-                let _ = self.client.abort(chunk.into_iter().chain(slots).collect()).await;
+                self.give_back(chunk.into_iter().chain(slots).collect()).await;
                 return Err(e);
             }
             let mut items = Vec::with_capacity(chunk.len());
@@ -269,7 +269,7 @@ impl DeviceLink {
                     }
                 }
                 Err(e) => {
-                    let _ = self.client.abort(slots.collect()).await;
+                    self.give_back(slots.collect()).await;
                     return Err(e);
                 }
             }
@@ -278,6 +278,24 @@ impl DeviceLink {
         match first_err {
             Some(e) => Err(e),
             None => Ok(tiers),
+        }
+    }
+
+    /// Gives reservations back once no copy queued on the link's stream can
+    /// still write into them. When that cannot be known (the stream
+    /// failed), they are left to expire into the node's quarantine instead.
+    async fn give_back(&self, slots: Vec<Reservation>) {
+        let (ctx, stream) = (self.ctx.clone(), self.stream.clone());
+        let settled = tokio::task::spawn_blocking(move || ctx.bind_to_thread().is_ok() && stream.synchronize().is_ok())
+            .await
+            .unwrap_or(false);
+        if settled {
+            let _ = self.client.abort(slots).await;
+        } else {
+            tracing::warn!(
+                slots = slots.len(),
+                "device copies could not be confirmed finished; leaving the reservations to expire"
+            );
         }
     }
 
