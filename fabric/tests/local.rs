@@ -168,6 +168,23 @@ async fn reservation_never_committed_is_released() {
     node.shutdown().await;
 }
 
+/// `local.max-reserved-bytes` counts what slots take, a page each even when
+/// empty, so empty slots cannot pile up past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_slots_count_against_the_reservation_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 8 << 20, 0);
+    s.local.max_reserved_bytes = kvfabric::server::ByteSize(3 * 4096);
+    let (node, _grpc) = start(s).await;
+    let local = LocalClient::connect(node.local_socket.as_ref().unwrap()).await.unwrap();
+    let e = local.reserve(&[0; 4]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Capacity, "{e}");
+    let held = local.reserve(&[0; 3]).await.unwrap();
+    assert_eq!(node.stack.host_tier().unwrap().used(), 3 * 4096);
+    local.abort(held).await.unwrap();
+    node.shutdown().await;
+}
+
 /// A hand-rolled client speaking the wire protocol directly (length-prefixed
 /// protobuf frames), for sending what the library never would.
 struct Raw(tokio::net::UnixStream);

@@ -342,7 +342,8 @@ impl Session {
                 ),
             ));
         }
-        let want: u64 = lengths.iter().map(|l| l.div_ceil(4096) * 4096).sum();
+        // What the slots will take: at least one 4 KiB page each, empty or not.
+        let want: u64 = lengths.iter().map(|&l| l.max(1).div_ceil(4096) * 4096).sum();
         let cap = sh.settings.max_reserved_bytes.0;
         if self.reserved_bytes + want > cap {
             return Err(local_status(
