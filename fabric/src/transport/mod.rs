@@ -71,9 +71,9 @@ use crate::ErrorKind;
 pub use desc::{Mtu, RdmaConnInfo, RegionDescriptor, RemoteSlice};
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaConfig, RdmaTransport};
-#[doc(hidden)]
-pub use tcp::ServeHarness;
 pub use tcp::TcpTransport;
+#[doc(hidden)]
+pub use tcp::{RawResponse, ServeHarness};
 
 /// Results of this module.
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;

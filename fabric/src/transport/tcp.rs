@@ -388,6 +388,10 @@ where
     }
 }
 
+/// One response as [`ServeHarness::responses`] splits it: status, request id, payload.
+#[doc(hidden)]
+pub type RawResponse = (u8, u64, Vec<u8>);
+
 /// The owner's side of the protocol over bytes in memory, for the fuzz target
 /// (`fuzz/fuzz_targets/tcp_transport.rs`) and tests. Not part of the API.
 #[doc(hidden)]
@@ -448,7 +452,7 @@ impl ServeHarness {
 
     /// Splits an owner's answer into its hello reply's instance (0: refused) and its responses
     /// `(status, request id, payload)`; fails on bytes that are not a whole answer.
-    pub fn responses(out: &[u8]) -> std::result::Result<(u64, Vec<(u8, u64, Vec<u8>)>), String> {
+    pub fn responses(out: &[u8]) -> std::result::Result<(u64, Vec<RawResponse>), String> {
         if out.len() < HELLO_REPLY_LEN || &out[..4] != MAGIC {
             return Err(format!("no hello reply in {} bytes", out.len()));
         }
