@@ -364,3 +364,34 @@ async fn control_calls_are_answered_while_bulk_transfers_run() {
     assert_eq!(e.kind(), kvfabric::ErrorKind::InvalidArgument);
     node.shutdown().await;
 }
+
+/// Puts whose clients give up at every point of the way (the request is
+/// dropped mid-stream, mid-store, mid-eviction) leave the node consistent:
+/// every copy a tier holds is one the stack's index knows of, so nothing is
+/// stranded on disk to come back after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_abandoned_at_any_point_leave_no_stray_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = start(settings(dir.path(), 4 << 20, 64 << 20)).await;
+    let value = payload(7, 1 << 20);
+    for i in 0u64..60 {
+        let put = client.put(
+            "ns",
+            Bytes::from(i.to_be_bytes().to_vec()),
+            value.clone(),
+            Durability::Disk,
+        );
+        // From cancelled before it starts to (mostly) finished.
+        let _ = tokio::time::timeout(Duration::from_micros(200 * (i % 30)), put).await;
+    }
+    // Let work the node was still doing finish.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match node.stack.check_consistency() {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    node.shutdown().await;
+}

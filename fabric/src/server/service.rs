@@ -384,16 +384,25 @@ impl BlockService {
             ));
         }
         let key = ObjectKey::new(ns.clone(), p.key.clone());
-        let tier = self.shared.stack.put(&key, &block, durability).await.map_err(|e| {
+        let len = block.header.length;
+        // The put runs to its end even if this request is dropped (the
+        // client went away): stopped half-way, a tier could keep a copy the
+        // stack's index never learns of, which nothing evicts or deletes
+        // and a restart brings back.
+        let (stack, tombstones) = (self.shared.stack.clone(), self.shared.tombstones.clone());
+        let (tns, tkey) = (ns.clone(), p.key.clone());
+        let stored = tokio::spawn(async move {
+            let tier = stack.put(&key, &block, durability).await?;
+            tombstones.clear(&tns, &tkey);
+            Ok::<_, kvfabric_tiers::TierError>(tier)
+        })
+        .await
+        .map_err(|e| status(ErrorKind::Internal, format!("object {}: put task: {e}", hex(&p.key))))?;
+        let tier = stored.map_err(|e| {
             let e = FabricError::from(e);
             status(e.kind(), format!("object {}: {e}", hex(&p.key)))
         })?;
-        self.shared.tombstones.clear(ns, &p.key);
-        self.shared
-            .metrics
-            .rpc_bytes
-            .with_label_values(&["in"])
-            .inc_by(block.header.length);
+        self.shared.metrics.rpc_bytes.with_label_values(&["in"]).inc_by(len);
         Ok(PutResult {
             key: p.key,
             tier: tier_to_proto(tier) as i32,
