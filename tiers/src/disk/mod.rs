@@ -274,7 +274,17 @@ impl DiskTier {
 fn recover_map(index: &Index, space: &Arc<Space>) -> TierResult<HashMap<ObjectKey, Arc<Stored>>> {
     let mut map = HashMap::new();
     let mut dropped = 0usize;
+    let mut outside = Vec::new();
     for (raw, rec) in index.load()? {
+        // An entry past the configured space is not damage: the space was
+        // configured smaller than when it was written. Its data is still
+        // in the files, so it is kept and the tier refuses to open below.
+        if let Ok((_, r)) = &rec
+            && !space.contains(r.file as usize, r.extent)
+        {
+            outside.push((r.file, r.extent));
+            continue;
+        }
         let claimed = rec.and_then(|(key, rec)| {
             if rec.extent.len != Space::footprint(rec.header.length) {
                 return Err(format!(
@@ -309,6 +319,17 @@ fn recover_map(index: &Index, space: &Arc<Space>) -> TierResult<HashMap<ObjectKe
     }
     if dropped > 0 {
         tracing::warn!(dropped, kept = map.len(), "disk index recovered with dropped entries");
+    }
+    if let Some((file, extent)) = outside.first() {
+        return Err(TierError::Config(format!(
+            "{} stored objects lie beyond the configured disk space (the first in data file {file} at \
+             bytes {}..{}): disk.capacity or disk.file-size is smaller than when they were written. \
+             Restore the earlier settings, or empty the disk tier's directory to start afresh; \
+             nothing was deleted",
+            outside.len(),
+            extent.offset,
+            extent.offset + extent.len
+        )));
     }
     Ok(map)
 }

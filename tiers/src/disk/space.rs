@@ -78,6 +78,16 @@ impl Space {
 
     /// Claims a specific extent (index recovery); `None` if it is out of
     /// range or overlaps one already claimed.
+    /// Whether `extent` of `file` lies inside the configured space.
+    pub(super) fn contains(&self, file: usize, extent: Extent) -> bool {
+        self.files.get(file).is_some_and(|a| {
+            extent
+                .offset
+                .checked_add(extent.len)
+                .is_some_and(|end| end <= a.lock().capacity())
+        })
+    }
+
     pub(super) fn reserve(self: &Arc<Self>, file: usize, extent: Extent) -> Option<ExtentGuard> {
         let ok = self.files.get(file)?.lock().reserve(extent);
         if !ok {
