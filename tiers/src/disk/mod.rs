@@ -444,7 +444,7 @@ impl Tier for DiskTier {
             Some(b) => b,
             None => {
                 let mut b = inner.engine.write_buf(need as usize);
-                b.fill(&block.payload, need as usize);
+                crate::offload(need as usize, || b.fill(&block.payload, need as usize));
                 b
             }
         };

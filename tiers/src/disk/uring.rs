@@ -143,6 +143,10 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         let mut open = true;
+        // Failed `io_uring_enter` calls since the last report (logged at most
+        // every 10 s: a ring that keeps failing would otherwise log 1000
+        // lines a second).
+        let (mut failures, mut reported) = (0u64, None::<std::time::Instant>);
         loop {
             if self.inflight == 0 {
                 if !open {
@@ -171,7 +175,13 @@ impl Worker {
                 match e.raw_os_error() {
                     Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
                     _ => {
-                        tracing::error!(error = %e, "io_uring_enter failed");
+                        // Requests already in the kernel still own their
+                        // buffers, so they cannot be failed early; retry.
+                        failures += 1;
+                        if reported.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                            tracing::error!(error = %e, failures, inflight = self.inflight, "io_uring_enter failed; retrying");
+                            (failures, reported) = (0, Some(std::time::Instant::now()));
+                        }
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                 }
