@@ -146,9 +146,13 @@ impl Index {
             .map_err(|e| index_err("writing an entry", e))
     }
 
-    /// Removes `key`'s entry (WAL written, not synced).
-    pub(super) fn delete(&self, key: &ObjectKey) -> TierResult<()> {
-        self.delete_raw(&db_key(key))
+    /// Removes `key`'s entry; with `sync`, the WAL is synced before returning.
+    pub(super) fn delete(&self, key: &ObjectKey, sync: bool) -> TierResult<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db
+            .delete_opt(db_key(key), &wo)
+            .map_err(|e| index_err("deleting an entry", e))
     }
 
     /// Removes an entry by its raw index key.
@@ -241,7 +245,7 @@ mod tests {
                 .any(|(_, r)| r.as_ref().ok() == Some(&(key.clone(), rec.clone())))
         );
         assert!(got.iter().any(|(_, r)| r.is_err()));
-        idx.delete(&key).unwrap();
+        idx.delete(&key, false).unwrap();
         assert_eq!(idx.load().unwrap().len(), 1);
     }
 }

@@ -156,6 +156,11 @@ impl DiskTierConfig {
 struct Stored {
     header: BlockHeader,
     extent: Arc<ExtentGuard>,
+    /// Its index entry is on stable storage (put with `sync`, or found at
+    /// open). Replacing or removing it is then synced too, before its
+    /// extent can be reused: otherwise a crash could bring the entry back
+    /// pointing at another object's bytes.
+    durable: bool,
 }
 
 struct Inner {
@@ -298,6 +303,7 @@ fn recover_map(index: &Index, space: &Arc<Space>) -> TierResult<HashMap<ObjectKe
                     Stored {
                         header: rec.header,
                         extent: Arc::new(g),
+                        durable: true,
                     },
                 )),
                 None => Err(format!(
@@ -353,12 +359,14 @@ impl Inner {
             header,
         };
         let stripe = self.stripe(&key).lock();
-        self.index.put(&key, &rec, sync)?;
+        let replaces_durable = self.map.read().get(&key).is_some_and(|s| s.durable);
+        self.index.put(&key, &rec, sync || replaces_durable)?;
         let old = self.map.write().insert(
             key,
             Arc::new(Stored {
                 header: rec.header,
                 extent,
+                durable: sync || replaces_durable,
             }),
         );
         drop(stripe);
@@ -366,13 +374,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Index delete, then map removal; `false` if the key is absent.
+    /// Index delete (synced when the entry was durable), then map removal;
+    /// `false` if the key is absent.
     fn remove(&self, key: &ObjectKey) -> TierResult<bool> {
         let stripe = self.stripe(key).lock();
-        if !self.map.read().contains_key(key) {
+        let Some(durable) = self.map.read().get(key).map(|s| s.durable) else {
             return Ok(false);
-        }
-        self.index.delete(key)?;
+        };
+        self.index.delete(key, durable)?;
         let old = self.map.write().remove(key);
         drop(stripe);
         drop(old);

@@ -523,3 +523,28 @@ async fn host_slots_are_written_in_place_and_read_back() {
         }
     }
 }
+
+/// An entry on stable storage is replaced or removed with a synced index
+/// write: the entry a crash could bring back must not point at an extent
+/// already reused. What was synced (or found at open) counts as durable,
+/// and so does whatever replaces it.
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_a_durable_entry_stays_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path(), IoEngineKind::Psync);
+    let durable = |t: &DiskTier, k: &ObjectKey| t.inner.map.read().get(k).map(|s| s.durable);
+    {
+        let t = DiskTier::open(c.clone()).unwrap();
+        t.put(&key(1), &block(1, 5000), true).await.unwrap();
+        t.put(&key(2), &block(2, 5000), false).await.unwrap();
+        assert_eq!((durable(&t, &key(1)), durable(&t, &key(2))), (Some(true), Some(false)));
+        t.put(&key(1), &block(3, 5000), false).await.unwrap();
+        assert_eq!(durable(&t, &key(1)), Some(true), "replaced a durable entry");
+        t.put(&key(2), &block(4, 5000), false).await.unwrap();
+        assert_eq!(durable(&t, &key(2)), Some(false));
+    }
+    let t = DiskTier::open(c).unwrap();
+    assert_eq!((durable(&t, &key(1)), durable(&t, &key(2))), (Some(true), Some(true)));
+    assert!(t.delete(&key(1)).await.unwrap());
+    assert!(t.get(&key(1)).await.unwrap().is_none());
+}
