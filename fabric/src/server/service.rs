@@ -181,7 +181,9 @@ impl BlockService {
     /// Bookkeeping after `key` of `ns` was stored by another path (the
     /// local path's commit): it is no longer deleted.
     pub(crate) fn stored(&self, ns: &Arc<str>, key: &Bytes) {
-        self.shared.tombstones.clear(ns, key);
+        self.shared
+            .tombstones
+            .clear(ns, key, self.shared.stack.clock().now_ms());
     }
 
     /// A service over `stack`.
@@ -393,7 +395,7 @@ impl BlockService {
         let (tns, tkey) = (ns.clone(), p.key.clone());
         let stored = tokio::spawn(async move {
             let tier = stack.put(&key, &block, durability).await?;
-            tombstones.clear(&tns, &tkey);
+            tombstones.clear(&tns, &tkey, stack.clock().now_ms());
             Ok::<_, kvfabric_tiers::TierError>(tier)
         })
         .await

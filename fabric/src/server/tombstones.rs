@@ -11,7 +11,10 @@
 //! directory; `+ NS HEXKEY MS` records a delete, `- NS HEXKEY` a later
 //! store, `* NS MS` a clear), read back and compacted at start (expired and cleared entries
 //! dropped) and compacted again whenever it holds more than twice the live
-//! entries. A compaction past start writes the new file on a blocking
+//! entries. Expired entries leave memory at the next call that passes the
+//! time (each call first drops what expired, oldest first, through an index
+//! by time) and the file at the next compaction, so both stay bounded by the
+//! live tombstones, not by every delete of the last runtime. A compaction past start writes the new file on a blocking
 //! thread, off the lock that puts and deletes take; lines appended meanwhile
 //! go to the old file and are carried over when the new one replaces it.
 //! Writes are not synced: a tombstone is lost only with the
@@ -20,7 +23,7 @@
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +46,8 @@ pub(crate) struct Tombstones {
 #[derive(Debug, Default)]
 struct Inner {
     map: HashMap<(Arc<str>, Bytes), u64>,
+    /// `map`'s entries by time, oldest first: what expires next.
+    by_time: BTreeSet<(u64, Arc<str>, Bytes)>,
     /// Namespaces cleared, and when.
     clears: HashMap<Arc<str>, u64>,
     file: Option<std::fs::File>,
@@ -140,25 +145,49 @@ impl Tombstones {
                 Err(e) => return Err(e),
             }
         }
-        map.retain(|_, ms| ms.saturating_add(ttl_ms) > now_ms);
-        clears.retain(|_, ms| ms.saturating_add(ttl_ms) > now_ms);
+        let by_time = map.iter().map(|((ns, k), ms)| (*ms, ns.clone(), k.clone())).collect();
+        let mut inner = Inner {
+            map,
+            by_time,
+            clears,
+            file: None,
+            lines: 0,
+            compacting: None,
+        };
+        Self::expire(&mut inner, ttl_ms, now_ms);
         let t = Tombstones {
             path,
             ttl_ms,
-            live: AtomicUsize::new(map.len() + clears.len()),
-            inner: Arc::new(Mutex::new(Inner {
-                map,
-                clears,
-                file: None,
-                lines: 0,
-                compacting: None,
-            })),
+            live: AtomicUsize::new(inner.map.len() + inner.clears.len()),
+            inner: Arc::new(Mutex::new(inner)),
         };
         t.rewrite(&mut t.inner.lock())?;
         Ok(t)
     }
 
-    /// The live entries as file text, and how many lines that is.
+    /// Drops the entries older than `ttl_ms` at `now_ms` (oldest first; the
+    /// namespace clears are few).
+    fn expire(inner: &mut Inner, ttl_ms: u64, now_ms: u64) {
+        let live = |ms: u64| ms.saturating_add(ttl_ms) > now_ms;
+        while let Some(first) = inner.by_time.first()
+            && !live(first.0)
+        {
+            let (_, ns, k) = inner.by_time.pop_first().expect("just seen");
+            inner.map.remove(&(ns, k));
+        }
+        if !inner.clears.is_empty() {
+            inner.clears.retain(|_, ms| live(*ms));
+        }
+    }
+
+    /// [`Self::expire`], then the live count the lock-free paths read.
+    fn expire_and_count(&self, inner: &mut Inner, now_ms: u64) {
+        Self::expire(inner, self.ttl_ms, now_ms);
+        self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
+    }
+
+    /// The entries as file text, and how many lines that is; callers expire
+    /// first, so only live ones are written.
     fn snapshot(inner: &Inner) -> (String, usize) {
         let mut text: String = inner
             .map
@@ -235,25 +264,32 @@ impl Tombstones {
         let job = {
             let mut inner = self.inner.lock();
             for k in keys {
-                inner.map.insert((namespace.clone(), k.clone()), now_ms);
+                if let Some(old) = inner.map.insert((namespace.clone(), k.clone()), now_ms) {
+                    inner.by_time.remove(&(old, namespace.clone(), k.clone()));
+                }
+                inner.by_time.insert((now_ms, namespace.clone(), k.clone()));
             }
-            self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
+            self.expire_and_count(&mut inner, now_ms);
             self.append(&mut inner, &text, keys.len())
         };
         Self::compact(job);
     }
 
-    /// Forgets `key`'s tombstone (it was stored again).
-    pub(crate) fn clear(&self, namespace: &Arc<str>, key: &Bytes) {
+    /// Forgets `key`'s tombstone (it was stored again at `now_ms`).
+    pub(crate) fn clear(&self, namespace: &Arc<str>, key: &Bytes, now_ms: u64) {
         if self.live.load(Ordering::Relaxed) == 0 {
             return;
         }
         let job = {
             let mut inner = self.inner.lock();
-            if inner.map.remove(&(namespace.clone(), key.clone())).is_none() {
+            let removed = inner.map.remove(&(namespace.clone(), key.clone()));
+            if let Some(at) = removed {
+                inner.by_time.remove(&(at, namespace.clone(), key.clone()));
+            }
+            self.expire_and_count(&mut inner, now_ms);
+            if removed.is_none() {
                 return;
             }
-            self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
             self.append(&mut inner, &format!("- {namespace} {}\n", hex(key)), 1)
         };
         Self::compact(job);
@@ -265,8 +301,9 @@ impl Tombstones {
         let job = {
             let mut inner = self.inner.lock();
             inner.map.retain(|(ns, _), _| ns != namespace);
+            inner.by_time.retain(|(_, ns, _)| ns != namespace);
             inner.clears.insert(namespace.clone(), now_ms);
-            self.live.store(inner.map.len() + inner.clears.len(), Ordering::Relaxed);
+            self.expire_and_count(&mut inner, now_ms);
             self.append(&mut inner, &format!("* {namespace} {now_ms}\n"), 1)
         };
         Self::compact(job);
@@ -279,12 +316,12 @@ impl Tombstones {
         if self.live.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let inner = self.inner.lock();
+        let mut inner = self.inner.lock();
+        self.expire_and_count(&mut inner, now_ms);
         let key_at = inner.map.get(&(namespace.clone(), key.clone())).copied();
         let clear_at = inner.clears.get(namespace).copied();
         let at = key_at.into_iter().chain(clear_at).max()?;
-        let age = now_ms.saturating_sub(at);
-        (age < self.ttl_ms).then_some(age)
+        Some(now_ms.saturating_sub(at))
     }
 }
 
@@ -307,7 +344,7 @@ mod tests {
         t.record(&ns, std::slice::from_ref(&k1), 1_000);
         t.record(&ns, std::slice::from_ref(&k2), 2_000);
         t.record(&ns, std::slice::from_ref(&k3), 2_500);
-        t.clear(&ns, &k3);
+        t.clear(&ns, &k3, 2_600);
         assert_eq!(t.age(&ns, &k1, 1_500), Some(500));
         assert_eq!(t.age(&ns, &k3, 3_000), None, "stored again");
         assert_eq!(t.age(&ns, &k1, 11_000), None, "expired");
@@ -339,6 +376,52 @@ mod tests {
     }
 
     #[test]
+    fn expired_entries_leave_memory_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tombstones");
+        let (ns, other): (Arc<str>, Arc<str>) = ("w".into(), "x".into());
+        let key = |i: u32| Bytes::from(i.to_be_bytes().to_vec());
+        let t = Tombstones::load(Some(p.clone()), 1_000, 0).unwrap();
+        let old: Vec<Bytes> = (0..3_000).map(key).collect();
+        t.record(&ns, &old, 10);
+        t.record_clear(&other, 10);
+        // A lookup past the TTL drops what expired, not only for its key.
+        assert_eq!(t.age(&ns, &key(0), 2_000), None);
+        {
+            let inner = t.inner.lock();
+            assert!(inner.map.is_empty() && inner.by_time.is_empty() && inner.clears.is_empty());
+        }
+        assert_eq!(t.live.load(Ordering::Relaxed), 0);
+        // The file still holds them; the next append compacts it down to
+        // the live entry (the threshold counts live entries only).
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 3_001);
+        t.record(&ns, &[key(5_000)], 2_000);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 1, "{}", &text[..text.len().min(200)]);
+        assert_eq!(t.age(&ns, &key(5_000), 2_500), Some(500));
+        // Without lookups, any write drops what expired before it.
+        let fresh: Vec<Bytes> = (10_000..12_000).map(key).collect();
+        t.record(&ns, &fresh, 3_000);
+        t.clear(&ns, &key(10_000), 3_500);
+        assert_eq!(
+            t.inner.lock().map.len(),
+            1_999,
+            "the entry of 2 000 expired, one stored again"
+        );
+        t.record_clear(&other, 5_000);
+        {
+            let inner = t.inner.lock();
+            assert!(inner.map.is_empty() && inner.by_time.is_empty());
+            assert_eq!(inner.clears.len(), 1);
+        }
+        // A key deleted again keeps only its newest time in the index.
+        t.record(&ns, &[key(1)], 5_000);
+        t.record(&ns, &[key(1)], 5_500);
+        assert_eq!(t.inner.lock().by_time.len(), 1);
+        assert_eq!(t.age(&ns, &key(1), 6_200), Some(700), "not expired with its first time");
+    }
+
+    #[test]
     fn compaction_keeps_what_was_appended_while_it_ran() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tombstones");
@@ -357,7 +440,7 @@ mod tests {
         let job = job.expect("a compaction is due");
         // Meanwhile the lock is free and writes go on.
         t.record(&ns, &[key(3)], 20);
-        t.clear(&ns, &key(0));
+        t.clear(&ns, &key(0), 20);
         assert!(t.inner.lock().compacting.is_some());
         job.finish();
         assert!(t.inner.lock().compacting.is_none());
@@ -386,7 +469,7 @@ mod tests {
         let churn = Bytes::from_static(b"churn");
         for i in 0..3_000 {
             t.record(&ns, std::slice::from_ref(&churn), 2 + i);
-            t.clear(&ns, &churn);
+            t.clear(&ns, &churn, 2 + i);
         }
         // Lines appended while a compaction runs are carried over into the
         // new file (on a loaded machine, most of the churn), and the next
@@ -402,7 +485,7 @@ mod tests {
                 break;
             }
             t.record(&ns, std::slice::from_ref(&churn), 10_000 + round);
-            t.clear(&ns, &churn);
+            t.clear(&ns, &churn, 10_000 + round);
         }
         assert!(lines < 2_000, "the file was compacted ({lines} lines)");
         drop(t);
