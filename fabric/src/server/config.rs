@@ -66,15 +66,18 @@ pub struct ClusterSettings {
     pub refresh_interval_ms: u64,
     /// Time between repair passes (re-replication and hand-off of objects
     /// to their owners) when the membership does not change; a change
-    /// starts one at once. Default 10000; 100..=3600000.
+    /// starts one at once. Default 10000; 100..=3600000, and at most a
+    /// third of `tombstone-ttl-s` (cluster mode).
     pub repair_interval_ms: u64,
     /// Payload bytes per second repair may copy to other nodes, so
     /// foreground traffic keeps its latency; 0 = unlimited. Default 64MiB.
     pub repair_bytes_per_s: ByteSize,
-    /// How long a delete in a replicated namespace is remembered (a
-    /// tombstone), in seconds: a replica down for less than this does not
-    /// bring deleted objects back when it returns. Default 86400;
-    /// 60..=31536000.
+    /// How long a delete is remembered (a tombstone), in seconds: a
+    /// replica down for less than this does not bring deleted objects back
+    /// when it returns. Default 86400; 60..=31536000, and (cluster mode) at
+    /// least 3 x `repair-interval-ms`, so a node still holding a deleted
+    /// object sees the tombstone in a pass or two before it expires (one
+    /// pass may fail on an owner that does not answer).
     pub tombstone_ttl_s: u64,
     /// Longest time after a membership change that reads also ask a key's
     /// earlier owners when its current owners lack it, in seconds; the
@@ -175,7 +178,8 @@ pub struct HbmSettings {
 pub struct LimitSettings {
     /// Largest object accepted. Default `1GiB`; 1 byte..=64GiB.
     pub max_object_size: ByteSize,
-    /// Most keys in one request. Default 4096; 1..=1000000.
+    /// Most keys in one request. Default 4096; 1..=1000000, and at least
+    /// 256 in cluster mode (the batches cluster repair sends other nodes).
     pub max_batch_keys: usize,
     /// Data chunk size of Get streams. Default `1MiB`; 4KiB..=4MiB-64KiB.
     pub chunk_size: ByteSize,
@@ -464,6 +468,28 @@ impl Settings {
             return Ok(());
         }
         crate::cluster::validate_id("node-id", &self.node_id)?;
+        // Repair asks other nodes about, and copies to them, batches of
+        // this many keys; a node refusing them would never settle.
+        let repair = super::repair::BATCH_KEYS;
+        if self.limits.max_batch_keys < repair {
+            return Err(format!(
+                "limits.max-batch-keys {} is below {repair}, the batch cluster repair sends (cluster.etcd is set): \
+                 every node of a cluster must accept at least {repair} keys per request",
+                self.limits.max_batch_keys
+            ));
+        }
+        // A tombstone must outlive the passes that look for copies it
+        // covers, or a delete missed by a node holding a copy comes back.
+        if c.tombstone_ttl_s.saturating_mul(1000) < c.repair_interval_ms.saturating_mul(3) {
+            return Err(format!(
+                "cluster.tombstone-ttl-s {} is shorter than 3 x cluster.repair-interval-ms {} ({} s): \
+                 deletes would be forgotten before repair passes have seen them; raise the TTL or shorten \
+                 the interval",
+                c.tombstone_ttl_s,
+                c.repair_interval_ms,
+                c.repair_interval_ms.saturating_mul(3).div_ceil(1000)
+            ));
+        }
         match &c.advertise {
             Some(a) => {
                 let ok = a
@@ -550,7 +576,25 @@ mod tests {
         );
         assert_eq!((s.cluster.lease_ttl_s, s.cluster.refresh_interval_ms), (3, 500));
         type Change = fn(&mut Settings);
-        let cases: [(Change, &str); 8] = [
+        let cases: [(Change, &str); 11] = [
+            (
+                |s| s.limits.max_batch_keys = 255,
+                "limits.max-batch-keys 255 is below 256",
+            ),
+            (
+                |s| {
+                    s.cluster.tombstone_ttl_s = 60;
+                    s.cluster.repair_interval_ms = 30_000;
+                },
+                "cluster.tombstone-ttl-s 60 is shorter than 3 x cluster.repair-interval-ms 30000",
+            ),
+            (
+                |s| {
+                    s.cluster.tombstone_ttl_s = 10_799;
+                    s.cluster.repair_interval_ms = 3_600_000;
+                },
+                "cluster.tombstone-ttl-s 10799 is shorter than 3 x cluster.repair-interval-ms 3600000 (10800 s)",
+            ),
             (|s| s.cluster.lease_ttl_s = 1, "cluster.lease-ttl-s"),
             (|s| s.cluster.handoff_window_s = 604_801, "cluster.handoff-window-s"),
             (|s| s.cluster.lease_ttl_s = 301, "cluster.lease-ttl-s"),
@@ -566,6 +610,18 @@ mod tests {
             let e = bad.validate().unwrap_err();
             assert!(e.contains(name), "{name}: {e}");
         }
+        // At the bounds the rules allow.
+        let mut edge = s.clone();
+        edge.limits.max_batch_keys = 256;
+        edge.cluster.repair_interval_ms = 20_000;
+        edge.cluster.tombstone_ttl_s = 60;
+        edge.validate().unwrap();
+        // A single node takes any batch limit and any pair of the two.
+        let mut single = Settings::default();
+        single.limits.max_batch_keys = 1;
+        single.cluster.tombstone_ttl_s = 60;
+        single.cluster.repair_interval_ms = 3_600_000;
+        single.validate().unwrap();
         let mut wild = s.clone();
         wild.listen = "0.0.0.0:50051".parse().unwrap();
         wild.cluster.advertise = None;

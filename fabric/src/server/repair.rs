@@ -65,8 +65,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
-/// Objects looked up per `Locate` batch.
-const BATCH: usize = 256;
+/// Objects looked up per `Locate` batch, and most keys in one batch of
+/// copies: a node in cluster mode must accept this many keys per request
+/// (`limits.max-batch-keys`, checked at load).
+pub(crate) const BATCH_KEYS: usize = 256;
 /// Payload bytes gathered before a batch of copies is sent.
 const FLUSH_BYTES: u64 = 32 << 20;
 /// How much older than a tombstone (or than another owner's different
@@ -268,7 +270,7 @@ impl Repairer {
                 None => self.forwarder.client(&tenant),
             };
             let keys: Vec<Bytes> = keys.into_iter().collect();
-            for batch in keys.chunks(BATCH) {
+            for batch in keys.chunks(BATCH_KEYS) {
                 self.repair_batch(&ns, &client, batch, placement.is_some(), &mut report)
                     .await;
             }
