@@ -1512,6 +1512,124 @@ async fn a_returning_replica_does_not_resurrect_deletes_or_old_versions() {
     check_reads(&clients).await;
 }
 
+/// A delete in a replication-1 namespace while a key's old owner still
+/// holds it (a node joined; the hand-off has not run yet) stays a delete:
+/// the new owner, which never held the objects, remembers the delete, so
+/// the old owner's repair drops its copies instead of handing them over
+/// (it used to copy them to the new owner, undoing the delete). A clear
+/// at replication 1 leaves a namespace tombstone on every node. The old
+/// owner is a real process kept stopped (SIGSTOP, its lease long enough to
+/// stay a member) until the delete is done, so its repair cannot run first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_during_a_hand_off_is_not_undone_at_replication_1() {
+    let etcd = Etcd::start().await;
+    let nodes = RealNodes::new(&etcd, "handoff-delete", &["a", "c"]);
+    std::fs::write(
+        nodes.base.path().join("kvfabric.toml"),
+        "[cluster]\nlease-ttl-s = 30\nrefresh-interval-ms = 200\nrepair-interval-ms = 500\n",
+    )
+    .unwrap();
+    let a = nodes.serve(0);
+    let m = watch(&etcd, nodes.cluster).await;
+    m.wait_for(Duration::from_secs(30), |m| serving(m, "a"))
+        .await
+        .unwrap_or_else(|last| panic!("a never served: {last:?}"));
+    let ca = Client::connect(nodes.endpoint(0)).await.unwrap();
+    let ks = keys("h", 200);
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(3))).collect();
+    ca.put_many("kv", objs, Durability::Memory).await.unwrap();
+    // The copies are older than the delete below by more than repair's grace.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // a stops before c joins: it neither notices c nor hands anything over.
+    assert_eq!(unsafe { libc::kill(a.0.id() as i32, libc::SIGSTOP) }, 0);
+    let _c = nodes.serve(1);
+    m.wait_for(Duration::from_secs(30), |m| serving(m, "a") && serving(m, "c"))
+        .await
+        .unwrap_or_else(|last| panic!("c never served next to a: {last:?}"));
+    let cc = Client::connect(nodes.endpoint(1)).await.unwrap();
+    let t = Instant::now();
+    while cc.members().await.unwrap().members.len() != 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "c never saw a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_replication(&[("c", cc.clone())], "kv", 1).await;
+    let view: Vec<NodeInfo> = m.serving_nodes().borrow().clone();
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let to_c: Vec<Bytes> = ks
+        .iter()
+        .filter(|k| placement.owners("kv", k, 1)[0] == "c")
+        .cloned()
+        .collect();
+    assert!(to_c.len() >= 40, "c's share by placement: {}", to_c.len());
+    let (gone, moved) = to_c.split_at(to_c.len() / 2);
+    // c owns them and holds none yet: it deletes nothing, but remembers.
+    assert_eq!(cc.delete("kv", gone.to_vec()).await.unwrap(), 0);
+
+    // a goes on and runs its repair passes for the new membership.
+    assert_eq!(unsafe { libc::kill(a.0.id() as i32, libc::SIGCONT) }, 0);
+    let held = |c: &Client, ks: &[Bytes]| {
+        let (c, ks) = (c.clone(), ks.to_vec());
+        async move {
+            let locs = c.locate("kv", ks.clone()).await.unwrap();
+            ks.into_iter()
+                .zip(locs)
+                .filter(|(_, l)| !l.tiers.is_empty())
+                .map(|(k, _)| k)
+                .collect::<Vec<Bytes>>()
+        }
+    };
+    // The hand-off of what c owns is done once a holds none of it.
+    let t = Instant::now();
+    loop {
+        let left = held(&ca, &to_c).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "a still holds {} of c's {} objects",
+            left.len(),
+            to_c.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("hand-off done in {:?}", t.elapsed());
+    // A few more passes: nothing deleted comes back, the rest moved to c.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(held(&cc, moved).await.len(), moved.len(), "the kept objects moved to c");
+    let back = held(&cc, gone).await;
+    assert!(
+        back.is_empty(),
+        "{} of {} deleted objects came back to c",
+        back.len(),
+        gone.len()
+    );
+    for (id, c) in [("a", &ca), ("c", &cc)] {
+        let got = c.get_many("kv", gone.to_vec()).await.unwrap();
+        assert!(got.iter().all(Option::is_none), "a deleted object read through {id}");
+        let got = c.get_many("kv", moved.to_vec()).await.unwrap();
+        assert!(
+            moved
+                .iter()
+                .zip(&got)
+                .all(|(k, o)| o.as_ref().map(|o| o.value.to_vec()) == Some(k.repeat(3))),
+            "a kept object read through {id}"
+        );
+    }
+
+    // A clear at replication 1 leaves a namespace tombstone on every node.
+    cc.clear("kv").await.unwrap();
+    for (id, c) in [("a", &ca), ("c", &cc)] {
+        let l = c.locate("kv", vec![Bytes::from_static(b"never stored")]).await.unwrap();
+        assert!(
+            l[0].tombstone_age_ms.is_some(),
+            "no clear tombstone on {id}: {:?}",
+            l[0]
+        );
+    }
+}
+
 /// A cluster-aware client with no etcd of its own: it learns the serving
 /// members, their placement weights and a namespace's replication from one
 /// node (`ClusterClient::discover`, the `Members` call), places every key

@@ -18,7 +18,7 @@
 //!   owners confirmed their copies.
 //!
 //! Before that, a copy is dropped as **stale** when an owner reports a
-//! tombstone (it deleted the key, in a replicated namespace) younger than
+//! tombstone (it deleted the key, at any replication) younger than
 //! the copy, or holds a different version younger than it: what a replica
 //! that was away finds when it comes back. Ages, not timestamps, are
 //! compared (each measured on its own node's clock), and a copy keeps its
@@ -34,9 +34,9 @@
 //! promote (a repair scan must not flush the hot set).
 //!
 //! A node that comes back with data first **reconciles** (while still
-//! `joining`, so no request reaches it): it drops the stale copies of its
-//! replicated namespaces, judged against the placement it is about to
-//! serve under, and only then turns `serving`.
+//! `joining`, so no request reaches it): it drops its stale copies (of
+//! every namespace), judged against the placement it is about to serve
+//! under, and only then turns `serving`.
 //!
 //! A pass that ran whole under one serving set and left every object this
 //! node holds at all of its owners (nothing `unsettled`) records that
@@ -220,8 +220,8 @@ impl Repairer {
     }
 
     /// Before a node that came back with data turns serving: drops the
-    /// copies of replicated namespaces that were deleted or replaced while
-    /// it was away, judged against the placement it is about to serve under
+    /// copies (of any namespace) that were deleted or replaced while it
+    /// was away, judged against the placement it is about to serve under
     /// (the serving members plus itself), so it never serves them. Copies
     /// nothing and hands nothing off (the regular passes do, once it
     /// serves).
@@ -231,10 +231,9 @@ impl Repairer {
             return PassReport::default();
         }
         let placement = ClusterClient::fixed(members, ClientOptions::default());
-        let namespaces = self.namespaces.clone();
-        let r = self
-            .walk(Some(&placement), move |ns| namespaces.replication(ns) >= 2)
-            .await;
+        // Every namespace: at replication 1 too, a copy this node holds
+        // for another owner may have been deleted there while it was away.
+        let r = self.walk(Some(&placement), |_| true).await;
         if r.stale > 0 {
             tracing::info!(stale = r.stale, scanned = r.scanned, "reconciled before serving");
         }

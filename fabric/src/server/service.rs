@@ -93,7 +93,7 @@ struct Shared {
     inflight: Arc<tokio::sync::Semaphore>,
     /// Cluster mode: carries out client requests on the keys' owners.
     forwarder: Option<Arc<Forwarder>>,
-    /// Deletes in replicated namespaces, remembered for repair.
+    /// Deletes and clears (cluster mode), remembered for repair.
     tombstones: Arc<Tombstones>,
 }
 
@@ -300,6 +300,14 @@ impl BlockService {
         self.forwarder(forwarded)
             .filter(|f| !f.reads_local(namespace, keys))
             .cloned()
+    }
+
+    /// Whether deletes and clears leave tombstones: in cluster mode, at
+    /// any replication. Another node may hold a copy this node never saw
+    /// (an earlier owner still handing it over, a draining node, a replica
+    /// that was away), and repair would copy it back without one.
+    fn remembers_deletes(&self) -> bool {
+        self.shared.forwarder.is_some()
     }
 
     fn count_forwarded(&self, method: &str) {
@@ -897,7 +905,7 @@ impl KvBlockService for BlockService {
                     return Ok(DeleteResponse { deleted: n });
                 }
                 self.shared.namespaces.for_read(&tenant, &req.namespace)?;
-                if self.shared.namespaces.replication(&req.namespace) >= 2 {
+                if self.remembers_deletes() {
                     let ns: Arc<str> = req.namespace.as_str().into();
                     self.shared
                         .tombstones
@@ -922,13 +930,13 @@ impl KvBlockService for BlockService {
                 return Ok(DeleteResponse { deleted: n });
             }
             self.shared.namespaces.for_read(&tenant, &req.namespace)?;
-            let replicated = self.shared.namespaces.replication(&req.namespace) >= 2;
             let ns: Arc<str> = req.namespace.into();
             let now = self.shared.stack.clock().now_ms();
             let mut deleted = 0;
             // Remembered whether or not this node held them, before any is
-            // deleted: a replica that was away must not bring them back.
-            if replicated {
+            // deleted: a replica that was away, or a node still handing
+            // them over, must not bring them back.
+            if self.remembers_deletes() {
                 self.shared.tombstones.record(&ns, &req.keys, now);
             }
             for k in req.keys {

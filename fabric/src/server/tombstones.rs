@@ -1,11 +1,12 @@
-//! Tombstones: the deletes a node carried out in replicated namespaces
-//! (replication >= 2), remembered for `cluster.tombstone-ttl-s`, so that a
-//! replica that was down while an object was deleted does not bring it
-//! back when it returns (cluster repair asks the owners with `Locate`,
-//! which reports a tombstone's age). Storing the key again clears it.
+//! Tombstones: the deletes a node carried out in cluster mode (at any
+//! replication), remembered for `cluster.tombstone-ttl-s`, so that a node
+//! still holding a copy (a replica that was down, an earlier owner or a
+//! draining node not done handing over) does not bring it back (cluster
+//! repair asks the owners with `Locate`, which reports a tombstone's age).
+//! Storing the key again clears it.
 //!
-//! Clearing a whole replicated namespace leaves one namespace tombstone,
-//! which covers every key of it not stored since.
+//! Clearing a whole namespace leaves one namespace tombstone, which covers
+//! every key of it not stored since.
 //!
 //! Persisted as an append-only text file (`tombstones` in the data
 //! directory; `+ NS HEXKEY MS` records a delete, `- NS HEXKEY` a later
