@@ -339,7 +339,9 @@ impl Client {
 
     /// Like [`Client::put_many`], with each object's age in ms (how long
     /// ago it was first stored), which a node honours only on a forwarded
-    /// put: what a node copying its own objects (cluster repair) uses.
+    /// put: what a node copying its own objects (cluster repair) uses. An
+    /// aged object the node holds a newer version of, or deleted after
+    /// that age, is not stored: its tier is [`Tier::Unspecified`].
     #[doc(hidden)]
     pub async fn put_many_aged(
         &self,

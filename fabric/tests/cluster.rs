@@ -1630,6 +1630,167 @@ async fn a_delete_during_a_hand_off_is_not_undone_at_replication_1() {
     }
 }
 
+/// A repair copy is an aged put (it keeps its version's age). An owner
+/// holding a different version created later, or that deleted the key
+/// after the copy's version was created, does not store it and answers
+/// `TIER_UNSPECIFIED`; the node that sent it then drops its own copy
+/// instead of trying again. Checked directly, and through repair with the
+/// versions 0.5 s apart, within the 1 s grace in which repair's own age
+/// comparison leaves them alone. A copy of the version held, or one newer
+/// than the delete, is stored. (A copy used to be stored whatever it met
+/// and to clear the tombstone: the old version replaced the new one and
+/// the delete was undone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_copy_never_replaces_a_newer_version_or_undoes_a_delete() {
+    let etcd = Etcd::start().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let settings = |i: usize, id: &str| {
+        let mut s = node_settings(dirs[i].path(), &etcd, "aged", id, 30);
+        s.cluster.repair_interval_ms = 300;
+        s
+    };
+    let (a, ca) = common::start(settings(0, "a")).await;
+    let (c, cc) = common::start(settings(1, "c")).await;
+    let view = wait_view(&a, 2).await;
+    wait_view(&c, 2).await;
+    let placement = Placement::new(view.iter().map(|n| (n.id.clone(), n.weight))).unwrap();
+    let ks: Vec<Bytes> = keys("g", 200)
+        .into_iter()
+        .filter(|k| placement.owners("kv", k, 1)[0] == "c")
+        .take(4)
+        .collect();
+    let [newer, deleted, same, undeleted] = <[Bytes; 4]>::try_from(ks).unwrap();
+    let v = |tag: &str, k: &Bytes| Bytes::from([tag.as_bytes(), k].concat());
+    // What repair does: puts marked forwarded, stored where they land.
+    let (fa, fc) = (ca.clone().forwarded(true), cc.clone().forwarded(true));
+    let aged = |c: &Client, k: &Bytes, value: Bytes, age_ms: u64| {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            let t = c
+                .put_many_aged(
+                    "kv",
+                    vec![PutObject::new(k, value)],
+                    vec![Some(age_ms)],
+                    Durability::Memory,
+                )
+                .await
+                .unwrap();
+            t[0]
+        }
+    };
+    let tombstone = |c: &Client, k: &Bytes| {
+        let (c, k) = (c.clone(), k.clone());
+        async move { c.locate("kv", vec![k]).await.unwrap()[0].tombstone_age_ms }
+    };
+
+    // A copy of the version held is stored, older or not.
+    assert_eq!(aged(&fc, &same, v("v1", &same), 5_000).await, Tier::Host);
+    assert_eq!(aged(&fc, &same, v("v1", &same), 6_000).await, Tier::Host);
+    // An older copy of another version is refused; the newer one stays.
+    assert_eq!(aged(&fc, &newer, v("v2", &newer), 10_000).await, Tier::Host);
+    assert_eq!(aged(&fc, &newer, v("v1", &newer), 20_000).await, Tier::Unspecified);
+    assert_eq!(
+        fc.get("kv", newer.clone()).await.unwrap().unwrap().value,
+        v("v2", &newer)
+    );
+    // A copy older than a delete is refused and leaves the tombstone; one
+    // newer than it is stored and clears it.
+    assert_eq!(
+        fc.delete("kv", vec![deleted.clone(), undeleted.clone()]).await.unwrap(),
+        0
+    );
+    let deleted_at = Instant::now();
+    assert_eq!(aged(&fc, &deleted, v("v1", &deleted), 5_000).await, Tier::Unspecified);
+    assert!(fc.get("kv", deleted.clone()).await.unwrap().is_none());
+    assert!(tombstone(&fc, &deleted).await.is_some());
+    assert_eq!(aged(&fc, &undeleted, v("v3", &undeleted), 0).await, Tier::Host);
+    assert_eq!(tombstone(&fc, &undeleted).await, None);
+
+    // Through repair: a holds copies c's owner must not take, each 0.5 s
+    // older than c's version or delete. a's passes send them; c refuses;
+    // a drops them.
+    assert_eq!(aged(&fa, &newer, v("v1", &newer), 10_500).await, Tier::Host);
+    let age = deleted_at.elapsed().as_millis() as u64 + 500;
+    assert_eq!(aged(&fa, &deleted, v("v1", &deleted), age).await, Tier::Host);
+    let pair = vec![newer.clone(), deleted.clone()];
+    let t = Instant::now();
+    while !a.stack.is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "a still holds {:?}",
+            ca.locate("kv", pair.clone()).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few more passes change nothing.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(a.stack.is_empty());
+    for (id, client) in [("a", &ca), ("c", &cc)] {
+        let got = client.get("kv", newer.clone()).await.unwrap().map(|o| o.value);
+        assert_eq!(got, Some(v("v2", &newer)), "the newer version read through {id}");
+        assert!(
+            client.get("kv", deleted.clone()).await.unwrap().is_none(),
+            "the deleted object read through {id}"
+        );
+    }
+    assert!(tombstone(&fc, &deleted).await.is_some(), "c still remembers the delete");
+
+    // At replication 2 the sender is an owner (the first holding a copy,
+    // so the one that acts): refused, it drops its copy rather than send it
+    // again every pass; then c's version is copied to it.
+    cc.create_namespace("kv2", 2).await.unwrap();
+    wait_replication(&[("a", ca.clone()), ("c", cc.clone())], "kv2", 2).await;
+    let ks: Vec<Bytes> = keys("r", 200)
+        .into_iter()
+        .filter(|k| placement.owners("kv2", k, 2)[0] == "a")
+        .take(2)
+        .collect();
+    let [newer, deleted] = <[Bytes; 2]>::try_from(ks).unwrap();
+    let aged2 = |c: &Client, k: &Bytes, value: Bytes, age_ms: u64| {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            c.put_many_aged(
+                "kv2",
+                vec![PutObject::new(k, value)],
+                vec![Some(age_ms)],
+                Durability::Memory,
+            )
+            .await
+            .unwrap()[0]
+        }
+    };
+    assert_eq!(aged2(&fc, &newer, v("v2", &newer), 10_000).await, Tier::Host);
+    assert_eq!(fc.delete("kv2", vec![deleted.clone()]).await.unwrap(), 0);
+    let deleted_at = Instant::now();
+    assert_eq!(aged2(&fa, &newer, v("v1", &newer), 10_500).await, Tier::Host);
+    let age = deleted_at.elapsed().as_millis() as u64 + 500;
+    assert_eq!(aged2(&fa, &deleted, v("v1", &deleted), age).await, Tier::Host);
+    let want = xxhash_rust::xxh3::xxh3_64(&v("v2", &newer));
+    let t = Instant::now();
+    loop {
+        let l = ca.locate("kv2", vec![newer.clone(), deleted.clone()]).await.unwrap();
+        if l[0].checksum == want && !l[0].tiers.is_empty() && l[1].tiers.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "a's copies were never replaced by c's version and delete: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (id, client) in [("a", &fa), ("c", &fc)] {
+        let got = client.get("kv2", newer.clone()).await.unwrap().map(|o| o.value);
+        assert_eq!(got, Some(v("v2", &newer)), "{id}'s copy");
+        assert!(
+            client.get("kv2", deleted.clone()).await.unwrap().is_none(),
+            "{id}'s copy"
+        );
+    }
+    for h in [a, c] {
+        h.shutdown().await;
+    }
+}
+
 /// A cluster-aware client with no etcd of its own: it learns the serving
 /// members, their placement weights and a namespace's replication from one
 /// node (`ClusterClient::discover`, the `Members` call), places every key

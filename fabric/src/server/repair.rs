@@ -123,6 +123,14 @@ pub(crate) struct PassReport {
     pub(crate) unsettled: u64,
 }
 
+/// Where [`Repairer::copy`] marks the objects it could not place: copies
+/// that failed (retried next pass), and copies an owner refused because it
+/// holds a newer version or deleted the key after this version (stale).
+struct Marks<'a> {
+    failed: &'a mut HashSet<usize>,
+    refused: &'a mut HashSet<usize>,
+}
+
 /// A copy to make: local object `key` onto node `to`.
 struct Pending {
     index: usize,
@@ -411,6 +419,7 @@ impl Repairer {
         }
         // Copy, in batches per (owner, durability) bounded in bytes.
         let mut failed: HashSet<usize> = HashSet::new();
+        let mut refused: HashSet<usize> = HashSet::new();
         let mut groups: BTreeMap<(String, bool), Vec<usize>> = BTreeMap::new();
         for p in &pending {
             groups.entry((p.to.clone(), p.durable)).or_default().push(p.index);
@@ -446,7 +455,11 @@ impl Repairer {
                 if bytes >= FLUSH_BYTES || n + 1 == idx.len() {
                     let batch_objects = std::mem::take(&mut objects);
                     let sent = std::mem::take(&mut bytes);
-                    self.copy(client, ns, &to, durable, batch_objects, sent, &mut failed, report)
+                    let marks = Marks {
+                        failed: &mut failed,
+                        refused: &mut refused,
+                    };
+                    self.copy(client, ns, &to, durable, batch_objects, sent, marks, report)
                         .await;
                 }
             }
@@ -459,6 +472,11 @@ impl Repairer {
                 }
             }
         }
+        // An owner that refused a copy holds a newer version, or deleted
+        // the key after this version was created: this copy is stale too.
+        // (Objects found stale earlier were never copied.)
+        handoff.retain(|i| !refused.contains(i));
+        stale.extend(refused.iter().copied());
         // Hand off (every owner now holds this version) and drop stale
         // copies; a newer version stored here meanwhile stays.
         for (i, stale) in handoff
@@ -473,7 +491,7 @@ impl Repairer {
             let key = &object_keys[i];
             match self.stack.delete_version(key, mine.checksum).await {
                 Ok(true) if stale => {
-                    tracing::info!(%key, "repair: dropped a stale copy (deleted or replaced while this node was away)");
+                    tracing::info!(%key, "repair: dropped a stale copy (an owner deleted it or holds a newer version)");
                     report.stale += 1;
                 }
                 Ok(true) => report.handed_off += 1,
@@ -495,7 +513,8 @@ impl Repairer {
                 .any(|n| n.id == self.node_id)
     }
 
-    /// Puts `objects` on node `to`; marks the ones that failed.
+    /// Puts `objects` on node `to`; marks the ones that failed and the ones
+    /// it refused (it holds a newer version or deleted them later).
     #[allow(clippy::too_many_arguments)]
     async fn copy(
         &self,
@@ -505,7 +524,7 @@ impl Repairer {
         durable: bool,
         objects: Vec<(usize, PutObject, Option<u64>)>,
         bytes: u64,
-        failed: &mut HashSet<usize>,
+        marks: Marks<'_>,
         report: &mut PassReport,
     ) {
         if objects.is_empty() {
@@ -537,13 +556,19 @@ impl Repairer {
         })
         .await;
         match r {
-            Ok(_) => {
-                report.copied += idx.len() as u64;
+            Ok(tiers) => {
+                for (i, t) in idx.into_iter().zip(tiers) {
+                    if t == Tier::Unspecified {
+                        marks.refused.insert(i);
+                    } else {
+                        report.copied += 1;
+                    }
+                }
                 report.bytes += bytes;
             }
             Err(e) => {
                 tracing::warn!(to, namespace = ns, objects = idx.len(), error = %e, "repair: copying failed");
-                failed.extend(idx);
+                marks.failed.extend(idx);
                 return;
             }
         }

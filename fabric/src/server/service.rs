@@ -108,6 +108,21 @@ fn publish_error(e: PublishError, tenant: &str, namespace: &str) -> FabricError 
     }
 }
 
+/// Whether a repair copy (`block`, created when its header says, on this
+/// node's clock) must not be stored at `now_ms`: this node holds another
+/// version created strictly later, or deleted the key (or cleared its
+/// namespace) after the copy's version was created. A copy of the version
+/// held here is stored (it may raise its durability).
+fn newer_here(stack: &TierStack, tombstones: &Tombstones, key: &ObjectKey, block: &Block, now_ms: u64) -> bool {
+    let created = block.header.created_ms;
+    match stack.locate(std::slice::from_ref(key)).pop().flatten() {
+        Some(held) => held.checksum != block.header.checksum && held.created_ms > created,
+        None => tombstones
+            .age(key.namespace_arc(), key.key(), now_ms)
+            .is_some_and(|age| now_ms.saturating_sub(age) > created),
+    }
+}
+
 /// Unit of the in-flight put budget.
 const INFLIGHT_UNIT: u64 = 64 << 10;
 
@@ -395,6 +410,7 @@ impl BlockService {
         }
         let key = ObjectKey::new(ns.clone(), p.key.clone());
         let len = block.header.length;
+        let aged = p.age_ms.is_some();
         // The put runs to its end even if this request is dropped (the
         // client went away): stopped half-way, a tier could keep a copy the
         // stack's index never learns of, which nothing evicts or deletes
@@ -402,9 +418,15 @@ impl BlockService {
         let (stack, tombstones) = (self.shared.stack.clone(), self.shared.tombstones.clone());
         let (tns, tkey) = (ns.clone(), p.key.clone());
         let stored = tokio::spawn(async move {
+            let now = stack.clock().now_ms();
+            if aged && newer_here(&stack, &tombstones, &key, &block, now) {
+                return Ok(None);
+            }
             let tier = stack.put(&key, &block, durability).await?;
-            tombstones.clear(&tns, &tkey, stack.clock().now_ms());
-            Ok::<_, kvfabric_tiers::TierError>(tier)
+            // A copy clears only a delete older than its version.
+            let bound = if aged { block.header.created_ms } else { u64::MAX };
+            tombstones.clear_older(&tns, &tkey, bound, stack.clock().now_ms());
+            Ok::<_, kvfabric_tiers::TierError>(Some(tier))
         })
         .await
         .map_err(|e| status(ErrorKind::Internal, format!("object {}: put task: {e}", hex(&p.key))))?;
@@ -412,6 +434,13 @@ impl BlockService {
             let e = FabricError::from(e);
             status(e.kind(), format!("object {}: {e}", hex(&p.key)))
         })?;
+        let Some(tier) = tier else {
+            tracing::debug!(namespace = %ns, key = hex(&p.key), "a repair copy older than what this node holds or deleted was not stored");
+            return Ok(PutResult {
+                key: p.key,
+                tier: v1::Tier::Unspecified as i32,
+            });
+        };
         self.shared.metrics.rpc_bytes.with_label_values(&["in"]).inc_by(len);
         Ok(PutResult {
             key: p.key,

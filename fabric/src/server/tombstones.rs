@@ -278,17 +278,29 @@ impl Tombstones {
 
     /// Forgets `key`'s tombstone (it was stored again at `now_ms`).
     pub(crate) fn clear(&self, namespace: &Arc<str>, key: &Bytes, now_ms: u64) {
+        self.clear_older(namespace, key, u64::MAX, now_ms);
+    }
+
+    /// Forgets `key`'s tombstone if it was recorded at or before
+    /// `stored_ms`: a copy stored at `now_ms` whose version was created at
+    /// `stored_ms` (a repair copy keeps its age) does not undo a later delete.
+    pub(crate) fn clear_older(&self, namespace: &Arc<str>, key: &Bytes, stored_ms: u64, now_ms: u64) {
         if self.live.load(Ordering::Relaxed) == 0 {
             return;
         }
         let job = {
             let mut inner = self.inner.lock();
-            let removed = inner.map.remove(&(namespace.clone(), key.clone()));
-            if let Some(at) = removed {
-                inner.by_time.remove(&(at, namespace.clone(), key.clone()));
-            }
+            let id = (namespace.clone(), key.clone());
+            let removed = match inner.map.get(&id) {
+                Some(&at) if at <= stored_ms => {
+                    inner.map.remove(&id);
+                    inner.by_time.remove(&(at, namespace.clone(), key.clone()));
+                    true
+                }
+                _ => false,
+            };
             self.expire_and_count(&mut inner, now_ms);
-            if removed.is_none() {
+            if !removed {
                 return;
             }
             self.append(&mut inner, &format!("- {namespace} {}\n", hex(key)), 1)
@@ -374,6 +386,18 @@ mod tests {
         let t = Tombstones::load(Some(p), 10_000, 13_000).unwrap();
         assert_eq!(t.age(&ns, &k1, 13_000), Some(1_000));
         assert_eq!(t.age(&ns, &k1, 22_500), None, "expired");
+    }
+
+    #[test]
+    fn a_copy_clears_only_an_older_delete() {
+        let t = Tombstones::load(None, 10_000, 0).unwrap();
+        let ns: Arc<str> = "w".into();
+        let k = Bytes::from_static(b"k");
+        t.record(&ns, std::slice::from_ref(&k), 1_000);
+        t.clear_older(&ns, &k, 999, 1_500);
+        assert_eq!(t.age(&ns, &k, 1_500), Some(500), "a copy of an older version");
+        t.clear_older(&ns, &k, 1_000, 1_500);
+        assert_eq!(t.age(&ns, &k, 1_500), None);
     }
 
     #[test]
