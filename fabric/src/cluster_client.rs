@@ -21,6 +21,12 @@
 //!   reports missing;
 //! - **delete**: every owner deletes.
 //!
+//! Where it reaches every node concerned itself (each owner of a replicated
+//! namespace, every node for a clear, a previous owner asked for what it
+//! holds) its requests are marked `forwarded`, so no node passes them on
+//! again; with one owner the node is left to place it (it knows the
+//! namespace's replication even when this client does not).
+//!
 //! Namespaces are known per node (created by a node's first put in them),
 //! so a node that never stored one answers NOT_FOUND for it: that node is
 //! taken to hold none of the keys asked, and a call is NOT_FOUND only when
@@ -573,6 +579,17 @@ impl ClusterClient {
             .collect())
     }
 
+    /// Whether requests for `namespace` go out as placed (marked
+    /// forwarded, so the node serves them itself): when this client sends
+    /// to every owner itself, i.e. the namespace has more than one, or it
+    /// is a node's own forwarding client. With one owner the node is asked
+    /// to place it (it knows the namespace's replication even when this
+    /// client does not); a placed request to each of several owners keeps
+    /// every owner from forwarding it to all the others again.
+    fn placed(&self, namespace: &str) -> bool {
+        self.forwarded || self.replicas(namespace) > 1
+    }
+
     /// The pooled client of serving node `id`, with this client's tenant
     /// and forwarding flag (what cluster repair uses to reach one node).
     #[doc(hidden)]
@@ -646,7 +663,7 @@ impl ClusterClient {
             let view = view.clone();
             let batch: Vec<PutObject> = pos.iter().map(|&i| objects[i].clone()).collect();
             async move {
-                let c = self.node(&view, &id).await?;
+                let c = self.node(&view, &id).await?.forwarded(self.placed(namespace));
                 let tiers = c
                     .put_many(namespace, batch, durability)
                     .await
@@ -709,7 +726,11 @@ impl ClusterClient {
                 async move {
                     let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
                     let r = match self.node(&view, &id).await {
-                        Ok(c) => c.get_many(namespace, ks).await.map_err(|e| with_node(&id, e)),
+                        Ok(c) => c
+                            .forwarded(self.placed(namespace))
+                            .get_many(namespace, ks)
+                            .await
+                            .map_err(|e| with_node(&id, e)),
                         Err(e) => Err(e),
                     };
                     (items, r)
@@ -826,7 +847,9 @@ impl ClusterClient {
             let calls = groups.into_iter().map(|(id, (v, items))| async move {
                 let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
                 let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
-                    let c = self.node(&previous[v], &id).await?;
+                    // What this node holds itself: it is asked as a
+                    // previous owner, not to find the key again.
+                    let c = self.node(&previous[v], &id).await?.forwarded(true);
                     c.get_many(namespace, ks).await
                 })
                 .await;
@@ -928,7 +951,7 @@ impl ClusterClient {
         let calls = groups.into_iter().map(|(id, pos)| async move {
             let ks: Vec<Bytes> = pos.iter().map(|&i| keys[i].clone()).collect();
             let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
-                let c = self.node(prev, &id).await?;
+                let c = self.node(prev, &id).await?.forwarded(true);
                 c.exists_prefix(namespace, ks).await
             })
             .await;
@@ -1002,6 +1025,7 @@ impl ClusterClient {
                 for node in tried {
                     let r = match self.node(&view, &node).await {
                         Ok(c) => c
+                            .forwarded(self.placed(namespace))
                             .exists_prefix(namespace, ks.clone())
                             .await
                             .map_err(|e| with_node(&node, e)),
@@ -1050,7 +1074,8 @@ impl ClusterClient {
         let calls = view.endpoints.keys().map(|id| {
             let view = view.clone();
             async move {
-                let c = self.node(&view, id).await?;
+                // Every serving node is asked here: none needs to pass it on.
+                let c = self.node(&view, id).await?.forwarded(true);
                 c.clear(namespace).await.map_err(|e| with_node(id, e))
             }
         });
@@ -1090,7 +1115,7 @@ impl ClusterClient {
         let calls = batches.into_iter().map(|((id, first), ks)| {
             let view = view.clone();
             async move {
-                let c = self.node(&view, &id).await?;
+                let c = self.node(&view, &id).await?.forwarded(self.placed(namespace));
                 let n = c.delete(namespace, ks).await.map_err(|e| with_node(&id, e))?;
                 Ok::<_, ClientError>(if first { n } else { 0 })
             }

@@ -494,8 +494,8 @@ async fn cluster_client_places_merges_and_reads_through_a_lost_replica() {
 async fn cluster_client_follows_the_etcd_membership() {
     let etcd = Etcd::start().await;
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, _) = common::start(node_settings(da.path(), &etcd, "cc", "a", 30)).await;
-    let (b, _) = common::start(node_settings(db.path(), &etcd, "cc", "b", 30)).await;
+    let (a, ca) = common::start(node_settings(da.path(), &etcd, "cc", "a", 30)).await;
+    let (b, cb) = common::start(node_settings(db.path(), &etcd, "cc", "b", 30)).await;
     let m = watch(&etcd, "cc").await;
     let mut nodes = m.serving_nodes();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -519,6 +519,41 @@ async fn cluster_client_follows_the_etcd_membership() {
     assert_eq!(na + nb, 300);
     assert!(na > 0 && nb > 0, "both nodes hold a share: {na} / {nb}");
 
+    // A namespace with two copies: the client sends each object to both
+    // owners itself, and neither passes it on again (before, each owner
+    // forwarded it to both, storing every object four times).
+    ca.create_namespace("dup", 2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cb.describe_namespace("dup").await.map(|n| n.replication).ok() != Some(2) {
+        assert!(Instant::now() < deadline, "b never learned dup's replication");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cc.set_replication("dup", 2).unwrap();
+    let dk = keys("dup", 100);
+    let objs: Vec<PutObject> = dk.iter().map(|k| PutObject::new(k.clone(), k.repeat(2))).collect();
+    cc.put_many("dup", objs, Durability::Memory).await.unwrap();
+    assert_eq!(
+        (a.stack.len(), b.stack.len()),
+        (na + 100, nb + 100),
+        "a copy on each node"
+    );
+    let got = cc.get_many("dup", dk.clone()).await.unwrap();
+    assert!(
+        dk.iter()
+            .zip(&got)
+            .all(|(k, g)| g.as_ref().is_some_and(|o| o.value == k.repeat(2)))
+    );
+    assert_eq!(cc.exists_prefix("dup", dk.clone()).await.unwrap().len(), 100);
+    assert_eq!(cc.delete("dup", dk[..10].to_vec()).await.unwrap(), 10);
+    assert_eq!((a.stack.len(), b.stack.len()), (na + 90, nb + 90));
+    for h in [&a, &b] {
+        let body = common::http_get(h.metrics_addr, "/metrics").await;
+        assert!(
+            !body.contains("kvfabric_forwarded_total{"),
+            "a node passed a placed request on: {body}"
+        );
+    }
+
     b.shutdown().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while nodes.borrow().len() != 1 {
@@ -529,7 +564,7 @@ async fn cluster_client_follows_the_etcd_membership() {
     let more = keys("after", 50);
     let objs: Vec<PutObject> = more.iter().map(|k| PutObject::new(k.clone(), vec![9u8; 16])).collect();
     cc.put_many("ns", objs, Durability::Memory).await.unwrap();
-    assert_eq!(a.stack.len(), na + 50, "everything goes to the survivor");
+    assert_eq!(a.stack.len(), na + 90 + 50, "everything goes to the survivor");
     assert!(cc.get_many("ns", more).await.unwrap().iter().all(Option::is_some));
     a.shutdown().await;
 }
