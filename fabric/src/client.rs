@@ -212,6 +212,48 @@ pub struct Client {
     max_batch_keys: usize,
 }
 
+/// Which keys of a Get the node has answered, found or missing: each
+/// exactly once. An answer that ends early (the node's task died mid-batch,
+/// the stream still closing cleanly) is an error, not a run of misses.
+#[derive(Debug)]
+struct Answered {
+    seen: Vec<bool>,
+    count: usize,
+}
+
+impl Answered {
+    fn new(n: usize) -> Self {
+        Answered {
+            seen: vec![false; n],
+            count: 0,
+        }
+    }
+
+    fn mark(&mut self, i: usize) -> Result<()> {
+        let n = self.seen.len();
+        match self.seen.get_mut(i) {
+            None => Err(ClientError::Protocol(format!("server named key index {i} of {n}"))),
+            Some(true) => Err(ClientError::Protocol(format!("server answered key {i} twice"))),
+            Some(seen) => {
+                *seen = true;
+                self.count += 1;
+                Ok(())
+            }
+        }
+    }
+
+    fn all(&self) -> Result<()> {
+        match self.seen.iter().position(|s| !s) {
+            None => Ok(()),
+            Some(i) => Err(ClientError::Protocol(format!(
+                "the node's answer ended without key {i} ({} of {} answered)",
+                self.count,
+                self.seen.len()
+            ))),
+        }
+    }
+}
+
 impl Client {
     /// Connects to `endpoint` (`http://host:port` or `host:port`) with
     /// default [`ClientOptions`].
@@ -421,6 +463,7 @@ impl Client {
         };
         let mut stream = self.data().get(req).await?.into_inner();
         let mut out: Vec<Option<Object>> = (0..n).map(|_| None).collect();
+        let mut answered = Answered::new(n);
         let mut cur: Option<(usize, v1::ObjectFound, Incoming)> = None;
         let finish =
             |cur: &mut Option<(usize, v1::ObjectFound, Incoming)>, out: &mut Vec<Option<Object>>| -> Result<()> {
@@ -456,12 +499,13 @@ impl Client {
                 Some(get_response::Msg::Found(f)) => {
                     finish(&mut cur, &mut out)?;
                     let i = f.index as usize;
-                    if i >= n {
-                        return Err(ClientError::Protocol(format!("server named key index {i} of {n}")));
-                    }
+                    answered.mark(i)?;
                     cur = Some((i, f, Incoming::default()));
                 }
-                Some(get_response::Msg::Missing(_)) => finish(&mut cur, &mut out)?,
+                Some(get_response::Msg::Missing(i)) => {
+                    finish(&mut cur, &mut out)?;
+                    answered.mark(i as usize)?;
+                }
                 Some(get_response::Msg::Data(d)) => match cur.as_mut() {
                     Some((_, f, buf)) if buf.len() as u64 + d.len() as u64 <= f.length => buf.push(d, f.length),
                     _ => return Err(ClientError::Protocol("unexpected data chunk".into())),
@@ -470,6 +514,7 @@ impl Client {
             }
         }
         finish(&mut cur, &mut out)?;
+        answered.all()?;
         Ok(out)
     }
 
@@ -478,6 +523,7 @@ impl Client {
     pub async fn exists_prefix(&self, namespace: &str, keys: Vec<Bytes>) -> Result<Vec<Tier>> {
         Self::check_ns(namespace)?;
         validate::keys(&keys, self.max_batch_keys).map_err(ClientError::InvalidArgument)?;
+        let n = keys.len();
         let r = self
             .control
             .clone()
@@ -489,7 +535,14 @@ impl Client {
             })
             .await?
             .into_inner();
-        Ok(r.tiers().collect())
+        let tiers: Vec<Tier> = r.tiers().collect();
+        if tiers.len() > n {
+            return Err(ClientError::Protocol(format!(
+                "the node reported a prefix of {} keys of {n}",
+                tiers.len()
+            )));
+        }
+        Ok(tiers)
     }
 
     /// Deletes keys; returns how many existed.
@@ -532,7 +585,15 @@ impl Client {
             keys,
             ttl_seconds,
         };
-        Ok(self.control.clone().lease(req).await?.into_inner().leased)
+        let n = req.keys.len();
+        let leased = self.control.clone().lease(req).await?.into_inner().leased;
+        if leased.len() != n {
+            return Err(ClientError::Protocol(format!(
+                "lease answered {} keys of {n}",
+                leased.len()
+            )));
+        }
+        Ok(leased)
     }
 
     /// Where the node asked holds each key: tiers (empty for a key it
@@ -629,5 +690,23 @@ impl Client {
     /// The raw generated client, for callers that need the wire API.
     pub fn raw(&self) -> KvBlockServiceClient<Channel> {
         self.control.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_get_answer_names_every_key_once() {
+        let mut a = Answered::new(3);
+        a.mark(2).unwrap();
+        a.mark(0).unwrap();
+        let e = a.all().unwrap_err();
+        assert!(e.to_string().contains("without key 1 (2 of 3"), "{e}");
+        assert!(a.mark(2).unwrap_err().to_string().contains("twice"));
+        assert!(a.mark(3).unwrap_err().to_string().contains("index 3 of 3"));
+        a.mark(1).unwrap();
+        a.all().unwrap();
     }
 }
