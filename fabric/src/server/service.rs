@@ -1245,13 +1245,7 @@ impl KvBlockService for BlockService {
                 let ev = match first {
                     Ok(e) => e,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let lag = Event {
-                            kind: EventKind::Lagged as i32,
-                            lagged: n,
-                            node: shared.node_id.clone(),
-                            ..Default::default()
-                        };
-                        if tx.send(Ok(lag)).await.is_err() {
+                        if tx.send(Ok(lagged_event(n, &shared.node_id))).await.is_err() {
                             return;
                         }
                         continue;
@@ -1265,6 +1259,8 @@ impl KvBlockService for BlockService {
                 let kind = out_ev.kind();
                 // Coalesce a run of like events into one message.
                 let mut held = None;
+                // Events lost while coalescing: told after what was read.
+                let mut lagged = None;
                 while out_ev.keys.len() < 256 && kind != EventKind::Cleared {
                     match rx.try_recv() {
                         Ok(e) if e.kind == ev.kind && e.tier == ev.tier && e.key.namespace() == ev.key.namespace() => {
@@ -1272,6 +1268,10 @@ impl KvBlockService for BlockService {
                         }
                         Ok(e) => {
                             held = Some(e);
+                            break;
+                        }
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            lagged = Some(n);
                             break;
                         }
                         Err(_) => break,
@@ -1288,9 +1288,24 @@ impl KvBlockService for BlockService {
                         return;
                     }
                 }
+                if let Some(n) = lagged {
+                    if tx.send(Ok(lagged_event(n, &shared.node_id))).await.is_err() {
+                        return;
+                    }
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}
+
+/// The event telling a subscriber that `n` events were lost.
+fn lagged_event(n: u64, node: &str) -> Event {
+    Event {
+        kind: EventKind::Lagged as i32,
+        lagged: n,
+        node: node.to_string(),
+        ..Default::default()
     }
 }
 
