@@ -400,6 +400,43 @@ async fn client_disconnecting_mid_put_stream_releases_everything() {
     node.shutdown().await;
 }
 
+/// A client that stalls mid-put (connection open, nothing sent) gets
+/// ABORTED after `limits.put-idle-timeout-ms`, and the in-flight budget it
+/// held goes back: it cannot hold every other put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_put_stream_times_out_and_frees_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 16 << 20, 0);
+    s.limits.max_object_size = kvfabric::server::ByteSize(4 << 20);
+    s.limits.max_inflight_put_bytes = kvfabric::server::ByteSize(4 << 20);
+    s.limits.put_idle_timeout_ms = 300;
+    let (node, c) = start(s).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<PutRequest>(4);
+    let mut raw = c.raw();
+    let call = tokio::spawn(async move { raw.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    tx.send(open("ns", 1)).await.unwrap();
+    tx.send(begin(b"stalled", 4 << 20)).await.unwrap();
+    tx.send(data(&payload(1, 1 << 20))).await.unwrap();
+    // The sender stays open and silent.
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("a stalled put stream was kept open")
+        .unwrap();
+    let e = answer.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+    assert!(e.message().contains("put-idle-timeout-ms"), "{e:?}");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.put("ns", &b"big"[..], payload(2, 4 << 20), Durability::Memory),
+    )
+    .await
+    .expect("the stalled stream's budget was not given back")
+    .unwrap();
+    assert!(c.get("ns", &b"stalled"[..]).await.unwrap().is_none());
+    drop(tx);
+    node.shutdown().await;
+}
+
 /// A gRPC codec sending pre-encoded request frames as they are (so a test
 /// can send what the generated client never would: frames over the message
 /// limit, bytes that are not a `PutRequest`), decoding the `PutResponse`.

@@ -187,6 +187,10 @@ pub struct LimitSettings {
     /// are stored; further puts wait (backpressure), so many concurrent large
     /// puts cannot exhaust memory. Default `4GiB`; at least `max-object-size`.
     pub max_inflight_put_bytes: ByteSize,
+    /// A Put stream that sends nothing for this long fails (`ABORTED`) and
+    /// gives back the in-flight budget it held, so stalled clients cannot
+    /// hold every other put back. Default 30000; 100..=3600000.
+    pub put_idle_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -320,6 +324,7 @@ impl Default for LimitSettings {
             max_batch_keys: 4096,
             chunk_size: ByteSize(1 << 20),
             max_inflight_put_bytes: ByteSize(4 << 30),
+            put_idle_timeout_ms: 30_000,
         }
     }
 }
@@ -395,6 +400,12 @@ impl Settings {
             return Err(format!(
                 "limits.chunk-size {} is outside 4KiB..=4032KiB",
                 self.limits.chunk_size
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.limits.put_idle_timeout_ms) {
+            return Err(format!(
+                "limits.put-idle-timeout-ms {} is outside 100..=3600000",
+                self.limits.put_idle_timeout_ms
             ));
         }
         if self.limits.max_inflight_put_bytes < self.limits.max_object_size {
@@ -533,6 +544,9 @@ mod tests {
         let mut bad = Settings::default();
         bad.limits.max_inflight_put_bytes = ByteSize(1 << 20);
         assert!(bad.validate().unwrap_err().contains("max-inflight-put-bytes"));
+        let mut bad = Settings::default();
+        bad.limits.put_idle_timeout_ms = 0;
+        assert!(bad.validate().unwrap_err().contains("put-idle-timeout-ms"));
         let mut bad = Settings::default();
         bad.tiering.low_watermark = 0.95;
         assert!(bad.validate().unwrap_err().contains("watermark"));

@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use kvfabric_tiers::{Block, Durability, Layout, ObjectKey, StackEventKind, TierKind, TierStack};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{TryAcquireError, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -449,9 +449,18 @@ impl BlockService {
     }
 
     async fn do_put(&self, mut stream: Streaming<PutRequest>) -> Result<PutResponse, Status> {
-        let first = stream
-            .message()
+        let idle = Duration::from_millis(self.shared.limits.put_idle_timeout_ms);
+        let first = tokio::time::timeout(idle, stream.message())
             .await
+            .map_err(|_| {
+                status(
+                    ErrorKind::Aborted,
+                    format!(
+                        "no message on this put stream for {} ms (limits.put-idle-timeout-ms); nothing was stored",
+                        idle.as_millis()
+                    ),
+                )
+            })?
             .map_err(|s| put_stream_error(&s, "nothing was stored"))?
             .ok_or_else(|| invalid("empty put stream: the first message must be `open`"))?;
         let Some(put_request::Msg::Open(open)) = first.msg else {
@@ -490,7 +499,17 @@ impl BlockService {
         let mut cur: Option<Pending> = None;
         let committed = |n: usize| format!("{n} earlier object(s) of this stream were stored");
         loop {
-            let msg = match stream.message().await {
+            let Ok(next) = tokio::time::timeout(idle, stream.message()).await else {
+                return Err(status(
+                    ErrorKind::Aborted,
+                    format!(
+                        "no message on this put stream for {} ms (limits.put-idle-timeout-ms); the incomplete object was not stored; {}",
+                        idle.as_millis(),
+                        committed(results.len())
+                    ),
+                ));
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(s) => {
@@ -1288,10 +1307,10 @@ impl KvBlockService for BlockService {
                         return;
                     }
                 }
-                if let Some(n) = lagged {
-                    if tx.send(Ok(lagged_event(n, &shared.node_id))).await.is_err() {
-                        return;
-                    }
+                if let Some(n) = lagged
+                    && tx.send(Ok(lagged_event(n, &shared.node_id))).await.is_err()
+                {
+                    return;
                 }
             }
         });
