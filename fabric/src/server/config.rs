@@ -79,6 +79,11 @@ pub struct ClusterSettings {
     /// object sees the tombstone in a pass or two before it expires (one
     /// pass may fail on an owner that does not answer).
     pub tombstone_ttl_s: u64,
+    /// Most key tombstones kept; past it the oldest go first (counted in
+    /// `kvfabric_tombstones_evicted_total`), so a flood of deletes (of keys
+    /// nobody held, say) cannot take the node's memory. About 250 bytes
+    /// each. Default 1000000; 1000..=100000000.
+    pub max_tombstones: usize,
     /// Longest time after a membership change that reads also ask a key's
     /// earlier owners when its current owners lack it, in seconds; the
     /// members reporting their repair done ends it sooner. 0 = never ask
@@ -98,6 +103,7 @@ impl Default for ClusterSettings {
             repair_interval_ms: 10_000,
             repair_bytes_per_s: ByteSize(64 << 20),
             tombstone_ttl_s: 86_400,
+            max_tombstones: 1_000_000,
             handoff_window_s: 6 * 3600,
         }
     }
@@ -469,6 +475,12 @@ impl Settings {
                 c.tombstone_ttl_s
             ));
         }
+        if !(1_000..=100_000_000).contains(&c.max_tombstones) {
+            return Err(format!(
+                "cluster.max-tombstones {} is outside 1000..=100000000",
+                c.max_tombstones
+            ));
+        }
         if c.handoff_window_s > 604_800 {
             return Err(format!(
                 "cluster.handoff-window-s {} is outside 0..=604800",
@@ -547,6 +559,9 @@ mod tests {
         let mut bad = Settings::default();
         bad.limits.put_idle_timeout_ms = 0;
         assert!(bad.validate().unwrap_err().contains("put-idle-timeout-ms"));
+        let mut bad = Settings::default();
+        bad.cluster.max_tombstones = 10;
+        assert!(bad.validate().unwrap_err().contains("max-tombstones"));
         let mut bad = Settings::default();
         bad.tiering.low_watermark = 0.95;
         assert!(bad.validate().unwrap_err().contains("watermark"));

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub repair_objects: IntCounterVec,
     /// Payload bytes repair copied to other nodes.
     pub repair_bytes: IntCounter,
+    /// Key tombstones dropped, oldest first, to stay within
+    /// `cluster.max-tombstones`.
+    pub tombstones_evicted: IntCounter,
     /// Objects and chain keys this node's forwarded reads found only at a
     /// previous owner (mirrored at scrape time, see [`Self::mirror_handoff_reads`]).
     pub handoff_reads: IntCounter,
@@ -101,6 +104,11 @@ impl Metrics {
             "payload bytes cluster repair copied to other nodes",
         )
         .expect("valid");
+        let tombstones_evicted = IntCounter::new(
+            "tombstones_evicted_total",
+            "key tombstones dropped, oldest first, to stay within cluster.max-tombstones (deletes forgotten before their TTL)",
+        )
+        .expect("valid");
         let handoff_reads = IntCounter::new(
             "handoff_reads_total",
             "objects and chain keys this node's forwarded reads found only at an owner from before the last membership changes (not handed over yet)",
@@ -134,6 +142,7 @@ impl Metrics {
             Box::new(repair_passes.clone()),
             Box::new(repair_objects.clone()),
             Box::new(repair_bytes.clone()),
+            Box::new(tombstones_evicted.clone()),
             Box::new(handoff_reads.clone()),
             Box::new(handoff_pending.clone()),
             Box::new(under_replicated.clone()),
@@ -151,6 +160,7 @@ impl Metrics {
             repair_passes,
             repair_objects,
             repair_bytes,
+            tombstones_evicted,
             handoff_reads,
             handoff_pending,
             under_replicated,

@@ -242,7 +242,8 @@ impl Node {
                 s.cluster.tombstone_ttl_s * 1000,
                 self.stack.clock().now_ms(),
             )
-            .map_err(|e| startup("loading tombstones", e))?,
+            .map_err(|e| startup("loading tombstones", e))?
+            .with_max_entries(s.cluster.max_tombstones),
         );
         let service = BlockService::with_forwarder(
             self.stack.clone(),

@@ -985,7 +985,8 @@ impl KvBlockService for BlockService {
             // deleted: a replica that was away, or a node still handing
             // them over, must not bring them back.
             if self.remembers_deletes() {
-                self.shared.tombstones.record(&ns, &req.keys, now);
+                let evicted = self.shared.tombstones.record(&ns, &req.keys, now);
+                self.shared.metrics.tombstones_evicted.inc_by(evicted as u64);
             }
             for k in req.keys {
                 if self

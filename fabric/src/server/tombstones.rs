@@ -38,6 +38,9 @@ pub(crate) const DEFAULT_TOMBSTONE_TTL_MS: u64 = 86_400_000;
 pub(crate) struct Tombstones {
     path: Option<PathBuf>,
     ttl_ms: u64,
+    /// Most key tombstones kept (`cluster.max-tombstones`); the oldest go
+    /// first.
+    max_entries: usize,
     /// Live entries, read without the lock on the put path.
     live: AtomicUsize,
     /// Shared with a compaction in progress.
@@ -159,11 +162,19 @@ impl Tombstones {
         let t = Tombstones {
             path,
             ttl_ms,
+            max_entries: usize::MAX,
             live: AtomicUsize::new(inner.map.len() + inner.clears.len()),
             inner: Arc::new(Mutex::new(inner)),
         };
         t.rewrite(&mut t.inner.lock())?;
         Ok(t)
+    }
+
+    /// Keeps at most `max` key tombstones from now on (the oldest go first,
+    /// at the next delete recorded).
+    pub(crate) fn with_max_entries(mut self, max: usize) -> Tombstones {
+        self.max_entries = max.max(1);
+        self
     }
 
     /// Drops the entries older than `ttl_ms` at `now_ms` (oldest first; the
@@ -253,15 +264,17 @@ impl Tombstones {
     }
 
     /// Records that `keys` of `namespace` were deleted at `now_ms`, in one
-    /// write to the file.
-    pub(crate) fn record(&self, namespace: &Arc<str>, keys: &[Bytes], now_ms: u64) {
+    /// write to the file; returns how many of the oldest tombstones went to
+    /// stay within the cap.
+    pub(crate) fn record(&self, namespace: &Arc<str>, keys: &[Bytes], now_ms: u64) -> usize {
         if keys.is_empty() {
-            return;
+            return 0;
         }
         let text: String = keys
             .iter()
             .map(|k| format!("+ {namespace} {} {now_ms}\n", hex(k)))
             .collect();
+        let mut evicted = 0;
         let job = {
             let mut inner = self.inner.lock();
             for k in keys {
@@ -270,10 +283,17 @@ impl Tombstones {
                 }
                 inner.by_time.insert((now_ms, namespace.clone(), k.clone()));
             }
+            while inner.map.len() > self.max_entries
+                && let Some((_, ns, k)) = inner.by_time.pop_first()
+            {
+                inner.map.remove(&(ns, k));
+                evicted += 1;
+            }
             self.expire_and_count(&mut inner, now_ms);
             self.append(&mut inner, &text, keys.len())
         };
         Self::compact(job);
+        evicted
     }
 
     /// Forgets `key`'s tombstone (it was stored again at `now_ms`).
@@ -398,6 +418,21 @@ mod tests {
         assert_eq!(t.age(&ns, &k, 1_500), Some(500), "a copy of an older version");
         t.clear_older(&ns, &k, 1_000, 1_500);
         assert_eq!(t.age(&ns, &k, 1_500), None);
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_go_first() {
+        let t = Tombstones::load(None, 1_000_000, 0).unwrap().with_max_entries(3);
+        let ns: Arc<str> = "ns".into();
+        let k = |i: u8| Bytes::from(vec![i]);
+        assert_eq!(t.record(&ns, &[k(1), k(2)], 10), 0);
+        assert_eq!(t.record(&ns, &[k(3)], 20), 0);
+        assert_eq!(t.record(&ns, &[k(4), k(5)], 30), 2);
+        assert_eq!(t.age(&ns, &k(1), 40), None);
+        assert_eq!(t.age(&ns, &k(2), 40), None);
+        assert_eq!(t.age(&ns, &k(3), 40), Some(20));
+        assert_eq!(t.age(&ns, &k(5), 40), Some(10));
+        assert_eq!(t.inner.lock().by_time.len(), 3);
     }
 
     #[test]
