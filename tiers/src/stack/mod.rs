@@ -879,11 +879,15 @@ impl TierStack {
     /// tier holding a copy: what a subscriber that joins late needs to
     /// know. A consistent cut of the index (taken under its lock); the
     /// events after it tell the rest.
+    /// `wanted` is asked once per namespace, not per object, since the
+    /// index's lock is held meanwhile.
     pub fn snapshot(&self, wanted: impl Fn(&str) -> bool) -> Vec<(ObjectKey, TierKind)> {
         let index = self.index.lock();
         let mut out = Vec::new();
+        let mut verdicts: HashMap<&str, bool> = HashMap::new();
         for (k, e) in index.iter() {
-            if !wanted(k.namespace()) {
+            let ns = k.namespace();
+            if !*verdicts.entry(ns).or_insert_with(|| wanted(ns)) {
                 continue;
             }
             for (i, level) in self.levels.iter().enumerate() {

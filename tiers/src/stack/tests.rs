@@ -737,3 +737,25 @@ async fn durable_local_commit_with_pending_checksum_stores_a_real_one() {
     assert_eq!(on_disk.header.checksum, crate::checksum(&v));
     on_disk.verify().unwrap();
 }
+
+/// A snapshot asks its filter once per namespace, not once per object (it
+/// runs under the index lock; the fabric's filter takes another lock).
+#[tokio::test]
+async fn snapshot_asks_the_filter_once_per_namespace() {
+    let f = fixture(100_000, 100_000, 100_000).await;
+    for i in 0..20 {
+        let ns = if i % 2 == 0 { "even" } else { "odd" };
+        f.stack
+            .put(&ObjectKey::new(ns, vec![i as u8]), &block(i, 100), Durability::Memory)
+            .await
+            .unwrap();
+    }
+    let asked = std::cell::Cell::new(0);
+    let got = f.stack.snapshot(|ns| {
+        asked.set(asked.get() + 1);
+        ns == "even"
+    });
+    assert_eq!(asked.get(), 2);
+    assert_eq!(got.len(), 10);
+    assert!(got.iter().all(|(k, _)| k.namespace() == "even"));
+}
