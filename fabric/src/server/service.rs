@@ -698,16 +698,33 @@ fn put_stream_error(s: &Status, what_happened: &str) -> Status {
 
 /// Streams objects the owners returned, in the Get response format
 /// (found + data chunks of at most `chunk` bytes, or missing, per key).
+/// Keys of a forwarded Get's first round (see [`forward_get_round`]).
+const FORWARD_GET_FIRST_KEYS: usize = 4;
+
+/// Object bytes a forwarded Get's round aims at.
+const FORWARD_GET_BYTES: u64 = 64 << 20;
+
+/// Keys of a forwarded Get's next round, after one of `n` keys brought
+/// `bytes`: as many as fit [`FORWARD_GET_BYTES`] at that size, 1 to 256.
+fn forward_get_round(bytes: u64, n: usize) -> usize {
+    let per_key = (bytes / n.max(1) as u64).max(1);
+    (FORWARD_GET_BYTES / per_key).clamp(1, 256) as usize
+}
+
+/// Streams the answers to keys `first..first + found.len()` of a Get;
+/// false when the receiver is gone.
 async fn send_found(
     tx: &mpsc::Sender<Result<GetResponse, Status>>,
+    first: usize,
     found: Vec<Option<crate::client::Object>>,
     chunk: usize,
-) {
+) -> bool {
     let msg = |m| Ok(GetResponse { msg: Some(m) });
     for (i, o) in found.into_iter().enumerate() {
+        let i = first + i;
         let Some(o) = o else {
             if tx.send(msg(get_response::Msg::Missing(i as u32))).await.is_err() {
-                return;
+                return false;
             }
             continue;
         };
@@ -720,9 +737,10 @@ async fn send_found(
             tier: o.tier as i32,
         };
         if !send_object(tx, f, o.value, chunk).await {
-            return;
+            return false;
         }
     }
+    true
 }
 
 /// Sends one found object: its `ObjectFound`, then its payload in data
@@ -854,11 +872,28 @@ impl KvBlockService for BlockService {
         if let Some(f) = fwd {
             self.count_forwarded("get");
             tokio::spawn(async move {
-                match f.client(&tenant).get_many(&req.namespace, req.keys).await {
-                    Ok(found) => send_found(&tx, found, chunk).await,
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(e))).await;
+                // In rounds, each streamed back before the next is fetched,
+                // so this node holds about FORWARD_GET_BYTES of objects at a
+                // time (at least one round's keys), not the whole batch.
+                let client = f.client(&tenant);
+                let (mut at, mut round) = (0, FORWARD_GET_FIRST_KEYS);
+                while at < req.keys.len() {
+                    let keys = req.keys[at..(at + round).min(req.keys.len())].to_vec();
+                    let n = keys.len();
+                    match client.get_many(&req.namespace, keys).await {
+                        Ok(found) => {
+                            let bytes: u64 = found.iter().flatten().map(|o| o.value.len() as u64).sum();
+                            if !send_found(&tx, at, found, chunk).await {
+                                return;
+                            }
+                            round = forward_get_round(bytes, n);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(to_status(e))).await;
+                            return;
+                        }
                     }
+                    at += n;
                 }
             });
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
@@ -1332,6 +1367,14 @@ fn lagged_event(n: u64, node: &str) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_get_rounds_hold_about_64_mib() {
+        assert_eq!(forward_get_round(4 << 20, 4), 64); // 1 MiB objects
+        assert_eq!(forward_get_round(4 << 30, 4), 1); // 1 GiB objects: one at a time
+        assert_eq!(forward_get_round(0, 4), 256); // misses and empty objects
+        assert_eq!(forward_get_round(400, 4), 256);
+    }
 
     #[test]
     fn unreadable_put_messages_are_invalid_and_broken_streams_aborted() {
