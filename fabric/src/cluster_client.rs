@@ -46,7 +46,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 
 use crate::client::{Client, ClientError, ClientOptions, Durability, Object, PutObject, Result, Tier};
 use crate::placement::{Placement, object_hash};
@@ -107,7 +107,10 @@ impl View {
 pub struct ClusterClient {
     members: watch::Receiver<Vec<NodeInfo>>,
     view: Arc<cache::Cached>,
-    pool: Arc<Mutex<HashMap<String, Client>>>,
+    /// Connections by endpoint. A std lock, held only to look up or insert:
+    /// never across a connect, which can take the whole connect timeout for
+    /// a host that does not answer.
+    pool: Arc<std::sync::Mutex<HashMap<String, Client>>>,
     options: ClientOptions,
     tenant: Option<String>,
     forwarded: bool,
@@ -604,17 +607,28 @@ impl ClusterClient {
             .endpoints
             .get(id)
             .ok_or_else(|| unavailable(format!("node {id} left the membership")))?;
-        let c = {
-            let mut pool = self.pool.lock().await;
-            match pool.get(endpoint) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = Client::connect_with(endpoint.clone(), self.options.clone())
-                        .await
-                        .map_err(|e| unavailable(format!("node {id} ({endpoint}): {e}")))?;
-                    pool.insert(endpoint.clone(), c.clone());
-                    c
-                }
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(endpoint)
+            .cloned();
+        let c = match pooled {
+            Some(c) => c,
+            None => {
+                // Connected without the pool's lock: calls to other nodes
+                // (and to this one, once connected) do not wait for it.
+                let c = Client::connect_with(endpoint.clone(), self.options.clone())
+                    .await
+                    .map_err(|e| unavailable(format!("node {id} ({endpoint}): {e}")))?;
+                // Another call may have connected meanwhile: the first
+                // one pooled is kept, and used by both.
+                self.pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(endpoint.clone())
+                    .or_insert(c)
+                    .clone()
             }
         };
         // Pooled clients are shared by every tenant; this call's settings

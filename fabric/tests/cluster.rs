@@ -2238,6 +2238,69 @@ async fn a_dead_previous_owner_does_not_hide_the_live_ones() {
     assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), first_dead);
 }
 
+/// A loopback address where a connect never completes: a listener whose
+/// queue (backlog 0: one connection) is full, so the kernel drops further
+/// SYNs. Keep both values alive.
+fn never_accepting() -> (tokio::net::TcpListener, std::net::TcpStream, std::net::SocketAddr) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (listener, filler, addr)
+}
+
+/// A member whose connect never completes holds up the calls to it, not
+/// those to other nodes: a read from a healthy node (not connected yet)
+/// finishes while a read from the stuck one is still connecting. (The
+/// connection pool's lock was held across the connect, so every call to
+/// every node waited for it, up to the connect timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_accepts_does_not_hold_up_calls_to_others() {
+    let (_dirs, nodes, mut info) = plain_nodes(1).await;
+    let (_listener, _filler, addr) = never_accepting();
+    info.push(NodeInfo {
+        id: "stuck".into(),
+        endpoint: format!("http://{addr}"),
+        weight: 1.0,
+    });
+    let placement = Placement::new(info.iter().map(|m| (m.id.clone(), 1.0))).unwrap();
+    let on = |id: &str| {
+        keys("k", 100)
+            .into_iter()
+            .find(|k| placement.owners("ns", k, 1)[0] == id)
+            .unwrap()
+    };
+    let (healthy_key, stuck_key) = (on("n0"), on("stuck"));
+    nodes[0]
+        .1
+        .put("ns", healthy_key.clone(), "v", Durability::Memory)
+        .await
+        .unwrap();
+    let options = ClientOptions {
+        connect_timeout: Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+    let cc = ClusterClient::fixed(info, options);
+    let stuck = tokio::spawn({
+        let cc = cc.clone();
+        async move { cc.get("ns", stuck_key).await }
+    });
+    // Let it start connecting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stuck.is_finished(), "the stuck node's connect is pending");
+    let got = cc.get("ns", healthy_key).await.unwrap();
+    assert_eq!(got.expect("stored").value, "v");
+    assert!(
+        !stuck.is_finished(),
+        "the healthy read finished while the stuck node's connect was still pending"
+    );
+    stuck.abort();
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
 /// The same through a node, in a cluster whose repair is throttled to a
 /// byte a second (it hands off one batch of 256 objects per destination,
 /// then waits for hours): after a node
