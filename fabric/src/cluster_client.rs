@@ -4,7 +4,9 @@
 //! whatever watches the cluster: etcd in a deployment, a fixed list in
 //! tests), places every key with weighted rendezvous hashing
 //! ([`Placement`]) and sends each request straight to the key's owners,
-//! batching keys per node and calling the nodes concurrently:
+//! batching keys per node (in requests of at most
+//! [`ClusterClient::with_max_batch_keys`] keys, one after another) and
+//! calling the nodes concurrently:
 //!
 //! - **put**: every owner (the namespace's replication factor, default 1)
 //!   stores the object; the call succeeds when all of them acknowledged;
@@ -323,6 +325,26 @@ fn retryable(e: &ClientError) -> bool {
     )
 }
 
+/// Asks one node about `items` in requests of at most `max` keys, one
+/// after another (`call` sends one and answers once per item): the answers,
+/// in order, up to the first request that failed, and its error (the items
+/// past the answers were not answered). A node refuses a request of more
+/// keys than its limit, and a call's keys for one node can be any number.
+async fn batched<I, A, F, Fut>(items: &[I], max: usize, mut call: F) -> (Vec<A>, Option<ClientError>)
+where
+    F: FnMut(&[I]) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<A>>>,
+{
+    let mut out = Vec::with_capacity(items.len());
+    for part in items.chunks(max.max(1)) {
+        match call(part).await {
+            Ok(a) => out.extend(a),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+    (out, None)
+}
+
 impl ClusterClient {
     /// A client following `members` (the serving nodes; updates are picked
     /// up at the next call).
@@ -478,8 +500,11 @@ impl ClusterClient {
         Self::new(rx, options)
     }
 
-    /// Sends up to `keys` keys to one node in one request (see
-    /// [`Client::with_max_batch_keys`]).
+    /// Sends up to `keys` keys to one node in one request (at least 1;
+    /// default [`crate::client::MAX_BATCH_KEYS`], the nodes' default
+    /// `limits.max-batch-keys`; see [`Client::with_max_batch_keys`]). A
+    /// call with more keys for one node sends them in several requests, one
+    /// after another.
     pub fn with_max_batch_keys(mut self, keys: usize) -> Self {
         self.max_batch_keys = keys.max(1);
         self
@@ -673,15 +698,19 @@ impl ClusterClient {
                 batches.entry((id.clone(), rank.min(1))).or_default().push(i);
             }
         }
+        let objects = &objects;
         let calls = batches.into_iter().map(|((id, rank), pos)| {
             let view = view.clone();
-            let batch: Vec<PutObject> = pos.iter().map(|&i| objects[i].clone()).collect();
             async move {
                 let c = self.node(&view, &id).await?.forwarded(self.placed(namespace));
-                let tiers = c
-                    .put_many(namespace, batch, durability)
-                    .await
-                    .map_err(|e| with_node(&id, e))?;
+                let (tiers, err) = batched(&pos, self.max_batch_keys, |part| {
+                    let batch: Vec<PutObject> = part.iter().map(|&i| objects[i].clone()).collect();
+                    c.put_many(namespace, batch, durability)
+                })
+                .await;
+                if let Some(e) = err {
+                    return Err(with_node(&id, e));
+                }
                 Ok::<_, ClientError>((rank, pos, tiers))
             }
         });
@@ -738,48 +767,53 @@ impl ClusterClient {
             let calls = groups.into_iter().map(|(id, items)| {
                 let view = view.clone();
                 async move {
-                    let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
-                    let r = match self.node(&view, &id).await {
-                        Ok(c) => c
-                            .forwarded(self.placed(namespace))
-                            .get_many(namespace, ks)
-                            .await
-                            .map_err(|e| with_node(&id, e)),
-                        Err(e) => Err(e),
+                    let (found, err) = match self.node(&view, &id).await {
+                        Ok(c) => {
+                            let c = c.forwarded(self.placed(namespace));
+                            let (found, err) = batched(&items, self.max_batch_keys, |part| {
+                                let ks: Vec<Bytes> = part.iter().map(|(_, k)| k.clone()).collect();
+                                c.get_many(namespace, ks)
+                            })
+                            .await;
+                            (found, err.map(|e| with_node(&id, e)))
+                        }
+                        Err(e) => (Vec::new(), Some(e)),
                     };
-                    (items, r)
+                    (items, found, err)
                 }
             });
             let mut next = Vec::new();
-            for (items, r) in join_all(calls).await {
-                match r {
-                    Ok(found) => {
-                        known_ns = true;
-                        for ((i, _), f) in items.into_iter().zip(found) {
-                            answered[i] = true;
-                            match f {
-                                Some(o) => out[i] = Some(o),
-                                None => next.push(i),
-                            }
-                        }
+            for (mut items, found, err) in join_all(calls).await {
+                known_ns |= !found.is_empty();
+                // The keys past the answers: the request that failed and
+                // those after it.
+                let rest = items.split_off(found.len());
+                for ((i, _), f) in items.into_iter().zip(found) {
+                    answered[i] = true;
+                    match f {
+                        Some(o) => out[i] = Some(o),
+                        None => next.push(i),
                     }
-                    Err(e) if retryable(&e) => {
+                }
+                match err {
+                    None => {}
+                    Some(e) if retryable(&e) => {
                         let msg = e.to_string();
-                        for (i, _) in items {
+                        for (i, _) in rest {
                             next.push(i);
                             last_err[i] = Some(unavailable(msg.clone()));
                         }
                     }
                     // A node that never stored the namespace does not know
                     // it: it holds none of these keys.
-                    Err(e) if e.kind() == ErrorKind::NotFound => {
-                        for (i, _) in items {
+                    Some(e) if e.kind() == ErrorKind::NotFound => {
+                        for (i, _) in rest {
                             answered[i] = true;
                             next.push(i);
                         }
                         unknown_ns = Some(e);
                     }
-                    Err(e) => return Err(e),
+                    Some(e) => return Err(e),
                 }
             }
             pending = next;
@@ -859,29 +893,36 @@ impl ClusterClient {
                 continue;
             }
             let calls = groups.into_iter().map(|(id, (v, items))| async move {
-                let ks: Vec<Bytes> = items.iter().map(|(_, k)| k.clone()).collect();
-                let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
-                    // What this node holds itself: it is asked as a
-                    // previous owner, not to find the key again.
-                    let c = self.node(&previous[v], &id).await?.forwarded(true);
-                    c.get_many(namespace, ks).await
-                })
-                .await;
-                (id, items, answer)
+                // Per key answered, what the node holds; the keys past
+                // them (a request it did not answer, and those after it)
+                // go to the next candidates.
+                let mut objects = Vec::with_capacity(items.len());
+                for part in items.chunks(self.max_batch_keys) {
+                    let ks: Vec<Bytes> = part.iter().map(|(_, k)| k.clone()).collect();
+                    let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
+                        // What this node holds itself: it is asked as a
+                        // previous owner, not to find the key again.
+                        let c = self.node(&previous[v], &id).await?.forwarded(true);
+                        c.get_many(namespace, ks).await
+                    })
+                    .await;
+                    match self.previous_answer(&id, "read", answer) {
+                        Some(o) => objects.extend(o),
+                        None => break,
+                    }
+                }
+                (items, objects)
             });
             let mut next = Vec::new();
-            for (id, items, r) in join_all(calls).await {
-                match self.previous_answer(&id, "read", r) {
-                    Some(objects) => {
-                        for ((i, _), o) in items.into_iter().zip(objects) {
-                            match o {
-                                Some(o) => found.push((i, o)),
-                                None => next.push(i),
-                            }
-                        }
+            for (mut items, objects) in join_all(calls).await {
+                let rest = items.split_off(objects.len());
+                for ((i, _), o) in items.into_iter().zip(objects) {
+                    match o {
+                        Some(o) => found.push((i, o)),
+                        None => next.push(i),
                     }
-                    None => next.extend(items.into_iter().map(|(i, _)| i)),
                 }
+                next.extend(rest.into_iter().map(|(i, _)| i));
             }
             pending = next;
         }
@@ -966,7 +1007,7 @@ impl ClusterClient {
             let ks: Vec<Bytes> = pos.iter().map(|&i| keys[i].clone()).collect();
             let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
                 let c = self.node(prev, &id).await?.forwarded(true);
-                c.exists_prefix(namespace, ks).await
+                self.prefix_at(&c, namespace, &ks).await
             })
             .await;
             (id, pos, answer)
@@ -1010,6 +1051,23 @@ impl ClusterClient {
         None
     }
 
+    /// `exists_prefix` of `keys` (a node's keys of a chain, in chain order)
+    /// at `c`, in requests of at most `max_batch_keys` keys: the tiers of
+    /// the node's leading run. A request answered short ends the run, so
+    /// the keys after it are not asked.
+    async fn prefix_at(&self, c: &Client, namespace: &str, keys: &[Bytes]) -> Result<Vec<Tier>> {
+        let mut out = Vec::new();
+        for part in keys.chunks(self.max_batch_keys) {
+            let t = c.exists_prefix(namespace, part.to_vec()).await?;
+            let short = t.len() < part.len();
+            out.extend(t);
+            if short {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// `exists_prefix` over the owners in `view`: per key its tier where
     /// its first owner reported it in that owner's leading run (`None`
     /// past it), whether any node knew the namespace, and the NOT_FOUND of
@@ -1038,9 +1096,8 @@ impl ClusterClient {
                 let (mut last, mut unknown_ns) = (None, None);
                 for node in tried {
                     let r = match self.node(&view, &node).await {
-                        Ok(c) => c
-                            .forwarded(self.placed(namespace))
-                            .exists_prefix(namespace, ks.clone())
+                        Ok(c) => self
+                            .prefix_at(&c.forwarded(self.placed(namespace)), namespace, &ks)
                             .await
                             .map_err(|e| with_node(&node, e)),
                         Err(e) => Err(e),
@@ -1130,7 +1187,13 @@ impl ClusterClient {
             let view = view.clone();
             async move {
                 let c = self.node(&view, &id).await?.forwarded(self.placed(namespace));
-                let n = c.delete(namespace, ks).await.map_err(|e| with_node(&id, e))?;
+                let mut n = 0;
+                for part in ks.chunks(self.max_batch_keys) {
+                    n += c
+                        .delete(namespace, part.to_vec())
+                        .await
+                        .map_err(|e| with_node(&id, e))?;
+                }
                 Ok::<_, ClientError>(if first { n } else { 0 })
             }
         });

@@ -2301,6 +2301,63 @@ async fn a_node_that_never_accepts_does_not_hold_up_calls_to_others() {
     }
 }
 
+/// A call's keys for one node go out in requests of at most the client's
+/// batch limit, however many there are: with a limit of 8, put, get,
+/// a chain's prefix and delete of tens of keys per node work, and so do
+/// reads (and prefixes) from previous owners after a membership change.
+/// (Each node's keys went out in one request, which the node-level client
+/// refused: INVALID_ARGUMENT, or, from a previous owner, silent misses.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_keys_go_out_in_requests_of_the_batch_limit() {
+    let (_dirs, nodes, info) = plain_nodes(3).await;
+    let (tx, rx) = tokio::sync::watch::channel(info[..2].to_vec());
+    let cc = ClusterClient::new(rx, ClientOptions::default()).with_max_batch_keys(8);
+    let p = Placement::new(info[..2].iter().map(|m| (m.id.clone(), 1.0))).unwrap();
+    let per_node = |ks: &[Bytes]| {
+        let on_n0 = ks.iter().filter(|k| p.owners("ns", k, 1)[0] == "n0").count();
+        [on_n0, ks.len() - on_n0]
+    };
+    let ks = keys("b", 100);
+    let chain = keys("bchain", 100);
+    for set in [&ks[..], &ks[50..], &chain[..]] {
+        let n = per_node(set);
+        assert!(n.iter().all(|&n| n > 2 * 8), "several requests per node: {n:?}");
+    }
+    let objs: Vec<PutObject> = ks.iter().map(|k| PutObject::new(k.clone(), k.repeat(2))).collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    let held: Vec<usize> = nodes.iter().map(|(h, _)| h.stack.len()).collect();
+    assert_eq!(held, [per_node(&ks)[0], per_node(&ks)[1], 0]);
+    let intact = |got: &[Option<kvfabric::client::Object>], ks: &[Bytes]| {
+        got.len() == ks.len()
+            && ks
+                .iter()
+                .zip(got)
+                .all(|(k, g)| g.as_ref().is_some_and(|o| o.value == k.repeat(2)))
+    };
+    assert!(intact(&cc.get_many("ns", ks.clone()).await.unwrap(), &ks));
+
+    // A chain: the whole of it, then cut at a hole on whichever node owns it.
+    let objs: Vec<PutObject> = chain.iter().map(|k| PutObject::new(k.clone(), vec![1u8; 8])).collect();
+    cc.put_many("ns", objs, Durability::Memory).await.unwrap();
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 100);
+    assert_eq!(cc.delete("ns", vec![chain[60].clone()]).await.unwrap(), 1);
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 60);
+
+    assert_eq!(cc.delete("ns", ks[..50].to_vec()).await.unwrap(), 50);
+    let got = cc.get_many("ns", ks.clone()).await.unwrap();
+    assert!(got[..50].iter().all(Option::is_none) && intact(&got[50..], &ks[50..]));
+
+    // Only n2 now, which holds nothing: the rest are read from n0 and n1.
+    tx.send_replace(info[2..].to_vec());
+    let got = cc.get_many("ns", ks[50..].to_vec()).await.unwrap();
+    assert!(intact(&got, &ks[50..]), "read from the previous owners");
+    assert_eq!(cc.handoff_reads(), 50);
+    assert_eq!(cc.exists_prefix("ns", chain.clone()).await.unwrap().len(), 60);
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
 /// The same through a node, in a cluster whose repair is throttled to a
 /// byte a second (it hands off one batch of 256 objects per destination,
 /// then waits for hours): after a node
