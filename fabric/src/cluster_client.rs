@@ -128,8 +128,21 @@ pub struct ClusterClient {
     handoff_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Longest wait for one previous owner (see [`ClusterClient::with_handoff_window`]).
+/// Longest wait for one previous owner to start answering (see
+/// [`ClusterClient::with_handoff_window`]): connecting, and its answer to
+/// which of the keys it holds (`Locate`) or to a chain's prefix, both
+/// small. Reading the objects it holds is not cut short: data that flows
+/// is not thrown away (a node that dies mid-transfer fails it like any
+/// read, by its connection's keepalive at worst).
 pub const PREVIOUS_OWNER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a previous owner that failed or did not answer within
+/// [`PREVIOUS_OWNER_TIMEOUT`] is skipped (5 s, the client's default
+/// connect timeout): a dead node then costs reads one timeout every 5 s,
+/// not one per read, and a node that was only slow, or restarting, is
+/// asked again soon rather than after the next membership change (its
+/// keys would read as misses until then).
+pub const PREVIOUS_OWNER_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long after a membership change reads may still ask the earlier
 /// memberships' owners of a key its new owners do not hold (see
@@ -143,8 +156,8 @@ pub const DEFAULT_HANDOFF_WINDOW: std::time::Duration = std::time::Duration::fro
 /// membership changes, and those of up to four earlier memberships with
 /// when each was replaced (std locks: the client build has no parking_lot).
 mod cache {
-    use super::{NodeInfo, Result, View};
-    use std::collections::HashSet;
+    use super::{NodeInfo, PREVIOUS_OWNER_BACKOFF, Result, View};
+    use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
@@ -159,8 +172,9 @@ mod cache {
         members: Vec<NodeInfo>,
         view: Arc<View>,
         previous: History,
-        /// Previous owners that failed to answer since the change.
-        down: HashSet<String>,
+        /// Previous owners that failed to answer since the change, each
+        /// with when it may be asked again.
+        down: HashMap<String, Instant>,
     }
 
     #[derive(Debug, Default)]
@@ -188,7 +202,7 @@ mod cache {
                 members: members.to_vec(),
                 view: view.clone(),
                 previous: previous.clone(),
-                down: HashSet::new(),
+                down: HashMap::new(),
             });
             Ok((view, previous))
         }
@@ -204,18 +218,26 @@ mod cache {
             }
         }
 
-        /// Skips previous owner `id` until the next membership change.
+        /// Skips previous owner `id` for [`PREVIOUS_OWNER_BACKOFF`], or
+        /// until the next membership change if that comes first.
         pub(super) fn mark_down(&self, id: &str) {
             let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(st) = g.as_mut() {
-                st.down.insert(id.to_string());
+                st.down.insert(id.to_string(), Instant::now() + PREVIOUS_OWNER_BACKOFF);
             }
         }
 
-        /// Whether previous owner `id` failed to answer since the change.
+        /// Whether previous owner `id` is being skipped now.
         pub(super) fn is_down(&self, id: &str) -> bool {
+            self.is_down_at(id, Instant::now())
+        }
+
+        /// Whether previous owner `id` is being skipped at `now`.
+        pub(super) fn is_down_at(&self, id: &str, now: Instant) -> bool {
             let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            g.as_ref().is_some_and(|st| st.down.contains(id))
+            g.as_ref()
+                .and_then(|st| st.down.get(id))
+                .is_some_and(|&until| now < until)
         }
     }
 }
@@ -844,9 +866,11 @@ impl ClusterClient {
 
     /// Asks the earlier memberships' owners (newest membership first, in
     /// owner order; those not asked already and still answering) for keys
-    /// `pending` the current owners do not hold. Best effort: a previous
-    /// owner that fails or takes longer than [`PREVIOUS_OWNER_TIMEOUT`] is
-    /// skipped until the next membership change.
+    /// `pending` the current owners do not hold: which of them it holds
+    /// (`Locate`), then those. Best effort: a previous owner that fails,
+    /// or does not tell what it holds within [`PREVIOUS_OWNER_TIMEOUT`],
+    /// is skipped for [`PREVIOUS_OWNER_BACKOFF`]; the objects' transfer is
+    /// not timed.
     async fn get_from_previous(
         &self,
         previous: &[Arc<View>],
@@ -899,17 +923,34 @@ impl ClusterClient {
                 let mut objects = Vec::with_capacity(items.len());
                 for part in items.chunks(self.max_batch_keys) {
                     let ks: Vec<Bytes> = part.iter().map(|(_, k)| k.clone()).collect();
-                    let answer = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
-                        // What this node holds itself: it is asked as a
-                        // previous owner, not to find the key again.
+                    // Whether it answers at all is timed; the transfer of
+                    // what it holds is not, so a big read is not cut off.
+                    let located = tokio::time::timeout(PREVIOUS_OWNER_TIMEOUT, async {
+                        // What this node holds itself (Locate is never
+                        // forwarded; the read is marked so): it is asked
+                        // as a previous owner, not to find the key again.
                         let c = self.node(&previous[v], &id).await?.forwarded(true);
-                        c.get_many(namespace, ks).await
+                        let held = c.locate(namespace, ks.clone()).await?;
+                        Ok((c, held))
                     })
                     .await;
-                    match self.previous_answer(&id, "read", answer) {
-                        Some(o) => objects.extend(o),
-                        None => break,
+                    let Some((c, held)) = self.previous_answer(&id, "read", located) else {
+                        break;
+                    };
+                    let held: Vec<usize> = (0..part.len()).filter(|&j| !held[j].tiers.is_empty()).collect();
+                    let mut got: Vec<Option<Object>> = (0..part.len()).map(|_| None).collect();
+                    if !held.is_empty() {
+                        let read = c
+                            .get_many(namespace, held.iter().map(|&j| ks[j].clone()).collect())
+                            .await;
+                        let Some(read) = self.previous_answer(&id, "read", Ok(read)) else {
+                            break;
+                        };
+                        for (&j, o) in held.iter().zip(read) {
+                            got[j] = o;
+                        }
                     }
+                    objects.extend(got);
                 }
                 (items, objects)
             });
@@ -984,9 +1025,10 @@ impl ClusterClient {
     /// `exists_prefix` of `keys` (what follows a chain's first gap) at
     /// their owners in the earlier view `prev`: each key's first owner
     /// there not marked down, every node asked once for its keys in chain
-    /// order, for at most [`PREVIOUS_OWNER_TIMEOUT`]. A node that fails or
-    /// does not answer is skipped until the membership changes (one that
-    /// refuses the request, or does not know the namespace, is not). Per
+    /// order, for at most [`PREVIOUS_OWNER_TIMEOUT`] (the answers are
+    /// small). A node that fails or does not answer is skipped for
+    /// [`PREVIOUS_OWNER_BACKOFF`] (one that refuses the request, or does not
+    /// know the namespace, is not). Per
     /// key its tier where a node reported it in its leading run, and
     /// whether any node knew the namespace.
     async fn prefix_from_previous(
@@ -1029,7 +1071,7 @@ impl ClusterClient {
     /// [`PREVIOUS_OWNER_TIMEOUT`], if it did. A node that does not know the
     /// namespace holds none of the keys; one that refuses this request (a
     /// tenant's rights, say) stays up for others; one that fails or does
-    /// not answer is skipped until the membership changes.
+    /// not answer is skipped for [`PREVIOUS_OWNER_BACKOFF`].
     fn previous_answer<T>(
         &self,
         id: &str,
@@ -1046,7 +1088,7 @@ impl ClusterClient {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {PREVIOUS_OWNER_TIMEOUT:?}"),
         };
-        tracing::debug!(node = %id, error = %why, "previous owner skipped until the membership changes ({what})");
+        tracing::debug!(node = %id, error = %why, backoff = ?PREVIOUS_OWNER_BACKOFF, "previous owner skipped ({what})");
         self.view.mark_down(id);
         None
     }
@@ -1317,6 +1359,25 @@ mod tests {
                 .with_handoff_window(std::time::Duration::ZERO)
                 .handoff_pending()
         );
+    }
+
+    #[test]
+    fn a_previous_owner_that_failed_is_skipped_for_the_backoff_only() {
+        let (tx, rx) = watch::channel(members(3));
+        let c = ClusterClient::new(rx, ClientOptions::default());
+        c.view.mark_down("n1");
+        let now = std::time::Instant::now();
+        assert!(c.view.is_down_at("n1", now));
+        assert!(!c.view.is_down_at("n2", now));
+        assert!(
+            !c.view.is_down_at("n1", now + PREVIOUS_OWNER_BACKOFF),
+            "asked again after the back-off"
+        );
+        // A membership change ends it sooner.
+        c.view.mark_down("n1");
+        tx.send_replace(members(4));
+        c.views().unwrap();
+        assert!(!c.view.is_down("n1"));
     }
 
     #[test]

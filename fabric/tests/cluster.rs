@@ -2358,6 +2358,119 @@ async fn a_nodes_keys_go_out_in_requests_of_the_batch_limit() {
     }
 }
 
+/// A TCP relay on a loopback port to `upstream`: what comes back from it
+/// is passed on at most `rate` bytes a second, and nothing moves either
+/// way while `stalled` is set.
+struct Relay {
+    addr: std::net::SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn relay(upstream: std::net::SocketAddr, rate: f64) -> Relay {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        rate: f64,
+        stalled: Arc<AtomicBool>,
+    ) {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            while stalled.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            if rate.is_finite() {
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate)).await;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stalled = Arc::new(AtomicBool::new(false));
+    let st = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let st = st.clone();
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::join!(pipe(dr, uw, f64::INFINITY, st.clone()), pipe(ur, dw, rate, st));
+            });
+        }
+    });
+    Relay { addr, stalled }
+}
+
+/// A previous owner whose object takes longer than
+/// `PREVIOUS_OWNER_TIMEOUT` to arrive (3 MiB through a relay passing
+/// 1 MiB/s) still delivers it: the timeout bounds its first answer, not the
+/// transfer (it was cut off at 1 s, and the object read as missing). And a
+/// previous owner that did not answer at all (the relay stalled) is asked
+/// again after `PREVIOUS_OWNER_BACKOFF`, not only after the next membership
+/// change (until then its objects read as missing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_previous_owner_is_read_whole_and_a_silent_one_asked_again_soon() {
+    use kvfabric::cluster_client::{PREVIOUS_OWNER_BACKOFF, PREVIOUS_OWNER_TIMEOUT};
+    let (_dirs, nodes, info) = plain_nodes(2).await;
+    let slow = relay(nodes[1].0.grpc_addr, f64::from(1u32 << 20)).await;
+    let old = NodeInfo {
+        id: "old".into(),
+        endpoint: format!("http://{}", slow.addr),
+        weight: 1.0,
+    };
+    let (tx, rx) = tokio::sync::watch::channel(vec![old]);
+    let cc = ClusterClient::new(rx, ClientOptions::default());
+    // On the old owner (through its own connection, not the relay).
+    let big = common::payload(1, 3 << 20);
+    let old_client = &nodes[1].1;
+    old_client
+        .put("ns", "big", big.clone(), Durability::Memory)
+        .await
+        .unwrap();
+    // Now n0 alone owns everything; it knows the namespace but lacks these.
+    tx.send_replace(vec![info[0].clone()]);
+    cc.put("ns", "other", "x", Durability::Memory).await.unwrap();
+
+    let started = Instant::now();
+    let got = cc.get("ns", "big").await.unwrap();
+    assert_eq!(got.expect("read from the previous owner").value, big);
+    let took = started.elapsed();
+    assert!(
+        took > PREVIOUS_OWNER_TIMEOUT,
+        "the transfer outlasted the timeout: {took:?}"
+    );
+    assert_eq!(cc.handoff_reads(), 1);
+
+    // Silent for a moment: the read misses, and the old owner is skipped...
+    old_client.put("ns", "later", "v", Durability::Memory).await.unwrap();
+    slow.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(cc.get("ns", "later").await.unwrap().is_none());
+    slow.stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+    // ...for the back-off, then asked again (same membership).
+    let deadline = Instant::now() + PREVIOUS_OWNER_BACKOFF + Duration::from_secs(20);
+    loop {
+        if let Some(o) = cc.get("ns", "later").await.unwrap() {
+            assert_eq!(o.value, "v");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the previous owner was never asked again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(cc.handoff_reads(), 2);
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
 /// The same through a node, in a cluster whose repair is throttled to a
 /// byte a second (it hands off one batch of 256 objects per destination,
 /// then waits for hours): after a node
