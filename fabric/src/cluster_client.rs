@@ -1113,7 +1113,10 @@ impl ClusterClient {
     /// `exists_prefix` over the owners in `view`: per key its tier where
     /// its first owner reported it in that owner's leading run (`None`
     /// past it), whether any node knew the namespace, and the NOT_FOUND of
-    /// one that did not.
+    /// one that did not. Keys whose first owner does not answer (or does
+    /// not know the namespace) are asked of their own next owners, each
+    /// node being asked its keys in chain order; the call fails when a key
+    /// had no owner that answered.
     async fn prefix_in(
         &self,
         view: &Arc<View>,
@@ -1121,60 +1124,77 @@ impl ClusterClient {
         keys: &[Bytes],
     ) -> Result<(Vec<Option<Tier>>, bool, Option<ClientError>)> {
         let owners = self.place(view, namespace, keys);
-        let mut groups: BTreeMap<String, (Vec<usize>, Vec<Vec<String>>)> = BTreeMap::new();
-        for (i, os) in owners.iter().enumerate() {
-            let g = groups.entry(os[0].clone()).or_default();
-            g.0.push(i);
-            g.1.push(os[1..].to_vec());
-        }
-        let calls = groups.into_iter().map(|(id, (pos, fallbacks))| {
-            let view = view.clone();
-            async move {
-                let ks: Vec<Bytes> = pos.iter().map(|&i| keys[i].clone()).collect();
-                // The first owner, then (when it does not answer) the next
-                // owners of this group's first key, in order.
-                let mut tried = vec![id.clone()];
-                tried.extend(fallbacks.first().cloned().unwrap_or_default());
-                let (mut last, mut unknown_ns) = (None, None);
-                for node in tried {
-                    let r = match self.node(&view, &node).await {
+        let mut tiers: Vec<Option<Tier>> = vec![None; keys.len()];
+        let (mut known_ns, mut unknown_ns) = (false, None);
+        // Per key: whether an owner answered for it, and the error of the
+        // last one that failed (an index into `errors`).
+        let mut answered = vec![false; keys.len()];
+        let mut failed: Vec<Option<usize>> = vec![None; keys.len()];
+        let mut errors: Vec<ClientError> = Vec::new();
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let max_rank = owners.iter().map(Vec::len).max().unwrap_or(0);
+        for rank in 0..max_rank {
+            // Each key at its owner of this rank, in chain order.
+            let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for &i in &pending {
+                if let Some(id) = owners[i].get(rank) {
+                    groups.entry(id.clone()).or_default().push(i);
+                }
+            }
+            if groups.is_empty() {
+                break;
+            }
+            let calls = groups.into_iter().map(|(id, pos)| {
+                let view = view.clone();
+                async move {
+                    let ks: Vec<Bytes> = pos.iter().map(|&i| keys[i].clone()).collect();
+                    let r = match self.node(&view, &id).await {
                         Ok(c) => self
                             .prefix_at(&c.forwarded(self.placed(namespace)), namespace, &ks)
                             .await
-                            .map_err(|e| with_node(&node, e)),
+                            .map_err(|e| with_node(&id, e)),
                         Err(e) => Err(e),
                     };
-                    match r {
-                        Ok(t) => return Ok((pos, Ok(t))),
-                        Err(e) if retryable(&e) => last = Some(e),
-                        // Does not know the namespace: holds none of these keys.
-                        Err(e) if e.kind() == ErrorKind::NotFound => unknown_ns = Some(e),
-                        Err(e) => return Err(e),
+                    (pos, r)
+                }
+            });
+            let mut next = Vec::new();
+            for (pos, r) in join_all(calls).await {
+                match r {
+                    Ok(t) => {
+                        known_ns = true;
+                        for &i in &pos {
+                            answered[i] = true;
+                        }
+                        for (&i, tier) in pos.iter().zip(t) {
+                            tiers[i] = Some(tier);
+                        }
                     }
-                }
-                match unknown_ns {
-                    Some(e) => Ok((pos, Err(e))),
-                    None => Err(last.unwrap_or_else(|| unavailable(format!("node {id} did not answer")))),
+                    Err(e) if retryable(&e) => {
+                        for &i in &pos {
+                            failed[i] = Some(errors.len());
+                        }
+                        errors.push(e);
+                        next.extend(pos);
+                    }
+                    // Does not know the namespace: holds none of these keys.
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        for &i in &pos {
+                            answered[i] = true;
+                        }
+                        unknown_ns = Some(e);
+                        next.extend(pos);
+                    }
+                    Err(e) => return Err(e),
                 }
             }
-        });
-        let mut tiers: Vec<Option<Tier>> = vec![None; keys.len()];
-        let (mut known_ns, mut unknown_ns) = (false, None);
-        for r in join_all(calls).await {
-            let (pos, t) = r?;
-            let t = match t {
-                Ok(t) => {
-                    known_ns = true;
-                    t
-                }
-                Err(e) => {
-                    unknown_ns = Some(e);
-                    Vec::new()
-                }
-            };
-            for (&i, tier) in pos.iter().zip(t) {
-                tiers[i] = Some(tier);
-            }
+            // Chain order again: each next owner's keys go out in order.
+            next.sort_unstable();
+            pending = next;
+        }
+        // A key no owner answered for.
+        if let Some(f) = (0..keys.len()).find_map(|i| failed[i].filter(|_| !answered[i])) {
+            return Err(errors.swap_remove(f));
         }
         Ok((tiers, known_ns, unknown_ns))
     }

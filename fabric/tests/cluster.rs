@@ -2358,6 +2358,48 @@ async fn a_nodes_keys_go_out_in_requests_of_the_batch_limit() {
     }
 }
 
+/// A chain in a namespace with replication 2 over three nodes, the first
+/// owner of some of its keys down: each of those keys is asked of its own
+/// next owner, so the whole chain is reported, and a hole still cuts it.
+/// (They were all asked of the next owner of the first one, which lacks
+/// those whose next owner is the third node: the prefix came back short.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_asks_each_key_of_its_own_next_owner_when_the_first_is_down() {
+    let (_dirs, mut nodes, info) = plain_nodes(3).await;
+    let cc = ClusterClient::fixed(info.clone(), ClientOptions::default());
+    cc.set_replication("dup", 2).unwrap();
+    let chain = keys("rchain", 64);
+    let objs: Vec<PutObject> = chain.iter().map(|k| PutObject::new(k.clone(), vec![5u8; 16])).collect();
+    cc.put_many("dup", objs, Durability::Memory).await.unwrap();
+    assert_eq!(cc.exists_prefix("dup", chain.clone()).await.unwrap().len(), 64);
+    let p = Placement::new(info.iter().map(|m| (m.id.clone(), 1.0))).unwrap();
+    let next_owners: std::collections::BTreeSet<&str> = chain
+        .iter()
+        .map(|k| p.owners("dup", k, 2))
+        .filter(|os| os[0] == "n0")
+        .map(|os| os[1])
+        .collect();
+    assert_eq!(next_owners.len(), 2, "n0's keys have both other nodes as next owner");
+
+    let (n0, _) = nodes.remove(0);
+    n0.shutdown().await;
+    assert_eq!(
+        cc.exists_prefix("dup", chain.clone()).await.unwrap().len(),
+        64,
+        "each key found at its own next owner"
+    );
+    // A hole at the last key n0 owned (gone from its survivor) cuts it there.
+    let hole = chain.iter().rposition(|k| p.owners("dup", k, 2)[0] == "n0").unwrap();
+    assert!(hole > 32, "{hole}");
+    for (_, c) in &nodes {
+        c.delete("dup", vec![chain[hole].clone()]).await.unwrap();
+    }
+    assert_eq!(cc.exists_prefix("dup", chain.clone()).await.unwrap().len(), hole);
+    for (h, _) in nodes {
+        h.shutdown().await;
+    }
+}
+
 /// A TCP relay on a loopback port to `upstream`: what comes back from it
 /// is passed on at most `rate` bytes a second, and nothing moves either
 /// way while `stalled` is set.
