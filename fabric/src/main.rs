@@ -606,7 +606,8 @@ async fn cluster_drain(a: ClusterDrainArgs) -> Result<()> {
         );
     };
     let client = Client::connect(m.endpoint.clone()).await?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout_s);
+    // A timeout past what the clock can add is as good as none.
+    let deadline = std::time::Instant::now().checked_add(std::time::Duration::from_secs(a.timeout_s));
     loop {
         let r = client.drain(&a.node).await?;
         println!(
@@ -623,7 +624,7 @@ async fn cluster_drain(a: ClusterDrainArgs) -> Result<()> {
         if a.no_wait {
             return Ok(());
         }
-        if std::time::Instant::now() >= deadline {
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             anyhow::bail!(
                 "node {} still holds {} object(s) after {} s (it keeps draining)",
                 a.node,

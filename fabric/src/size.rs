@@ -37,9 +37,21 @@ impl FromStr for ByteSize {
         let n: f64 = num
             .parse()
             .map_err(|_| format!("invalid size {s:?}: expected a number with a unit, e.g. 64MiB"))?;
+        // Whole numbers exactly (no trip through f64, which loses bytes
+        // past 2^53 and saturates); fractions only when they come to whole
+        // bytes (`1.5GiB` yes, `0.5` no).
+        if let Ok(n) = num.parse::<u64>() {
+            return n
+                .checked_mul(mult)
+                .map(ByteSize)
+                .ok_or_else(|| format!("invalid size {s:?}: out of range (at most 16EiB)"));
+        }
         let v = n * mult as f64;
-        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        if !v.is_finite() || v < 0.0 || v >= u64::MAX as f64 {
             return Err(format!("invalid size {s:?}: out of range"));
+        }
+        if v.fract() != 0.0 {
+            return Err(format!("invalid size {s:?}: not a whole number of bytes"));
         }
         Ok(ByteSize(v as u64))
     }
@@ -91,6 +103,17 @@ mod tests {
         assert!("12 parsecs".parse::<ByteSize>().unwrap_err().contains("unknown unit"));
         assert!("MiB".parse::<ByteSize>().is_err());
         assert!("-1KiB".parse::<ByteSize>().is_err());
+        // No silent truncation or saturation.
+        assert!("0.5".parse::<ByteSize>().unwrap_err().contains("whole number"));
+        assert!(
+            "18446744073709551616"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!("16384TiB".parse::<ByteSize>().is_ok());
+        assert!("16777216TiB".parse::<ByteSize>().unwrap_err().contains("out of range"));
+        assert_eq!("9007199254740993".parse::<ByteSize>().unwrap().0, 9_007_199_254_740_993);
         assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
         assert_eq!(ByteSize(3 << 40).to_string(), "3TiB");
         assert_eq!(ByteSize(1000).to_string(), "1000B");

@@ -214,6 +214,7 @@ impl S3Server {
     fn tier_config(&self, prefix: &str) -> ObjectTierConfig {
         let mut cfg = ObjectTierConfig::new(format!("s3://{BUCKET}/{prefix}"));
         cfg.endpoint = Some(self.endpoint());
+        cfg.allow_http = true;
         cfg.region = Some("us-east-1".into());
         cfg.access_key_id = Some(ACCESS_KEY.into());
         cfg.secret_access_key = Some(SECRET_KEY.into());

@@ -442,8 +442,11 @@ impl Settings {
                 t.low_watermark, t.high_watermark
             ));
         }
-        if t.promote_queue == 0 {
-            return Err("tiering.promote-queue must be at least 1".into());
+        if !(1..=1_000_000).contains(&t.promote_queue) {
+            return Err(format!(
+                "tiering.promote-queue {} is outside 1..=1000000",
+                t.promote_queue
+            ));
         }
         if t.promote_queue_bytes.0 == 0 {
             return Err("tiering.promote-queue-bytes must be positive".into());

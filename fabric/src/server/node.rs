@@ -120,9 +120,12 @@ impl Node {
             cfg.region = o.region.clone();
             cfg.access_key_id = o.access_key_id.clone();
             cfg.secret_access_key = o.secret_access_key.clone();
+            // Default: allowed for a plain-HTTP endpoint, whether set here
+            // or taken from AWS_ENDPOINT_URL (which the S3 client reads).
+            let endpoint = o.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
             cfg.allow_http = o
                 .allow_http
-                .unwrap_or_else(|| o.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+                .unwrap_or_else(|| endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
             if let Some(c) = o.capacity {
                 cfg.capacity = c.0;
             }

@@ -79,8 +79,9 @@ pub struct ObjectTierConfig {
     /// (`AWS_SECRET_ACCESS_KEY`). Never printed by `Debug`.
     #[serde(default)]
     pub secret_access_key: Option<String>,
-    /// Permit plain-HTTP endpoints (implied by an `http://` endpoint).
-    /// Default: false.
+    /// Permit plain-HTTP endpoints; an `http://` endpoint without it is
+    /// refused. Default: false (the node's `[object] allow-http` defaults
+    /// to true for an `http://` endpoint).
     #[serde(default)]
     pub allow_http: bool,
     /// Capacity in bytes of payload; `u64::MAX` means unbounded. Must be > 0.
@@ -164,6 +165,11 @@ impl ObjectTierConfig {
             if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
                 return Err(TierError::Config(format!(
                     "object tier endpoint {ep:?} must be an http:// or https:// URL with a host"
+                )));
+            }
+            if u.scheme() == "http" && !self.allow_http {
+                return Err(TierError::Config(format!(
+                    "object tier endpoint {ep:?} is plain HTTP but allow-http is false"
                 )));
             }
         }
@@ -295,9 +301,6 @@ impl ObjectTier {
                 let mut b = AmazonS3Builder::from_env().with_bucket_name(&bucket);
                 if let Some(ep) = &cfg.endpoint {
                     b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
-                    if ep.starts_with("http://") {
-                        b = b.with_allow_http(true);
-                    }
                 }
                 if cfg.allow_http {
                     b = b.with_allow_http(true);

@@ -282,6 +282,9 @@ fn config_validation() {
     c.endpoint = Some("ftp://x".into());
     assert!(c.validate().is_err());
     c.endpoint = Some("http://127.0.0.1:9000".into());
+    let e = c.validate().unwrap_err();
+    assert!(e.to_string().contains("allow-http"), "{e}");
+    c.allow_http = true;
     c.access_key_id = Some("id".into());
     assert!(c.validate().is_err(), "key id without secret");
     c.secret_access_key = Some("hunter2".into());
