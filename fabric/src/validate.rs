@@ -3,6 +3,30 @@
 
 use kvfabric_proto::MAX_KEY_BYTES;
 
+/// Checks a plain-HTTP base URL, `http://HOST:PORT` with an optional
+/// trailing `/` and nothing else: a host, a port in 1..=65535, no path.
+/// (The `http` crate falls back to port 80 for a port it cannot read, so a
+/// typo would silently dial the wrong service.) `what` names the setting.
+pub fn http_base_url(what: &str, url: &str) -> Result<(), String> {
+    let form = || format!("{what} {url:?} must be http://host:port");
+    let rest = url.strip_prefix("http://").ok_or_else(form)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') {
+        return Err(format!("{what} {url:?} must be a base URL without a path"));
+    }
+    let (host, port) = rest.rsplit_once(':').ok_or_else(form)?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let bad_host = host.is_empty()
+        || host.chars().any(|c| c.is_whitespace() || matches!(c, '@' | '?' | '#'))
+        || (host.contains(':') && !bracketed);
+    let port_ok =
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0);
+    if bad_host || !port_ok {
+        return Err(form());
+    }
+    Ok(())
+}
+
 /// Longest tenant or namespace name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -55,6 +79,34 @@ pub fn keys<K: AsRef<[u8]>>(keys: &[K], max: usize) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn http_base_urls() {
+        for ok in [
+            "http://a:1",
+            "http://10.0.0.1:8000/",
+            "http://[::1]:50051",
+            "http://h.example:65535",
+        ] {
+            http_base_url("u", ok).unwrap();
+        }
+        for bad in [
+            "http://",
+            "http://host",
+            "http://host:",
+            "http://host:0",
+            "http://host:500511",
+            "http://a b:1",
+            "http://h:1/v1",
+            "https://h:1",
+            "h:1",
+            "http://::1:5",
+            "http://u@h:1",
+        ] {
+            assert!(http_base_url("u", bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

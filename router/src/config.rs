@@ -359,6 +359,12 @@ impl Settings {
                     f.url
                 ));
             }
+            let full = if f.url.contains("://") {
+                f.url.clone()
+            } else {
+                format!("http://{}", f.url)
+            };
+            kvfabric::validate::http_base_url(&format!("fabric[{i}] url"), &full)?;
             if !names.insert(f.name.as_str()) {
                 return Err(format!("fabric[{i}] name {:?} is used twice", f.name));
             }
@@ -371,11 +377,12 @@ impl Settings {
             if !workers.insert(w.name.as_str()) {
                 return Err(format!("workers[{i}].name {:?} is used twice", w.name));
             }
-            check_worker_url(&w.url).map_err(|e| format!("workers[{i}].url {e}"))?;
-            if let Some(e) = &w.kv_events
-                && !e.starts_with("tcp://")
-            {
-                return Err(format!("workers[{i}].kv-events {e:?} must be tcp://host:port"));
+            kvfabric::validate::http_base_url(&format!("workers[{i}].url"), &w.url)?;
+            if let Some(e) = &w.kv_events {
+                let host_port = e.strip_prefix("tcp://").map(|r| format!("http://{r}"));
+                if host_port.is_none_or(|u| kvfabric::validate::http_base_url("", &u).is_err()) {
+                    return Err(format!("workers[{i}].kv-events {e:?} must be tcp://host:port"));
+                }
             }
             if let Some(n) = &w.fabric_node
                 && !names.contains(n.as_str())
@@ -390,14 +397,7 @@ impl Settings {
 /// Checks a worker's URL: `http://host:port` (plain HTTP, what the router
 /// forwards with), no path. Configured workers and registered ones alike.
 pub(crate) fn check_worker_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?} must be http://host:port (plain HTTP)"))?;
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') {
-        return Err(format!("{url:?} must be a base URL without a path"));
-    }
-    Ok(())
+    kvfabric::validate::http_base_url("worker url", url)
 }
 
 #[cfg(test)]

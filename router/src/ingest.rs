@@ -158,6 +158,9 @@ pub(crate) async fn fabric_events(
     let connected = metrics.stream_connected.with_label_values(&[&source]);
     let connects = metrics.stream_connects.with_label_values(&[&source]);
     let mut backoff = Backoff::new();
+    // The first failure of a run is a warning (a node down or misnamed
+    // shows at the default log level); the retries after it are debug.
+    let mut failing = false;
     loop {
         let sub = async {
             let c = kvfabric::client::Client::connect(url.clone())
@@ -168,11 +171,17 @@ pub(crate) async fn fabric_events(
         let mut stream = match sub.await {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(%source, %url, error = %e, "fabric subscription failed; retrying");
+                if failing {
+                    tracing::debug!(%source, %url, error = %e, "fabric subscription failed; retrying");
+                } else {
+                    tracing::warn!(%source, %url, error = %e, "fabric subscription failed; retrying with backoff");
+                    failing = true;
+                }
                 backoff.wait().await;
                 continue;
             }
         };
+        failing = false;
         backoff.reset();
         connected.set(1);
         connects.inc();

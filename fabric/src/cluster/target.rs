@@ -68,7 +68,11 @@ impl EtcdTarget {
     pub(crate) fn connect_options(&self) -> etcd_client::ConnectOptions {
         let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(2))
-            .with_keep_alive(std::time::Duration::from_secs(2), std::time::Duration::from_secs(2));
+            .with_keep_alive(std::time::Duration::from_secs(2), std::time::Duration::from_secs(2))
+            // A member cut off from its quorum keeps streams open but sends
+            // no events; with this its answers fail instead, so watches
+            // move to a member that has a leader rather than freeze.
+            .with_require_leader(true);
         if let Some(tls) = &self.tls {
             let mut t = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
             if let Some((cert, key)) = &tls.identity {

@@ -77,6 +77,13 @@ pub(super) async fn list<R: Record>(
     let mut map = RecordMap::new();
     for kv in r.kvs() {
         let key = String::from_utf8_lossy(kv.key());
+        if key
+            .strip_prefix(prefix)
+            .is_none_or(|id| id.is_empty() || id.contains('/'))
+        {
+            tracing::warn!(key = %key, what = R::WHAT, "skipping a key that is not a record");
+            continue;
+        }
         match R::decode(&key, kv.value()) {
             Ok(m) => {
                 map.insert(m.id().to_string(), m);
@@ -181,7 +188,18 @@ async fn watch_from<R: Record>(
         for ev in msg.events() {
             let Some(kv) = ev.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let id = key.rsplit('/').next().unwrap_or_default().to_string();
+            // Records sit exactly one segment under the prefix; anything
+            // else there (a stray key, deeper paths) is not one of ours and
+            // must not touch the record whose id its last segment happens
+            // to be.
+            let Some(id) = key
+                .strip_prefix(prefix)
+                .filter(|id| !id.is_empty() && !id.contains('/'))
+                .map(str::to_string)
+            else {
+                tracing::warn!(key, what = R::WHAT, "ignoring a key that is not a record");
+                continue;
+            };
             match ev.event_type() {
                 EventType::Delete => {
                     map.remove(&id);

@@ -29,8 +29,9 @@ pub fn worker_key(cluster_id: &str, name: &str) -> String {
 }
 
 /// One engine worker, as routers need it.
+/// Unknown fields are ignored, as in member records, so a newer worker's
+/// record still reads on an older router.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerRecord {
     /// Unique in the cluster; the key's last segment (`A-Z a-z 0-9 . _ -`,
     /// 1 to 64 characters).
@@ -50,13 +51,17 @@ impl WorkerRecord {
     /// Checks every field; the message names the bad one.
     pub fn validate(&self) -> Result<(), String> {
         validate_id("worker name", &self.name)?;
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.len() > 2048 {
-            return Err(format!("worker url {:?} must be an http:// or https:// URL", self.url));
+        // What routers forward to: plain HTTP, host and port, no path (a
+        // record they cannot use would be registered and then ignored).
+        if self.url.len() > 2048 {
+            return Err("worker url is longer than 2048 bytes".into());
         }
-        if let Some(ep) = &self.kv_events
-            && (!ep.starts_with("tcp://") || ep.len() > 2048)
-        {
-            return Err(format!("worker kv-events {ep:?} must be a tcp://HOST:PORT endpoint"));
+        crate::validate::http_base_url("worker url", &self.url)?;
+        if let Some(ep) = &self.kv_events {
+            let host_port = ep.strip_prefix("tcp://").map(|r| format!("http://{r}"));
+            if ep.len() > 2048 || host_port.is_none_or(|u| crate::validate::http_base_url("", &u).is_err()) {
+                return Err(format!("worker kv-events {ep:?} must be a tcp://HOST:PORT endpoint"));
+            }
         }
         if let Some(n) = &self.fabric_node
             && (n.is_empty() || n.len() > 255)
@@ -297,9 +302,14 @@ mod tests {
         assert_eq!(WorkerRecord::decode(&key, &r.encode()).unwrap(), r);
         // The key names another worker.
         assert!(WorkerRecord::decode(&worker_key("c1", "w2"), &r.encode()).is_err());
-        // Not JSON, unknown fields, bad fields.
+        // Not JSON, bad fields; unknown fields are a newer writer's, read.
         assert!(WorkerRecord::decode(&key, b"{").is_err());
-        assert!(WorkerRecord::decode(&key, br#"{"name":"w1","url":"http://a","x":1}"#).is_err());
+        assert!(WorkerRecord::decode(&key, br#"{"name":"w1","url":"http://a:1","x":1}"#).is_ok());
+        for url in ["https://a:1", "http://a:1/v1", "http://a"] {
+            let mut bad = rec("w1");
+            bad.url = url.into();
+            assert!(bad.validate().unwrap_err().contains("url"), "{url}");
+        }
         let mut bad = rec("w1");
         bad.url = "ftp://x".into();
         assert!(bad.validate().unwrap_err().contains("url"));
