@@ -11,7 +11,7 @@
 //! is looked up in `$KVFABRIC_LIBEXEC_DIR`, then beside this executable,
 //! then on `PATH`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use kvfabric::client::{Client, ClientError, Durability};
@@ -393,8 +393,14 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let s = settings(args).map_err(|e| anyhow::anyhow!(e))?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&s.log));
+    // An unreadable RUST_LOG or `log` stops the start (it used to be
+    // dropped without a word).
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&v).with_context(|| format!("RUST_LOG {v:?}"))?
+        }
+        _ => tracing_subscriber::EnvFilter::try_new(&s.log).with_context(|| format!("log {:?}", s.log))?,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

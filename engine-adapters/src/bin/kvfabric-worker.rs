@@ -183,9 +183,12 @@ async fn main() -> Result<()> {
         registration_ttl_s: cli.registration_ttl_s,
     };
     let settings = WorkerSettings::load(cli.config.as_deref(), overrides).context("loading settings")?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log))
-        .context("log filter")?;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&v).with_context(|| format!("RUST_LOG {v:?}"))?
+        }
+        _ => tracing_subscriber::EnvFilter::try_new(&settings.log).context("log filter")?,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
