@@ -42,7 +42,7 @@ pub enum ClientError {
         message: String,
     },
     /// Could not connect.
-    #[error("cannot connect to {endpoint}: {source}")]
+    #[error("cannot connect to {endpoint}: {}", causes(source))]
     Connect {
         /// Endpoint tried.
         endpoint: String,
@@ -65,6 +65,19 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// An error and its causes, `a: b: c` (tonic's transport error alone says
+/// only "transport error").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        next = c.source();
+    }
+    out
 }
 
 impl ClientError {
