@@ -2751,3 +2751,113 @@ async fn a_local_path_commit_claims_its_namespace_cluster_wide() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// `kvfabric serve` as node `n1` of cluster `c` over `dir`'s data directory
+/// and config file.
+fn serve_n1(dir: &Path, etcd: &Etcd) -> Proc {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvfabric"));
+    c.arg("serve")
+        .arg("--config")
+        .arg(dir.join("kvfabric.toml"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--host-capacity", "8MiB", "--disk-capacity", "0"])
+        .args(["--cluster", &etcd.url(), "--cluster-id", "c", "--node-id", "n1"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Proc(c.spawn().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_within_its_lease_ttl_joins_and_a_live_twin_is_refused() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kvfabric.toml"),
+        "[cluster]\nlease-ttl-s = 3\nrefresh-interval-ms = 200\n",
+    )
+    .unwrap();
+    let mut first = serve_n1(dir.path(), &etcd);
+    let m = watch(&etcd, "c").await;
+    let snap = m
+        .wait_for(Duration::from_secs(20), |m| serving(m, "n1"))
+        .await
+        .unwrap_or_else(|last| panic!("n1 never served: {last:?}"));
+    let old = snap["n1"].incarnation.clone();
+
+    // kill -9, then started again at once (as a supervisor would): the old
+    // record is still there, under a lease nobody renews.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let mut second = serve_n1(dir.path(), &etcd);
+    assert_eq!(
+        m.snapshot()["n1"].incarnation,
+        old,
+        "the old record went before the restart"
+    );
+    let r = m
+        .wait_for(Duration::from_secs(20), |m| {
+            m.get("n1")
+                .is_some_and(|r| r.state == MemberState::Serving && r.incarnation != old)
+        })
+        .await;
+    let exited = second.0.try_wait().unwrap();
+    assert!(
+        exited.is_none(),
+        "the restarted node exited ({exited:?}) instead of waiting for the old lease"
+    );
+    r.unwrap_or_else(|last| panic!("the restarted node never served: {last:?}"));
+    let new = m.snapshot()["n1"].incarnation.clone();
+
+    // A second live process with the same id is still refused, and the
+    // running one keeps its record.
+    let twin = tempfile::tempdir().unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        Node::build(node_settings(twin.path(), &etcd, "c", "n1", 3))
+            .await
+            .unwrap()
+            .start(),
+    )
+    .await
+    .expect("a live twin is refused within 20 s")
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("node id \"n1\" is already registered"), "{err}");
+    assert_eq!(m.snapshot()["n1"].incarnation, new);
+    assert!(second.0.try_wait().unwrap().is_none(), "the running node exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_fails_after_joining_revokes_its_lease() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The tombstone file is read after the node joined: a directory in its
+    // place fails the start there.
+    std::fs::create_dir_all(dir.path().join("tombstones")).unwrap();
+    // A long TTL: a record gone at once was revoked, not expired.
+    let err = Node::build(node_settings(dir.path(), &etcd, "c", "f", 60))
+        .await
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loading tombstones"), "{err}");
+    let left = list_members(&etcd.target(), "c").await.unwrap();
+    assert!(left.is_empty(), "the failed start left its record: {left:?}");
+
+    // Fixed, it starts (no earlier record to wait out).
+    std::fs::remove_dir(dir.path().join("tombstones")).unwrap();
+    let (h, _c) = common::start(node_settings(dir.path(), &etcd, "c", "f", 60)).await;
+    let snap = watch(&etcd, "c").await.snapshot();
+    assert!(snap.contains_key("f"), "{snap:?}");
+    h.shutdown().await;
+}

@@ -3,6 +3,13 @@
 //! under a lease, refreshes the record's usage, and revokes the lease on a
 //! graceful leave.
 //!
+//! A node restarted within its lease TTL (`kill -9`, an OOM kill, a fast
+//! reboot) finds its previous process's record still there. At join it
+//! waits for that record's lease to run out (at most the remaining TTL etcd
+//! reports, plus [`EXPIRY_MARGIN`]) and then registers; only a record still
+//! kept alive (its lease renewed, or still live past the wait) is another
+//! live process with the same node id, and is refused.
+//!
 //! Registration never stands in the way of serving data: once joined, a
 //! background task renews the lease; when etcd is unreachable it retries
 //! with capped exponential backoff, and when etcd is back it resumes the
@@ -32,6 +39,14 @@ pub type UsageFn = Arc<dyn Fn() -> Vec<TierUsage> + Send + Sync>;
 /// several times before a surviving lease would expire).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How long past a previous process's lease's remaining TTL a joining node
+/// waits for etcd to expire it (etcd revokes expired leases in batches,
+/// every 500 ms, through a raft proposal).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// How often a joining node looks again at a previous process's record.
+const EXPIRY_POLL: Duration = Duration::from_millis(500);
 
 /// What a node registers with.
 #[derive(Clone, Debug)]
@@ -148,12 +163,25 @@ struct Worker {
     lease_tx: watch::Sender<i64>,
 }
 
+/// The record of another process that holds this node's id, and its lease.
+#[derive(Debug)]
+struct Holder {
+    member: Member,
+    /// 0 when the record lives under no lease.
+    lease: i64,
+    /// The record's mod revision: a live holder rewrites it every
+    /// `refresh-interval-ms`.
+    rev: i64,
+}
+
 impl Registration {
     /// Joins the cluster as `joining`: checks the data directory's cluster
     /// id, creates or checks the cluster's identity record, grants a lease
-    /// and registers the member (refusing a node id held by a live node),
-    /// then keeps the registration alive in the background. Fails when etcd
-    /// cannot be reached: a node that never joined cannot check its identity.
+    /// and registers the member (refusing a node id held by a live node;
+    /// one held by a previous process whose lease is running out is waited
+    /// for, see the module docs), then keeps the registration alive in the
+    /// background. Fails when etcd cannot be reached: a node that never
+    /// joined cannot check its identity.
     pub async fn join(
         cfg: RegistrationConfig,
         usage: UsageFn,
@@ -174,7 +202,10 @@ impl Registration {
             state: state_rx,
             lease_tx,
         };
-        let lease = w.register().await?;
+        let lease = match w.try_register().await? {
+            Ok(lease) => lease,
+            Err(holder) => w.outwait(holder).await?,
+        };
         if !known {
             remember_cluster(&w.cfg.data_dir, &w.cfg.cluster_id)?;
         }
@@ -294,6 +325,25 @@ impl Worker {
     /// Grants a lease and puts the member record under it, unless a live
     /// record of another process holds the node id. Returns the lease.
     async fn register(&mut self) -> Result<i64, ClusterError> {
+        match self.try_register().await? {
+            Ok(lease) => Ok(lease),
+            Err(holder) => Err(self.taken(holder)),
+        }
+    }
+
+    /// The error for a node id held by another process.
+    fn taken(&self, holder: Holder) -> ClusterError {
+        ClusterError::NodeIdTaken {
+            node_id: self.cfg.node_id.clone(),
+            cluster_id: self.cfg.cluster_id.clone(),
+            endpoint: holder.member.endpoint,
+            started_at_ms: holder.member.started_at_ms,
+        }
+    }
+
+    /// Like [`Worker::register`], but a record of another process is handed
+    /// back (the lease granted for this attempt revoked).
+    async fn try_register(&mut self) -> Result<Result<i64, Holder>, ClusterError> {
         self.ensure_identity().await?;
         let mut c = self.client.clone();
         let lease = self.call(c.lease_grant(self.cfg.lease_ttl_s as i64, None)).await?.id();
@@ -318,10 +368,13 @@ impl Worker {
         };
         if !r.succeeded() {
             let existing = r.op_responses().into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.value().to_vec(), kv.mod_revision(), kv.lease())),
                 _ => None,
             });
-            let Some((value, rev)) = existing else {
+            let Some((value, rev, holder_lease)) = existing else {
                 // Deleted between the compare and the get: try again later.
                 self.revoke(lease).await;
                 return Err(ClusterError::LeaseLost(lease));
@@ -329,12 +382,11 @@ impl Worker {
             match Member::decode(&key, &value) {
                 Ok(m) if m.incarnation != self.incarnation => {
                     self.revoke(lease).await;
-                    return Err(ClusterError::NodeIdTaken {
-                        node_id: self.cfg.node_id.clone(),
-                        cluster_id: self.cfg.cluster_id.clone(),
-                        endpoint: m.endpoint,
-                        started_at_ms: m.started_at_ms,
-                    });
+                    return Ok(Err(Holder {
+                        member: m,
+                        lease: holder_lease,
+                        rev,
+                    }));
                 }
                 // Our own earlier record (its lease may be about to go), or a
                 // record nobody can read: replace it, if nothing changed since.
@@ -357,7 +409,97 @@ impl Worker {
             }
         }
         self.lease_tx.send_replace(lease);
-        Ok(lease)
+        Ok(Ok(lease))
+    }
+
+    /// At join, with the node id held by another process: waits for its
+    /// lease to run out (at most its remaining TTL plus [`EXPIRY_MARGIN`]),
+    /// then registers. A holder still kept alive (its lease renewed, another
+    /// lease put in its place, or a lease still live after the wait) is a
+    /// live process with this node id: refused with `NodeIdTaken`.
+    async fn outwait(&mut self, mut holder: Holder) -> Result<i64, ClusterError> {
+        if holder.lease == 0 {
+            // Nothing will make it go: someone else's write.
+            return Err(self.taken(holder));
+        }
+        let mut ttl = self.lease_ttl(holder.lease).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(ttl.max(0) as u64) + EXPIRY_MARGIN;
+        tracing::warn!(
+            cluster = %self.cfg.cluster_id, node = %self.cfg.node_id,
+            endpoint = %holder.member.endpoint, started_at_ms = holder.member.started_at_ms,
+            incarnation = %holder.member.incarnation, lease = format_args!("{:x}", holder.lease),
+            remaining_ttl_s = ttl, max_wait_s = ttl.max(0) as u64 + EXPIRY_MARGIN.as_secs(),
+            "node id is registered by another process (a restart within the lease TTL?); waiting for its \
+             lease to expire (refused if it is kept alive)"
+        );
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(self.taken(holder));
+            }
+            tokio::time::sleep(EXPIRY_POLL.min(deadline - now)).await;
+            let next = match self.holder().await? {
+                Some(h) => h,
+                None => match self.try_register().await? {
+                    Ok(lease) => {
+                        tracing::info!(
+                            node = %self.cfg.node_id, previous = %holder.member.incarnation,
+                            "the previous process's registration expired"
+                        );
+                        return Ok(lease);
+                    }
+                    Err(h) => h,
+                },
+            };
+            let next_ttl = if next.lease == 0 {
+                i64::MAX
+            } else {
+                self.lease_ttl(next.lease).await?
+            };
+            // Kept alive: the record rewritten since (a live node rewrites it
+            // every refresh interval; a dead one never), or its lease renewed
+            // (etcd reports whole seconds, counting down: more than before).
+            // An etcd leader change also extends leases; that refuses a
+            // restart the supervisor then retries.
+            let rewritten = next.rev != holder.rev;
+            let renewed = next.lease == holder.lease && next_ttl > ttl;
+            if (rewritten || renewed) && next_ttl > 0 {
+                return Err(self.taken(next));
+            }
+            (holder, ttl) = (next, next_ttl);
+        }
+    }
+
+    /// The record of another process holding this node's id, if any (none
+    /// when absent, this process's own, or unreadable: registering replaces it).
+    async fn holder(&self) -> Result<Option<Holder>, ClusterError> {
+        let key = super::member_key(&self.cfg.cluster_id, &self.cfg.node_id);
+        let mut c = self.client.clone();
+        let r = self.call(c.get(key.clone(), None)).await?;
+        Ok(r.kvs().first().and_then(|kv| match Member::decode(&key, kv.value()) {
+            Ok(m) if m.incarnation != self.incarnation => Some(Holder {
+                member: m,
+                lease: kv.lease(),
+                rev: kv.mod_revision(),
+            }),
+            _ => None,
+        }))
+    }
+
+    /// A lease's remaining TTL in seconds as etcd reports it; -1 (or 0) for
+    /// a lease that expired or that etcd does not know.
+    async fn lease_ttl(&self, lease: i64) -> Result<i64, ClusterError> {
+        let mut c = self.client.clone();
+        match tokio::time::timeout(REQUEST_TIMEOUT, c.lease_time_to_live(lease, None)).await {
+            Ok(Ok(r)) => Ok(r.ttl()),
+            // etcd answers "not found" (or TTL -1, depending on version) for a lease it lost.
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => Ok(-1),
+            Ok(Err(e)) => Err(ClusterError::from_etcd(&self.cfg.etcd, e)),
+            Err(_) => Err(ClusterError::Unreachable {
+                endpoints: self.cfg.etcd.to_string(),
+                reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
+            }),
+        }
     }
 
     async fn revoke(&self, lease: i64) {
@@ -496,22 +638,10 @@ impl Worker {
 
     /// Whether `lease` is alive and still holds this node's record.
     async fn still_ours(&self, lease: i64) -> Result<bool, ClusterError> {
-        let mut c = self.client.clone();
-        let ttl = match tokio::time::timeout(REQUEST_TIMEOUT, c.lease_time_to_live(lease, None)).await {
-            Ok(Ok(r)) => r.ttl(),
-            // etcd answers "not found" (or TTL -1, depending on version) for a lease it lost.
-            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => -1,
-            Ok(Err(e)) => return Err(ClusterError::from_etcd(&self.cfg.etcd, e)),
-            Err(_) => {
-                return Err(ClusterError::Unreachable {
-                    endpoints: self.cfg.etcd.to_string(),
-                    reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
-                });
-            }
-        };
-        if ttl <= 0 {
+        if self.lease_ttl(lease).await? <= 0 {
             return Ok(false);
         }
+        let mut c = self.client.clone();
         let key = super::member_key(&self.cfg.cluster_id, &self.cfg.node_id);
         let r = self.call(c.get(key, None)).await?;
         Ok(r.kvs().first().is_some_and(|kv| {

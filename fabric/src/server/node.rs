@@ -58,6 +58,10 @@ pub struct NodeHandle {
 /// cluster before it serves.
 const RECONCILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Longest a failed start waits for its cluster lease to be revoked (each
+/// etcd call is bounded by 3 s).
+const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest HTTP/2 frame either side accepts (the protocol default is 16 KiB).
 const MAX_FRAME_BYTES: u32 = 4 << 20;
 
@@ -168,13 +172,44 @@ impl Node {
         let repair_status = Arc::new(crate::cluster::RepairStatus::default());
         // Parsed once: an `etcds://` URL reads its certificate files.
         let etcd = s.cluster.etcd_endpoints().map_err(FabricError::InvalidArgument)?;
-        let registration = self
+        let mut registration = self
             .join_cluster(etcd.clone(), grpc_addr, metrics_addr, repair_status.clone())
             .await?;
+        match self
+            .serve(grpc, metrics_l, etcd, repair_status, &mut registration)
+            .await
+        {
+            Ok(h) => Ok(h),
+            Err(e) => {
+                // Failed after joining: revoke the lease now, or the record
+                // would stay for the TTL and hold up the next start.
+                if let Some(r) = registration.take()
+                    && tokio::time::timeout(LEAVE_TIMEOUT, r.leave()).await.is_err()
+                {
+                    tracing::warn!("revoking the cluster lease after a failed start took over {LEAVE_TIMEOUT:?}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The rest of [`Node::start`], once joined (`registration` is taken
+    /// into the handle on success; left for the caller to revoke otherwise).
+    async fn serve(
+        self,
+        grpc: tokio::net::TcpListener,
+        metrics_l: tokio::net::TcpListener,
+        etcd: Option<crate::cluster::EtcdTarget>,
+        repair_status: Arc<crate::cluster::RepairStatus>,
+        registration: &mut Option<Registration>,
+    ) -> Result<NodeHandle, FabricError> {
+        let s = &self.settings;
+        let grpc_addr = grpc.local_addr().map_err(|e| startup("local addr", e))?;
+        let metrics_addr = metrics_l.local_addr().map_err(|e| startup("local addr", e))?;
         let (repair_stop, repair_stop_rx) = tokio::sync::watch::channel(false);
         let mut cluster_tasks = Vec::new();
         let mut repairer_slot = None;
-        let forwarder = match (&registration, etcd) {
+        let forwarder = match (registration.as_ref(), etcd) {
             (Some(reg), Some(etcd)) => {
                 let membership = Membership::start(etcd.clone(), s.cluster.id.clone())
                     .await
@@ -366,7 +401,7 @@ impl Node {
             cluster_tasks.push(tokio::spawn(repairer.run(repair_stop_rx)));
         }
         tracing::info!(%grpc_addr, %metrics_addr, "kvfabric node serving");
-        if let Some(r) = &registration {
+        if let Some(r) = registration.as_ref() {
             r.set_state(MemberState::Serving);
         }
         let mut tasks = vec![grpc_task, metrics_task];
@@ -379,7 +414,7 @@ impl Node {
             shutdown: Some(tx),
             tasks,
             background,
-            registration,
+            registration: registration.take(),
             forwarder,
             repair_stop,
             cluster_tasks,
