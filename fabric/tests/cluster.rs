@@ -2861,3 +2861,35 @@ async fn a_start_that_fails_after_joining_revokes_its_lease() {
     assert!(snap.contains_key("f"), "{snap:?}");
     h.shutdown().await;
 }
+
+/// A stray key deeper under the members prefix (written by hand, another
+/// tool) is not a member record: putting or deleting it does not touch the
+/// live member whose id its last segment happens to be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stray_key_under_the_members_prefix_leaves_members_alone() {
+    let etcd = Etcd::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // a does not rewrite its record meanwhile (which would hide a removal).
+    let mut sa = node_settings(da.path(), &etcd, "sk", "a", 30);
+    sa.cluster.refresh_interval_ms = 600_000;
+    let (a, _) = common::start(sa).await;
+    wait_view(&a, 1).await;
+    let m = watch(&etcd, "sk").await;
+    let mut nodes = m.serving_nodes();
+    let mut etc = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    let stray = format!("{}/a", kvfabric::cluster::member_key("sk", "x"));
+    etc.put(stray.clone(), "junk", None).await.unwrap();
+    etc.delete(stray, None).await.unwrap();
+    // A later change, seen after the stray key's events: the watcher then
+    // lists both nodes, a included.
+    let (b, _) = common::start(node_settings(db.path(), &etcd, "sk", "b", 30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes.borrow().iter().any(|n| n.id == "b") {
+        assert!(Instant::now() < deadline, "never saw b: {:?}", *nodes.borrow());
+        let _ = tokio::time::timeout(Duration::from_millis(200), nodes.changed()).await;
+    }
+    let seen: Vec<String> = nodes.borrow().iter().map(|n| n.id.clone()).collect();
+    assert_eq!(seen, ["a", "b"]);
+    b.shutdown().await;
+    a.shutdown().await;
+}
