@@ -30,6 +30,12 @@ fn node_settings(dir: &Path, etcd: &Etcd, cluster: &str, node: &str, ttl_s: u64)
     s
 }
 
+/// `s` with repair passes every `ms` (tests that watch repair work).
+fn repairing(mut s: Settings, ms: u64) -> Settings {
+    s.cluster.repair_interval_ms = ms;
+    s
+}
+
 /// `kvfabric cluster SUB --cluster <etcd> --cluster-id ID`, ready for more
 /// arguments.
 fn cluster_cli(sub: &str, etcd: &Etcd, cluster_id: &str) -> Command {
@@ -1368,11 +1374,7 @@ async fn rolling_restart_under_load_fails_no_read() {
 async fn a_joining_node_takes_its_share_even_with_a_skewed_clock() {
     let etcd = Etcd::start().await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let settings = |i: usize, id: &str| {
-        let mut s = node_settings(dirs[i].path(), &etcd, "join", id, 30);
-        s.cluster.repair_interval_ms = 500;
-        s
-    };
+    let settings = |i: usize, id: &str| repairing(node_settings(dirs[i].path(), &etcd, "join", id, 30), 500);
     let (a, ca) = common::start(settings(0, "a")).await;
     let (b, _) = common::start(settings(1, "b")).await;
     for h in [&a, &b] {
@@ -1679,11 +1681,7 @@ async fn a_delete_during_a_hand_off_is_not_undone_at_replication_1() {
 async fn a_repair_copy_never_replaces_a_newer_version_or_undoes_a_delete() {
     let etcd = Etcd::start().await;
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let settings = |i: usize, id: &str| {
-        let mut s = node_settings(dirs[i].path(), &etcd, "aged", id, 30);
-        s.cluster.repair_interval_ms = 300;
-        s
-    };
+    let settings = |i: usize, id: &str| repairing(node_settings(dirs[i].path(), &etcd, "aged", id, 30), 300);
     let (a, ca) = common::start(settings(0, "a")).await;
     let (c, cc) = common::start(settings(1, "c")).await;
     let view = wait_view(&a, 2).await;
