@@ -697,8 +697,14 @@ async fn any_node_forwards_to_the_owners() {
         1
     );
     assert_eq!(cc.delete("solo", vec![kc.clone(), kb.clone()]).await.unwrap(), 1);
-    // The first put claimed "solo" cluster-wide, so c knows it too: a
-    // delete of a key nobody holds deletes nothing.
+    // The first put claimed "solo" cluster-wide, so c learns it too (from
+    // its namespace watch, so not at once): then a delete of a key nobody
+    // holds deletes nothing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cc.describe_namespace("solo").await.is_err() {
+        assert!(Instant::now() < deadline, "c never learned the claimed namespace");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(cb.delete("solo", vec![kc.clone()]).await.unwrap(), 0);
     let err = ca.get_many("nope", vec![kb, kc]).await.unwrap_err();
     assert_eq!(err.kind(), kvfabric::ErrorKind::NotFound, "{err}");
