@@ -391,6 +391,10 @@ fn settings(args: ServeArgs) -> Result<Settings, String> {
     Ok(s)
 }
 
+/// How long a node that left its cluster on a signal keeps serving before
+/// its listener closes, so that watches elsewhere see it go first.
+const LEAVE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let s = settings(args).map_err(|e| anyhow::anyhow!(e))?;
     // An unreadable RUST_LOG or `log` stops the start (it used to be
@@ -409,6 +413,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let node = Node::build(s).await?;
     let mut handle = node.start().await?;
     let stop = handle.take_shutdown();
+    let registration = handle.take_registration();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -416,6 +421,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
         }
         tracing::info!("shutting down");
+        // Cluster mode: leave first (the record goes), and give the other
+        // nodes' and clients' watches a moment to see it, while this node
+        // still serves; only then close the listener. Closed first, peers
+        // kept sending to a closed port until the record went.
+        if let Some(r) = registration {
+            r.leave().await;
+            tokio::time::sleep(LEAVE_GRACE).await;
+        }
         if let Some(tx) = stop {
             let _ = tx.send(());
         }

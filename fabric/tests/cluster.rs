@@ -258,14 +258,30 @@ async fn killed_binary_expires_after_its_lease_and_wrong_cluster_is_refused() {
             .spawn()
             .unwrap(),
     );
-    m.wait_for(Duration::from_secs(20), |m| serving(m, "n1"))
+    let listed = m
+        .wait_for(Duration::from_secs(20), |m| serving(m, "n1"))
         .await
         .unwrap_or_else(|last| panic!("n1 never served again: {last:?}"));
+    let endpoint = listed["n1"].endpoint.clone();
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(node.0.id() as i32, libc::SIGTERM) }, 0);
     m.wait_for(Duration::from_secs(5), |m| !m.contains_key("n1"))
         .await
         .unwrap_or_else(|last| panic!("n1 still listed 5 s after SIGTERM (lease TTL 30 s): {last:?}"));
+    // It left first and still answers for a moment (peers see it go before
+    // its port closes), then exits cleanly.
+    let c = kvfabric::client::Client::connect(endpoint)
+        .await
+        .expect("still listening after leaving");
+    c.stats().await.expect("still serving after leaving");
+    let status = tokio::task::spawn_blocking(move || {
+        let mut node = node;
+        node.0.wait()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -542,4 +542,11 @@ impl NodeHandle {
     pub fn take_shutdown(&mut self) -> Option<oneshot::Sender<()>> {
         self.shutdown.take()
     }
+
+    /// The cluster registration, for a signal handler that leaves the
+    /// cluster before it stops the server ([`Self::wait`] then does not
+    /// leave again). Cluster mode only.
+    pub fn take_registration(&mut self) -> Option<Registration> {
+        self.registration.take()
+    }
 }
