@@ -27,6 +27,19 @@ pub fn http_base_url(what: &str, url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a ZMQ TCP endpoint, `tcp://HOST:PORT` (the host and port rules
+/// of [`http_base_url`]). `what` names the setting.
+pub fn tcp_endpoint(what: &str, endpoint: &str) -> Result<(), String> {
+    let ok = endpoint
+        .strip_prefix("tcp://")
+        .is_some_and(|r| http_base_url(what, &format!("http://{r}")).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{what} {endpoint:?} must be tcp://HOST:PORT"))
+    }
+}
+
 /// Longest tenant or namespace name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -104,6 +117,10 @@ mod tests {
             "http://u@h:1",
         ] {
             assert!(http_base_url("u", bad).is_err(), "{bad}");
+        }
+        tcp_endpoint("e", "tcp://10.0.0.1:5557").unwrap();
+        for bad in ["tcp://", "tcp://h", "http://h:1", "tcp://h:1/x"] {
+            assert!(tcp_endpoint("e", bad).unwrap_err().contains("tcp://HOST:PORT"), "{bad}");
         }
     }
 

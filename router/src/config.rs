@@ -379,10 +379,7 @@ impl Settings {
             }
             kvfabric::validate::http_base_url(&format!("workers[{i}].url"), &w.url)?;
             if let Some(e) = &w.kv_events {
-                let host_port = e.strip_prefix("tcp://").map(|r| format!("http://{r}"));
-                if host_port.is_none_or(|u| kvfabric::validate::http_base_url("", &u).is_err()) {
-                    return Err(format!("workers[{i}].kv-events {e:?} must be tcp://host:port"));
-                }
+                kvfabric::validate::tcp_endpoint(&format!("workers[{i}].kv-events"), e)?;
             }
             if let Some(n) = &w.fabric_node
                 && !names.contains(n.as_str())

@@ -58,10 +58,10 @@ impl WorkerRecord {
         }
         crate::validate::http_base_url("worker url", &self.url)?;
         if let Some(ep) = &self.kv_events {
-            let host_port = ep.strip_prefix("tcp://").map(|r| format!("http://{r}"));
-            if ep.len() > 2048 || host_port.is_none_or(|u| crate::validate::http_base_url("", &u).is_err()) {
-                return Err(format!("worker kv-events {ep:?} must be a tcp://HOST:PORT endpoint"));
+            if ep.len() > 2048 {
+                return Err("worker kv-events is longer than 2048 bytes".into());
             }
+            crate::validate::tcp_endpoint("worker kv-events", ep)?;
         }
         if let Some(n) = &self.fabric_node
             && (n.is_empty() || n.len() > 255)

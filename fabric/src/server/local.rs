@@ -342,8 +342,14 @@ impl Session {
                 ),
             ));
         }
-        // What the slots will take: at least one 4 KiB page each, empty or not.
-        let want: u64 = lengths.iter().map(|&l| l.max(1).div_ceil(4096) * 4096).sum();
+        // What the slots will take in the arena (a page each, empty or not).
+        let Some(host) = sh.stack.host_tier() else {
+            return Err(local_status(
+                ErrorKind::FailedPrecondition,
+                "this node has no host tier to share",
+            ));
+        };
+        let want: u64 = lengths.iter().map(|&l| kvfabric_tiers::Tier::footprint(host, l)).sum();
         let cap = sh.settings.max_reserved_bytes.0;
         if self.reserved_bytes + want > cap {
             return Err(local_status(

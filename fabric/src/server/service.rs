@@ -452,15 +452,7 @@ impl BlockService {
         let idle = Duration::from_millis(self.shared.limits.put_idle_timeout_ms);
         let first = tokio::time::timeout(idle, stream.message())
             .await
-            .map_err(|_| {
-                status(
-                    ErrorKind::Aborted,
-                    format!(
-                        "no message on this put stream for {} ms (limits.put-idle-timeout-ms); nothing was stored",
-                        idle.as_millis()
-                    ),
-                )
-            })?
+            .map_err(|_| put_idle_error(idle, "nothing was stored"))?
             .map_err(|s| put_stream_error(&s, "nothing was stored"))?
             .ok_or_else(|| invalid("empty put stream: the first message must be `open`"))?;
         let Some(put_request::Msg::Open(open)) = first.msg else {
@@ -500,13 +492,9 @@ impl BlockService {
         let committed = |n: usize| format!("{n} earlier object(s) of this stream were stored");
         loop {
             let Ok(next) = tokio::time::timeout(idle, stream.message()).await else {
-                return Err(status(
-                    ErrorKind::Aborted,
-                    format!(
-                        "no message on this put stream for {} ms (limits.put-idle-timeout-ms); the incomplete object was not stored; {}",
-                        idle.as_millis(),
-                        committed(results.len())
-                    ),
+                return Err(put_idle_error(
+                    idle,
+                    &format!("the incomplete object was not stored; {}", committed(results.len())),
                 ));
             };
             let msg = match next {
@@ -673,6 +661,17 @@ impl BlockService {
 /// not valid protobuf, bad framing or compression) is the client's error:
 /// INVALID_ARGUMENT, which it should not retry as is. Anything else (the
 /// connection or stream cut, reset, timed out) is ABORTED: retry.
+/// A put stream that sent nothing for `idle` (`limits.put-idle-timeout-ms`).
+fn put_idle_error(idle: Duration, what_happened: &str) -> Status {
+    status(
+        ErrorKind::Aborted,
+        format!(
+            "no message on this put stream for {} ms (limits.put-idle-timeout-ms); {what_happened}",
+            idle.as_millis()
+        ),
+    )
+}
+
 fn put_stream_error(s: &Status, what_happened: &str) -> Status {
     let m = s.message();
     let bad_request = match s.code() {
@@ -696,8 +695,6 @@ fn put_stream_error(s: &Status, what_happened: &str) -> Status {
     }
 }
 
-/// Streams objects the owners returned, in the Get response format
-/// (found + data chunks of at most `chunk` bytes, or missing, per key).
 /// Keys of a forwarded Get's first round (see [`forward_get_round`]).
 const FORWARD_GET_FIRST_KEYS: usize = 4;
 
@@ -711,8 +708,10 @@ fn forward_get_round(bytes: u64, n: usize) -> usize {
     (FORWARD_GET_BYTES / per_key).clamp(1, 256) as usize
 }
 
-/// Streams the answers to keys `first..first + found.len()` of a Get;
-/// false when the receiver is gone.
+/// Streams objects the owners returned, in the Get response format
+/// (found + data chunks of at most `chunk` bytes, or missing, per key), as
+/// the answers to keys `first..first + found.len()`; false when the
+/// receiver is gone.
 async fn send_found(
     tx: &mpsc::Sender<Result<GetResponse, Status>>,
     first: usize,
