@@ -289,7 +289,10 @@ async fn object_tier_on_real_s3_server() {
         .expect_err("tier opened with a wrong secret");
     let msg = err.to_string();
     eprintln!("wrong credentials: {msg}");
-    assert!(matches!(err, TierError::ObjectStore(_)), "{err:?}");
+    // Recovery's listing fails (after its retries: object_store reports a
+    // refused S3 listing as a Generic error, which may be transient).
+    assert!(matches!(err, TierError::Io { .. }), "{err:?}");
+    assert!(msg.contains("listing") && msg.contains("attempts"), "{msg}");
     assert!(
         msg.contains("SignatureDoesNotMatch") || msg.contains("403"),
         "unclear error: {msg}"

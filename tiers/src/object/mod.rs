@@ -11,9 +11,17 @@
 //! any byte is handed out.
 //!
 //! The tier owns its prefix: the in-memory index is authoritative, so a `get`
-//! or `delete` of a key the index does not hold does no I/O. Objects larger
-//! than [`ObjectTierConfig::multipart_threshold`] are uploaded with a
-//! multipart upload, several parts in flight, aborted on any error.
+//! or `delete` of a key the index does not hold does no I/O. A `get` that
+//! finds an indexed object gone from the store (removed behind the tier's
+//! back) drops it from the index, unless a put replaced it meanwhile.
+//! Objects larger than [`ObjectTierConfig::multipart_threshold`] are uploaded
+//! with a multipart upload, several parts in flight, aborted on any error or
+//! when the put is dropped part-way (the abort then runs on a spawned task).
+//!
+//! Recovery retries each list or header read that fails with an error that
+//! may be transient (five tries, waiting 100 ms doubling up to 1 s between
+//! them); one object that stays unreadable still fails the open, naming the
+//! object and the tries.
 
 use crate::{Block, BlockHeader, ObjectKey, Tier, TierError, TierKind, TierResult};
 use async_trait::async_trait;
@@ -29,6 +37,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -49,6 +58,13 @@ const HEADER_PROBE: u64 = 8 * KIB;
 const RECOVERY_CONCURRENCY: usize = 16;
 /// Per-key lock stripes serialising put/delete of the same key.
 const KEY_STRIPES: usize = 64;
+/// Tries of each recovery read (the listing, one object's header) before
+/// the open fails, when the error may be transient.
+const SCAN_ATTEMPTS: u32 = 5;
+/// Wait before the second try of a recovery read; doubled for each later one.
+const SCAN_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Longest wait between two tries of a recovery read.
+const SCAN_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Settings of the object-store tier.
 ///
@@ -229,6 +245,9 @@ impl ObjectTierConfig {
 #[derive(Debug, Clone)]
 struct Entry {
     header: BlockHeader,
+    /// Which indexing of the key this is ([`Index::next_version`]): tells a
+    /// re-put of an identical block apart from the entry a get looked at.
+    version: u64,
 }
 
 #[derive(Debug, Default)]
@@ -238,6 +257,18 @@ struct Index {
     used: u64,
     /// Footprints reserved by puts in flight.
     reserved: u64,
+    /// Version the next inserted entry gets.
+    next_version: u64,
+}
+
+impl Index {
+    /// Indexes `header` for `key` under a fresh version, returning the entry
+    /// it replaces.
+    fn insert(&mut self, key: ObjectKey, header: BlockHeader) -> Option<Entry> {
+        let version = self.next_version;
+        self.next_version += 1;
+        self.map.insert(key, Entry { header, version })
+    }
 }
 
 /// Bytes a put has reserved while it uploads; given back when dropped armed.
@@ -252,6 +283,61 @@ impl Drop for Reserved<'_> {
         if self.armed {
             self.index.lock().reserved -= self.need;
         }
+    }
+}
+
+/// A multipart upload between its start and its `complete` or `abort`.
+/// Dropped before either finished (the put was cancelled part-way), it
+/// aborts the upload on a task spawned on the current runtime, so the store
+/// is not left holding the parts of an upload nobody will finish.
+struct PendingUpload {
+    /// `None` once completed or aborted.
+    upload: Option<Box<dyn object_store::MultipartUpload>>,
+    path: Path,
+}
+
+impl PendingUpload {
+    fn upload(&mut self) -> &mut dyn object_store::MultipartUpload {
+        self.upload
+            .as_deref_mut()
+            .expect("a pending upload holds its upload until complete or abort consumes it")
+    }
+
+    fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+        self.upload().put_part(data)
+    }
+
+    /// Completes the upload; on an error it stays armed (to be aborted).
+    async fn complete(&mut self) -> object_store::Result<()> {
+        self.upload().complete().await?;
+        self.upload = None;
+        Ok(())
+    }
+
+    /// Aborts the upload, logging a failure; disarmed once the abort
+    /// returned, whatever it returned.
+    async fn abort(mut self) {
+        if let Err(e) = self.upload().abort().await {
+            tracing::warn!(object = %self.path, error = %e, "object tier: aborting multipart upload failed");
+        }
+        self.upload = None;
+    }
+}
+
+impl Drop for PendingUpload {
+    fn drop(&mut self) {
+        let Some(mut upload) = self.upload.take() else { return };
+        let path = std::mem::take(&mut self.path);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(object = %path, "object tier: multipart upload of a dropped put left behind: no runtime to abort it on");
+            return;
+        };
+        rt.spawn(async move {
+            match upload.abort().await {
+                Ok(()) => tracing::debug!(object = %path, "object tier: aborted the multipart upload of a dropped put"),
+                Err(e) => tracing::warn!(object = %path, error = %e, "object tier: aborting the multipart upload of a dropped put failed"),
+            }
+        });
     }
 }
 
@@ -377,12 +463,36 @@ impl ObjectTier {
         }
     }
 
+    /// Drops `key` from the index after a read found its object gone from
+    /// the store, if the entry is still `version`, the one the read looked
+    /// at: a delete may have removed it, or a put replaced it (with an
+    /// object that exists) meanwhile. Under the key's lock, so no put or
+    /// delete of the key is half done.
+    async fn forget_vanished(&self, key: &ObjectKey, version: u64) {
+        let _key_guard = self.key_lock(key).lock().await;
+        let dropped = {
+            let mut idx = self.index.lock();
+            match idx.map.get(key) {
+                Some(e) if e.version == version => {
+                    idx.used -= self.footprint(e.header.length);
+                    idx.map.remove(key)
+                }
+                _ => None,
+            }
+        };
+        if let Some(e) = dropped {
+            tracing::warn!(store = %self.store, object = %self.path_for(key), bytes = e.header.length, "object tier: indexed object is gone from the store; dropped from the index");
+        }
+    }
+
     /// Lists the prefix and rebuilds the index from the objects' headers.
     async fn scan(&self) -> TierResult<()> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let metas: Vec<ObjectMeta> = self.store.list(prefix).try_collect().await.inspect_err(|e| {
-            tracing::error!(store = %self.store, prefix = %self.prefix, error = %e, "object tier: listing failed");
-        })?;
+        let what = || match prefix {
+            Some(p) => format!("listing {} under {p}", self.store),
+            None => format!("listing {}", self.store),
+        };
+        let metas: Vec<ObjectMeta> = retry_transient(what, || self.store.list(prefix).try_collect()).await?;
         let found: Vec<Option<(ObjectKey, BlockHeader)>> = futures::stream::iter(metas)
             .map(|meta| self.probe(meta))
             .buffer_unordered(RECOVERY_CONCURRENCY)
@@ -393,7 +503,7 @@ impl ObjectTier {
         idx.used = 0;
         for (key, header) in found.into_iter().flatten() {
             idx.used += header.length;
-            idx.map.insert(key, Entry { header });
+            idx.insert(key, header);
         }
         tracing::info!(store = %self.store, prefix = %self.prefix, objects = idx.map.len(), bytes = idx.used, "object tier recovered");
         Ok(())
@@ -407,10 +517,15 @@ impl ObjectTier {
             tracing::warn!(object = %loc, "object tier: skipping empty object");
             return Ok(None);
         }
-        let head = match self.store.get_range(loc, 0..meta.size.min(HEADER_PROBE)).await {
-            Ok(b) => b,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None), // deleted meanwhile
-            Err(e) => return Err(e.into()),
+        let read = || async {
+            match self.store.get_range(loc, 0..meta.size.min(HEADER_PROBE)).await {
+                Ok(b) => Ok(Some(b)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None), // deleted meanwhile
+                Err(e) => Err(e),
+            }
+        };
+        let Some(head) = retry_transient(|| format!("reading the header of {loc}"), read).await? else {
+            return Ok(None);
         };
         let (header, key, hlen) = match BlockHeader::decode(&head) {
             Ok(v) => v,
@@ -443,7 +558,12 @@ impl ObjectTier {
             return Ok(());
         }
         let part_size = self.cfg.part_size.max(total.div_ceil(MAX_PARTS));
-        let mut upload = store.put_multipart(path).await?;
+        // Aborted below on an error, or by its drop if this future is
+        // dropped before it completes.
+        let mut upload = PendingUpload {
+            upload: Some(store.put_multipart(path).await?),
+            path: path.clone(),
+        };
         let mut in_flight = FuturesUnordered::new();
         let mut result: object_store::Result<()> = Ok(());
         let mut off = 0u64;
@@ -460,16 +580,62 @@ impl ObjectTier {
         }
         drop(in_flight);
         let result = match result {
-            Ok(()) => upload.complete().await.map(|_| ()),
+            Ok(()) => upload.complete().await,
             Err(e) => Err(e),
         };
         if let Err(e) = result {
-            if let Err(abort) = upload.abort().await {
-                tracing::warn!(object = %path, error = %abort, "object tier: aborting multipart upload failed");
-            }
+            upload.abort().await;
             return Err(e.into());
         }
         Ok(())
+    }
+}
+
+/// Whether an object store error may go away if the request is repeated:
+/// not one saying the request itself, the store or the credentials are
+/// wrong. Unknown (future) variants count as transient.
+fn is_transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotImplemented { .. }
+            | E::NotSupported { .. }
+            | E::InvalidPath { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::UnknownConfigurationKey { .. }
+    )
+}
+
+/// Runs the recovery read `op` (described by `what`, for messages) until it
+/// succeeds, fails with an error that is not transient, or has been tried
+/// [`SCAN_ATTEMPTS`] times, backing off between tries. The error names
+/// `what` and the number of tries.
+async fn retry_transient<T, F, Fut>(what: impl Fn() -> String, mut op: F) -> TierResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = object_store::Result<T>>,
+{
+    let mut backoff = SCAN_BACKOFF_FIRST;
+    let mut attempt = 1;
+    loop {
+        let e = match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if attempt >= SCAN_ATTEMPTS || !is_transient(&e) {
+            let what = what();
+            tracing::error!(error = %e, attempts = attempt, "object tier recovery: {what} failed");
+            let attempts = if attempt == 1 { "attempt" } else { "attempts" };
+            return Err(TierError::io(
+                format!("object tier recovery: {what} failed after {attempt} {attempts}"),
+                e.into(),
+            ));
+        }
+        tracing::warn!(error = %e, attempt, retry_in = ?backoff, "object tier recovery: {} failed; retrying", what());
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(SCAN_BACKOFF_MAX);
+        attempt += 1;
     }
 }
 
@@ -563,12 +729,7 @@ impl Tier for ObjectTier {
         idx.reserved -= need;
         reserved.armed = false;
         res?;
-        if let Some(old) = idx.map.insert(
-            key.clone(),
-            Entry {
-                header: block.header.clone(),
-            },
-        ) {
+        if let Some(old) = idx.insert(key.clone(), block.header.clone()) {
             idx.used -= self.footprint(old.header.length);
         }
         idx.used += need;
@@ -576,9 +737,9 @@ impl Tier for ObjectTier {
     }
 
     async fn get(&self, key: &ObjectKey) -> TierResult<Option<Block>> {
-        if !self.index.lock().map.contains_key(key) {
+        let Some(version) = self.index.lock().map.get(key).map(|e| e.version) else {
             return Ok(None);
-        }
+        };
         let path = self.path_for(key);
         let data = match self.store.get(&path).await {
             Ok(r) => r.bytes().await,
@@ -586,7 +747,10 @@ impl Tier for ObjectTier {
         };
         let data = match data {
             Ok(d) => d,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None), // deleted meanwhile
+            Err(object_store::Error::NotFound { .. }) => {
+                self.forget_vanished(key, version).await;
+                return Ok(None);
+            }
             Err(e) => return Err(e.into()),
         };
         let (header, found, hlen) =
