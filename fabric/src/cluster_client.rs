@@ -35,7 +35,11 @@
 //! every node that answered said so.
 //!
 //! Connections are pooled per endpoint ([`Client`]) and reused across calls
-//! and membership changes.
+//! and membership changes, for as long as the endpoint is a member's (or a
+//! previous owner's that reads still ask, within the handoff window): when
+//! the client sees a new membership the others are dropped. Concurrent
+//! calls to an endpoint not connected yet share one connect; one that fails
+//! is tried again by the next call.
 //!
 //! [`ClusterClient::discover`] needs no etcd: given any node(s), it learns
 //! the serving members (with the weights the nodes place by) and the
@@ -88,6 +92,9 @@ struct View {
     endpoints: HashMap<String, String>,
     /// [`placement_epoch`] of the membership.
     epoch: u64,
+    /// Unique in the process, rising with each view built: which
+    /// membership the pool last followed (see [`Pool::follow`]).
+    serial: u64,
 }
 
 impl View {
@@ -95,10 +102,12 @@ impl View {
         let placement = Placement::new(members.iter().map(|m| (m.id.clone(), m.weight)))
             .map_err(|e| ClientError::InvalidArgument(format!("membership: {e}")))?;
         let endpoints = members.iter().map(|m| (m.id.clone(), m.endpoint.clone())).collect();
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(View {
             placement,
             endpoints,
             epoch: placement_epoch(members),
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 }
@@ -109,10 +118,8 @@ impl View {
 pub struct ClusterClient {
     members: watch::Receiver<Vec<NodeInfo>>,
     view: Arc<cache::Cached>,
-    /// Connections by endpoint. A std lock, held only to look up or insert:
-    /// never across a connect, which can take the whole connect timeout for
-    /// a host that does not answer.
-    pool: Arc<std::sync::Mutex<HashMap<String, Client>>>,
+    /// Connections by endpoint (see [`Pool`]).
+    pool: Arc<Pool>,
     options: ClientOptions,
     tenant: Option<String>,
     forwarded: bool,
@@ -239,6 +246,160 @@ mod cache {
                 .and_then(|st| st.down.get(id))
                 .is_some_and(|&until| now < until)
         }
+    }
+}
+
+/// A connect in progress, shared by every call waiting for it; its error
+/// as text (a [`ClientError`] does not clone).
+type Connecting = futures::future::Shared<futures::future::BoxFuture<'static, std::result::Result<Client, String>>>;
+
+/// An endpoint's place in the [`Pool`].
+enum Slot {
+    /// Connected (boxed: a client is ten times a connect's size).
+    Ready(Box<Client>),
+    /// Being connected by the call that started `done` (number `id`, so
+    /// the waiter that sees it end updates this slot, not a later one).
+    Connecting { id: u64, done: Connecting },
+}
+
+#[derive(Default)]
+struct PoolState {
+    slots: HashMap<String, Slot>,
+    /// The endpoints of the membership followed and of the earlier ones
+    /// reads still ask (`None` before the first): only these are pooled.
+    wanted: Option<std::collections::HashSet<String>>,
+    /// The [`View::serial`] and count of earlier views followed.
+    followed: (u64, usize),
+    next_id: u64,
+}
+
+/// The connections of a client and its clones, one per endpoint. A std
+/// lock, held only to look up, insert or drop entries: never across a
+/// connect, which can take the whole connect timeout for a host that does
+/// not answer, so a slow endpoint holds up only the calls to it.
+#[derive(Default)]
+struct Pool {
+    state: std::sync::Mutex<PoolState>,
+    /// `followed` packed ([`Pool::key`]), read without the lock.
+    followed: std::sync::atomic::AtomicU64,
+    /// Connects started (a test hook).
+    #[cfg(test)]
+    connects: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        let mut m = f.debug_map();
+        for (ep, slot) in &st.slots {
+            let state = match slot {
+                Slot::Ready(_) => "connected",
+                Slot::Connecting { .. } => "connecting",
+            };
+            m.entry(ep, &state);
+        }
+        m.finish()
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `followed` in one word (never 0: serials start at 1; a client keeps
+    /// at most four earlier views).
+    fn key((serial, previous): (u64, usize)) -> u64 {
+        serial << 8 | previous.min(0xff) as u64
+    }
+
+    /// Keeps only the connections to `view`'s endpoints and `previous`'
+    /// (the earlier memberships reads still ask), and pools only those
+    /// from now on. Done once per membership (and per earlier view
+    /// retired): a load of an atomic otherwise. A view older than the one
+    /// followed (a call that read the membership just before it changed)
+    /// changes nothing.
+    fn follow(&self, view: &View, previous: &[Arc<View>]) {
+        let followed = (view.serial, previous.len());
+        let key = Pool::key(followed);
+        if self.followed.load(std::sync::atomic::Ordering::Acquire) == key {
+            return;
+        }
+        let dropped: Vec<Slot> = {
+            let mut st = self.lock();
+            if followed.0 < st.followed.0 || followed == st.followed {
+                return;
+            }
+            let wanted: std::collections::HashSet<String> = std::iter::once(view)
+                .chain(previous.iter().map(|v| &**v))
+                .flat_map(|v| v.endpoints.values().cloned())
+                .collect();
+            let gone: Vec<String> = st.slots.keys().filter(|ep| !wanted.contains(*ep)).cloned().collect();
+            let dropped = gone.iter().filter_map(|ep| st.slots.remove(ep)).collect();
+            st.wanted = Some(wanted);
+            st.followed = followed;
+            self.followed.store(key, std::sync::atomic::Ordering::Release);
+            dropped
+        };
+        if !dropped.is_empty() {
+            tracing::debug!(connections = dropped.len(), "dropped connections to departed nodes");
+        }
+    }
+
+    /// Starts a connect to `endpoint`.
+    fn connect(
+        &self,
+        endpoint: &str,
+        options: &ClientOptions,
+    ) -> impl std::future::Future<Output = std::result::Result<Client, String>> + Send + 'static {
+        #[cfg(test)]
+        self.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (endpoint, options) = (endpoint.to_string(), options.clone());
+        async move { Client::connect_with(endpoint, options).await.map_err(|e| e.to_string()) }
+    }
+
+    /// The client of `endpoint`: the pooled one, or a new connection,
+    /// pooled when the endpoint is wanted. Calls that find it being
+    /// connected wait for that connect and share its outcome; a failed one
+    /// leaves the endpoint unconnected, for the next call to try again.
+    async fn client(&self, endpoint: &str, options: &ClientOptions) -> std::result::Result<Client, String> {
+        use futures::FutureExt;
+        let (id, done) = {
+            let mut st = self.lock();
+            match st.slots.get(endpoint) {
+                Some(Slot::Ready(c)) => return Ok(Client::clone(c)),
+                Some(Slot::Connecting { id, done }) => (*id, done.clone()),
+                None if st.wanted.as_ref().is_some_and(|w| !w.contains(endpoint)) => {
+                    // A node that left since the caller read the
+                    // membership: served, not pooled (nothing would drop
+                    // it). Id 0 names no slot.
+                    (0, self.connect(endpoint, options).boxed().shared())
+                }
+                None => {
+                    st.next_id += 1;
+                    let id = st.next_id;
+                    let done = self.connect(endpoint, options).boxed().shared();
+                    st.slots
+                        .insert(endpoint.to_string(), Slot::Connecting { id, done: done.clone() });
+                    (id, done)
+                }
+            }
+        };
+        let r = done.await;
+        let mut st = self.lock();
+        if let Some(Slot::Connecting { id: current, .. }) = st.slots.get(endpoint)
+            && *current == id
+        {
+            match &r {
+                Ok(c) => {
+                    st.slots.insert(endpoint.to_string(), Slot::Ready(Box::new(c.clone())));
+                }
+                Err(_) => {
+                    st.slots.remove(endpoint);
+                }
+            }
+        }
+        r
     }
 }
 
@@ -590,15 +751,17 @@ impl ClusterClient {
             return Err(unavailable("no serving node in the cluster membership".into()));
         }
         let (view, previous) = self.view.get(&members)?;
-        if !previous.is_empty() && self.settled.as_ref().is_some_and(|s| *s.borrow() == view.epoch) {
+        let previous = if !previous.is_empty() && self.settled.as_ref().is_some_and(|s| *s.borrow() == view.epoch) {
             self.view.retire_previous(&view);
-            return Ok((view, Vec::new()));
-        }
-        let previous = previous
-            .into_iter()
-            .take_while(|(_, since)| since.elapsed() < self.handoff_window)
-            .map(|(v, _)| v)
-            .collect();
+            Vec::new()
+        } else {
+            previous
+                .into_iter()
+                .take_while(|(_, since)| since.elapsed() < self.handoff_window)
+                .map(|(v, _)| v)
+                .collect()
+        };
+        self.pool.follow(&view, &previous);
         Ok((view, previous))
     }
 
@@ -654,30 +817,11 @@ impl ClusterClient {
             .endpoints
             .get(id)
             .ok_or_else(|| unavailable(format!("node {id} left the membership")))?;
-        let pooled = self
+        let c = self
             .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(endpoint)
-            .cloned();
-        let c = match pooled {
-            Some(c) => c,
-            None => {
-                // Connected without the pool's lock: calls to other nodes
-                // (and to this one, once connected) do not wait for it.
-                let c = Client::connect_with(endpoint.clone(), self.options.clone())
-                    .await
-                    .map_err(|e| unavailable(format!("node {id} ({endpoint}): {e}")))?;
-                // Another call may have connected meanwhile: the first
-                // one pooled is kept, and used by both.
-                self.pool
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(endpoint.clone())
-                    .or_insert(c)
-                    .clone()
-            }
-        };
+            .client(endpoint, &self.options)
+            .await
+            .map_err(|e| unavailable(format!("node {id} ({endpoint}): {e}")))?;
         // Pooled clients are shared by every tenant; this call's settings
         // apply to its copy.
         let c = match &self.tenant {
@@ -1411,6 +1555,190 @@ mod tests {
         dup[1].id = dup[0].id.clone();
         let c = ClusterClient::fixed(dup, ClientOptions::default());
         assert!(matches!(c.owners("ns", b"k"), Err(ClientError::InvalidArgument(_))));
+    }
+
+    /// An endpoint that accepts connections and never answers: enough for
+    /// a client to connect (HTTP/2 does not wait for the server's
+    /// settings), and to count connects.
+    async fn silent_endpoint() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        ep
+    }
+
+    fn options() -> ClientOptions {
+        ClientOptions {
+            data_connections: 1,
+            ..ClientOptions::default()
+        }
+    }
+
+    fn nodes_at(endpoints: &[&String]) -> Vec<NodeInfo> {
+        endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| NodeInfo {
+                id: format!("n{i}"),
+                endpoint: ep.to_string(),
+                weight: 1.0,
+            })
+            .collect()
+    }
+
+    impl ClusterClient {
+        /// The endpoints pooled (connected or connecting), sorted.
+        fn pooled(&self) -> Vec<String> {
+            let mut eps: Vec<String> = self.pool.lock().slots.keys().cloned().collect();
+            eps.sort();
+            eps
+        }
+
+        fn connects(&self) -> usize {
+            self.pool.connects.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    fn sorted(eps: &[&String]) -> Vec<String> {
+        let mut v: Vec<String> = eps.iter().map(|e| e.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn departed_nodes_connections_are_dropped_on_the_next_membership() {
+        let (a, b, c) = (
+            silent_endpoint().await,
+            silent_endpoint().await,
+            silent_endpoint().await,
+        );
+        let all = nodes_at(&[&a, &b, &c]);
+        let (tx, rx) = watch::channel(all.clone());
+        let cc = ClusterClient::new(rx, options()).with_handoff_window(std::time::Duration::ZERO);
+        for n in &all {
+            cc.node_client(&n.id).await.unwrap();
+        }
+        assert_eq!(cc.pooled(), sorted(&[&a, &b, &c]));
+        assert_eq!(cc.connects(), 3);
+        // n1 leaves: any call that reads the membership drops its
+        // connection, and keeps the others'.
+        let old = cc.view().unwrap();
+        tx.send_replace(vec![all[0].clone(), all[2].clone()]);
+        cc.owners("ns", b"k").unwrap();
+        assert_eq!(cc.pooled(), sorted(&[&a, &c]));
+        cc.node_client("n0").await.unwrap();
+        cc.node_client("n2").await.unwrap();
+        assert_eq!(cc.connects(), 3, "the members' connections were kept");
+        assert!(cc.node_client("n1").await.is_err(), "n1 left");
+        // A call that placed by the membership before (read just before
+        // the change) still reaches n1, without pooling it again.
+        cc.node(&old, "n1").await.unwrap();
+        assert_eq!(cc.connects(), 4);
+        assert_eq!(cc.pooled(), sorted(&[&a, &c]));
+        // A node that comes back is pooled again; a moved one at its new
+        // endpoint only.
+        let d = silent_endpoint().await;
+        let mut moved = all.clone();
+        moved[2].endpoint = d.clone();
+        tx.send_replace(moved);
+        cc.node_client("n1").await.unwrap();
+        cc.node_client("n2").await.unwrap();
+        assert_eq!(cc.pooled(), sorted(&[&a, &b, &d]));
+        assert_eq!(cc.connects(), 6);
+    }
+
+    #[tokio::test]
+    async fn previous_owners_stay_pooled_until_the_hand_off_is_done() {
+        let (a, b) = (silent_endpoint().await, silent_endpoint().await);
+        let all = nodes_at(&[&a, &b]);
+        let (tx, rx) = watch::channel(all.clone());
+        let (settled_tx, settled_rx) = watch::channel(0u64);
+        let cc = ClusterClient::new(rx, options()).with_handoff_settlement(settled_rx);
+        for n in &all {
+            cc.node_client(&n.id).await.unwrap();
+        }
+        // n1 drains: reads still ask it for what it has not handed over.
+        tx.send_replace(all[..1].to_vec());
+        let (_, previous) = cc.views().unwrap();
+        assert_eq!(previous.len(), 1);
+        assert_eq!(cc.pooled(), sorted(&[&a, &b]));
+        cc.node(&previous[0], "n1").await.unwrap();
+        assert_eq!(cc.connects(), 2, "the previous owner's connection is reused");
+        // Handed over: it is asked no more, and its connection goes.
+        settled_tx.send_replace(placement_epoch(&all[..1]));
+        assert!(!cc.handoff_pending());
+        assert_eq!(cc.pooled(), sorted(&[&a]));
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_to_a_new_node_share_one_connect() {
+        let (a, b) = (silent_endpoint().await, silent_endpoint().await);
+        let cc = ClusterClient::fixed(nodes_at(&[&a, &b]), options());
+        // Every call starts before any connect ends (one thread: the
+        // connects' sockets are only seen ready once all have waited).
+        let calls = (0..8).map(|i| cc.node_client(if i % 2 == 0 { "n0" } else { "n1" }));
+        for r in join_all(calls).await {
+            r.unwrap();
+        }
+        assert_eq!(cc.connects(), 2, "one connect per endpoint");
+        assert_eq!(cc.pooled(), sorted(&[&a, &b]));
+        cc.node_client("n0").await.unwrap();
+        assert_eq!(cc.connects(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connect_is_tried_again_by_the_next_call() {
+        // A port nothing listens on (refused), then listened on again.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let ep = format!("http://{addr}");
+        let cc = ClusterClient::fixed(nodes_at(&[&ep]), options());
+        let calls = (0..4).map(|_| cc.node_client("n0"));
+        for r in join_all(calls).await {
+            assert!(matches!(r, Err(e) if e.kind() == ErrorKind::Unavailable));
+        }
+        assert_eq!(cc.connects(), 1, "the waiting calls shared the failure");
+        assert!(cc.pooled().is_empty());
+        assert!(cc.node_client("n0").await.is_err());
+        assert_eq!(cc.connects(), 2, "tried again");
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        cc.node_client("n0").await.unwrap();
+        assert_eq!(cc.connects(), 3);
+        cc.node_client("n0").await.unwrap();
+        assert_eq!(cc.connects(), 3, "pooled once connected");
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_hangs_holds_up_only_its_endpoint() {
+        use futures::FutureExt;
+        let (a, b) = (silent_endpoint().await, silent_endpoint().await);
+        let cc = ClusterClient::fixed(nodes_at(&[&a, &b]), options());
+        cc.owners("ns", b"k").unwrap();
+        // n0's connect never ends (a host that does not answer).
+        cc.pool.lock().slots.insert(
+            a.clone(),
+            Slot::Connecting {
+                id: u64::MAX,
+                done: futures::future::pending().boxed().shared(),
+            },
+        );
+        let mut stuck = Box::pin(cc.node_client("n0"));
+        assert!(futures::poll!(stuck.as_mut()).is_pending());
+        cc.node_client("n1").await.unwrap();
+        assert!(futures::poll!(stuck.as_mut()).is_pending());
+        assert_eq!(cc.connects(), 1, "n0's callers wait for its connect");
     }
 
     #[test]
