@@ -10,6 +10,10 @@
 //!   the slower copy stays (so a later eviction from the fast tier is free).
 //! - **Verification**: a read that fails its checksum is counted, logged,
 //!   deleted from that tier and treated as a miss there.
+//! - **Missing copies**: a tier that no longer has a copy the index places
+//!   there (removed behind the stack's back, e.g. an object deleted from the
+//!   bucket) is a miss there, and the index forgets that copy (and the key,
+//!   if it was the last one), so listings and later reads stop naming it.
 //! - **Events and counters** for every placement and removal.
 //!
 //! With [`TierStack::start_background`], demotion and promotion move off the
@@ -655,7 +659,12 @@ impl TierStack {
                     return Ok(Some((block, level.tier.kind())));
                 }
                 Ok(None) => {
+                    // The index places a copy here but the tier has none
+                    // (removed behind the stack's back, e.g. an object
+                    // deleted from the bucket): a miss, and the index must
+                    // stop placing it here.
                     level.metrics.misses.fetch_add(1, Relaxed);
+                    self.drop_copy(i, key).await;
                 }
                 Err(TierError::Corrupt { reason, .. }) => {
                     level.metrics.checksum_failures.fetch_add(1, Relaxed);
@@ -675,11 +684,15 @@ impl TierStack {
         }
     }
 
-    /// Drops level `i`'s copy of `key` after it failed verification. The
-    /// read was not under the key's stripe, so a put may have replaced the
-    /// copy since: under the stripe, the copy is read again and deleted only
-    /// if the index still places one there and it still fails (a newer,
-    /// acknowledged copy stays).
+    /// Drops level `i`'s copy of `key` after a read found it bad: it failed
+    /// verification, or the tier no longer had it although the index placed
+    /// it there (removed behind the stack's back). The read was not under
+    /// the key's stripe, so a put may have replaced the copy since (and a
+    /// demotion may have moved it): under the stripe, the copy is read
+    /// again and dropped only if the index still places one there and it is
+    /// still bad or still missing (a newer, acknowledged copy stays). The
+    /// index stops placing it there, and when that was the last copy the key
+    /// is gone from the stack; a `Removed` event tells subscribers either way.
     async fn drop_copy(&self, i: usize, key: &ObjectKey) {
         let level = &self.levels[i];
         let _g = self.stripe(key).lock().await;
@@ -688,12 +701,17 @@ impl TierStack {
         }
         match level.tier.get(key).await {
             Err(TierError::Corrupt { .. }) => {}
+            Ok(None) => {
+                tracing::warn!(%key, tier = %level.tier.kind(), "copy missing from its tier (removed behind the stack's back); forgetting it");
+            }
             Ok(Some(_)) => {
                 tracing::info!(%key, tier = %level.tier.kind(), "bad copy replaced meanwhile; keeping the new one");
                 return;
             }
-            Ok(None) | Err(_) => return,
+            Err(_) => return,
         }
+        // Best effort: for a missing copy, this only makes sure the tier's
+        // own accounting forgets it too.
         let _ = level.tier.delete(key).await;
         level.policy.lock().remove(key);
         {
