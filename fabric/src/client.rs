@@ -5,6 +5,7 @@
 //! bulk data as zero-copy `Bytes` chunks of at most 4 MiB. Co-located
 //! engines use [`LocalClient`] instead, which moves no bytes over a socket.
 
+use crate::auth::{Bearer, Token};
 use crate::proto::v1::{
     self, CreateNamespaceRequest, DeleteRequest, DescribeNamespaceRequest, DrainRequest, ExistsPrefixRequest,
     GetRequest, LeaseRequest, LocateRequest, MembersRequest, ObjectBegin, PutOpen, PutRequest, StatsRequest,
@@ -16,7 +17,12 @@ use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// One connection's generated gRPC client, with the caller's token (if
+/// any) on every call: what [`Client::raw`] returns.
+pub type Grpc = KvBlockServiceClient<InterceptedService<Channel, Bearer>>;
 
 pub use crate::cluster_client::{ClusterClient, NodeInfo, placement_epoch};
 pub use crate::local::{LocalClient, LocalPut};
@@ -195,6 +201,9 @@ pub struct ClientOptions {
     /// `Subscribe` stream instead of leaving it open for good. Default
     /// 20 s; zero turns it off.
     pub keepalive: Duration,
+    /// Bearer token sent on every call, for nodes that authenticate
+    /// (`[auth]` in the node's settings). Default none.
+    pub token: Option<Token>,
 }
 
 impl Default for ClientOptions {
@@ -205,6 +214,7 @@ impl Default for ClientOptions {
             connection_window: 32 << 20,
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(20),
+            token: None,
         }
     }
 }
@@ -215,9 +225,9 @@ impl Default for ClientOptions {
 /// HTTP/2 flow control. Cheap to clone; clones share the connections.
 #[derive(Clone, Debug)]
 pub struct Client {
-    data: Arc<[KvBlockServiceClient<Channel>]>,
+    data: Arc<[Grpc]>,
     next: Arc<AtomicUsize>,
-    control: KvBlockServiceClient<Channel>,
+    control: Grpc,
     tenant: String,
     chunk: usize,
     forwarded: bool,
@@ -301,8 +311,9 @@ impl Client {
                 .keep_alive_timeout(options.keepalive)
                 .keep_alive_while_idle(true);
         }
+        let bearer = Bearer::new(options.token.as_ref());
         let make = |channel: Channel| {
-            KvBlockServiceClient::new(channel)
+            KvBlockServiceClient::with_interceptor(channel, bearer.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         };
@@ -327,7 +338,7 @@ impl Client {
     }
 
     /// The next data connection, round-robin.
-    fn data(&self) -> KvBlockServiceClient<Channel> {
+    fn data(&self) -> Grpc {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.data.len();
         self.data[i].clone()
     }
@@ -701,7 +712,7 @@ impl Client {
     }
 
     /// The raw generated client, for callers that need the wire API.
-    pub fn raw(&self) -> KvBlockServiceClient<Channel> {
+    pub fn raw(&self) -> Grpc {
         self.control.clone()
     }
 }

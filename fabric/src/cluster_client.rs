@@ -496,7 +496,8 @@ fn unavailable(message: String) -> ClientError {
 }
 
 /// Whether a read should try another replica: on anything but a problem
-/// with the request itself (bad argument, tenancy) or an unknown namespace
+/// with the request itself (bad argument, tenancy, a token every node
+/// refuses alike) or an unknown namespace
 /// (handled apart). A node going away fails in-flight calls in several ways
 /// (refused connection: UNAVAILABLE; a stream cut by its GOAWAY: an h2
 /// error, INTERNAL or CANCELLED), and a replica answering DATA_LOSS has a
@@ -504,7 +505,7 @@ fn unavailable(message: String) -> ClientError {
 fn retryable(e: &ClientError) -> bool {
     !matches!(
         e.kind(),
-        ErrorKind::InvalidArgument | ErrorKind::PermissionDenied | ErrorKind::NotFound
+        ErrorKind::InvalidArgument | ErrorKind::PermissionDenied | ErrorKind::Unauthenticated | ErrorKind::NotFound
     )
 }
 

@@ -3,13 +3,14 @@
 //! This crate is the KV block service. Without default features it is only
 //! the client library ([`client`]), the canonical block hash ([`hash`]),
 //! cluster placement ([`placement`]), the cluster-aware client
-//! ([`cluster_client`]) and the argument checks both sides
-//! share ([`validate`]): what engines, the
+//! ([`cluster_client`]), bearer tokens ([`auth`]) and the argument checks
+//! both sides share ([`validate`]): what engines, the
 //! router and the planner link. With the `server` feature (default) it is
 //! also the node ([`server`]): the gRPC service over the tier stack,
 //! Prometheus metrics and the `kvfabric` binary, and cluster membership on
 //! etcd ([`cluster`]).
 
+pub mod auth;
 pub mod client;
 pub mod cluster_client;
 pub mod hash;

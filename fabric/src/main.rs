@@ -4,6 +4,9 @@
 //! cluster's members from etcd and `cluster drain` empties a node before it
 //! leaves. Settings come from a TOML file,
 //! then `KVFABRIC_*` environment variables, then flags (later wins).
+//! `auth new-token` and `auth hash` make the entries of a node's tokens
+//! file; client subcommands send a token from `--token-file` or
+//! `$KVFABRIC_TOKEN`.
 //!
 //! `kvfabric router|worker|demo ARGS...` runs the `kvfabric-router`,
 //! `kvfabric-worker` or `kvfabric-demo` binary with ARGS (git-style: those
@@ -14,12 +17,37 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use kvfabric::client::{Client, ClientError, Durability};
+use kvfabric::auth::Token;
+use kvfabric::client::{Client, ClientError, ClientOptions, Durability};
 use kvfabric::server::{ByteSize, Node, Settings};
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+/// Writes a line to stdout; a stdout that is gone or full ends the process
+/// with exit code 1 and a message (or quietly with 141, as SIGPIPE would,
+/// when the reader left: `kvfabric stats | head -1`), instead of the
+/// standard `println!`'s panic.
+macro_rules! println {
+    () => { out_line(format_args!("")) };
+    ($($t:tt)*) => { out_line(format_args!($($t)*)) };
+}
+
+fn out_line(args: std::fmt::Arguments<'_>) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.write_all(b"\n")) {
+        stdout_failed(&e);
+    }
+}
+
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("kvfabric: writing to stdout: {e}");
+    std::process::exit(1);
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +77,10 @@ enum Cmd {
     /// Namespaces: create (with a replication factor), describe, list.
     #[command(subcommand)]
     Namespace(NamespaceCmd),
+    /// Tokens for nodes that authenticate (`[auth] tokens-file`): make
+    /// one, or print a token's digest.
+    #[command(subcommand)]
+    Auth(AuthCmd),
     /// `router`, `worker` or `demo`: runs `kvfabric-router`,
     /// `kvfabric-worker` or `kvfabric-demo` with the remaining arguments.
     #[command(external_subcommand)]
@@ -217,6 +249,8 @@ impl EtcdArgs {
 struct ClusterDrainArgs {
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    token: TokenArgs,
     /// Give up waiting after this many seconds (the node keeps draining).
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
@@ -277,9 +311,57 @@ struct Conn {
     /// Node endpoint.
     #[arg(long, env = "KVFABRIC_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
-    /// Tenant to act as.
+    /// Tenant to act as (empty: the node's default tenant).
     #[arg(long, env = "KVFABRIC_TENANT", default_value = "")]
     tenant: String,
+    #[command(flatten)]
+    token: TokenArgs,
+}
+
+/// The token a client sends, for nodes that authenticate.
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// File holding the token to send; without it, $KVFABRIC_TOKEN if set.
+    #[arg(long, env = "KVFABRIC_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn options(&self) -> Result<ClientOptions, ClientError> {
+        let token = Token::from_file_or_env(self.token_file.as_deref()).map_err(ClientError::InvalidArgument)?;
+        Ok(ClientOptions {
+            token,
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCmd {
+    /// Makes a random token: prints it on the first line, then the
+    /// `[[token]]` entry (its digest, not the token) to add to the node's
+    /// tokens file. Keep the token secret; the entry may be shared.
+    NewToken(NewTokenArgs),
+    /// Reads a token from stdin and prints its SHA-256, the `sha256` of a
+    /// tokens-file entry.
+    Hash,
+}
+
+#[derive(clap::Args, Debug)]
+struct NewTokenArgs {
+    /// Tenant the token acts for.
+    #[arg(long)]
+    tenant: String,
+    /// Label in the node's logs (default: the tenant).
+    #[arg(long)]
+    name: Option<String>,
+    /// Also node operations: drain, every namespace in stats.
+    #[arg(long)]
+    admin: bool,
+    /// Also the zero-copy local path (its shared arena exposes every
+    /// tenant's host-tier bytes to the engine that maps it).
+    #[arg(long)]
+    local: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -438,7 +520,49 @@ async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn connect(c: &Conn) -> Result<Client, ClientError> {
-    Ok(Client::connect(c.endpoint.clone()).await?.with_tenant(c.tenant.clone()))
+    let options = c.token.options()?;
+    Ok(Client::connect_with(c.endpoint.clone(), options)
+        .await?
+        .with_tenant(c.tenant.clone()))
+}
+
+/// `kvfabric auth new-token` and `kvfabric auth hash`.
+fn auth(cmd: AuthCmd) -> Result<()> {
+    use kvfabric::server::auth::{new_token, token_sha256};
+    match cmd {
+        AuthCmd::NewToken(a) => {
+            kvfabric::validate::name("tenant", &a.tenant).map_err(|e| anyhow::anyhow!(e))?;
+            if let Some(n) = &a.name
+                && (n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_graphic()))
+            {
+                anyhow::bail!("--name must be 1 to 64 visible ASCII characters");
+            }
+            let t = new_token();
+            println!("{}", t.secret());
+            println!();
+            println!("[[token]]");
+            println!("tenant = {:?}", a.tenant);
+            if let Some(n) = &a.name {
+                println!("name = {n:?}");
+            }
+            println!("sha256 = {:?}", token_sha256(&t));
+            if a.admin {
+                println!("admin = true");
+            }
+            if a.local {
+                println!("local = true");
+            }
+        }
+        AuthCmd::Hash => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the token from stdin")?;
+            let t = Token::new(s.trim()).map_err(|e| anyhow::anyhow!(e))?;
+            println!("{}", token_sha256(&t));
+        }
+    }
+    Ok(())
 }
 
 async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
@@ -482,7 +606,13 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
                 Some(o) => {
                     let r = match &a.output {
                         Some(p) => std::fs::write(p, &o.value),
-                        None => std::io::stdout().lock().write_all(&o.value),
+                        None => {
+                            let mut out = std::io::stdout().lock();
+                            if let Err(e) = out.write_all(&o.value).and_then(|()| out.flush()) {
+                                stdout_failed(&e);
+                            }
+                            Ok(())
+                        }
                     };
                     r.map_err(|e| ClientError::InvalidArgument(format!("writing output: {e}")))?;
                     Ok(0)
@@ -531,7 +661,7 @@ async fn run_client(cmd: Cmd) -> Result<i32, ClientError> {
             print_namespace(&info);
             Ok(0)
         }
-        Cmd::Serve(_) | Cmd::External(_) | Cmd::Cluster(_) | Cmd::Namespace(NamespaceCmd::List(_)) => {
+        Cmd::Serve(_) | Cmd::External(_) | Cmd::Cluster(_) | Cmd::Auth(_) | Cmd::Namespace(NamespaceCmd::List(_)) => {
             unreachable!("handled in main")
         }
     }
@@ -624,7 +754,7 @@ async fn cluster_drain(a: ClusterDrainArgs) -> Result<()> {
             }
         );
     };
-    let client = Client::connect(m.endpoint.clone()).await?;
+    let client = Client::connect_with(m.endpoint.clone(), a.token.options()?).await?;
     // A timeout past what the clock can add is as good as none.
     let deadline = std::time::Instant::now().checked_add(std::time::Duration::from_secs(a.timeout_s));
     loop {
@@ -742,6 +872,7 @@ async fn main() {
         Cmd::Cluster(ClusterCmd::RegisterWorker(a)) => exit_code("cluster register-worker", register_worker(a).await),
         Cmd::Cluster(ClusterCmd::Workers(a)) => exit_code("cluster workers", cluster_workers(a).await),
         Cmd::Namespace(NamespaceCmd::List(a)) => exit_code("namespace list", namespace_list(a).await),
+        Cmd::Auth(a) => exit_code("auth", auth(a)),
         cmd => match run_client(cmd).await {
             Ok(c) => c,
             Err(e) => {

@@ -195,6 +195,7 @@ impl Raw {
         r.send(&v1::LocalHello {
             version: 1,
             tenant: String::new(),
+            token: String::new(),
         })
         .await;
         // The welcome's fd rides as ancillary data; a plain read drops it.

@@ -16,8 +16,12 @@ pub enum ErrorKind {
     DataCorruption,
     /// Transient: retry.
     Unavailable,
-    /// The tenant may not use this namespace.
+    /// The tenant may not use this namespace, or the caller's token does
+    /// not allow the call.
     PermissionDenied,
+    /// The node authenticates callers and this one presented no valid
+    /// token: configure one.
+    Unauthenticated,
     /// The node cannot do this in its configuration (e.g. no disk tier).
     FailedPrecondition,
     /// The request was cancelled or the stream cut.
@@ -35,6 +39,7 @@ pub fn status(kind: ErrorKind, message: impl Into<String>) -> Status {
         ErrorKind::DataCorruption => Code::DataLoss,
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::Aborted => Code::Aborted,
         ErrorKind::Internal => Code::Internal,
@@ -50,7 +55,8 @@ pub fn from_status(status: &Status) -> ErrorKind {
         Code::ResourceExhausted => ErrorKind::Capacity,
         Code::DataLoss => ErrorKind::DataCorruption,
         Code::Unavailable | Code::DeadlineExceeded => ErrorKind::Unavailable,
-        Code::PermissionDenied | Code::Unauthenticated => ErrorKind::PermissionDenied,
+        Code::PermissionDenied => ErrorKind::PermissionDenied,
+        Code::Unauthenticated => ErrorKind::Unauthenticated,
         Code::FailedPrecondition => ErrorKind::FailedPrecondition,
         Code::Aborted | Code::Cancelled => ErrorKind::Aborted,
         _ => ErrorKind::Internal,
@@ -70,6 +76,7 @@ mod tests {
             ErrorKind::DataCorruption,
             ErrorKind::Unavailable,
             ErrorKind::PermissionDenied,
+            ErrorKind::Unauthenticated,
             ErrorKind::FailedPrecondition,
             ErrorKind::Aborted,
             ErrorKind::Internal,

@@ -68,6 +68,9 @@ pub struct LocalOptions {
     /// Hash values while copying and have the node verify (see
     /// [`LocalClient::with_checksums`]). Off by default.
     pub checksums: bool,
+    /// Bearer token, for a node that authenticates; it must allow the
+    /// local path. Default none.
+    pub token: Option<crate::auth::Token>,
 }
 
 /// One object to put through the local path.
@@ -195,6 +198,11 @@ impl LocalClient {
         let hello = LocalHello {
             version: LOCAL_PROTOCOL_VERSION,
             tenant: tenant.to_string(),
+            token: options
+                .token
+                .as_ref()
+                .map(|t| t.secret().to_string())
+                .unwrap_or_default(),
         };
         wire::write_msg(&mut s, &hello)
             .await

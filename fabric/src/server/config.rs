@@ -37,6 +37,8 @@ pub struct Settings {
     pub tiering: TieringSettings,
     /// Cluster membership (etcd). Without `cluster.etcd` the node runs alone.
     pub cluster: ClusterSettings,
+    /// Client and node authentication (bearer tokens). Off by default.
+    pub auth: AuthSettings,
     /// Log filter (`tracing` env-filter syntax). Default `info`; `RUST_LOG` overrides.
     pub log: String,
 }
@@ -214,6 +216,7 @@ impl Default for Settings {
             local: LocalSettings::default(),
             tiering: TieringSettings::default(),
             cluster: ClusterSettings::default(),
+            auth: AuthSettings::default(),
             log: "info".into(),
         }
     }
@@ -276,6 +279,39 @@ impl Default for LocalSettings {
             quarantine_ms: 60_000,
             max_reserved_bytes: ByteSize(1 << 30),
             verify_commits: true,
+        }
+    }
+}
+
+/// `[auth]` settings: who may call the node. Without `tokens-file` (the
+/// default) the node authenticates no one: any client may name any tenant,
+/// which is only safe on a network where every client is trusted.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AuthSettings {
+    /// TOML file of the client tokens the node accepts, as SHA-256 digests
+    /// (`[[token]]` tables: `tenant`, `sha256`, optional `name`, `admin`,
+    /// `local`; `kvfabric auth new-token` makes one). Setting it turns
+    /// authentication on: every gRPC call and local-path hello must carry a
+    /// token, and a token acts only for its tenant. Default unset (off).
+    pub tokens_file: Option<PathBuf>,
+    /// File holding the token nodes of one cluster present to each other
+    /// (forwarded requests, repair). Needed in cluster mode when
+    /// `tokens-file` is set; the same file on every node. Default unset.
+    pub node_token_file: Option<PathBuf>,
+    /// How often the tokens file is checked for changes, in seconds (a
+    /// changed file is reloaded; one that fails to load is logged and the
+    /// tokens in use are kept). 0 = load once at start. Default 10;
+    /// 0..=3600.
+    pub reload_interval_s: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            tokens_file: None,
+            node_token_file: None,
+            reload_interval_s: 10,
         }
     }
 }
@@ -451,7 +487,31 @@ impl Settings {
         if t.promote_queue_bytes.0 == 0 {
             return Err("tiering.promote-queue-bytes must be positive".into());
         }
+        self.validate_auth()?;
         self.validate_cluster()
+    }
+
+    fn validate_auth(&self) -> Result<(), String> {
+        let a = &self.auth;
+        if a.reload_interval_s > 3600 {
+            return Err(format!(
+                "auth.reload-interval-s {} is outside 0..=3600",
+                a.reload_interval_s
+            ));
+        }
+        match (&a.tokens_file, &a.node_token_file) {
+            (None, Some(_)) => Err(
+                "auth.node-token-file is set without auth.tokens-file: set tokens-file to turn \
+                 authentication on (the node token alone would lock every client out)"
+                    .into(),
+            ),
+            (Some(_), None) if self.cluster.etcd.is_some() => Err(
+                "auth.tokens-file is set in cluster mode without auth.node-token-file: nodes \
+                 could not forward requests to each other; give every node the same node token"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
     }
 
     fn validate_cluster(&self) -> Result<(), String> {

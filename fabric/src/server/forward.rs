@@ -15,6 +15,8 @@ use tonic::Status;
 /// The node's view of the cluster and its client of the other nodes.
 pub(crate) struct Forwarder {
     client: ClusterClient,
+    /// What `client` connects with (the node token among them).
+    options: ClientOptions,
     members: watch::Receiver<Vec<NodeInfo>>,
     /// See [`Membership::settled_epoch`].
     settled: watch::Receiver<u64>,
@@ -51,7 +53,8 @@ impl Forwarder {
     /// is this node's id in it. Reads also ask a key's earlier owners for
     /// up to `handoff_window` after a membership change, until the members
     /// report the hand-off done. Requests to the owners carry up to
-    /// `max_batch_keys` keys, this node's own limit.
+    /// `max_batch_keys` keys, this node's own limit, with `options`' token
+    /// (the node token, when the cluster authenticates).
     pub(crate) fn new(
         membership: Membership,
         namespaces: Option<NamespaceWatch>,
@@ -59,11 +62,13 @@ impl Forwarder {
         ctl: ClusterCtl,
         handoff_window: std::time::Duration,
         max_batch_keys: usize,
+        options: ClientOptions,
     ) -> Forwarder {
         let members = membership.serving_nodes();
         let settled = membership.settled_epoch();
         Forwarder {
-            client: ClusterClient::new(members.clone(), ClientOptions::default())
+            options: options.clone(),
+            client: ClusterClient::new(members.clone(), options)
                 .with_max_batch_keys(max_batch_keys)
                 .with_handoff_window(handoff_window)
                 .with_handoff_settlement(settled.clone()),
@@ -73,6 +78,12 @@ impl Forwarder {
             membership: std::sync::Mutex::new(Some((membership, namespaces))),
             ctl,
         }
+    }
+
+    /// The options (node token included) this node's requests to other
+    /// nodes use.
+    pub(crate) fn client_options(&self) -> ClientOptions {
+        self.options.clone()
     }
 
     /// Sets the replication the forwarding client places `namespace` with.
@@ -148,6 +159,19 @@ impl Forwarder {
 /// owner's own code and message, which names the owner).
 pub(crate) fn to_status(e: ClientError) -> Status {
     match e {
+        // The owner refused this node's own token, not the client's: the
+        // cluster's nodes hold different node tokens.
+        ClientError::Status {
+            kind: ErrorKind::Unauthenticated,
+            message,
+            ..
+        } => status(
+            ErrorKind::Unavailable,
+            format!(
+                "{message} (a peer refused this node's node token: every node of a cluster needs the same \
+                 auth.node-token-file)"
+            ),
+        ),
         ClientError::Status { code, message, .. } => Status::new(code, message),
         ClientError::InvalidArgument(m) => status(ErrorKind::InvalidArgument, format!("forwarding: {m}")),
         e => status(e.kind(), format!("forwarding to the owners: {e}")),

@@ -16,7 +16,6 @@
 //! release tells the client its copy may be stale.
 
 use super::config::LocalSettings;
-use super::namespaces::DEFAULT_TENANT;
 use super::{FabricError, Metrics, Namespaces};
 use crate::local::wire;
 use crate::proto::v1::{
@@ -107,6 +106,13 @@ fn from_fabric(e: FabricError) -> LocalStatus {
     local_status(e.kind(), e.to_string())
 }
 
+fn from_grpc(s: &tonic::Status) -> LocalStatus {
+    LocalStatus {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+    }
+}
+
 fn invalid(m: impl Into<String>) -> LocalStatus {
     local_status(ErrorKind::InvalidArgument, m)
 }
@@ -160,13 +166,26 @@ impl Session {
             let _ = refuse(&mut s, local_status(ErrorKind::FailedPrecondition, m)).await;
             return;
         }
-        let tenant = if hello.tenant.is_empty() {
-            DEFAULT_TENANT.to_string()
-        } else if let Err(m) = validate::name("tenant", &hello.tenant) {
-            let _ = refuse(&mut s, invalid(m)).await;
-            return;
-        } else {
-            hello.tenant
+        // With authentication on, the hello carries a token that allows
+        // the local path (the arena holds every tenant's host-tier bytes)
+        // and acts for the tenant named.
+        let svc = &shared.service;
+        let tenant = svc.who_local(&hello.token).and_then(|who| {
+            if !who.may_use_local() {
+                return Err(svc.denied(
+                    "this token does not allow the local path, whose shared arena exposes every tenant's \
+                     host-tier bytes: the tokens file grants it with `local = true`",
+                ));
+            }
+            svc.tenant(&who, &hello.tenant).map(str::to_string)
+        });
+        let tenant = match tenant {
+            Ok(t) => t,
+            Err(st) => {
+                tracing::debug!(?pid, message = st.message(), "local client refused");
+                let _ = refuse(&mut s, from_grpc(&st)).await;
+                return;
+            }
         };
         let Some(host) = shared.stack.host_tier() else {
             let _ = refuse(

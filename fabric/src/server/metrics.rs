@@ -41,6 +41,12 @@ pub struct Metrics {
     /// Objects this node is responsible for with fewer copies than their
     /// namespace asks for, after the last repair pass.
     pub under_replicated: IntGauge,
+    /// Calls refused by authentication: no token (`missing`), a token the
+    /// node does not accept (`unknown`), or one that does not allow the
+    /// call (`denied`).
+    pub auth_failures: IntCounterVec,
+    /// Reloads of the tokens file, by result (`ok`, `error`).
+    pub auth_reloads: IntCounterVec,
     tier_counters: IntCounterVec,
     tier_gauges: IntGaugeVec,
 }
@@ -124,6 +130,22 @@ impl Metrics {
             "objects this node is responsible for with fewer copies than their namespace's replication, after the last repair pass",
         )
         .expect("valid");
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "auth_failures_total",
+                "calls refused by authentication: no token (missing), a token the node does not accept (unknown), or one that does not allow the call (denied)",
+            ),
+            &["reason"],
+        )
+        .expect("valid");
+        let auth_reloads = IntCounterVec::new(
+            Opts::new(
+                "auth_reloads_total",
+                "reloads of auth.tokens-file, by result (ok, error)",
+            ),
+            &["result"],
+        )
+        .expect("valid");
         let tier_counters = IntCounterVec::new(
             Opts::new("tier_events_total", "per-tier counters: hits, misses, evictions, demotions, promotions, checksum_failures, bytes_in, bytes_out, dropped, promotions_skipped, background_demotions, demote_errors"),
             &["tier", "event"],
@@ -146,6 +168,8 @@ impl Metrics {
             Box::new(handoff_reads.clone()),
             Box::new(handoff_pending.clone()),
             Box::new(under_replicated.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(auth_reloads.clone()),
             Box::new(tier_counters.clone()),
             Box::new(tier_gauges.clone()),
         ] {
@@ -164,6 +188,8 @@ impl Metrics {
             handoff_reads,
             handoff_pending,
             under_replicated,
+            auth_failures,
+            auth_reloads,
             tier_counters,
             tier_gauges,
         }

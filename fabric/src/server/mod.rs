@@ -1,6 +1,8 @@
 //! The kvfabric node: settings, the gRPC service over the tier stack, the
-//! namespace registry, Prometheus metrics and the node runner.
+//! namespace registry, authentication, Prometheus metrics and the node
+//! runner.
 
+pub mod auth;
 mod config;
 mod error;
 mod forward;
@@ -13,7 +15,7 @@ mod service;
 mod tombstones;
 
 pub use config::{
-    ByteSize, ClusterSettings, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings, ObjectSettings,
+    AuthSettings, ByteSize, ClusterSettings, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings, ObjectSettings,
     Settings, TieringSettings,
 };
 pub use error::FabricError;

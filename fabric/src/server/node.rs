@@ -7,6 +7,7 @@
 //! alone own to their owners, applies the cluster's namespace records
 //! (replication) and runs repair (re-replication, hand-off, drain).
 
+use super::auth::Authenticator;
 use super::forward::{ClusterCtl, Forwarder};
 use super::repair::Repairer;
 use super::tombstones::Tombstones;
@@ -30,6 +31,8 @@ pub struct Node {
     stack: Arc<TierStack>,
     namespaces: Arc<Namespaces>,
     metrics: Metrics,
+    /// The tokens callers must present (`[auth]`); `None`: off.
+    auth: Option<Arc<Authenticator>>,
 }
 
 /// A running node.
@@ -79,6 +82,10 @@ impl Node {
     /// Like [`Node::build`] with an injected clock.
     pub async fn build_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<Node, FabricError> {
         settings.validate().map_err(FabricError::InvalidArgument)?;
+        let auth = Authenticator::from_settings(&settings.auth).map_err(FabricError::InvalidArgument)?;
+        if let Some(a) = &auth {
+            tracing::info!(tokens = a.len(), "authentication on: every call needs a token");
+        }
         std::fs::create_dir_all(&settings.data_dir)
             .map_err(|e| startup(&format!("creating data dir {}", settings.data_dir.display()), e))?;
         let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
@@ -150,6 +157,7 @@ impl Node {
             stack,
             namespaces,
             metrics: Metrics::new(),
+            auth,
         })
     }
 
@@ -224,6 +232,11 @@ impl Node {
                     state: reg.state_handle(),
                     kick: Arc::new(tokio::sync::Notify::new()),
                 };
+                // Requests to other nodes carry the node token.
+                let options = crate::client::ClientOptions {
+                    token: self.auth.as_ref().and_then(|a| a.node_token().cloned()),
+                    ..Default::default()
+                };
                 let f = Arc::new(Forwarder::new(
                     membership,
                     Some(ns_watch),
@@ -231,6 +244,7 @@ impl Node {
                     ctl,
                     std::time::Duration::from_secs(s.cluster.handoff_window_s),
                     s.limits.max_batch_keys,
+                    options,
                 ));
                 // Apply the cluster's namespace records to the registry and
                 // the forwarding client, now and on every change.
@@ -291,7 +305,22 @@ impl Node {
             s.node_id.clone(),
             forwarder.clone(),
             tombstones,
-        );
+        )
+        .with_auth(self.auth.clone());
+        if let Some(a) = &self.auth
+            && s.auth.reload_interval_s > 0
+        {
+            let m = self.metrics.clone();
+            cluster_tasks.push(a.spawn_reloader(
+                std::time::Duration::from_secs(s.auth.reload_interval_s),
+                repair_stop.subscribe(),
+                move |ok| {
+                    m.auth_reloads
+                        .with_label_values(&[if ok { "ok" } else { "error" }])
+                        .inc()
+                },
+            ));
+        }
         let streams = service.clone();
         let background = if s.tiering.background {
             let t = &s.tiering;

@@ -52,7 +52,7 @@
 
 use super::forward::Forwarder;
 use super::{Metrics, Namespaces};
-use crate::client::{ClientError, ClientOptions, ClusterClient, KeyLocation, PutObject, placement_epoch};
+use crate::client::{ClientError, ClusterClient, KeyLocation, PutObject, placement_epoch};
 use crate::cluster::RepairStatus;
 use crate::proto::ErrorKind;
 use crate::proto::v1::Durability;
@@ -238,7 +238,7 @@ impl Repairer {
         if members.len() < 2 || !members.iter().any(|m| m.id == self.node_id) {
             return PassReport::default();
         }
-        let placement = ClusterClient::fixed(members, ClientOptions::default());
+        let placement = ClusterClient::fixed(members, self.forwarder.client_options());
         // Every namespace: at replication 1 too, a copy this node holds
         // for another owner may have been deleted there while it was away.
         let r = self.walk(Some(&placement), |_| true).await;

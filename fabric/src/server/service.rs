@@ -3,6 +3,7 @@
 //! limits, stream framing) and answers a precise status; nothing a client
 //! sends can panic the node or touch data it did not name.
 
+use super::auth::{AuthFailure, Authenticator, Principal};
 use super::forward::{Forwarder, to_status};
 use super::tombstones::{DEFAULT_TOMBSTONE_TTL_MS, Tombstones};
 use super::{FabricError, LimitSettings, Metrics, Namespaces, namespaces::DEFAULT_TENANT};
@@ -95,6 +96,8 @@ struct Shared {
     forwarder: Option<Arc<Forwarder>>,
     /// Deletes and clears (cluster mode), remembered for repair.
     tombstones: Arc<Tombstones>,
+    /// The tokens callers must present; `None`: authentication off.
+    auth: Option<Arc<Authenticator>>,
 }
 
 /// A refused namespace record as the service's error.
@@ -242,8 +245,61 @@ impl BlockService {
                 inflight,
                 forwarder,
                 tombstones,
+                auth: None,
             }),
         }
+    }
+
+    /// The service requiring the tokens `auth` accepts (`None`: off). Set
+    /// before the service is shared.
+    pub(crate) fn with_auth(mut self, auth: Option<Arc<Authenticator>>) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("authentication is set before the service is shared")
+            .auth = auth;
+        self
+    }
+
+    /// Who sent a call: its bearer token checked against `[auth]`
+    /// ([`Principal::Open`] when authentication is off).
+    pub(crate) fn who(&self, md: &tonic::metadata::MetadataMap) -> Result<Principal, Status> {
+        let Some(auth) = &self.shared.auth else {
+            return Ok(Principal::Open);
+        };
+        let token = crate::auth::bearer(md).map_err(|m| self.unauthenticated(AuthFailure::Unknown, m))?;
+        auth.authenticate(token)
+            .map_err(|f| self.unauthenticated(f, f.message()))
+    }
+
+    /// Who presents `token` on the local path (its hello).
+    pub(crate) fn who_local(&self, token: &str) -> Result<Principal, Status> {
+        let Some(auth) = &self.shared.auth else {
+            return Ok(Principal::Open);
+        };
+        let token = (!token.is_empty()).then_some(token);
+        auth.authenticate(token)
+            .map_err(|f| self.unauthenticated(f, f.message()))
+    }
+
+    fn unauthenticated(&self, f: AuthFailure, message: &str) -> Status {
+        self.shared.metrics.auth_failures.with_label_values(&[f.label()]).inc();
+        status(ErrorKind::Unauthenticated, message)
+    }
+
+    /// A call the caller's token does not allow.
+    pub(crate) fn denied(&self, message: impl Into<String>) -> Status {
+        self.shared.metrics.auth_failures.with_label_values(&["denied"]).inc();
+        status(ErrorKind::PermissionDenied, message)
+    }
+
+    /// Refuses a forwarded request from a caller that is not a node: it
+    /// would skip placement and replication and set an object's age.
+    fn may_forward(&self, who: &Principal, forwarded: bool) -> Result<(), Status> {
+        if forwarded && !who.is_node() {
+            return Err(self.denied(
+                "`forwarded` is for requests between the cluster's nodes (the node token); clients leave it unset",
+            ));
+        }
+        Ok(())
     }
 
     /// Ends every open `Subscribe` stream (called on shutdown, so a graceful
@@ -265,18 +321,35 @@ impl BlockService {
         }
     }
 
-    fn tenant<'a>(&self, t: &'a str) -> Result<&'a str, Status> {
-        if t.is_empty() {
-            return Ok(DEFAULT_TENANT);
+    /// A request's tenant (empty: the default one), checked, and one the
+    /// caller may act for.
+    pub(crate) fn tenant<'a>(&self, who: &Principal, t: &'a str) -> Result<&'a str, Status> {
+        let t = if t.is_empty() {
+            DEFAULT_TENANT
+        } else {
+            validate::name("tenant", t).map_err(invalid)?;
+            t
+        };
+        if !who.may_act_for(t) {
+            return Err(self.denied(format!(
+                "this token acts for tenant {:?}; the request names tenant {t:?}",
+                who.tenant().unwrap_or_default()
+            )));
         }
-        validate::name("tenant", t).map_err(invalid)?;
         Ok(t)
     }
 
-    /// Checks a request's tenant, namespace name and keys (not whether
-    /// this node knows the namespace); returns the tenant.
-    fn check_args(&self, tenant: &str, namespace: &str, keys: Option<&[Bytes]>) -> Result<String, Status> {
-        let tenant = self.tenant(tenant)?;
+    /// Checks a request's tenant (against the caller's token too),
+    /// namespace name and keys (not whether this node knows the
+    /// namespace); returns the tenant.
+    fn check_args(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        namespace: &str,
+        keys: Option<&[Bytes]>,
+    ) -> Result<String, Status> {
+        let tenant = self.tenant(who, tenant)?;
         validate::name("namespace", namespace).map_err(invalid)?;
         if let Some(keys) = keys {
             validate::keys(keys, self.shared.limits.max_batch_keys).map_err(invalid)?;
@@ -284,8 +357,14 @@ impl BlockService {
         Ok(tenant.to_string())
     }
 
-    fn check_read(&self, tenant: &str, namespace: &str, keys: Option<&[Bytes]>) -> Result<String, Status> {
-        let tenant = self.check_args(tenant, namespace, keys)?;
+    fn check_read(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        namespace: &str,
+        keys: Option<&[Bytes]>,
+    ) -> Result<String, Status> {
+        let tenant = self.check_args(who, tenant, namespace, keys)?;
         self.shared.namespaces.for_read(&tenant, namespace)?;
         Ok(tenant)
     }
@@ -448,7 +527,12 @@ impl BlockService {
         })
     }
 
-    async fn do_put(&self, mut stream: Streaming<PutRequest>) -> Result<PutResponse, Status> {
+    async fn do_put(
+        &self,
+        who: Result<Principal, Status>,
+        mut stream: Streaming<PutRequest>,
+    ) -> Result<PutResponse, Status> {
+        let who = who?;
         let idle = Duration::from_millis(self.shared.limits.put_idle_timeout_ms);
         let first = tokio::time::timeout(idle, stream.message())
             .await
@@ -458,7 +542,8 @@ impl BlockService {
         let Some(put_request::Msg::Open(open)) = first.msg else {
             return Err(invalid("the first message of a put stream must be `open`"));
         };
-        let tenant = self.tenant(&open.tenant)?.to_string();
+        let tenant = self.tenant(&who, &open.tenant)?.to_string();
+        self.may_forward(&who, open.forwarded)?;
         validate::name("namespace", &open.namespace).map_err(invalid)?;
         // Only a node copying its own objects may carry their age over.
         let keep_age = open.forwarded;
@@ -840,7 +925,8 @@ type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> +
 impl KvBlockService for BlockService {
     async fn put(&self, request: Request<Streaming<PutRequest>>) -> Result<Response<PutResponse>, Status> {
         let start = Instant::now();
-        let r = self.do_put(request.into_inner()).await;
+        let who = self.who(request.metadata());
+        let r = self.do_put(who, request.into_inner()).await;
         self.observe("put", start, &r);
         r.map(Response::new)
     }
@@ -849,9 +935,12 @@ impl KvBlockService for BlockService {
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<Self::GetStream>, Status> {
         let start = Instant::now();
+        let who = self.who(request.metadata());
         let req = request.into_inner();
         let r = (|| {
-            let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let who = who?;
+            let tenant = self.check_args(&who, &req.tenant, &req.namespace, Some(&req.keys))?;
+            self.may_forward(&who, req.forwarded)?;
             let fwd = self.forward_reads(req.forwarded, &req.namespace, &req.keys);
             if fwd.is_none() {
                 self.shared.namespaces.for_read(&tenant, &req.namespace)?;
@@ -941,9 +1030,12 @@ impl KvBlockService for BlockService {
         request: Request<ExistsPrefixRequest>,
     ) -> Result<Response<ExistsPrefixResponse>, Status> {
         let start = Instant::now();
+        let who = self.who(request.metadata());
         let req = request.into_inner();
         let r = async {
-            let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let who = who?;
+            let tenant = self.check_args(&who, &req.tenant, &req.namespace, Some(&req.keys))?;
+            self.may_forward(&who, req.forwarded)?;
             if let Some(f) = self.forward_reads(req.forwarded, &req.namespace, &req.keys) {
                 self.count_forwarded("exists_prefix");
                 let tiers = f
@@ -972,13 +1064,16 @@ impl KvBlockService for BlockService {
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let start = Instant::now();
+        let who = self.who(request.metadata());
         let req = request.into_inner();
         let r = async {
+            let who = who?;
+            self.may_forward(&who, req.forwarded)?;
             if req.all {
                 if !req.keys.is_empty() {
                     return Err(invalid("delete with `all` must not list keys"));
                 }
-                let tenant = self.check_args(&req.tenant, &req.namespace, None)?;
+                let tenant = self.check_args(&who, &req.tenant, &req.namespace, None)?;
                 if let Some(f) = self.forwarder(req.forwarded)
                     && !f.alone()
                 {
@@ -1001,7 +1096,7 @@ impl KvBlockService for BlockService {
                     .map_err(FabricError::from)?;
                 return Ok(DeleteResponse { deleted: n });
             }
-            let tenant = self.check_args(&req.tenant, &req.namespace, Some(&req.keys))?;
+            let tenant = self.check_args(&who, &req.tenant, &req.namespace, Some(&req.keys))?;
             if let Some(f) = self.forward_keys(req.forwarded, &req.namespace, &req.keys) {
                 self.count_forwarded("delete");
                 let n = f
@@ -1042,9 +1137,10 @@ impl KvBlockService for BlockService {
 
     async fn lease(&self, request: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
         let start = Instant::now();
+        let who = self.who(request.metadata());
         let req = request.into_inner();
         let r = (|| {
-            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            self.check_read(&who?, &req.tenant, &req.namespace, Some(&req.keys))?;
             if req.ttl_seconds > MAX_LEASE_SECONDS {
                 return Err(invalid(format!(
                     "ttl_seconds {} exceeds the maximum lease of {MAX_LEASE_SECONDS}",
@@ -1063,9 +1159,10 @@ impl KvBlockService for BlockService {
 
     async fn locate(&self, request: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
         let start = Instant::now();
+        let who = self.who(request.metadata());
         let req = request.into_inner();
         let r = (|| {
-            self.check_read(&req.tenant, &req.namespace, Some(&req.keys))?;
+            self.check_read(&who?, &req.tenant, &req.namespace, Some(&req.keys))?;
             let ns: Arc<str> = req.namespace.into();
             let keys: Vec<ObjectKey> = req.keys.into_iter().map(|k| ObjectKey::new(ns.clone(), k)).collect();
             let now = self.shared.stack.clock().now_ms();
@@ -1100,9 +1197,10 @@ impl KvBlockService for BlockService {
         request: Request<CreateNamespaceRequest>,
     ) -> Result<Response<NamespaceInfo>, Status> {
         let start = Instant::now();
+        let who = self.who(request.metadata());
         let req = request.into_inner();
         let r = async {
-            let tenant = self.check_args(&req.tenant, &req.namespace, None)?;
+            let tenant = self.check_args(&who?, &req.tenant, &req.namespace, None)?;
             let replication = req.replication.max(1);
             check_replication(&req.namespace, replication).map_err(invalid)?;
             let ns = &self.shared.namespaces;
@@ -1139,13 +1237,17 @@ impl KvBlockService for BlockService {
         &self,
         request: Request<DescribeNamespaceRequest>,
     ) -> Result<Response<NamespaceInfo>, Status> {
+        let who = self.who(request.metadata())?;
         let req = request.into_inner();
-        let tenant = self.check_args(&req.tenant, &req.namespace, None)?;
+        let tenant = self.check_args(&who, &req.tenant, &req.namespace, None)?;
         let e = self.shared.namespaces.describe(&tenant, &req.namespace)?;
         Ok(Response::new(namespace_info(req.namespace, e)))
     }
 
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        if !self.who(request.metadata())?.is_admin() {
+            return Err(self.denied("drain is a node operation: it needs an admin token"));
+        }
         let req = request.into_inner();
         let me = &self.shared.node_id;
         if req.node_id != *me {
@@ -1173,7 +1275,8 @@ impl KvBlockService for BlockService {
         }))
     }
 
-    async fn members(&self, _request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+    async fn members(&self, request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+        self.who(request.metadata())?;
         let r = match &self.shared.forwarder {
             Some(f) => MembersResponse {
                 members: f
@@ -1212,8 +1315,15 @@ impl KvBlockService for BlockService {
         Ok(Response::new(r))
     }
 
-    async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+    async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let who = self.who(request.metadata())?;
         let s = &self.shared;
+        // A tenant's token sees the namespaces its tenant may use; an
+        // admin's, every one.
+        let mut namespaces = s.namespaces.names();
+        if let Some(t) = who.tenant().filter(|_| !who.is_admin()) {
+            namespaces.retain(|ns| s.namespaces.visible(t, ns));
+        }
         let tiers = s
             .stack
             .stats()
@@ -1237,7 +1347,7 @@ impl KvBlockService for BlockService {
         Ok(Response::new(StatsResponse {
             tiers,
             objects: s.stack.len() as u64,
-            namespaces: s.namespaces.names(),
+            namespaces,
             max_object_bytes: s.limits.max_object_size.0,
         }))
     }
@@ -1245,12 +1355,13 @@ impl KvBlockService for BlockService {
     type SubscribeStream = BoxStream<Event>;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = self.who(request.metadata())?;
         let req = request.into_inner();
-        let tenant = self.tenant(&req.tenant)?.to_string();
+        let tenant = self.tenant(&who, &req.tenant)?.to_string();
         let filter = if req.namespace.is_empty() {
             None
         } else {
-            self.check_read(&tenant, &req.namespace, None)?;
+            self.check_read(&who, &tenant, &req.namespace, None)?;
             Some(req.namespace)
         };
         // Subscribe before the snapshot is taken: what changes while it is
