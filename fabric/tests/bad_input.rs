@@ -555,3 +555,45 @@ async fn unreadable_put_messages_are_argument_errors() {
     intact().await;
     node.shutdown().await;
 }
+
+/// A tenant past `limits.max-namespaces-per-tenant` (or the node past
+/// `limits.max-namespaces`) cannot create another namespace, by a put or
+/// by CreateNamespace: RESOURCE_EXHAUSTED naming the setting; what exists
+/// keeps working and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_creation_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 4 << 20, 0);
+    s.limits.max_namespaces = 3;
+    s.limits.max_namespaces_per_tenant = 2;
+    let (node, c) = start(s).await;
+    let check = reference(&c).await; // namespace "ns" of the default tenant
+    c.create_namespace("second", 1).await.unwrap();
+    for e in [
+        c.put("third", &b"k"[..], payload(1, 10), Durability::Memory)
+            .await
+            .unwrap_err(),
+        c.create_namespace("third", 1).await.unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), kvfabric::ErrorKind::Capacity, "{e}");
+        assert!(e.to_string().contains("limits.max-namespaces-per-tenant"), "{e}");
+    }
+    let other = c.clone().with_tenant("other");
+    other
+        .put("o1", &b"k"[..], payload(2, 10), Durability::Memory)
+        .await
+        .unwrap();
+    let e = other
+        .put("o2", &b"k"[..], payload(3, 10), Durability::Memory)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("limits.max-namespaces)"), "{e}");
+    // Existing namespaces still take writes.
+    c.put("second", &b"k"[..], payload(4, 10), Durability::Memory)
+        .await
+        .unwrap();
+    c.delete("second", vec![Bytes::from_static(b"k")]).await.unwrap();
+    other.clear("o1").await.unwrap();
+    check().await;
+    node.shutdown().await;
+}

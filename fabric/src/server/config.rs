@@ -199,6 +199,14 @@ pub struct LimitSettings {
     /// gives back the in-flight budget it held, so stalled clients cannot
     /// hold every other put back. Default 30000; 100..=3600000.
     pub put_idle_timeout_ms: u64,
+    /// Most namespaces this node lets clients create (each one rewrites
+    /// the registry file, and Stats and Members list every name).
+    /// Namespaces found in recovered data or in the cluster's records are
+    /// never refused, but count. Default 65536; 1..=1000000.
+    pub max_namespaces: usize,
+    /// Most namespaces one tenant may create. Default 4096;
+    /// 1..=`max-namespaces`.
+    pub max_namespaces_per_tenant: usize,
 }
 
 impl Default for Settings {
@@ -367,6 +375,8 @@ impl Default for LimitSettings {
             chunk_size: ByteSize(1 << 20),
             max_inflight_put_bytes: ByteSize(4 << 30),
             put_idle_timeout_ms: 30_000,
+            max_namespaces: 65_536,
+            max_namespaces_per_tenant: 4096,
         }
     }
 }
@@ -448,6 +458,18 @@ impl Settings {
             return Err(format!(
                 "limits.put-idle-timeout-ms {} is outside 100..=3600000",
                 self.limits.put_idle_timeout_ms
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.limits.max_namespaces) {
+            return Err(format!(
+                "limits.max-namespaces {} is outside 1..=1000000",
+                self.limits.max_namespaces
+            ));
+        }
+        if !(1..=self.limits.max_namespaces).contains(&self.limits.max_namespaces_per_tenant) {
+            return Err(format!(
+                "limits.max-namespaces-per-tenant {} is outside 1..=limits.max-namespaces ({})",
+                self.limits.max_namespaces_per_tenant, self.limits.max_namespaces
             ));
         }
         if self.limits.max_inflight_put_bytes < self.limits.max_object_size {

@@ -31,6 +31,9 @@ pub enum FabricError {
         /// Limit.
         max: u64,
     },
+    /// Creating one more namespace would pass a limit.
+    #[error("cannot create another namespace: {0}")]
+    TooManyNamespaces(String),
     /// Storage engine error.
     #[error(transparent)]
     Tier(#[from] TierError),
@@ -49,7 +52,7 @@ impl FabricError {
             FabricError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             FabricError::NamespaceNotFound(_) => ErrorKind::NotFound,
             FabricError::PermissionDenied { .. } => ErrorKind::PermissionDenied,
-            FabricError::ObjectTooLarge { .. } => ErrorKind::Capacity,
+            FabricError::ObjectTooLarge { .. } | FabricError::TooManyNamespaces(_) => ErrorKind::Capacity,
             FabricError::Internal(_) => ErrorKind::Internal,
             FabricError::Cluster(c) => c.kind(),
             FabricError::Tier(t) => match t {

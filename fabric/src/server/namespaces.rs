@@ -7,7 +7,9 @@
 //! ([`Namespaces::apply_cluster`]) and win over what the node knew.
 //! Persisted as a small text file (`namespaces` in the data directory,
 //! `name<TAB>owner<TAB>replication` per line, replaced atomically; lines
-//! without a replication, from older nodes, mean 1).
+//! without a replication, from older nodes, mean 1). Creation is bounded
+//! (`limits.max-namespaces`, `limits.max-namespaces-per-tenant`): each new
+//! namespace rewrites the file, and Stats and Members list every name.
 
 use super::FabricError;
 use crate::cluster::NamespaceRecord;
@@ -44,6 +46,11 @@ impl NamespaceEntry {
 pub struct Namespaces {
     path: Option<PathBuf>,
     owners: Mutex<BTreeMap<String, NamespaceEntry>>,
+    /// Most namespaces a client may create on this node, in all and per
+    /// tenant (those adopted from data or from the cluster's records are
+    /// not refused, but count).
+    max_total: usize,
+    max_per_tenant: usize,
 }
 
 impl Namespaces {
@@ -73,7 +80,46 @@ impl Namespaces {
         Ok(Self {
             path,
             owners: Mutex::new(owners),
+            max_total: usize::MAX,
+            max_per_tenant: usize::MAX,
         })
+    }
+
+    /// The registry refusing to create namespaces past `total` in all or
+    /// `per_tenant` for one tenant.
+    pub fn with_limits(mut self, total: usize, per_tenant: usize) -> Self {
+        self.max_total = total;
+        self.max_per_tenant = per_tenant;
+        self
+    }
+
+    /// Whether `tenant` may create one more namespace.
+    fn room(&self, owners: &BTreeMap<String, NamespaceEntry>, tenant: &str) -> Result<(), FabricError> {
+        if owners.len() >= self.max_total {
+            return Err(FabricError::TooManyNamespaces(format!(
+                "this node holds {} namespaces, its limit (limits.max-namespaces)",
+                owners.len()
+            )));
+        }
+        if self.max_per_tenant < self.max_total {
+            let n = owners.values().filter(|e| e.owner == tenant).count();
+            if n >= self.max_per_tenant {
+                return Err(FabricError::TooManyNamespaces(format!(
+                    "tenant {tenant:?} owns {n} namespaces, the limit per tenant (limits.max-namespaces-per-tenant)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks, before anything else is done for it (a cluster-wide claim),
+    /// that `tenant` could create `namespace` if it is new.
+    pub fn check_room(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
+        let owners = self.owners.lock();
+        if owners.contains_key(namespace) {
+            return Ok(());
+        }
+        self.room(&owners, tenant)
     }
 
     fn save(&self, owners: &BTreeMap<String, NamespaceEntry>) -> std::io::Result<()> {
@@ -140,6 +186,7 @@ impl Namespaces {
                 namespace: namespace.into(),
             }),
             None => {
+                self.room(&owners, tenant)?;
                 owners.insert(namespace.to_string(), NamespaceEntry::local(tenant));
                 self.saved(&owners)?;
                 tracing::info!(namespace, tenant, "namespace created");
@@ -158,13 +205,15 @@ impl Namespaces {
         cluster_wide: bool,
     ) -> Result<NamespaceEntry, FabricError> {
         let mut owners = self.owners.lock();
-        if let Some(o) = owners.get(namespace)
-            && o.owner != tenant
-        {
-            return Err(FabricError::PermissionDenied {
-                tenant: tenant.into(),
-                namespace: namespace.into(),
-            });
+        match owners.get(namespace) {
+            Some(o) if o.owner != tenant => {
+                return Err(FabricError::PermissionDenied {
+                    tenant: tenant.into(),
+                    namespace: namespace.into(),
+                });
+            }
+            Some(_) => {}
+            None => self.room(&owners, tenant)?,
         }
         let e = NamespaceEntry {
             owner: tenant.to_string(),
@@ -309,6 +358,30 @@ mod tests {
         std::fs::write(&p, "old\tt\n").unwrap();
         let old = Namespaces::load(Some(p)).unwrap();
         assert_eq!(old.describe("t", "old").unwrap(), NamespaceEntry::local("t"));
+    }
+
+    #[test]
+    fn creation_is_bounded_in_all_and_per_tenant() {
+        let r = Namespaces::load(None).unwrap().with_limits(4, 2);
+        r.for_write("a", "a1").unwrap();
+        r.create("a", "a2", 2, false).unwrap();
+        for e in [
+            r.for_write("a", "a3").unwrap_err(),
+            r.create("a", "a3", 1, false).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("max-namespaces-per-tenant"), "{e}");
+            assert_eq!(e.kind(), kvfabric_proto::ErrorKind::Capacity);
+        }
+        assert!(r.check_room("a", "a3").is_err());
+        // What exists stays usable: writes, replication changes.
+        r.for_write("a", "a1").unwrap();
+        r.create("a", "a1", 3, false).unwrap();
+        assert!(r.check_room("a", "a1").is_ok());
+        r.for_write("b", "b1").unwrap();
+        r.for_write("c", "c1").unwrap();
+        let e = r.for_write("d", "d1").unwrap_err();
+        assert!(e.to_string().contains("limits.max-namespaces)"), "{e}");
+        assert_eq!(r.names().len(), 4);
     }
 
     #[test]

@@ -145,7 +145,11 @@ impl Node {
         let stack = Arc::new(TierStack::open(tiers, clock).await?);
         let namespaces = Arc::new(
             Namespaces::load(Some(settings.data_dir.join("namespaces")))
-                .map_err(|e| startup("loading namespace registry", e))?,
+                .map_err(|e| startup("loading namespace registry", e))?
+                .with_limits(
+                    settings.limits.max_namespaces,
+                    settings.limits.max_namespaces_per_tenant,
+                ),
         );
         namespaces
             .adopt(stack.namespaces())

@@ -175,6 +175,8 @@ impl BlockService {
     /// the name is known on this node only, as without a cluster (data
     /// keeps flowing through an etcd outage; the gap is logged).
     pub(crate) async fn claim_if_new(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
+        // Over the namespace limits: refused before anything is claimed.
+        self.shared.namespaces.check_room(tenant, namespace)?;
         let (Some(f), false) = (&self.shared.forwarder, self.shared.namespaces.knows(namespace)) else {
             return Ok(());
         };
@@ -1208,6 +1210,7 @@ impl KvBlockService for BlockService {
             if let Err(e @ FabricError::PermissionDenied { .. }) = ns.describe(&tenant, &req.namespace) {
                 return Err(e.into());
             }
+            ns.check_room(&tenant, &req.namespace)?;
             let cluster_wide = match &self.shared.forwarder {
                 Some(f) => {
                     let rec = NamespaceRecord {
