@@ -41,10 +41,8 @@ impl Token {
                 s.len()
             ));
         }
-        if let Some(c) = s.chars().find(|c| !c.is_ascii_graphic()) {
-            return Err(format!(
-                "a token is visible ASCII (no spaces or control characters); this one has {c:?}"
-            ));
+        if !s.chars().all(|c| c.is_ascii_graphic()) {
+            return Err("a token is visible ASCII characters only (no spaces or control characters)".into());
         }
         Ok(Token(s.into()))
     }

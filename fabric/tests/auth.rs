@@ -14,7 +14,7 @@ use kvfabric::ErrorKind;
 use kvfabric::auth::Token;
 use kvfabric::client::{Client, ClientError, ClientOptions, Durability, LocalClient, LocalPut};
 use kvfabric::local::LocalOptions;
-use kvfabric::proto::v1::{GetRequest, PutOpen, PutRequest, put_request::Msg};
+use kvfabric::proto::v1::{LocateRequest, ObjectBegin, PutOpen, PutRequest, put_request::Msg};
 use kvfabric::server::NodeHandle;
 use kvfabric::server::auth::{new_token, token_sha256};
 use std::path::{Path, PathBuf};
@@ -113,7 +113,7 @@ async fn tokens_confine_callers_to_their_tenant_and_role() {
         .unwrap();
     for (c, what) in [
         (client(&node, Some(&t.acme), "globex").await, "another tenant"),
-        (client(&node, Some(&t.acme), "").await, "the default tenant"),
+        (client(&node, Some(&t.acme), "default").await, "the default tenant"),
     ] {
         let (k, m) = kind(c.get("plans", &b"k"[..]).await);
         assert_eq!(k, ErrorKind::PermissionDenied, "{what}: {m}");
@@ -127,32 +127,62 @@ async fn tokens_confine_callers_to_their_tenant_and_role() {
         payload(2, 100)
     );
 
-    // `forwarded` is for nodes: a put or get with it from a tenant is refused.
-    let put = vec![PutRequest {
-        msg: Some(Msg::Open(PutOpen {
-            tenant: "acme".into(),
-            namespace: "docs".into(),
-            durability: 0,
-            expected_objects: 0,
-            forwarded: true,
-        })),
-    }];
-    let e = acme.raw().put(futures::stream::iter(put)).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("forwarded"), "{e:?}");
-    let e = acme
-        .raw()
-        .get(GetRequest {
-            tenant: "acme".into(),
-            namespace: "docs".into(),
-            keys: vec![Bytes::from_static(b"k1")],
-            chunk_size: 0,
-            forwarded: true,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A request naming no tenant acts for the token's.
+    let unnamed = client(&node, Some(&t.acme), "").await;
+    assert_eq!(
+        unnamed.get("docs", &b"k1"[..]).await.unwrap().unwrap().value,
+        payload(1, 5000)
+    );
 
+    // `forwarded` from a tenant (a cluster client that placed the request
+    // itself) stores here, but the age it claims is a node's privilege:
+    // ignored, the object is new.
+    let aged_put = |tenant: &str, key: &'static [u8]| {
+        vec![
+            PutRequest {
+                msg: Some(Msg::Open(PutOpen {
+                    tenant: tenant.into(),
+                    namespace: "docs".into(),
+                    durability: 0,
+                    expected_objects: 1,
+                    forwarded: true,
+                })),
+            },
+            PutRequest {
+                msg: Some(Msg::Begin(ObjectBegin {
+                    key: Bytes::from_static(key),
+                    length: 4,
+                    layout: None,
+                    checksum: None,
+                    age_ms: Some(3_600_000),
+                })),
+            },
+            PutRequest {
+                msg: Some(Msg::Data(Bytes::from_static(b"aged"))),
+            },
+        ]
+    };
+    acme.raw()
+        .put(futures::stream::iter(aged_put("acme", b"aged")))
+        .await
+        .unwrap();
+    let age = |c: &Client, key: &'static [u8]| {
+        let c = c.clone();
+        async move {
+            let l = c
+                .raw()
+                .locate(LocateRequest {
+                    tenant: "acme".into(),
+                    namespace: "docs".into(),
+                    keys: vec![Bytes::from_static(key)],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            l.locations[0].age_ms
+        }
+    };
+    assert!(age(&acme, b"aged").await < 600_000, "a tenant backdated an object");
     // Stats: a tenant sees its namespaces, an admin every one.
     assert_eq!(acme.stats().await.unwrap().namespaces, vec!["docs".to_string()]);
     let ops = client(&node, Some(&t.ops), "ops").await;
@@ -257,10 +287,11 @@ async fn bad_auth_settings_stop_the_node_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let t = tokens(dir.path());
     let base = settings(&dir.path().join("data"), 8 << 20, 0);
+    // A node-token file that is not one (here: the tokens file).
     let mut s = base.clone();
     s.auth.node_token_file = Some(t.file.clone());
     let e = kvfabric::server::Node::build(s).await.unwrap_err().to_string();
-    assert!(e.contains("node-token-file is set without auth.tokens-file"), "{e}");
+    assert!(e.contains("auth.node-token-file") && e.contains("line 1"), "{e}");
     let mut s = base.clone();
     s.auth.tokens_file = Some(dir.path().join("missing.toml"));
     let e = kvfabric::server::Node::build(s).await.unwrap_err().to_string();
@@ -401,6 +432,59 @@ async fn cluster_nodes_forward_to_each_other_with_the_node_token() {
     for (i, g) in got.iter().enumerate() {
         assert_eq!(g.as_ref().map(|o| &o.value), Some(&payload(i as u64, 1000)), "key {i}");
     }
+    // A tenant's cluster client places requests itself (marked forwarded):
+    // on a replicated namespace too, and its clear reaches every node.
+    client(&a, Some(&t.acme), "acme")
+        .await
+        .create_namespace("shared", 2)
+        .await
+        .unwrap();
+    let cc = kvfabric::client::ClusterClient::discover(
+        vec![a.endpoint()],
+        ClientOptions {
+            token: Some(t.acme.clone()),
+            ..Default::default()
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .with_tenant("acme");
+    let objects = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| kvfabric::client::PutObject::new(k.clone(), payload(i as u64, 500)))
+        .collect();
+    cc.put_many("shared", objects, Durability::Memory).await.unwrap();
+    let got = cc.get_many("shared", keys.clone()).await.unwrap();
+    assert!(
+        got.iter().all(Option::is_some),
+        "replicated reads through the tenant's cluster client"
+    );
+    assert_eq!(
+        cc.exists_prefix("shared", keys.clone()).await.unwrap().len(),
+        keys.len()
+    );
+    // Members tells a tenant about its own namespaces only.
+    client(&b, Some(&t.globex), "globex")
+        .await
+        .create_namespace("globex-only", 2)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = client(&a, Some(&t.ops), "ops").await.members().await.unwrap();
+        if m.namespaces.iter().any(|n| n.namespace == "globex-only") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a never learned globex's namespace");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mine = client(&a, Some(&t.acme), "acme").await.members().await.unwrap();
+    let names: Vec<&str> = mine.namespaces.iter().map(|n| n.namespace.as_str()).collect();
+    assert_eq!(names, ["docs", "shared"], "acme learns only its own namespaces");
+    assert_eq!(cc.clear("shared").await.unwrap(), 2 * keys.len() as u64);
+
     // Both nodes sent some of it to the other (64 keys over two owners).
     for h in [&a, &b] {
         let m = http_get(h.metrics_addr, "/metrics").await;

@@ -2913,3 +2913,102 @@ async fn a_stray_key_under_the_members_prefix_leaves_members_alone() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// The cluster's record of a namespace names another tenant than the one
+/// whose objects a node holds in it (the name was taken elsewhere while
+/// this node knew it on its own, during an etcd outage say): the node
+/// drops those objects before the new owner may use the name, so the new
+/// owner never reads the old owner's data, and the old owner is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_handed_to_another_tenant_is_emptied_first() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (h, c) = common::start(node_settings(dir.path(), &etcd, "reassign", "n", 30)).await;
+    wait_view(&h, 1).await;
+    let a = c.clone().with_tenant("alice");
+    let ks = keys("r", 8);
+    for (i, k) in ks.iter().enumerate() {
+        a.put("n1", k.clone(), common::payload(i as u64, 4096), Durability::Memory)
+            .await
+            .unwrap();
+    }
+    // The record now names bob (written as another node would have, had
+    // bob claimed the name while this node could not reach etcd).
+    let rec = kvfabric::cluster::NamespaceRecord {
+        name: "n1".into(),
+        owner: "bob".into(),
+        replication: 1,
+        updated_at_ms: 0,
+    };
+    let mut etc = etcd_client::Client::connect(etcd.endpoints(), None).await.unwrap();
+    etc.put(kvfabric::cluster::namespace_key("reassign", "n1"), rec.encode(), None)
+        .await
+        .unwrap();
+    let b = c.clone().with_tenant("bob");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match b.get_many("n1", ks.clone()).await {
+            Ok(got) => {
+                assert!(got.iter().all(Option::is_none), "bob read alice's objects");
+                break;
+            }
+            // Before the watch delivers the record: alice's; meanwhile:
+            // closed while the node drops them.
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    kvfabric::ErrorKind::PermissionDenied | kvfabric::ErrorKind::Unavailable
+                ),
+                "{e}"
+            ),
+        }
+        assert!(Instant::now() < deadline, "the namespace was never handed to bob");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = a.get("n1", ks[0].clone()).await.unwrap_err();
+    assert_eq!(e.kind(), kvfabric::ErrorKind::PermissionDenied, "{e}");
+    assert_eq!(h.stack.len(), 0, "alice's objects are gone from the node");
+    b.put("n1", ks[0].clone(), common::payload(99, 10), Durability::Memory)
+        .await
+        .unwrap();
+    h.shutdown().await;
+}
+
+/// A namespace first written while etcd is down is known on that node
+/// only; once etcd is back the node claims it cluster-wide for its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_made_during_an_etcd_outage_is_claimed_afterwards() {
+    let mut etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (h, c) = common::start(node_settings(dir.path(), &etcd, "late", "n", 5)).await;
+    wait_view(&h, 1).await;
+    etcd.kill();
+    let a = c.clone().with_tenant("alice");
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.put("outage-ns", &b"k"[..], common::payload(1, 100), Durability::Memory),
+    )
+    .await
+    .expect("a put while etcd is down does not hang");
+    r.unwrap();
+    etcd.spawn().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(recs) = kvfabric::cluster::list_namespaces(&etcd.target(), "late").await
+            && let Some(r) = recs.iter().find(|r| r.name == "outage-ns")
+        {
+            assert_eq!(r.owner, "alice");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the namespace made during the outage was never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        a.get("outage-ns", &b"k"[..]).await.unwrap().unwrap().value,
+        common::payload(1, 100)
+    );
+    h.shutdown().await;
+}

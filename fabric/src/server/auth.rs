@@ -25,7 +25,6 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// SHA-256 of a token.
 type Digest256 = [u8; 32];
@@ -171,7 +170,17 @@ struct TokensFile {
 
 /// Parses a tokens file's text into digest -> grant.
 fn parse_tokens(text: &str) -> Result<Grants, String> {
-    let f: TokensFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    // The error's message and line only: its default rendering quotes the
+    // source line, which may be a token pasted under the wrong key.
+    let f: TokensFile = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|sp| text[..sp.start.min(text.len())].lines().count().max(1));
+        match line {
+            Some(l) => format!("line {l}: {}", e.message()),
+            None => e.message().to_string(),
+        }
+    })?;
     let mut out = HashMap::with_capacity(f.token.len());
     for (i, t) in f.token.into_iter().enumerate() {
         let at = format!("[[token]] #{}", i + 1);
@@ -208,17 +217,83 @@ fn parse_digest(s: &str) -> Option<Digest256> {
     Some(d)
 }
 
+/// The node tokens a `node-token-file` holds: one per line (blank lines
+/// ignored). The first is the one this node sends its peers; every one is
+/// accepted from them, so a new token can be rolled out (added as a
+/// second line everywhere, then moved first node by node, then the old
+/// line removed).
+#[derive(Debug)]
+pub struct NodeTokens {
+    /// What this node sends.
+    pub send: Token,
+    accept: Vec<Digest256>,
+}
+
+impl NodeTokens {
+    /// Parses a node-token file's text.
+    fn parse(text: &str) -> Result<NodeTokens, String> {
+        let mut tokens = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            tokens.push(Token::new(line).map_err(|e| format!("line {}: {e}", i + 1))?);
+        }
+        let Some(send) = tokens.first().cloned() else {
+            return Err("holds no token".into());
+        };
+        Ok(NodeTokens {
+            send,
+            accept: tokens.iter().map(|t| digest(t.secret())).collect(),
+        })
+    }
+
+    /// Reads `auth.node-token-file` (warning when other users may read it).
+    pub fn read(path: &Path) -> Result<NodeTokens, String> {
+        Self::read_text(path).and_then(|(t, _)| t)
+    }
+
+    /// The file's tokens, and its bytes' digest (for reloads).
+    fn read_text(path: &Path) -> Result<(Result<NodeTokens, String>, Digest256), String> {
+        let at = |e: &dyn std::fmt::Display| format!("auth.node-token-file {}: {e}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+        warn_if_shared(path);
+        let d = digest(&text);
+        Ok((NodeTokens::parse(&text).map_err(|e| at(&e)), d))
+    }
+}
+
+/// Logs a warning when a secret file can be read by other users.
+fn warn_if_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(file = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777),
+            "a node token file other users can read or write: chmod 600 it");
+    }
+}
+
+/// What the node accepts, swapped whole on a reload.
+#[derive(Debug)]
+struct Accepted {
+    tenants: Grants,
+    nodes: Vec<Digest256>,
+}
+
 /// The tokens a node accepts. Built from `[auth]` at start
 /// ([`Authenticator::from_settings`]: `None` when authentication is off)
-/// and reloaded from its file when that changes.
+/// and reloaded when the tokens file or the node-token file changes.
 #[derive(Debug)]
 pub struct Authenticator {
     path: PathBuf,
-    tokens: RwLock<Arc<Grants>>,
-    /// The tokens file's modification time when last loaded.
-    loaded: parking_lot::Mutex<Option<SystemTime>>,
-    node: Option<Digest256>,
-    node_token: Option<Token>,
+    node_path: Option<PathBuf>,
+    accepted: RwLock<Arc<Accepted>>,
+    /// Digest of both files' bytes when last loaded: a reload reads them
+    /// and swaps only when that changed (modification times miss a copy
+    /// that keeps them, and two writes within their granularity).
+    loaded: parking_lot::Mutex<Digest256>,
 }
 
 impl Authenticator {
@@ -228,43 +303,41 @@ impl Authenticator {
         let Some(path) = &a.tokens_file else {
             return Ok(None);
         };
-        let node_token = match &a.node_token_file {
-            Some(p) => Some(Token::from_file(p).map_err(|e| format!("auth.node-token-file: {e}"))?),
-            None => None,
-        };
-        let (tokens, mtime) = Self::read(path)?;
-        if let Some(t) = &node_token
-            && tokens.contains_key(&digest(t.secret()))
-        {
-            return Err(format!(
-                "auth.tokens-file {} lists the node token as a tenant token: nodes and tenants need different tokens",
-                path.display()
-            ));
-        }
+        let (accepted, d) = Self::read(path, a.node_token_file.as_deref())?;
         Ok(Some(Arc::new(Authenticator {
             path: path.clone(),
-            tokens: RwLock::new(Arc::new(tokens)),
-            loaded: parking_lot::Mutex::new(mtime),
-            node: node_token.as_ref().map(|t| digest(t.secret())),
-            node_token,
+            node_path: a.node_token_file.clone(),
+            accepted: RwLock::new(Arc::new(accepted)),
+            loaded: parking_lot::Mutex::new(d),
         })))
     }
 
-    fn read(path: &Path) -> Result<(Grants, Option<SystemTime>), String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("auth.tokens-file {}: {e}", path.display()))?;
-        let text = std::fs::read_to_string(path).map_err(|e| format!("auth.tokens-file {}: {e}", path.display()))?;
-        let tokens = parse_tokens(&text).map_err(|e| format!("auth.tokens-file {}: {e}", path.display()))?;
-        Ok((tokens, meta.modified().ok()))
-    }
-
-    /// The node token, which this node presents to its peers.
-    pub fn node_token(&self) -> Option<&Token> {
-        self.node_token.as_ref()
+    /// Both files, checked, and the digest of their bytes.
+    fn read(path: &Path, node_path: Option<&Path>) -> Result<(Accepted, Digest256), String> {
+        let at = |e: &dyn std::fmt::Display| format!("auth.tokens-file {}: {e}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+        let tenants = parse_tokens(&text).map_err(|e| at(&e))?;
+        let mut h = Sha256::new();
+        h.update(text.as_bytes());
+        let nodes = match node_path {
+            Some(p) => {
+                let (t, d) = NodeTokens::read_text(p)?;
+                h.update(d);
+                t?.accept
+            }
+            None => Vec::new(),
+        };
+        if nodes.iter().any(|n| tenants.contains_key(n)) {
+            return Err(at(
+                &"lists a node token as a tenant token: nodes and tenants need different tokens",
+            ));
+        }
+        Ok((Accepted { tenants, nodes }, h.finalize().into()))
     }
 
     /// Tenant tokens loaded.
     pub fn len(&self) -> usize {
-        self.tokens.read().len()
+        self.accepted.read().tenants.len()
     }
 
     /// Whether no tenant token is loaded.
@@ -276,36 +349,29 @@ impl Authenticator {
     pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, AuthFailure> {
         let token = token.ok_or(AuthFailure::Missing)?;
         let d = digest(token);
-        if self.node == Some(d) {
+        let a = self.accepted.read();
+        if a.nodes.contains(&d) {
             return Ok(Principal::Node);
         }
-        match self.tokens.read().get(&d) {
+        match a.tenants.get(&d) {
             Some(g) => Ok(Principal::Tenant(g.clone())),
             None => Err(AuthFailure::Unknown),
         }
     }
 
-    /// Reloads the tokens file if its modification time changed. `Ok(true)`
-    /// when it was reloaded; on an error the tokens in use stay.
+    /// Re-reads the tokens file and the node-token file, and swaps in what
+    /// they hold if their bytes changed. `Ok(true)` when it did; on an
+    /// error the tokens in use stay (a file deleted or half-written is an
+    /// error, or fewer tokens, until it is whole: replace it by renaming a
+    /// complete file over it).
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let mtime = std::fs::metadata(&self.path)
-            .map_err(|e| format!("auth.tokens-file {}: {e}", self.path.display()))?
-            .modified()
-            .ok();
-        if mtime.is_some() && *self.loaded.lock() == mtime {
+        let (accepted, d) = Self::read(&self.path, self.node_path.as_deref())?;
+        let mut loaded = self.loaded.lock();
+        if *loaded == d {
             return Ok(false);
         }
-        let (tokens, mtime) = Self::read(&self.path)?;
-        if let Some(n) = self.node
-            && tokens.contains_key(&n)
-        {
-            return Err(format!(
-                "auth.tokens-file {} lists the node token as a tenant token; keeping the tokens in use",
-                self.path.display()
-            ));
-        }
-        *self.tokens.write() = Arc::new(tokens);
-        *self.loaded.lock() = mtime;
+        *self.accepted.write() = Arc::new(accepted);
+        *loaded = d;
         Ok(true)
     }
 
@@ -446,41 +512,72 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_tokens_in_use() {
+    fn changed_files_are_reloaded_and_broken_ones_keep_the_tokens_in_use() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (new_token(), new_token());
+        let (a, b, n1, n2) = (new_token(), new_token(), new_token(), new_token());
         let f = write(dir.path(), "t.toml", &entry("acme", &a, ""));
+        let n = write(dir.path(), "node", &format!("{}\n", n1.secret()));
         let auth = Authenticator::from_settings(&AuthSettings {
             tokens_file: Some(f.clone()),
+            node_token_file: Some(n.clone()),
             ..Default::default()
         })
         .unwrap()
         .unwrap();
         assert_eq!(auth.reload_if_changed(), Ok(false));
-        // Rotate: b in, a out. Set the time explicitly: two writes within
-        // the file system's timestamp granularity look unchanged.
+        // Rotate: b in, a out. The same modification time (`cp -p`, or
+        // two writes within its granularity) is no obstacle: the bytes
+        // are compared.
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
         std::fs::write(&f, entry("acme", &b, "")).unwrap();
-        let later = std::fs::metadata(&f).unwrap().modified().unwrap() + std::time::Duration::from_secs(5);
         std::fs::File::options()
             .write(true)
             .open(&f)
             .unwrap()
-            .set_modified(later)
+            .set_modified(mtime)
             .unwrap();
         assert_eq!(auth.reload_if_changed(), Ok(true));
         assert!(auth.authenticate(Some(b.secret())).is_ok());
         assert_eq!(auth.authenticate(Some(a.secret())), Err(AuthFailure::Unknown));
-        // A broken file keeps b.
+        // A second node token is accepted once added.
+        assert_eq!(auth.authenticate(Some(n2.secret())), Err(AuthFailure::Unknown));
+        std::fs::write(&n, format!("{}\n\n{}\n", n1.secret(), n2.secret())).unwrap();
+        assert_eq!(auth.reload_if_changed(), Ok(true));
+        assert_eq!(auth.authenticate(Some(n2.secret())), Ok(Principal::Node));
+        assert_eq!(auth.authenticate(Some(n1.secret())), Ok(Principal::Node));
+        // Broken files keep what is in use.
         std::fs::write(&f, "[[token]]\n").unwrap();
-        let later = later + std::time::Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&f)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
+        assert!(auth.reload_if_changed().is_err());
+        std::fs::write(&f, entry("acme", &b, "")).unwrap();
+        std::fs::write(&n, "\n").unwrap();
+        assert!(auth.reload_if_changed().unwrap_err().contains("holds no token"));
+        std::fs::remove_file(&f).unwrap();
         assert!(auth.reload_if_changed().is_err());
         assert!(auth.authenticate(Some(b.secret())).is_ok());
+        assert_eq!(auth.authenticate(Some(n2.secret())), Ok(Principal::Node));
+    }
+
+    #[test]
+    fn node_token_files_send_the_first_and_accept_all() {
+        let (n1, n2) = (new_token(), new_token());
+        let t = NodeTokens::parse(&format!("\n  {}  \n{}\n", n1.secret(), n2.secret())).unwrap();
+        assert_eq!(t.send, n1);
+        assert_eq!(t.accept, vec![digest(n1.secret()), digest(n2.secret())]);
+        assert!(NodeTokens::parse("").is_err());
+        let e = NodeTokens::parse(&format!("{}\nshort\n", n1.secret())).unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_file() {
+        // A token pasted under a wrong key must not reach the log.
+        let secret = new_token();
+        let text = format!("[[token]]\ntenant = \"a\"\ntoken = \"{}\"\n", secret.secret());
+        let e = parse_tokens(&text).unwrap_err();
+        assert!(!e.contains(secret.secret()), "{e}");
+        assert!(e.contains("line"), "{e}");
+        let e = parse_tokens(&format!("tenant = {}\n", secret.secret())).unwrap_err();
+        assert!(!e.contains(secret.secret()), "{e}");
     }
 
     #[test]

@@ -303,14 +303,17 @@ pub struct AuthSettings {
     /// authentication on: every gRPC call and local-path hello must carry a
     /// token, and a token acts only for its tenant. Default unset (off).
     pub tokens_file: Option<PathBuf>,
-    /// File holding the token nodes of one cluster present to each other
-    /// (forwarded requests, repair). Needed in cluster mode when
-    /// `tokens-file` is set; the same file on every node. Default unset.
+    /// File holding the tokens nodes of one cluster present to each other
+    /// (forwarded requests, repair), one per line: this node sends the
+    /// first and accepts every one (a new token is rolled out as a second
+    /// line). Needed in cluster mode when `tokens-file` is set; without
+    /// `tokens-file` the node sends it but authenticates no one (for
+    /// turning authentication on node by node). Default unset.
     pub node_token_file: Option<PathBuf>,
-    /// How often the tokens file is checked for changes, in seconds (a
-    /// changed file is reloaded; one that fails to load is logged and the
-    /// tokens in use are kept). 0 = load once at start. Default 10;
-    /// 0..=3600.
+    /// How often the tokens file and the node-token file are re-read, in
+    /// seconds (changed ones are swapped in; ones that fail to load are
+    /// logged and the tokens in use are kept). 0 = load once at start.
+    /// Default 10; 0..=3600.
     pub reload_interval_s: u64,
 }
 
@@ -522,11 +525,6 @@ impl Settings {
             ));
         }
         match (&a.tokens_file, &a.node_token_file) {
-            (None, Some(_)) => Err(
-                "auth.node-token-file is set without auth.tokens-file: set tokens-file to turn \
-                 authentication on (the node token alone would lock every client out)"
-                    .into(),
-            ),
             (Some(_), None) if self.cluster.etcd.is_some() => Err(
                 "auth.tokens-file is set in cluster mode without auth.node-token-file: nodes \
                  could not forward requests to each other; give every node the same node token"

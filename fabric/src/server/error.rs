@@ -31,6 +31,13 @@ pub enum FabricError {
         /// Limit.
         max: u64,
     },
+    /// The namespace is being handed to the tenant the cluster's records
+    /// name (this node drops what it held for the previous owner first).
+    #[error(
+        "namespace {0:?} is being handed to the tenant the cluster's records name; this node first drops \
+         the objects it held for the previous owner: retry shortly"
+    )]
+    Reassigning(String),
     /// Creating one more namespace would pass a limit.
     #[error("cannot create another namespace: {0}")]
     TooManyNamespaces(String),
@@ -50,6 +57,7 @@ impl FabricError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             FabricError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            FabricError::Reassigning(_) => ErrorKind::Unavailable,
             FabricError::NamespaceNotFound(_) => ErrorKind::NotFound,
             FabricError::PermissionDenied { .. } => ErrorKind::PermissionDenied,
             FabricError::ObjectTooLarge { .. } | FabricError::TooManyNamespaces(_) => ErrorKind::Capacity,

@@ -8,15 +8,15 @@ mod error;
 mod forward;
 mod local;
 mod metrics;
-mod namespaces;
+pub(crate) mod namespaces;
 mod node;
 mod repair;
 mod service;
 mod tombstones;
 
 pub use config::{
-    AuthSettings, ByteSize, ClusterSettings, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings, ObjectSettings,
-    Settings, TieringSettings,
+    AuthSettings, ByteSize, ClusterSettings, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings,
+    ObjectSettings, Settings, TieringSettings,
 };
 pub use error::FabricError;
 pub use metrics::Metrics;

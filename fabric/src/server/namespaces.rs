@@ -29,6 +29,13 @@ pub struct NamespaceEntry {
     pub replication: u32,
     /// Known from the cluster's registry in etcd.
     pub cluster_wide: bool,
+    /// The cluster's records give the namespace to another tenant (it
+    /// was taken elsewhere while this node knew it locally, during an etcd
+    /// outage say): the objects this node holds in it are the old owner's
+    /// and are dropped first ([`Namespaces::finish_reassign`]). Until
+    /// then nobody may use it. Never saved: a restart re-applies the
+    /// records and drops them again.
+    pub reassign_to: Option<(String, u32)>,
 }
 
 impl NamespaceEntry {
@@ -37,8 +44,19 @@ impl NamespaceEntry {
             owner: owner.to_string(),
             replication: 1,
             cluster_wide: false,
+            reassign_to: None,
         }
     }
+}
+
+/// What [`Namespaces::apply_cluster`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Names whose entry (replication, scope) changed.
+    pub changed: Vec<String>,
+    /// Names the records give to another tenant: drop this node's objects
+    /// in them, then [`Namespaces::finish_reassign`].
+    pub reassigning: Vec<String>,
 }
 
 /// Registry of namespaces, owners and replication.
@@ -180,6 +198,7 @@ impl Namespaces {
     pub fn for_write(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
         let mut owners = self.owners.lock();
         match owners.get(namespace) {
+            Some(o) if o.reassign_to.is_some() => Err(FabricError::Reassigning(namespace.into())),
             Some(o) if o.owner == tenant => Ok(()),
             Some(_) => Err(FabricError::PermissionDenied {
                 tenant: tenant.into(),
@@ -206,6 +225,7 @@ impl Namespaces {
     ) -> Result<NamespaceEntry, FabricError> {
         let mut owners = self.owners.lock();
         match owners.get(namespace) {
+            Some(o) if o.reassign_to.is_some() => return Err(FabricError::Reassigning(namespace.into())),
             Some(o) if o.owner != tenant => {
                 return Err(FabricError::PermissionDenied {
                     tenant: tenant.into(),
@@ -219,6 +239,7 @@ impl Namespaces {
             owner: tenant.to_string(),
             replication,
             cluster_wide,
+            reassign_to: None,
         };
         if owners.get(namespace) != Some(&e) {
             owners.insert(namespace.to_string(), e.clone());
@@ -230,41 +251,92 @@ impl Namespaces {
 
     /// Applies the cluster's namespace records (they win over local
     /// knowledge: owner and replication). Namespaces that were cluster-wide
-    /// and lost their record keep their owner and fall back to replication
-    /// 1. Returns the names whose entry changed.
-    pub fn apply_cluster<'a>(&self, records: impl IntoIterator<Item = &'a NamespaceRecord>) -> Vec<String> {
+    /// and lost their record keep their owner and fall back to one copy.
+    /// A record that names another owner than this node's entry does
+    /// not hand the entry over at once: the objects this node holds in it
+    /// are the old owner's, so the entry is closed to everyone
+    /// ([`NamespaceEntry::reassign_to`]) until the caller has dropped them
+    /// and calls [`Self::finish_reassign`].
+    pub fn apply_cluster<'a>(&self, records: impl IntoIterator<Item = &'a NamespaceRecord>) -> Applied {
         let mut owners = self.owners.lock();
-        let mut changed = Vec::new();
+        let mut out = Applied::default();
         let mut seen = std::collections::BTreeSet::new();
         for r in records {
             seen.insert(r.name.clone());
+            if let Some(o) = owners.get_mut(&r.name)
+                && o.owner != r.owner
+            {
+                let to = Some((r.owner.clone(), r.replication));
+                if o.reassign_to != to {
+                    tracing::warn!(namespace = %r.name, local = %o.owner, cluster = %r.owner,
+                        "the cluster's record gives this namespace to another tenant; dropping the objects \
+                         this node holds for the old owner before handing it over");
+                    o.reassign_to = to;
+                    out.reassigning.push(r.name.clone());
+                }
+                continue;
+            }
             let e = NamespaceEntry {
                 owner: r.owner.clone(),
                 replication: r.replication,
                 cluster_wide: true,
+                reassign_to: None,
             };
             let old = owners.insert(r.name.clone(), e.clone());
             if old.as_ref() != Some(&e) {
-                if let Some(o) = old.filter(|o| o.owner != e.owner) {
-                    tracing::warn!(namespace = %r.name, local = %o.owner, cluster = %e.owner,
-                        "namespace owner differs from the cluster's record; the cluster's wins");
-                }
-                changed.push(r.name.clone());
+                out.changed.push(r.name.clone());
             }
         }
         for (n, e) in owners.iter_mut() {
-            if e.cluster_wide && !seen.contains(n) {
-                e.cluster_wide = false;
-                e.replication = 1;
-                changed.push(n.clone());
+            if !seen.contains(n) {
+                // A hand-over whose record went away: nothing to hand over
+                // (what was dropped meanwhile is a cache's loss).
+                e.reassign_to = None;
+                if e.cluster_wide {
+                    e.cluster_wide = false;
+                    e.replication = 1;
+                    out.changed.push(n.clone());
+                }
             }
         }
-        if !changed.is_empty()
+        if !out.changed.is_empty()
             && let Err(e) = self.save(&owners)
         {
             tracing::warn!(error = %e, "saving namespace registry");
         }
-        changed
+        out
+    }
+
+    /// Whether `namespace` is closed for a hand-over to another owner.
+    pub fn is_reassigning(&self, namespace: &str) -> bool {
+        self.owners
+            .lock()
+            .get(namespace)
+            .is_some_and(|e| e.reassign_to.is_some())
+    }
+
+    /// Hands a namespace [`Self::apply_cluster`] closed over to the owner
+    /// the cluster's record names, once the objects this node held in it
+    /// were dropped. False when it is no longer being handed over.
+    pub fn finish_reassign(&self, namespace: &str) -> bool {
+        let mut owners = self.owners.lock();
+        let Some(e) = owners.get_mut(namespace) else {
+            return false;
+        };
+        let Some((owner, replication)) = e.reassign_to.take() else {
+            return false;
+        };
+        tracing::info!(namespace, from = %e.owner, to = %owner, "namespace handed over");
+        *e = NamespaceEntry {
+            owner,
+            replication,
+            cluster_wide: true,
+            reassign_to: None,
+        };
+        if let Err(e) = self.save(&owners) {
+            tracing::warn!(error = %e, "saving namespace registry");
+        }
+        true
     }
 
     /// For a read: the namespace must exist and belong to `tenant` (every
@@ -284,6 +356,7 @@ impl Namespaces {
         namespace: &str,
     ) -> Result<&'a NamespaceEntry, FabricError> {
         match entry {
+            Some(o) if o.reassign_to.is_some() => Err(FabricError::Reassigning(namespace.into())),
             Some(o) if o.owner == tenant => Ok(o),
             Some(_) => Err(FabricError::PermissionDenied {
                 tenant: tenant.into(),
@@ -295,7 +368,10 @@ impl Namespaces {
 
     /// Whether `tenant` may see events of `namespace`.
     pub fn visible(&self, tenant: &str, namespace: &str) -> bool {
-        self.owners.lock().get(namespace).is_some_and(|o| o.owner == tenant)
+        self.owners
+            .lock()
+            .get(namespace)
+            .is_some_and(|o| o.owner == tenant && o.reassign_to.is_none())
     }
 
     /// The owner of `namespace`, if known.
@@ -395,12 +471,62 @@ mod tests {
             updated_at_ms: 0,
         };
         let recs = [rec("kv", "a", 2), rec("w", "b", 3)];
-        assert_eq!(r.apply_cluster(&recs), vec!["kv".to_string(), "w".to_string()]);
-        assert!(r.apply_cluster(&recs).is_empty(), "applying twice changes nothing");
+        assert_eq!(r.apply_cluster(&recs).changed, vec!["kv".to_string(), "w".to_string()]);
+        assert_eq!(
+            r.apply_cluster(&recs),
+            Applied::default(),
+            "applying twice changes nothing"
+        );
         assert_eq!(r.replication("kv"), 2);
         assert!(r.describe("b", "w").unwrap().cluster_wide);
         // The record of "w" is deleted: the namespace stays, replication 1.
-        assert_eq!(r.apply_cluster(&recs[..1]), vec!["w".to_string()]);
+        assert_eq!(r.apply_cluster(&recs[..1]).changed, vec!["w".to_string()]);
         assert_eq!(r.describe("b", "w").unwrap(), NamespaceEntry::local("b"));
+    }
+
+    #[test]
+    fn a_record_naming_another_owner_closes_the_namespace_until_it_is_emptied() {
+        let r = Namespaces::load(None).unwrap();
+        r.for_write("a", "kv").unwrap();
+        let rec = NamespaceRecord {
+            name: "kv".into(),
+            owner: "b".into(),
+            replication: 2,
+            updated_at_ms: 0,
+        };
+        let applied = r.apply_cluster([&rec]);
+        assert_eq!(applied.reassigning, vec!["kv".to_string()]);
+        assert!(applied.changed.is_empty());
+        assert!(r.apply_cluster([&rec]).reassigning.is_empty(), "reported once");
+        // Nobody may use it meanwhile: not the old owner, not the new one.
+        for t in ["a", "b"] {
+            for e in [
+                r.for_read(t, "kv").unwrap_err(),
+                r.for_write(t, "kv").unwrap_err(),
+                r.create(t, "kv", 1, true).unwrap_err(),
+            ] {
+                assert!(matches!(e, FabricError::Reassigning(_)), "{e}");
+                assert_eq!(e.kind(), kvfabric_proto::ErrorKind::Unavailable);
+            }
+            assert!(!r.visible(t, "kv"));
+        }
+        assert!(r.finish_reassign("kv"));
+        assert!(!r.finish_reassign("kv"));
+        r.for_read("b", "kv").unwrap();
+        assert!(matches!(
+            r.for_read("a", "kv"),
+            Err(FabricError::PermissionDenied { .. })
+        ));
+        assert_eq!(r.replication("kv"), 2);
+        // A hand-over whose record goes away is called off.
+        r.for_write("a", "other").unwrap();
+        let rec2 = NamespaceRecord {
+            name: "other".into(),
+            ..rec.clone()
+        };
+        assert_eq!(r.apply_cluster([&rec, &rec2]).reassigning, vec!["other".to_string()]);
+        r.apply_cluster([&rec]);
+        r.for_read("a", "other").unwrap();
+        assert!(!r.finish_reassign("other"));
     }
 }

@@ -7,7 +7,7 @@
 //! alone own to their owners, applies the cluster's namespace records
 //! (replication) and runs repair (re-replication, hand-off, drain).
 
-use super::auth::Authenticator;
+use super::auth::{Authenticator, NodeTokens};
 use super::forward::{ClusterCtl, Forwarder};
 use super::repair::Repairer;
 use super::tombstones::Tombstones;
@@ -33,6 +33,8 @@ pub struct Node {
     metrics: Metrics,
     /// The tokens callers must present (`[auth]`); `None`: off.
     auth: Option<Arc<Authenticator>>,
+    /// The token this node sends other nodes (`auth.node-token-file`).
+    node_token: Option<crate::auth::Token>,
 }
 
 /// A running node.
@@ -65,6 +67,9 @@ const RECONCILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// etcd call is bounded by 3 s).
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How often namespaces created during an etcd outage are claimed again.
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Largest HTTP/2 frame either side accepts (the protocol default is 16 KiB).
 const MAX_FRAME_BYTES: u32 = 4 << 20;
 
@@ -86,6 +91,12 @@ impl Node {
         if let Some(a) = &auth {
             tracing::info!(tokens = a.len(), "authentication on: every call needs a token");
         }
+        // What this node sends its peers (also with authentication off
+        // here: the cluster's nodes may be turning it on one by one).
+        let node_token = match &settings.auth.node_token_file {
+            Some(p) => Some(NodeTokens::read(p).map_err(FabricError::InvalidArgument)?.send),
+            None => None,
+        };
         std::fs::create_dir_all(&settings.data_dir)
             .map_err(|e| startup(&format!("creating data dir {}", settings.data_dir.display()), e))?;
         let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
@@ -162,6 +173,7 @@ impl Node {
             namespaces,
             metrics: Metrics::new(),
             auth,
+            node_token,
         })
     }
 
@@ -238,7 +250,7 @@ impl Node {
                 };
                 // Requests to other nodes carry the node token.
                 let options = crate::client::ClientOptions {
-                    token: self.auth.as_ref().and_then(|a| a.node_token().cloned()),
+                    token: self.node_token.clone(),
                     ..Default::default()
                 };
                 let f = Arc::new(Forwarder::new(
@@ -253,9 +265,36 @@ impl Node {
                 // Apply the cluster's namespace records to the registry and
                 // the forwarding client, now and on every change.
                 let apply = {
-                    let (f, namespaces) = (f.clone(), self.namespaces.clone());
+                    let (f, namespaces, stack) = (f.clone(), self.namespaces.clone(), self.stack.clone());
                     move |map: &crate::cluster::NamespaceMap| {
-                        let changed = namespaces.apply_cluster(map.values());
+                        let crate::server::namespaces::Applied { changed, reassigning } =
+                            namespaces.apply_cluster(map.values());
+                        // Taken by another tenant elsewhere (while this
+                        // node knew the name locally): what this node
+                        // holds in it is the old owner's; drop it, then
+                        // hand the namespace over.
+                        for n in reassigning {
+                            let (namespaces, stack, kick) = (namespaces.clone(), stack.clone(), f.ctl.kick.clone());
+                            tokio::spawn(async move {
+                                let mut backoff = std::time::Duration::from_secs(1);
+                                // Until done, or the hand-over is called off.
+                                while namespaces.is_reassigning(&n) {
+                                    match stack.clear_namespace(&n).await {
+                                        Ok(dropped) => {
+                                            tracing::warn!(namespace = %n, dropped, "dropped the previous owner's objects");
+                                            if namespaces.finish_reassign(&n) {
+                                                kick.notify_one();
+                                            }
+                                            return;
+                                        }
+                                        Err(e) => tracing::error!(namespace = %n, error = %e,
+                                            "could not drop the previous owner's objects; the namespace stays closed, retrying"),
+                                    }
+                                    tokio::time::sleep(backoff).await;
+                                    backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                                }
+                            });
+                        }
                         // Every record (the registry may have known them
                         // from its file, unchanged), and the retired ones.
                         for r in map.values() {
@@ -311,6 +350,19 @@ impl Node {
             tombstones,
         )
         .with_auth(self.auth.clone());
+        if forwarder.is_some() {
+            // Namespaces created alone during an etcd outage: claimed once
+            // etcd answers again.
+            let (svc, mut stop) = (service.clone(), repair_stop.subscribe());
+            cluster_tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(CLAIM_RETRY) => svc.retry_claims().await,
+                        _ = stop.changed() => return,
+                    }
+                }
+            }));
+        }
         if let Some(a) = &self.auth
             && s.auth.reload_interval_s > 0
         {

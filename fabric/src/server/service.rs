@@ -98,6 +98,10 @@ struct Shared {
     tombstones: Arc<Tombstones>,
     /// The tokens callers must present; `None`: authentication off.
     auth: Option<Arc<Authenticator>>,
+    /// Namespaces created on this node alone while etcd could not be
+    /// reached (cluster mode), and their owner: claimed later
+    /// ([`BlockService::retry_claims`]).
+    unclaimed: parking_lot::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// A refused namespace record as the service's error.
@@ -191,10 +195,55 @@ impl BlockService {
             }
             Err(PublishError::Cluster(e)) => {
                 tracing::warn!(namespace, tenant, error = %e,
-                    "cannot claim the new namespace cluster-wide (etcd unreachable); it is known on this node only");
+                    "cannot claim the new namespace cluster-wide (etcd unreachable); it is known on this node only \
+                     until a later claim succeeds");
+                self.shared
+                    .unclaimed
+                    .lock()
+                    .insert(namespace.to_string(), tenant.to_string());
                 Ok(())
             }
             Err(e) => Err(publish_error(e, tenant, namespace)),
+        }
+    }
+
+    /// Claims cluster-wide the namespaces this node created alone while
+    /// etcd was unreachable. One that another tenant claimed meanwhile is
+    /// left to the namespace watch, which empties it on this node and
+    /// hands it over ([`super::namespaces::Applied::reassigning`]).
+    pub(crate) async fn retry_claims(&self) {
+        let Some(f) = &self.shared.forwarder else { return };
+        let pending: Vec<(String, String)> = self
+            .shared
+            .unclaimed
+            .lock()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        for (ns, tenant) in pending {
+            if self.shared.namespaces.owner(&ns).as_deref() != Some(tenant.as_str()) {
+                self.shared.unclaimed.lock().remove(&ns);
+                continue;
+            }
+            let now = self.shared.stack.clock().now_ms();
+            match claim(&f.ctl.etcd, &f.ctl.cluster_id, &ns, &tenant, now).await {
+                Ok(rec) => {
+                    self.shared.unclaimed.lock().remove(&ns);
+                    match self.shared.namespaces.create(&tenant, &ns, rec.replication, true) {
+                        Ok(_) => {
+                            f.set_replication(&ns, rec.replication);
+                            tracing::info!(namespace = %ns, tenant = %tenant, "namespace claimed cluster-wide after the outage");
+                        }
+                        Err(e) => tracing::warn!(namespace = %ns, error = %e, "claimed, but not recorded here"),
+                    }
+                }
+                Err(PublishError::Cluster(_)) => return, // etcd still away: next time
+                Err(e) => {
+                    self.shared.unclaimed.lock().remove(&ns);
+                    tracing::warn!(namespace = %ns, tenant = %tenant, error = %e,
+                        "another tenant claimed this node's namespace during the outage; the cluster's record wins");
+                }
+            }
         }
     }
 
@@ -248,6 +297,7 @@ impl BlockService {
                 forwarder,
                 tombstones,
                 auth: None,
+                unclaimed: Default::default(),
             }),
         }
     }
@@ -293,17 +343,6 @@ impl BlockService {
         status(ErrorKind::PermissionDenied, message)
     }
 
-    /// Refuses a forwarded request from a caller that is not a node: it
-    /// would skip placement and replication and set an object's age.
-    fn may_forward(&self, who: &Principal, forwarded: bool) -> Result<(), Status> {
-        if forwarded && !who.is_node() {
-            return Err(self.denied(
-                "`forwarded` is for requests between the cluster's nodes (the node token); clients leave it unset",
-            ));
-        }
-        Ok(())
-    }
-
     /// Ends every open `Subscribe` stream (called on shutdown, so a graceful
     /// stop does not wait forever on subscribers).
     pub fn stop_streams(&self) {
@@ -323,11 +362,12 @@ impl BlockService {
         }
     }
 
-    /// A request's tenant (empty: the default one), checked, and one the
-    /// caller may act for.
-    pub(crate) fn tenant<'a>(&self, who: &Principal, t: &'a str) -> Result<&'a str, Status> {
+    /// A request's tenant, checked, and one the caller may act for. Empty
+    /// is the token's tenant, or without one the default tenant.
+    pub(crate) fn tenant<'a>(&self, who: &'a Principal, t: &'a str) -> Result<&'a str, Status> {
         let t = if t.is_empty() {
-            DEFAULT_TENANT
+            // A tenant's token names its tenant.
+            who.tenant().unwrap_or(DEFAULT_TENANT)
         } else {
             validate::name("tenant", t).map_err(invalid)?;
             t
@@ -545,10 +585,11 @@ impl BlockService {
             return Err(invalid("the first message of a put stream must be `open`"));
         };
         let tenant = self.tenant(&who, &open.tenant)?.to_string();
-        self.may_forward(&who, open.forwarded)?;
         validate::name("namespace", &open.namespace).map_err(invalid)?;
-        // Only a node copying its own objects may carry their age over.
-        let keep_age = open.forwarded;
+        // Only a node copying its own objects may carry their age over. A
+        // client's `forwarded` (a cluster client that placed the request
+        // on an owner itself) only means "store here, do not forward".
+        let keep_age = open.forwarded && who.is_node();
         let durability = match v1::Durability::try_from(open.durability) {
             Ok(v1::Durability::Memory) => Durability::Memory,
             Ok(v1::Durability::Disk) => Durability::Disk,
@@ -942,7 +983,6 @@ impl KvBlockService for BlockService {
         let r = (|| {
             let who = who?;
             let tenant = self.check_args(&who, &req.tenant, &req.namespace, Some(&req.keys))?;
-            self.may_forward(&who, req.forwarded)?;
             let fwd = self.forward_reads(req.forwarded, &req.namespace, &req.keys);
             if fwd.is_none() {
                 self.shared.namespaces.for_read(&tenant, &req.namespace)?;
@@ -1037,7 +1077,6 @@ impl KvBlockService for BlockService {
         let r = async {
             let who = who?;
             let tenant = self.check_args(&who, &req.tenant, &req.namespace, Some(&req.keys))?;
-            self.may_forward(&who, req.forwarded)?;
             if let Some(f) = self.forward_reads(req.forwarded, &req.namespace, &req.keys) {
                 self.count_forwarded("exists_prefix");
                 let tiers = f
@@ -1070,7 +1109,6 @@ impl KvBlockService for BlockService {
         let req = request.into_inner();
         let r = async {
             let who = who?;
-            self.may_forward(&who, req.forwarded)?;
             if req.all {
                 if !req.keys.is_empty() {
                     return Err(invalid("delete with `all` must not list keys"));
@@ -1279,7 +1317,7 @@ impl KvBlockService for BlockService {
     }
 
     async fn members(&self, request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
-        self.who(request.metadata())?;
+        let who = self.who(request.metadata())?;
         let r = match &self.shared.forwarder {
             Some(f) => MembersResponse {
                 members: f
@@ -1293,11 +1331,16 @@ impl KvBlockService for BlockService {
                     })
                     .collect(),
                 cluster: true,
+                // A tenant's token learns the replication of its own
+                // namespaces only.
                 namespaces: self
                     .shared
                     .namespaces
                     .cluster_wide()
                     .into_iter()
+                    .filter(|(ns, _)| {
+                        who.is_admin() || who.tenant().is_none_or(|t| self.shared.namespaces.visible(t, ns))
+                    })
                     .map(|(namespace, replication)| NamespaceReplication { namespace, replication })
                     .collect(),
                 node_id: self.shared.node_id.clone(),
