@@ -38,6 +38,11 @@ const NS: &str = "wtest";
 const TPB: usize = 16;
 
 async fn node(dir: &std::path::Path) -> Result<NodeHandle> {
+    node_with(dir, |_| {}).await
+}
+
+/// [`node`] with settings changed by `f`.
+async fn node_with(dir: &std::path::Path, f: impl FnOnce(&mut Settings)) -> Result<NodeHandle> {
     let mut s = Settings {
         listen: "127.0.0.1:0".parse()?,
         metrics_listen: "127.0.0.1:0".parse()?,
@@ -46,6 +51,7 @@ async fn node(dir: &std::path::Path) -> Result<NodeHandle> {
     };
     s.host.capacity = ByteSize(64 << 20);
     s.disk.capacity = ByteSize(0);
+    f(&mut s);
     Ok(Node::build(s).await?.start().await?)
 }
 
@@ -780,6 +786,107 @@ async fn co_located_workers_use_the_local_path() -> Result<()> {
         w.shutdown().await;
     }
     node.shutdown().await;
+    Ok(())
+}
+
+/// A fabric node that authenticates (`[auth] tokens-file`): workers acting
+/// for their tenant with its token store and load KV blocks through it,
+/// over gRPC (token from `fabric-token-file`) and, with a token that allows
+/// it, the local path; a token without `local` gets gRPC only; a worker
+/// without a token is refused, computes everything and still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticating_fabric_node_takes_the_workers_token() -> Result<()> {
+    use kvfabric::auth::Token;
+    use kvfabric::server::auth::{new_token, token_sha256};
+    let dir = tempfile::tempdir()?;
+    let (grpc, engine) = (new_token(), new_token());
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\ntenant = \"acme\"\nsha256 = {:?}\n[[token]]\ntenant = \"acme\"\nsha256 = {:?}\nlocal = true\n",
+            token_sha256(&grpc),
+            token_sha256(&engine)
+        ),
+    )?;
+    let grpc_file = dir.path().join("grpc.token");
+    std::fs::write(&grpc_file, format!("{}\n", grpc.secret()))?;
+    let node = node_with(&dir.path().join("data"), |s| s.auth.tokens_file = Some(tokens)).await?;
+    let socket = node.local_socket.clone().expect("the node serves the local path");
+    let acme =
+        |token: Option<Token>, file: Option<std::path::PathBuf>, sock: Option<std::path::PathBuf>| WorkerSettings {
+            tenant: "acme".into(),
+            fabric_token: token,
+            fabric_token_file: file,
+            fabric_socket: sock,
+            ..settings(Some(&node))
+        };
+    let c = http();
+    let text = long_text("auth", 200);
+    let prompt = encode(&text, true);
+    let (len, usable) = (prompt.len(), (prompt.len() - 1) / TPB * TPB);
+    let body = json!({"prompt": text, "max_tokens": 8, "ignore_eos": true});
+
+    // No token: every fabric call is refused; the request is computed.
+    let none = Worker::start(acme(None, None, None)).await?;
+    let first = complete(&c, &none, body.clone()).await?;
+    assert_eq!(ext(&first, "computed_tokens") as usize, len);
+    let st = none.stats();
+    assert_eq!((st.fabric_blocks_stored, st.fabric_blocks_loaded), (0, 0), "{st:?}");
+    let (_, m) = get(&c, &format!("{}/metrics", none.url())).await?;
+    assert!(m.contains("kvfabric_worker_fabric_errors_total{op=\"store\"}"), "{m}");
+
+    // The token that allows the local path: stored through the arena.
+    let a = Worker::start(acme(Some(engine), None, Some(socket.clone()))).await?;
+    let second = complete(&c, &a, body.clone()).await?;
+    assert_eq!(ids(&second), ids(&first));
+    let st = a.stats();
+    assert!(st.fabric_blocks_stored >= (len / TPB) as u64, "{st:?}");
+    assert_eq!(st.fabric_local_blocks_stored, st.fabric_blocks_stored, "{st:?}");
+
+    // The gRPC token, from its file: loaded over gRPC.
+    let b = Worker::start(acme(None, Some(grpc_file), None)).await?;
+    let third = complete(&c, &b, body.clone()).await?;
+    assert_eq!(ids(&third), ids(&first), "identical output from fabric blocks");
+    assert_eq!(ext(&third, "fabric_tokens") as usize, usable);
+    let st = b.stats();
+    assert_eq!(st.fabric_blocks_loaded as usize, usable / TPB, "{st:?}");
+
+    // The gRPC token with the socket: the node refuses it the local path,
+    // and the worker moves blocks over gRPC.
+    let d = Worker::start(acme(Some(grpc), None, Some(socket))).await?;
+    let fourth = complete(&c, &d, body).await?;
+    assert_eq!(ids(&fourth), ids(&first));
+    assert_eq!(ext(&fourth, "fabric_tokens") as usize, usable);
+    let st = d.stats();
+    assert_eq!(st.fabric_blocks_loaded as usize, usable / TPB, "{st:?}");
+    assert_eq!(st.fabric_local_blocks_loaded, 0, "{st:?}");
+    for w in [none, a, b, d] {
+        w.shutdown().await;
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The binary reads the fabric token at load: a `--fabric-token-file` that
+/// is missing, or a `$KVFABRIC_TOKEN` that is no token, stops it with a
+/// message naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_fabric_token_stops_the_binary() -> Result<()> {
+    for (args, env, want) in [
+        (&["--fabric-token-file", "/no/such/token"][..], "", "fabric-token-file"),
+        (&[][..], "too-short", "$KVFABRIC_TOKEN"),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvfabric-worker"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("KVFABRIC_TOKEN", env)
+            .env_remove("RUST_LOG")
+            .output()
+            .await?;
+        ensure!(!out.status.success(), "{out:?}");
+        ensure!(String::from_utf8_lossy(&out.stderr).contains(want), "{out:?}");
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use kvfabric::auth::Token;
 use serde::{Deserialize, Deserializer};
 
 use crate::score::CostSettings;
@@ -149,7 +150,26 @@ pub struct Settings {
     /// 2000; 0 or 100..=600000.
     pub fabric_discover_ms: u64,
     /// Fabric tenant the subscriptions act as. Default empty (`default`).
+    /// On fabric nodes that authenticate, the token (`fabric-token-file`)
+    /// must be this tenant's: a node refuses a token acting for another.
+    /// Left empty, the subscriptions act for the token's own tenant.
     pub tenant: String,
+    /// File holding the bearer token sent on every call to the fabric
+    /// nodes (`Subscribe`, `Members`), for nodes that authenticate (`[auth]`
+    /// in the node's settings): the file's content less surrounding
+    /// whitespace, 16 to 512 visible ASCII characters. [`Settings::load`]
+    /// reads it into `fabric_token`, and a file that is missing or holds
+    /// no valid token stops the router. Default unset: the token in
+    /// `$KVFABRIC_TOKEN` if that is set and not empty, else none (nodes
+    /// that authenticate refuse the router: no fabric events).
+    pub fabric_token_file: Option<PathBuf>,
+    /// The token itself, as [`Settings::load`] read it from
+    /// `fabric-token-file` or `$KVFABRIC_TOKEN`; in-process users may set
+    /// it directly. Not a TOML key. When it is unset and
+    /// `fabric-token-file` is set (settings not made by `load`), the file
+    /// is read at start. Default none.
+    #[serde(skip)]
+    pub fabric_token: Option<Token>,
     /// Fabric namespace whose blocks the router follows; its salt seeds the
     /// canonical block hash, so it must be the engines' namespace. Default
     /// `default`; 1 to 128 of `[A-Za-z0-9._-]`, as on the fabric.
@@ -212,6 +232,8 @@ impl Default for Settings {
             fabric: Vec::new(),
             fabric_discover_ms: 2000,
             tenant: String::new(),
+            fabric_token_file: None,
+            fabric_token: None,
             namespace: "default".into(),
             models: Vec::new(),
             tokenizer: None,
@@ -242,6 +264,8 @@ pub struct Overrides {
     pub namespace: Option<String>,
     /// `--tenant` / `KVFABRIC_ROUTER_TENANT`.
     pub tenant: Option<String>,
+    /// `--fabric-token-file` / `KVFABRIC_ROUTER_FABRIC_TOKEN_FILE`.
+    pub fabric_token_file: Option<PathBuf>,
     /// `--model` / `KVFABRIC_ROUTER_MODELS` (replaces the file's list).
     pub models: Option<Vec<String>>,
     /// `--tokenizer` / `KVFABRIC_ROUTER_TOKENIZER`.
@@ -267,7 +291,8 @@ impl Settings {
     }
 
     /// Reads and parses a TOML file (`None`: the defaults), applies
-    /// `overrides` and validates the result.
+    /// `overrides`, validates the result and reads the fabric token
+    /// (`fabric-token-file`, else `$KVFABRIC_TOKEN`).
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Settings, ConfigError> {
         let mut s = match path {
             Some(p) => {
@@ -281,7 +306,26 @@ impl Settings {
         };
         s.apply(overrides);
         s.validate().map_err(ConfigError::Invalid)?;
+        s.fabric_token = Token::from_file_or_env(s.fabric_token_file.as_deref()).map_err(|e| {
+            ConfigError::Invalid(match s.fabric_token_file {
+                Some(_) => format!("fabric-token-file: {e}"),
+                None => format!("{e} (the fabric token while fabric-token-file is unset)"),
+            })
+        })?;
         Ok(s)
+    }
+
+    /// The token fabric connections send: `fabric_token` when set, else
+    /// the one in `fabric-token-file`, read now; the message names the
+    /// setting.
+    pub(crate) fn token_to_send(&self) -> Result<Option<Token>, String> {
+        match (&self.fabric_token, &self.fabric_token_file) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(f)) => Token::from_file(f)
+                .map(Some)
+                .map_err(|e| format!("fabric-token-file: {e}")),
+            (None, None) => Ok(None),
+        }
     }
 
     /// Applies environment / flag overrides.
@@ -297,6 +341,9 @@ impl Settings {
         }
         if let Some(v) = o.tenant {
             self.tenant = v;
+        }
+        if let Some(v) = o.fabric_token_file {
+            self.fabric_token_file = Some(v);
         }
         if let Some(v) = o.models {
             self.models = v;
@@ -484,5 +531,32 @@ mod tests {
         assert_eq!(s.workers[0].url, "http://h:3");
         s.validate().unwrap();
         assert!("noequals".parse::<WorkerSettings>().is_err());
+    }
+
+    #[test]
+    fn the_fabric_token_file_is_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("token");
+        std::fs::write(&good, "kvf_0123456789abcdef\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "kvf_0123\n").unwrap();
+        let with = |f: &Path| Overrides {
+            fabric_token_file: Some(f.to_path_buf()),
+            ..Default::default()
+        };
+        let s = Settings::load(None, with(&good)).unwrap();
+        assert_eq!(s.fabric_token.as_ref().unwrap().secret(), "kvf_0123456789abcdef");
+        assert_eq!(s.token_to_send().unwrap(), s.fabric_token);
+        for bad in [short, dir.path().join("missing")] {
+            let e = Settings::load(None, with(&bad)).unwrap_err().to_string();
+            assert!(e.starts_with("fabric-token-file: "), "{e}");
+            assert!(e.contains(&bad.display().to_string()), "{e}");
+        }
+        // Settings not made by `load` read the file when started.
+        let s = Settings::from_toml(&format!("fabric-token-file = {:?}", good.display().to_string())).unwrap();
+        assert_eq!(s.fabric_token, None);
+        assert_eq!(s.token_to_send().unwrap().unwrap().secret(), "kvf_0123456789abcdef");
+        let s = Settings::from_toml("fabric-token-file = \"/no/such/token\"").unwrap();
+        assert!(s.token_to_send().unwrap_err().starts_with("fabric-token-file: "));
     }
 }

@@ -27,11 +27,18 @@
 //! 5 s, reset by a successful connection). Malformed frames are counted in
 //! [`EventCounters`](crate::events::EventCounters) and logged; nothing here
 //! panics on what a publisher sends.
+//!
+//! Every fabric connection is made with the router's [`ClientOptions`]
+//! (its bearer token, `fabric-token-file`). A node that refuses it
+//! (`UNAUTHENTICATED`, `PERMISSION_DENIED`) is logged as a warning saying
+//! why ([`refusal`]), and asked again with the same backoff: a node whose
+//! tokens file gains the router's token is followed without a restart.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use kvfabric::client::{Client, ClientError, ClientOptions};
 use zeromq::{Socket, SocketOptions, SocketRecv, SubSocket, ZmqMessage};
 
 use crate::events::vllm::split_frames;
@@ -146,12 +153,49 @@ pub(crate) async fn engine_events(
     }
 }
 
+/// Why a fabric node refused the router, for operators, when `e` is an
+/// authentication or authorisation refusal; `None` for other errors.
+pub(crate) fn refusal(e: &ClientError, tenant: &str) -> Option<String> {
+    match e.kind() {
+        kvfabric::ErrorKind::Unauthenticated => Some(
+            "the fabric node authenticates and refused the router's token (none, or one it does not accept): \
+             set fabric-token-file (or $KVFABRIC_TOKEN) to a token in the node's tokens file; no events from it until then"
+                .to_string(),
+        ),
+        kvfabric::ErrorKind::PermissionDenied if tenant.is_empty() => Some(
+            "the fabric node refused the router's tenant (unset: the token's own, or without authentication \
+             the default): the namespace is another tenant's; no events from it until then"
+                .to_string(),
+        ),
+        kvfabric::ErrorKind::PermissionDenied => Some(format!(
+            "the fabric node refused tenant {tenant:?}: on a node that authenticates, the token must be that \
+             tenant's (fabric-token-file and tenant must agree); else the namespace is another tenant's; no events from it until then"
+        )),
+        _ => None,
+    }
+}
+
+/// What a run of failed subscriptions is failing with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failing {
+    /// The node refused the router's token ([`refusal`]).
+    Refused,
+    /// Anything else (unreachable, ...).
+    Other,
+}
+
+/// Connects to `url` with the router's options (its token).
+async fn connect(url: &str, options: &ClientOptions) -> Result<Client, ClientError> {
+    Client::connect_with(url.to_string(), options.clone()).await
+}
+
 /// Follows fabric node `url`'s `Subscribe` stream for `namespace` for ever.
 pub(crate) async fn fabric_events(
     source: String,
     url: String,
     tenant: String,
     namespace: String,
+    options: ClientOptions,
     tracker: FabricTracker,
     metrics: Metrics,
 ) {
@@ -159,29 +203,37 @@ pub(crate) async fn fabric_events(
     let connects = metrics.stream_connects.with_label_values(&[&source]);
     let mut backoff = Backoff::new();
     // The first failure of a run is a warning (a node down or misnamed
-    // shows at the default log level); the retries after it are debug.
-    let mut failing = false;
+    // shows at the default log level), and so is the first refusal of the
+    // router's token, even after other failures (the reason no events
+    // arrive, and a setting to fix); the retries after it are debug.
+    let mut failing: Option<Failing> = None;
     loop {
         let sub = async {
-            let c = kvfabric::client::Client::connect(url.clone())
-                .await?
-                .with_tenant(tenant.clone());
+            let c = connect(&url, &options).await?.with_tenant(tenant.clone());
             c.subscribe_from_snapshot(Some(&namespace)).await
         };
         let mut stream = match sub.await {
             Ok(s) => s,
             Err(e) => {
-                if failing {
+                let why = refusal(&e, &tenant);
+                let now = if why.is_some() {
+                    Failing::Refused
+                } else {
+                    Failing::Other
+                };
+                if failing == Some(now) {
                     tracing::debug!(%source, %url, error = %e, "fabric subscription failed; retrying");
+                } else if let Some(why) = why {
+                    tracing::warn!(%source, %url, error = %e, "fabric subscription refused: {why}");
                 } else {
                     tracing::warn!(%source, %url, error = %e, "fabric subscription failed; retrying with backoff");
-                    failing = true;
                 }
+                failing = Some(now);
                 backoff.wait().await;
                 continue;
             }
         };
-        failing = false;
+        failing = None;
         backoff.reset();
         connected.set(1);
         connects.inc();
@@ -222,6 +274,8 @@ pub(crate) struct Discovery {
     pub(crate) names: crate::workers::FabricNames,
     pub(crate) interval: Duration,
     pub(crate) tenant: String,
+    /// How fabric nodes are connected to (the router's token).
+    pub(crate) options: ClientOptions,
     pub(crate) namespace: String,
     pub(crate) router: Arc<crate::Router>,
     pub(crate) index: Arc<dyn crate::index::PrefixIndex>,
@@ -293,6 +347,7 @@ impl Following {
                     endpoint,
                     d.tenant.clone(),
                     d.namespace.clone(),
+                    d.options.clone(),
                     tracker,
                     d.metrics.clone(),
                 )),
@@ -323,13 +378,11 @@ const MEMBERS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `Members` of one node within [`MEMBERS_TIMEOUT`]: a node that accepts
 /// the connection but never answers does not stall discovery of the rest.
-async fn members_of(
-    c: &kvfabric::client::Client,
-) -> Result<kvfabric_proto::v1::MembersResponse, kvfabric::client::ClientError> {
+async fn members_of(c: &Client) -> Result<kvfabric_proto::v1::MembersResponse, ClientError> {
     tokio::time::timeout(MEMBERS_TIMEOUT, c.members())
         .await
         .unwrap_or_else(|_| {
-            Err(kvfabric::client::ClientError::Status {
+            Err(ClientError::Status {
                 kind: kvfabric::ErrorKind::Unavailable,
                 code: tonic::Code::DeadlineExceeded,
                 message: format!("no Members answer within {MEMBERS_TIMEOUT:?}"),
@@ -342,6 +395,7 @@ async fn members_of(
 /// is not in the registry (a single node).
 async fn learn_configured_ids(d: &Discovery) {
     let mut left: Vec<&(String, String, crate::index::HolderId)> = d.entries.iter().collect();
+    let mut refused = Refused::default();
     let mut tick = tokio::time::interval(d.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !left.is_empty() {
@@ -349,10 +403,11 @@ async fn learn_configured_ids(d: &Discovery) {
         let mut still = Vec::new();
         for entry in left {
             let (name, url, holder) = entry;
-            let answer = match kvfabric::client::Client::connect(url.clone()).await {
+            let answer = match connect(url, &d.options).await {
                 Ok(c) => members_of(&c).await,
                 Err(e) => Err(e),
             };
+            refused.note(d, name, &answer);
             match answer {
                 Ok(m) => {
                     if !m.node_id.is_empty() {
@@ -360,7 +415,7 @@ async fn learn_configured_ids(d: &Discovery) {
                     }
                 }
                 // A node without the call (older version) has no id to learn.
-                Err(kvfabric::client::ClientError::Status {
+                Err(ClientError::Status {
                     code: tonic::Code::Unimplemented,
                     ..
                 }) => {}
@@ -405,10 +460,36 @@ async fn follow_registry(d: &Discovery, f: &mut Following, etcd: kvfabric::clust
     }
 }
 
+/// The configured nodes that refused the router's token on `Members`,
+/// each warned about once until it answers again.
+#[derive(Debug, Default)]
+struct Refused(std::collections::HashSet<String>);
+
+impl Refused {
+    /// Warns the first time `name` refuses the router's token.
+    fn note<T>(&mut self, d: &Discovery, name: &str, answer: &Result<T, ClientError>) {
+        match answer
+            .as_ref()
+            .err()
+            .and_then(|e| refusal(e, &d.tenant).map(|w| (e, w)))
+        {
+            Some((e, why)) => {
+                if self.0.insert(name.to_string()) {
+                    tracing::warn!(fabric = %name, error = %e, "fabric discovery refused: {why}");
+                }
+            }
+            None => {
+                self.0.remove(name);
+            }
+        }
+    }
+}
+
 /// Members asked of the configured nodes every `interval`.
 async fn poll_members(d: &Discovery, f: &mut Following) {
     use std::collections::HashMap;
-    let mut clients: HashMap<String, kvfabric::client::Client> = HashMap::new();
+    let mut clients: HashMap<String, Client> = HashMap::new();
+    let mut refused = Refused::default();
     let mut tick = tokio::time::interval(d.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -420,7 +501,7 @@ async fn poll_members(d: &Discovery, f: &mut Following) {
         for (name, url, holder) in &d.entries {
             let c = match clients.get(url) {
                 Some(c) => c.clone(),
-                None => match kvfabric::client::Client::connect(url.clone()).await {
+                None => match connect(url, &d.options).await {
                     Ok(c) => {
                         clients.insert(url.clone(), c.clone());
                         c
@@ -431,7 +512,9 @@ async fn poll_members(d: &Discovery, f: &mut Following) {
                     }
                 },
             };
-            match members_of(&c).await {
+            let answer = members_of(&c).await;
+            refused.note(d, name, &answer);
+            match answer {
                 Ok(m) => {
                     answered = true;
                     // The configured node itself, by its id (older nodes
@@ -444,7 +527,7 @@ async fn poll_members(d: &Discovery, f: &mut Following) {
                     }
                 }
                 // A node without the call (older version) is a single node.
-                Err(kvfabric::client::ClientError::Status {
+                Err(ClientError::Status {
                     code: tonic::Code::Unimplemented,
                     ..
                 }) => answered = true,
@@ -460,4 +543,29 @@ async fn poll_members(d: &Discovery, f: &mut Following) {
 /// An endpoint compared loosely: without a trailing slash.
 fn norm(url: &str) -> String {
     url.trim_end_matches('/').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(kind: kvfabric::ErrorKind, code: tonic::Code) -> ClientError {
+        ClientError::Status {
+            kind,
+            code,
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_setting_to_fix() {
+        let e = status(kvfabric::ErrorKind::Unauthenticated, tonic::Code::Unauthenticated);
+        assert!(refusal(&e, "acme").unwrap().contains("fabric-token-file"));
+        let e = status(kvfabric::ErrorKind::PermissionDenied, tonic::Code::PermissionDenied);
+        let why = refusal(&e, "acme").unwrap();
+        assert!(why.contains("fabric-token-file") && why.contains("\"acme\""), "{why}");
+        assert!(refusal(&e, "").unwrap().contains("another tenant's"));
+        let e = status(kvfabric::ErrorKind::Unavailable, tonic::Code::Unavailable);
+        assert_eq!(refusal(&e, "acme"), None);
+    }
 }

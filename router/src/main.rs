@@ -33,6 +33,9 @@ struct Cli {
     /// Fabric tenant.
     #[arg(long, env = "KVFABRIC_ROUTER_TENANT")]
     tenant: Option<String>,
+    /// File holding the token sent to fabric nodes that authenticate (default: $KVFABRIC_TOKEN).
+    #[arg(long, env = "KVFABRIC_ROUTER_FABRIC_TOKEN_FILE")]
+    fabric_token_file: Option<PathBuf>,
     /// Model names served, comma-separated (replaces the file's list).
     #[arg(long = "model", env = "KVFABRIC_ROUTER_MODELS", value_delimiter = ',')]
     models: Option<Vec<String>>,
@@ -64,6 +67,7 @@ async fn main() -> Result<()> {
         fabric: cli.fabric,
         namespace: cli.namespace,
         tenant: cli.tenant,
+        fabric_token_file: cli.fabric_token_file,
         models: cli.models,
         tokenizer: cli.tokenizer,
         workers: cli.workers,

@@ -85,6 +85,10 @@ impl RouterService {
     /// Starts on an already bound listener.
     pub async fn start_on(listener: TcpListener, settings: Settings) -> Result<RouterHandle, ServeError> {
         settings.validate().map_err(ServeError::Settings)?;
+        let fabric_options = kvfabric::client::ClientOptions {
+            token: settings.token_to_send().map_err(ServeError::Settings)?,
+            ..Default::default()
+        };
         let addr = listener.local_addr().map_err(|source| ServeError::Bind {
             addr: settings.listen,
             source,
@@ -115,6 +119,7 @@ impl RouterService {
                 f.url.clone(),
                 settings.tenant.clone(),
                 settings.namespace.clone(),
+                fabric_options.clone(),
                 tracker,
                 metrics.clone(),
             )));
@@ -132,6 +137,7 @@ impl RouterService {
                 names: names.clone(),
                 interval: Duration::from_millis(settings.fabric_discover_ms),
                 tenant: settings.tenant.clone(),
+                options: fabric_options.clone(),
                 namespace: settings.namespace.clone(),
                 router: router.clone(),
                 index: index.clone(),

@@ -487,6 +487,133 @@ async fn fabric_events_through_a_real_node_influence_routing() -> Result<()> {
     Ok(())
 }
 
+/// A fabric node that authenticates (`[auth] tokens-file`): the router
+/// with its tenant's token (`fabric-token-file`) follows the node's events
+/// and routes by them; routers with no token, an unknown one, or another
+/// tenant's are refused at the node (counted there), never see a block,
+/// and keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authenticating_fabric_node_is_followed_with_the_routers_token() -> Result<()> {
+    use kvfabric::client::{ClientOptions, Durability};
+    use kvfabric::server::auth::{new_token, token_sha256};
+    let dir = tempfile::tempdir()?;
+    let (acme, globex) = (new_token(), new_token());
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\ntenant = \"acme\"\nsha256 = {:?}\n[[token]]\ntenant = \"globex\"\nsha256 = {:?}\n",
+            token_sha256(&acme),
+            token_sha256(&globex)
+        ),
+    )?;
+    let acme_file = dir.path().join("acme.token");
+    std::fs::write(&acme_file, format!("{}\n", acme.secret()))?;
+    let mut ns = node_settings(&dir.path().join("data"), "kvfabric-node");
+    ns.auth.tokens_file = Some(tokens);
+    let node = kvfabric::server::Node::build(ns).await?.start().await?;
+    let options = ClientOptions {
+        token: Some(acme.clone()),
+        ..Default::default()
+    };
+    let fc = kvfabric::client::Client::connect_with(node.endpoint(), options)
+        .await?
+        .with_tenant("acme");
+    fc.put("ns", &b"probe"[..], &b"p"[..], Durability::Memory).await?;
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let b = StandIn::start("b", tx).await?;
+    let router = |file: Option<std::path::PathBuf>, token: Option<kvfabric::auth::Token>| {
+        let mut s = base_settings(vec![a.settings(false), b.settings(false)]);
+        s.fabric = vec![FabricEndpoint {
+            name: "n1".into(),
+            url: node.endpoint(),
+        }];
+        s.workers[1].fabric_node = Some("n1".into());
+        s.tenant = "acme".into();
+        s.fabric_token_file = file;
+        s.fabric_token = token;
+        RouterService::start(s)
+    };
+    let r = router(Some(acme_file), None).await?;
+    let refused = [
+        router(None, None).await?,
+        router(None, Some(new_token())).await?,
+        router(None, Some(globex)).await?,
+    ];
+    let c = client();
+
+    // The router with acme's token sees the blocks stored and routes by them.
+    let ids: Vec<u32> = (0..64).collect();
+    let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), &ids, 16, &[]);
+    let fabric = HolderId(FABRIC_HOLDER_BASE);
+    let objs = || {
+        keys.iter()
+            .map(|k| kvfabric::client::PutObject::new(k.to_vec(), vec![7u8; 1024]))
+            .collect()
+    };
+    fc.put_many("ns", objs(), Durability::Memory).await?;
+    eventually("the router with the tenant's token sees the node's blocks", || {
+        r.router().index().holder_len(fabric) >= 4
+    })
+    .await?;
+    for _ in 0..3 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+    }
+    let m = metrics(&c, &r).await?;
+    assert!(
+        m.contains("kvfabric_router_event_stream_connected{source=\"fabric:n1\"} 1"),
+        "{m}"
+    );
+
+    // The others were refused at the node: no token, an unknown one, and
+    // one acting for another tenant.
+    let node_metrics = format!("http://{}/metrics", node.metrics_addr);
+    for reason in ["missing", "unknown", "denied"] {
+        let want = format!("kvfabric_auth_failures_total{{reason=\"{reason}\"}}");
+        let mut seen = false;
+        for _ in 0..500 {
+            let (_, _, m) = call(&c, Method::GET, node_metrics.clone(), "").await?;
+            if m.lines().any(|l| l.starts_with(&want) && !l.ends_with(" 0")) {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen, "the node refused a router ({reason})");
+    }
+    // More blocks now, live: still nothing reaches the refused routers,
+    // which serve on without the fabric.
+    fc.put_many("ns", objs(), Durability::Memory).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for rr in &refused {
+        assert_eq!(rr.router().index().holder_len(fabric), 0, "a refused router saw blocks");
+        let m = metrics(&c, rr).await?;
+        assert!(
+            m.contains("kvfabric_router_event_stream_connected{source=\"fabric:n1\"} 0"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("kvfabric_router_event_stream_connects_total{source=\"fabric:n1\"} 1"),
+            "{m}"
+        );
+        let (s, _, _) = call(&c, Method::GET, format!("{}/health", rr.url()), "").await?;
+        assert_eq!(s, StatusCode::OK);
+        let (s, _, _) = complete(&c, rr, json!({"prompt": ids})).await?;
+        assert_eq!(s, StatusCode::OK);
+    }
+    r.shutdown().await;
+    for rr in refused {
+        rr.shutdown().await;
+    }
+    node.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streaming_sse_passes_through_unchanged() -> Result<()> {
     let (tx, _rx) = mpsc::unbounded_channel();
@@ -1000,6 +1127,21 @@ async fn the_binary_serves_and_rejects_bad_settings() -> Result<()> {
         String::from_utf8_lossy(&out.stderr).contains("health-interval-ms"),
         "{out:?}"
     );
+    // So does a fabric token that cannot be read or is not a token, from
+    // the setting's file or from $KVFABRIC_TOKEN.
+    for (args, env, want) in [
+        (&["--fabric-token-file", "/no/such/token"][..], "", "fabric-token-file"),
+        (&[][..], "too-short", "$KVFABRIC_TOKEN"),
+    ] {
+        let out = tokio::process::Command::new(bin)
+            .args(args)
+            .env("KVFABRIC_TOKEN", env)
+            .env_remove("RUST_LOG")
+            .output()
+            .await?;
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{out:?}");
+    }
 
     // A good one serves: flags add a worker and a fabric node (unreachable:
     // the subscription retries in the background without blocking serving).

@@ -42,6 +42,9 @@ struct Cli {
     /// Fabric tenant.
     #[arg(long, env = "KVFABRIC_WORKER_TENANT")]
     tenant: Option<String>,
+    /// File holding the token sent to a fabric node that authenticates (default: $KVFABRIC_TOKEN).
+    #[arg(long, env = "KVFABRIC_WORKER_FABRIC_TOKEN_FILE")]
+    fabric_token_file: Option<PathBuf>,
     /// Fabric namespace (its salt seeds the block hashes).
     #[arg(long, env = "KVFABRIC_WORKER_NAMESPACE")]
     namespace: Option<String>,
@@ -154,6 +157,7 @@ async fn main() -> Result<()> {
         fabric_socket: cli.fabric_socket,
         fabric_timeout_ms: cli.fabric_timeout_ms,
         tenant: cli.tenant,
+        fabric_token_file: cli.fabric_token_file,
         namespace: cli.namespace,
         model: cli.model,
         weights: cli.weights,
@@ -252,7 +256,15 @@ async fn register(
     // host's node from others (best effort: a node that cannot say leaves
     // it unset).
     let fabric_node = match &settings.fabric {
-        Some(url) => match kvfabric::client::Client::connect(url.clone()).await {
+        Some(url) => match kvfabric::client::Client::connect_with(
+            url.clone(),
+            kvfabric::client::ClientOptions {
+                token: settings.fabric_token.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        {
             Ok(c) => match c.members().await {
                 Ok(m) if !m.node_id.is_empty() => Some(m.node_id),
                 Ok(_) => None,

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use kvfabric::auth::Token;
 use kvfabric::size::ByteSize;
 use serde::Deserialize;
 
@@ -111,8 +112,27 @@ pub struct WorkerSettings {
     /// Default 5000; 1 to 600 000.
     pub fabric_timeout_ms: u64,
     /// Fabric tenant the worker acts as. Default empty (the node's default
-    /// tenant).
+    /// tenant). On a node that authenticates, the token
+    /// (`fabric-token-file`) must be this tenant's; left empty, the worker
+    /// acts for the token's own tenant.
     pub tenant: String,
+    /// File holding the bearer token sent to the fabric node, on gRPC and
+    /// in the local path's hello, for a node that authenticates (`[auth]`
+    /// in the node's settings): the file's content less surrounding
+    /// whitespace, 16 to 512 visible ASCII characters. The local path
+    /// (`fabric-socket`) also needs the token to allow it (`local = true`
+    /// in the node's tokens file). [`WorkerSettings::load`] reads it into
+    /// `fabric_token`, and a file that is missing or holds no valid token
+    /// stops the worker. Default unset: the token in `$KVFABRIC_TOKEN` if
+    /// that is set and not empty, else none.
+    pub fabric_token_file: Option<PathBuf>,
+    /// The token itself, as [`WorkerSettings::load`] read it from
+    /// `fabric-token-file` or `$KVFABRIC_TOKEN`; in-process users may set
+    /// it directly. Not a TOML key. When it is unset and
+    /// `fabric-token-file` is set (settings not made by `load`), the file
+    /// is read at start. Default none.
+    #[serde(skip)]
+    pub fabric_token: Option<Token>,
     /// Fabric namespace of its KV blocks; its salt seeds the block hashes,
     /// so the router and every worker sharing blocks must use the same one.
     /// Default `default`; 1..=128 of `[A-Za-z0-9._-]`.
@@ -220,6 +240,8 @@ impl Default for WorkerSettings {
             fabric_socket: None,
             fabric_timeout_ms: 5000,
             tenant: String::new(),
+            fabric_token_file: None,
+            fabric_token: None,
             namespace: "default".into(),
             model: None,
             model_config: None,
@@ -267,6 +289,8 @@ pub struct Overrides {
     pub fabric_timeout_ms: Option<u64>,
     /// `--tenant` / `KVFABRIC_WORKER_TENANT`.
     pub tenant: Option<String>,
+    /// `--fabric-token-file` / `KVFABRIC_WORKER_FABRIC_TOKEN_FILE`.
+    pub fabric_token_file: Option<PathBuf>,
     /// `--namespace` / `KVFABRIC_WORKER_NAMESPACE`.
     pub namespace: Option<String>,
     /// `--model` / `KVFABRIC_WORKER_MODEL`.
@@ -333,7 +357,8 @@ impl WorkerSettings {
     }
 
     /// Reads and parses a TOML file (`None`: the defaults), applies
-    /// `overrides` and validates the result.
+    /// `overrides`, validates the result and reads the fabric token
+    /// (`fabric-token-file`, else `$KVFABRIC_TOKEN`).
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<WorkerSettings, SettingsError> {
         let mut s = match path {
             Some(p) => {
@@ -347,7 +372,25 @@ impl WorkerSettings {
         };
         s.apply(overrides);
         s.validate()?;
+        s.fabric_token = Token::from_file_or_env(s.fabric_token_file.as_deref()).map_err(|e| {
+            SettingsError::Invalid(match s.fabric_token_file {
+                Some(_) => format!("fabric-token-file: {e}"),
+                None => format!("{e} (the fabric token while fabric-token-file is unset)"),
+            })
+        })?;
         Ok(s)
+    }
+
+    /// The token fabric connections send: `fabric_token` when set, else
+    /// the one in `fabric-token-file`, read now.
+    pub(crate) fn token_to_send(&self) -> Result<Option<Token>, SettingsError> {
+        match (&self.fabric_token, &self.fabric_token_file) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(f)) => Token::from_file(f)
+                .map(Some)
+                .map_err(|e| SettingsError::Invalid(format!("fabric-token-file: {e}"))),
+            (None, None) => Ok(None),
+        }
     }
 
     /// Applies environment / flag overrides.
@@ -395,6 +438,7 @@ impl WorkerSettings {
         set_opt!(
             fabric,
             fabric_socket,
+            fabric_token_file,
             weights,
             kv_events,
             served_model_name,
@@ -643,5 +687,37 @@ mod tests {
         assert!(!s.disaggregates());
         s.validate().unwrap();
         assert!("x".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn the_fabric_token_file_is_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("token");
+        std::fs::write(&good, "kvf_0123456789abcdef\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "kvf_0123\n").unwrap();
+        let with = |f: &Path| Overrides {
+            fabric_token_file: Some(f.to_path_buf()),
+            ..Default::default()
+        };
+        let s = WorkerSettings::load(None, with(&good)).unwrap();
+        assert_eq!(s.fabric_token.as_ref().unwrap().secret(), "kvf_0123456789abcdef");
+        assert_eq!(s.token_to_send().unwrap(), s.fabric_token);
+        for bad in [short, dir.path().join("missing")] {
+            let e = WorkerSettings::load(None, with(&bad)).unwrap_err().to_string();
+            assert!(e.contains("fabric-token-file: "), "{e}");
+            assert!(e.contains(&bad.display().to_string()), "{e}");
+        }
+        // Settings not made by `load` read the file when started.
+        let s = WorkerSettings::from_toml(&format!("fabric-token-file = {:?}", good.display().to_string())).unwrap();
+        assert_eq!(s.fabric_token, None);
+        assert_eq!(s.token_to_send().unwrap().unwrap().secret(), "kvf_0123456789abcdef");
+        let s = WorkerSettings::from_toml("fabric-token-file = \"/no/such/token\"").unwrap();
+        assert!(
+            s.token_to_send()
+                .unwrap_err()
+                .to_string()
+                .contains("fabric-token-file: ")
+        );
     }
 }

@@ -124,8 +124,10 @@ impl Worker {
     }
 
     /// [`Worker::start`] with explicit components.
-    pub async fn start_with(settings: WorkerSettings, components: Components) -> Result<WorkerHandle, WorkerError> {
+    pub async fn start_with(mut settings: WorkerSettings, components: Components) -> Result<WorkerHandle, WorkerError> {
         settings.validate()?;
+        // A token file named but not read yet (settings not made by `load`).
+        settings.fabric_token = settings.token_to_send()?;
         let config = settings.resolve_model()?;
         let (weights_path, threads, pool_blocks) = (settings.weights.clone(), settings.threads, settings.pool_blocks);
         let cfg = config.clone();

@@ -24,8 +24,10 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use kvfabric::ErrorKind as FabricErrorKind;
+use kvfabric::auth::Token;
 use kvfabric::client::{Client, ClientError, ClientOptions, LocalClient};
 use kvfabric::hash::{BlockHash, chain_hashes};
+use kvfabric::local::LocalOptions;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -74,8 +76,34 @@ pub(crate) struct FabricFailure {
     /// The node is unreachable or too slow (a timeout, or an error of kind
     /// `Unavailable`): the request goes on without the fabric.
     pub(crate) down: bool,
+    /// Why, when the node refused the worker's token ([`refusal`]).
+    pub(crate) refused: Option<String>,
     /// What happened.
     pub(crate) message: String,
+}
+
+/// What to fix when the node refused the worker (`UNAUTHENTICATED`,
+/// `PERMISSION_DENIED`: its token, or its tenant); `None` for other
+/// errors. A request refused goes on without the fabric, as for any
+/// failed call.
+pub(crate) fn refusal(e: &ClientError, tenant: &str) -> Option<String> {
+    match e.kind() {
+        FabricErrorKind::Unauthenticated => Some(
+            "the fabric node authenticates and refused the worker's token (none, or one it does not accept): \
+             set fabric-token-file (or $KVFABRIC_TOKEN) to a token in the node's tokens file"
+                .to_string(),
+        ),
+        FabricErrorKind::PermissionDenied if tenant.is_empty() => Some(
+            "the fabric node refused the worker's tenant (unset: the token's own, or without authentication \
+             the default): the namespace is another tenant's"
+                .to_string(),
+        ),
+        FabricErrorKind::PermissionDenied => Some(format!(
+            "the fabric node refused tenant {tenant:?}: on a node that authenticates, the token must be that \
+             tenant's (fabric-token-file and tenant must agree); else the namespace is another tenant's"
+        )),
+        _ => None,
+    }
 }
 
 #[derive(Debug)]
@@ -96,6 +124,8 @@ pub(crate) struct FabricConn {
     url: String,
     socket: Option<std::path::PathBuf>,
     tenant: String,
+    /// Sent on gRPC and in the local path's hello (`fabric-token-file`).
+    token: Option<Token>,
     namespace: String,
     layout: KvLayout,
     timeout: Duration,
@@ -112,6 +142,7 @@ impl FabricConn {
             url,
             socket: settings.fabric_socket.clone(),
             tenant: settings.tenant.clone(),
+            token: settings.fabric_token.clone(),
             namespace: settings.namespace.clone(),
             layout,
             timeout: Duration::from_millis(settings.fabric_timeout_ms),
@@ -150,6 +181,7 @@ impl FabricConn {
     async fn connect(&self) -> Result<Arc<FabricKv>, ClientError> {
         let opts = ClientOptions {
             connect_timeout: self.timeout.min(Duration::from_secs(2)),
+            token: self.token.clone(),
             ..ClientOptions::default()
         };
         let mut c = Client::connect_with(self.url.clone(), opts).await?;
@@ -158,11 +190,15 @@ impl FabricConn {
         }
         let mut kv = FabricKv::new(c, self.namespace.clone(), self.layout.clone());
         if let Some(socket) = &self.socket {
-            let local = if self.tenant.is_empty() {
-                LocalClient::connect(socket).await
-            } else {
-                LocalClient::connect_as(socket, &self.tenant).await
-            };
+            let local = LocalClient::connect_with(
+                socket,
+                LocalOptions {
+                    tenant: self.tenant.clone(),
+                    token: self.token.clone(),
+                    ..LocalOptions::default()
+                },
+            )
+            .await;
             match local {
                 Ok(l) => kv = kv.with_local(l),
                 Err(e) => {
@@ -191,15 +227,19 @@ impl FabricConn {
             }
             Ok(Err(e)) => FabricFailure {
                 down: e.kind() == FabricErrorKind::Unavailable,
+                refused: refusal(&e, &self.tenant),
                 message: e.to_string(),
             },
             Err(_) => FabricFailure {
                 down: true,
+                refused: None,
                 message: format!("no answer within fabric-timeout-ms ({} ms)", self.timeout.as_millis()),
             },
         };
         self.metrics.fabric_errors.with_label_values(&[op]).inc();
-        if failure.down {
+        if let Some(why) = &failure.refused {
+            tracing::warn!(url = %self.url, op, error = %failure.message, "fabric call refused: {why}");
+        } else if failure.down {
             let pause = self.trip();
             tracing::warn!(url = %self.url, op, error = %failure.message, cooldown_ms = pause.as_millis() as u64, "fabric unreachable: serving without it for a while");
         } else {
