@@ -834,7 +834,13 @@ async fn an_authenticating_fabric_node_takes_the_workers_token() -> Result<()> {
     let st = none.stats();
     assert_eq!((st.fabric_blocks_stored, st.fabric_blocks_loaded), (0, 0), "{st:?}");
     let (_, m) = get(&c, &format!("{}/metrics", none.url())).await?;
-    assert!(m.contains("kvfabric_worker_fabric_errors_total{op=\"store\"}"), "{m}");
+    // The first refusal leaves the node alone for a cooldown (no warning
+    // per request), so which calls were tried is not fixed: one was.
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("kvfabric_worker_fabric_errors_total{op=") && !l.ends_with(" 0")),
+        "{m}"
+    );
 
     // The token that allows the local path: stored through the arena.
     let a = Worker::start(acme(Some(engine), None, Some(socket.clone()))).await?;

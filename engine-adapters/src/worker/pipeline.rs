@@ -212,9 +212,9 @@ impl FabricConn {
     }
 
     /// Runs one fabric call (`op` names it in logs and in
-    /// `fabric_errors_total`) under `fabric-timeout-ms`. A timeout or an
-    /// unreachable node starts a cooldown; any failure is logged and
-    /// counted.
+    /// `fabric_errors_total`) under `fabric-timeout-ms`. A timeout, an
+    /// unreachable node or a refused token starts a cooldown; any failure
+    /// is logged and counted.
     pub(crate) async fn call<T>(
         &self,
         op: &'static str,
@@ -238,7 +238,12 @@ impl FabricConn {
         };
         self.metrics.fabric_errors.with_label_values(&[op]).inc();
         if let Some(why) = &failure.refused {
-            tracing::warn!(url = %self.url, op, error = %failure.message, "fabric call refused: {why}");
+            // A token the node refuses stays refused until someone fixes a
+            // setting: leave the node alone for a while as for an outage,
+            // instead of a warning on every request.
+            let pause = self.trip();
+            tracing::warn!(url = %self.url, op, error = %failure.message, cooldown_ms = pause.as_millis() as u64,
+                "fabric call refused: {why}; serving without the fabric for a while");
         } else if failure.down {
             let pause = self.trip();
             tracing::warn!(url = %self.url, op, error = %failure.message, cooldown_ms = pause.as_millis() as u64, "fabric unreachable: serving without it for a while");
