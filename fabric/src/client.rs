@@ -12,6 +12,7 @@ use crate::proto::v1::{
     StatsResponse, SubscribeRequest, get_response, kv_block_service_client::KvBlockServiceClient, put_request,
 };
 use crate::proto::{DEFAULT_CHUNK_BYTES, ErrorKind, MAX_MESSAGE_BYTES, from_status};
+use crate::tls::ClientTls;
 use crate::validate;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -204,6 +205,11 @@ pub struct ClientOptions {
     /// Bearer token sent on every call, for nodes that authenticate
     /// (`[auth]` in the node's settings). Default none.
     pub token: Option<Token>,
+    /// The CA `https://` nodes are verified with (and a certificate to
+    /// present, for nodes that require one). Needed for `https://`
+    /// endpoints; with it, an endpoint without a scheme is `https://`.
+    /// Default none.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -215,6 +221,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(20),
             token: None,
+            tls: None,
         }
     }
 }
@@ -288,7 +295,15 @@ impl Client {
     pub async fn connect_with(endpoint: impl Into<String>, options: ClientOptions) -> Result<Client> {
         let mut endpoint = endpoint.into();
         if !endpoint.contains("://") {
-            endpoint = format!("http://{endpoint}");
+            let scheme = if options.tls.is_some() { "https" } else { "http" };
+            endpoint = format!("{scheme}://{endpoint}");
+        }
+        let https = endpoint.starts_with("https://");
+        if https && options.tls.is_none() {
+            return Err(ClientError::InvalidArgument(format!(
+                "endpoint {endpoint:?} is https:// but no CA to verify it was given (ClientOptions::tls; \
+                 the CLI's --ca-file)"
+            )));
         }
         if !(1..=64).contains(&options.data_connections) {
             return Err(ClientError::InvalidArgument(format!(
@@ -305,6 +320,12 @@ impl Client {
             .initial_connection_window_size(options.connection_window)
             // Bigger DATA frames from the node: a 1 MiB chunk is one frame, not 64 of 16 KiB.
             .max_frame_size(4u32 << 20);
+        if let Some(tls) = options.tls.as_ref().filter(|_| https) {
+            ep = ep.tls_config(tls.config()).map_err(|source| ClientError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+        }
         if !options.keepalive.is_zero() {
             ep = ep
                 .http2_keep_alive_interval(options.keepalive)

@@ -63,7 +63,7 @@ use crate::{ErrorKind, validate};
 pub struct NodeInfo {
     /// Node id (unique in the cluster; placement hashes it).
     pub id: String,
-    /// gRPC endpoint, `http://host:port`.
+    /// gRPC endpoint, `http://host:port` (`https://` with TLS on).
     pub endpoint: String,
     /// Relative capacity (placement weight), positive.
     pub weight: f64,

@@ -3,7 +3,7 @@
 //! This crate is the KV block service. Without default features it is only
 //! the client library ([`client`]), the canonical block hash ([`hash`]),
 //! cluster placement ([`placement`]), the cluster-aware client
-//! ([`cluster_client`]), bearer tokens ([`auth`]) and the argument checks
+//! ([`cluster_client`]), bearer tokens ([`auth`]), TLS ([`tls`]) and the argument checks
 //! both sides share ([`validate`]): what engines, the
 //! router and the planner link. With the `server` feature (default) it is
 //! also the node ([`server`]): the gRPC service over the tier stack,
@@ -17,6 +17,7 @@ pub mod hash;
 pub mod local;
 pub mod placement;
 pub mod size;
+pub mod tls;
 pub mod transport;
 pub mod validate;
 

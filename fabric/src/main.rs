@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kvfabric::auth::Token;
 use kvfabric::client::{Client, ClientError, ClientOptions, Durability};
 use kvfabric::server::{ByteSize, Node, Settings};
+use kvfabric::tls::ClientTls;
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -318,19 +319,41 @@ struct Conn {
     token: TokenArgs,
 }
 
-/// The token a client sends, for nodes that authenticate.
+/// What a client shows nodes that authenticate or speak TLS.
 #[derive(clap::Args, Debug)]
 struct TokenArgs {
     /// File holding the token to send; without it, $KVFABRIC_TOKEN if set.
     #[arg(long, env = "KVFABRIC_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM CA that signs the node's certificate: needed for https:// nodes.
+    #[arg(long, env = "KVFABRIC_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate, for nodes that require one (with --client-key).
+    #[arg(long, env = "KVFABRIC_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, env = "KVFABRIC_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 impl TokenArgs {
     fn options(&self) -> Result<ClientOptions, ClientError> {
         let token = Token::from_file_or_env(self.token_file.as_deref()).map_err(ClientError::InvalidArgument)?;
+        let tls = match &self.ca_file {
+            Some(ca) => Some(
+                ClientTls::from_files(ca, self.client_cert.as_deref(), self.client_key.as_deref())
+                    .map_err(ClientError::InvalidArgument)?,
+            ),
+            None if self.client_cert.is_some() => {
+                return Err(ClientError::InvalidArgument(
+                    "--client-cert needs --ca-file (the CA that signs the node's certificate)".into(),
+                ));
+            }
+            None => None,
+        };
         Ok(ClientOptions {
             token,
+            tls,
             ..Default::default()
         })
     }

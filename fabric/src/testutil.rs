@@ -4,7 +4,7 @@
 //! [`free_port`] and [`Proc`]. Not for production use.
 
 use crate::cluster::list_members;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ impl Etcd {
             tls,
         };
         if tls {
-            e.make_certificates();
+            write_test_certificates(e.dir.path());
         }
         // A free port can be taken by another test between our pick and
         // etcd's bind: pick again (a few times) rather than fail the test.
@@ -86,61 +86,6 @@ impl Etcd {
     /// `client.key`) in the TLS etcd's directory.
     pub fn tls_file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-
-    fn make_certificates(&self) {
-        let d = self.dir.path();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(d)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run openssl ({e}): run scripts/install-test-deps.sh"));
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        let ca = [
-            &["req", "-x509"][..],
-            &ec,
-            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
-        ];
-        openssl(&[&ca.concat()[..], &["-subj", "/CN=kvfabric-test-ca"]].concat());
-        for (who, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
-            let (key, csr, pem, ext) = (
-                format!("{who}.key"),
-                format!("{who}.csr"),
-                format!("{who}.pem"),
-                format!("{who}.ext"),
-            );
-            std::fs::write(
-                d.join(&ext),
-                format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
-            )
-            .unwrap();
-            let subj = format!("/CN={who}");
-            openssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &subj]].concat());
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ]);
-        }
     }
 
     fn bin() -> PathBuf {
@@ -263,5 +208,64 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Writes a throw-away CA (`ca.pem`, `ca.key`) and two certificates it
+/// signs for 127.0.0.1, valid two days, into `d`: `server.pem` /
+/// `server.key` (server and client authentication: what a node presents
+/// either way) and `client.pem` / `client.key` (client authentication).
+/// Uses the `openssl` command.
+pub fn write_test_certificates(d: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl ({e}): run scripts/install-test-deps.sh"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ca = [
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+    ];
+    openssl(&[&ca.concat()[..], &["-subj", "/CN=kvfabric-test-ca"]].concat());
+    for (who, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
+        let (key, csr, pem, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        std::fs::write(
+            d.join(&ext),
+            format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+        )
+        .unwrap();
+        let subj = format!("/CN={who}");
+        openssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &subj]].concat());
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
     }
 }

@@ -51,7 +51,7 @@ pub struct Member {
     pub node_id: String,
     /// Cluster id (the key's second segment).
     pub cluster_id: String,
-    /// gRPC endpoint clients and peers use, `http://HOST:PORT`.
+    /// gRPC endpoint clients and peers use, `http://HOST:PORT` (`https://` with TLS on).
     pub endpoint: String,
     /// Prometheus endpoint, `http://HOST:PORT/metrics`.
     pub metrics_endpoint: String,

@@ -57,7 +57,7 @@ pub struct RegistrationConfig {
     pub cluster_id: String,
     /// Node id.
     pub node_id: String,
-    /// gRPC endpoint advertised to others, `http://HOST:PORT`.
+    /// gRPC endpoint advertised to others, `http://HOST:PORT` (`https://` with TLS on).
     pub endpoint: String,
     /// Metrics endpoint, `http://HOST:PORT/metrics`.
     pub metrics_endpoint: String,

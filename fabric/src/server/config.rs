@@ -39,6 +39,8 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     /// Client and node authentication (bearer tokens). Off by default.
     pub auth: AuthSettings,
+    /// TLS on the gRPC listener and between nodes. Off by default.
+    pub tls: TlsSettings,
     /// Log filter (`tracing` env-filter syntax). Default `info`; `RUST_LOG` overrides.
     pub log: String,
 }
@@ -225,6 +227,7 @@ impl Default for Settings {
             tiering: TieringSettings::default(),
             cluster: ClusterSettings::default(),
             auth: AuthSettings::default(),
+            tls: TlsSettings::default(),
             log: "info".into(),
         }
     }
@@ -324,6 +327,35 @@ impl Default for AuthSettings {
             node_token_file: None,
             reload_interval_s: 10,
         }
+    }
+}
+
+/// `[tls]` settings: TLS on the gRPC listener (PEM files, read at start).
+/// Off by default (plain HTTP/2 on a trusted network).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsSettings {
+    /// The node's certificate chain. With `key-file`, turns TLS on: the
+    /// listener speaks only TLS, and in cluster mode the node registers an
+    /// `https://` endpoint. Default unset.
+    pub cert_file: Option<PathBuf>,
+    /// The certificate's private key. Default unset.
+    pub key_file: Option<PathBuf>,
+    /// Require clients to present a certificate this CA signed (mutual
+    /// TLS). Default unset: any client may connect.
+    pub client_ca_file: Option<PathBuf>,
+    /// The CA the node verifies other nodes with (forwarding, repair);
+    /// needed in cluster mode with TLS on. The node presents its own
+    /// certificate to them, so with `client-ca-file` on every node that
+    /// certificate must be good for client authentication too. Default
+    /// unset.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    /// Whether the listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
     }
 }
 
@@ -513,6 +545,7 @@ impl Settings {
             return Err("tiering.promote-queue-bytes must be positive".into());
         }
         self.validate_auth()?;
+        self.validate_tls()?;
         self.validate_cluster()
     }
 
@@ -532,6 +565,23 @@ impl Settings {
             ),
             _ => Ok(()),
         }
+    }
+
+    fn validate_tls(&self) -> Result<(), String> {
+        let t = &self.tls;
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            return Err("tls.cert-file and tls.key-file go together: set both (TLS on) or neither".into());
+        }
+        if !t.enabled() && (t.client_ca_file.is_some() || t.ca_file.is_some()) {
+            return Err("tls.client-ca-file and tls.ca-file need tls.cert-file and tls.key-file (TLS on)".into());
+        }
+        if t.enabled() && t.ca_file.is_none() && self.cluster.etcd.is_some() {
+            return Err(
+                "tls.ca-file is needed in cluster mode with TLS on: the CA this node verifies the other nodes with"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     fn validate_cluster(&self) -> Result<(), String> {

@@ -16,7 +16,7 @@ mod tombstones;
 
 pub use config::{
     AuthSettings, ByteSize, ClusterSettings, DiskSettings, HbmSettings, HostSettings, LimitSettings, LocalSettings,
-    ObjectSettings, Settings, TieringSettings,
+    ObjectSettings, Settings, TieringSettings, TlsSettings,
 };
 pub use error::FabricError;
 pub use metrics::Metrics;

@@ -35,6 +35,45 @@ pub struct Node {
     auth: Option<Arc<Authenticator>>,
     /// The token this node sends other nodes (`auth.node-token-file`).
     node_token: Option<crate::auth::Token>,
+    /// `[tls]`, read: `None` when off.
+    tls: Option<NodeTls>,
+}
+
+/// A node's TLS material (`[tls]`), read and checked at build.
+#[derive(Clone, Debug)]
+struct NodeTls {
+    server: tonic::transport::ServerTlsConfig,
+    /// What the node verifies its peers with, presenting its own
+    /// certificate (`None` without `tls.ca-file`).
+    peers: Option<crate::tls::ClientTls>,
+}
+
+impl NodeTls {
+    fn load(t: &super::TlsSettings) -> Result<Option<NodeTls>, String> {
+        use crate::tls::{ClientTls, read_pem};
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) else {
+            return Ok(None);
+        };
+        let cert = read_pem(cert, "CERTIFICATE", "tls.cert-file")?;
+        let key = read_pem(key, "PRIVATE KEY", "tls.key-file")?;
+        let mut server = ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key));
+        if let Some(ca) = &t.client_ca_file {
+            server = server.client_ca_root(Certificate::from_pem(read_pem(
+                ca,
+                "CERTIFICATE",
+                "tls.client-ca-file",
+            )?));
+        }
+        let peers = match &t.ca_file {
+            Some(ca) => Some(ClientTls::from_pem(
+                read_pem(ca, "CERTIFICATE", "tls.ca-file")?,
+                Some((cert, key)),
+            )),
+            None => None,
+        };
+        Ok(Some(NodeTls { server, peers }))
+    }
 }
 
 /// A running node.
@@ -48,6 +87,8 @@ pub struct NodeHandle {
     pub stack: Arc<TierStack>,
     /// Unix socket of the zero-copy local path, when it is served.
     pub local_socket: Option<std::path::PathBuf>,
+    /// Whether the gRPC listener speaks TLS.
+    tls: bool,
     shutdown: Option<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
     background: Option<kvfabric_tiers::BackgroundHandle>,
@@ -97,6 +138,7 @@ impl Node {
             Some(p) => Some(NodeTokens::read(p).map_err(FabricError::InvalidArgument)?.send),
             None => None,
         };
+        let tls = NodeTls::load(&settings.tls).map_err(FabricError::InvalidArgument)?;
         std::fs::create_dir_all(&settings.data_dir)
             .map_err(|e| startup(&format!("creating data dir {}", settings.data_dir.display()), e))?;
         let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
@@ -174,6 +216,7 @@ impl Node {
             metrics: Metrics::new(),
             auth,
             node_token,
+            tls,
         })
     }
 
@@ -251,6 +294,7 @@ impl Node {
                 // Requests to other nodes carry the node token.
                 let options = crate::client::ClientOptions {
                     token: self.node_token.clone(),
+                    tls: self.tls.as_ref().and_then(|t| t.peers.clone()),
                     ..Default::default()
                 };
                 let f = Arc::new(Forwarder::new(
@@ -413,7 +457,13 @@ impl Node {
         }
         let (tx, rx) = oneshot::channel::<()>();
         let (mtx, mrx) = oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &self.tls {
+            builder = builder
+                .tls_config(t.server.clone())
+                .map_err(|e| startup("setting up TLS from tls.cert-file and tls.key-file", e))?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20)
@@ -494,6 +544,7 @@ impl Node {
         Ok(NodeHandle {
             grpc_addr,
             metrics_addr,
+            tls: self.tls.is_some(),
             stack: self.stack,
             local_socket,
             shutdown: Some(tx),
@@ -543,7 +594,7 @@ impl Node {
             etcd,
             cluster_id: s.cluster.id.clone(),
             node_id: s.node_id.clone(),
-            endpoint: format!("http://{advertise}"),
+            endpoint: format!("{}://{advertise}", if self.tls.is_some() { "https" } else { "http" }),
             metrics_endpoint,
             lease_ttl_s: s.cluster.lease_ttl_s,
             refresh_interval: std::time::Duration::from_millis(s.cluster.refresh_interval_ms),
@@ -555,9 +606,10 @@ impl Node {
 }
 
 impl NodeHandle {
-    /// `http://` URL of the gRPC endpoint.
+    /// URL of the gRPC endpoint: `http://`, or `https://` with TLS on.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc_addr)
     }
 
     /// Stops serving, waits for in-flight requests, then stops background
