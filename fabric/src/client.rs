@@ -299,6 +299,13 @@ impl Client {
             endpoint = format!("{scheme}://{endpoint}");
         }
         let https = endpoint.starts_with("https://");
+        if !https && options.tls.is_some() {
+            // Given a CA, a client never falls back to plain text (its
+            // token would cross in the clear).
+            return Err(ClientError::InvalidArgument(format!(
+                "endpoint {endpoint:?} is plain http:// but TLS was asked for (a CA was given): use https://"
+            )));
+        }
         if https && options.tls.is_none() {
             return Err(ClientError::InvalidArgument(format!(
                 "endpoint {endpoint:?} is https:// but no CA to verify it was given (ClientOptions::tls; \
@@ -320,7 +327,7 @@ impl Client {
             .initial_connection_window_size(options.connection_window)
             // Bigger DATA frames from the node: a 1 MiB chunk is one frame, not 64 of 16 KiB.
             .max_frame_size(4u32 << 20);
-        if let Some(tls) = options.tls.as_ref().filter(|_| https) {
+        if let Some(tls) = &options.tls {
             ep = ep.tls_config(tls.config()).map_err(|source| ClientError::Connect {
                 endpoint: endpoint.clone(),
                 source,

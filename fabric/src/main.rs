@@ -309,8 +309,9 @@ struct ClusterStatusArgs {
 
 #[derive(clap::Args, Debug)]
 struct Conn {
-    /// Node endpoint.
-    #[arg(long, env = "KVFABRIC_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    /// Node endpoint (http:// or https://; without a scheme, https:// when
+    /// --ca-file is given).
+    #[arg(long, env = "KVFABRIC_ENDPOINT", default_value = "127.0.0.1:50051")]
     endpoint: String,
     /// Tenant to act as (empty: the node's default tenant).
     #[arg(long, env = "KVFABRIC_TENANT", default_value = "")]

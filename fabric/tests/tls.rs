@@ -88,6 +88,11 @@ async fn a_tls_node_serves_only_clients_that_trust_its_ca() {
     let e = Client::connect(h.endpoint()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     assert!(e.to_string().contains("CA"), "{e}");
+    // Given a CA, a client never falls back to plain text.
+    let e = Client::connect_with(format!("http://{}", h.grpc_addr), trusting(&certs, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     // Plain HTTP/2 to the TLS port, and TLS trusting another CA, fail.
     let plain = format!("http://{}", h.grpc_addr);
     assert!(stats(Client::connect(plain).await).await.is_err());

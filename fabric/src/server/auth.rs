@@ -265,13 +265,13 @@ impl NodeTokens {
 }
 
 /// Logs a warning when a secret file can be read by other users.
-fn warn_if_shared(path: &Path) {
+pub(crate) fn warn_if_shared(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(m) = std::fs::metadata(path)
         && m.permissions().mode() & 0o077 != 0
     {
         tracing::warn!(file = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777),
-            "a node token file other users can read or write: chmod 600 it");
+            "a secret file (token or private key) other users can read or write: chmod 600 it");
     }
 }
 

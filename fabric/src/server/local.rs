@@ -448,6 +448,16 @@ impl Session {
             }
             return Err(from_fabric(e));
         }
+        // Held while the objects are stored (see `Namespaces::writing`).
+        let _writing = match sh.namespaces.writing(&self.tenant, &c.namespace) {
+            Ok(w) => w,
+            Err(e) => {
+                for it in &c.items {
+                    let _ = self.take_reservation(it.reservation);
+                }
+                return Err(from_fabric(e));
+            }
+        };
         let ns: Arc<str> = c.namespace.as_str().into();
         let mut results = Vec::with_capacity(c.items.len());
         for (i, it) in c.items.into_iter().enumerate() {

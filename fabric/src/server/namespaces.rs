@@ -14,8 +14,9 @@
 use super::FabricError;
 use crate::cluster::NamespaceRecord;
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Tenant used when a request names none.
 pub const DEFAULT_TENANT: &str = "default";
@@ -29,6 +30,9 @@ pub struct NamespaceEntry {
     pub replication: u32,
     /// Known from the cluster's registry in etcd.
     pub cluster_wide: bool,
+    /// Created on this node while etcd could not be reached (cluster
+    /// mode): to be claimed cluster-wide once it can. Saved.
+    pub unclaimed: bool,
     /// The cluster's records give the namespace to another tenant (it
     /// was taken elsewhere while this node knew it locally, during an etcd
     /// outage say): the objects this node holds in it are the old owner's
@@ -44,7 +48,45 @@ impl NamespaceEntry {
             owner: owner.to_string(),
             replication: 1,
             cluster_wide: false,
+            unclaimed: false,
             reassign_to: None,
+        }
+    }
+
+    /// Refuses a writer or reader other than the owner; `Reassigning` to
+    /// the owner and to the tenant it is being handed to (another tenant
+    /// is not told the namespace exists beyond PERMISSION_DENIED).
+    fn check(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
+        let incoming = self.reassign_to.as_ref().is_some_and(|(o, _)| o == tenant);
+        if self.owner != tenant && !incoming {
+            return Err(FabricError::PermissionDenied {
+                tenant: tenant.into(),
+                namespace: namespace.into(),
+            });
+        }
+        if self.reassign_to.is_some() {
+            return Err(FabricError::Reassigning(namespace.into()));
+        }
+        Ok(())
+    }
+}
+
+/// A write in flight in a namespace ([`Namespaces::writing`]): a hand-over
+/// to another owner waits for it before it drops the namespace's objects.
+#[derive(Debug)]
+pub struct Writing {
+    namespace: String,
+    writers: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let mut w = self.writers.lock();
+        if let Some(n) = w.get_mut(&self.namespace) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.namespace);
+            }
         }
     }
 }
@@ -69,6 +111,8 @@ pub struct Namespaces {
     /// not refused, but count).
     max_total: usize,
     max_per_tenant: usize,
+    /// Writes in flight per namespace ([`Writing`]).
+    writers: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Namespaces {
@@ -87,7 +131,11 @@ impl Namespaces {
                         if let Some(r) = f.next().and_then(|r| r.parse::<u32>().ok()).filter(|r| *r >= 1) {
                             e.replication = r;
                         }
-                        e.cluster_wide = f.next() == Some("cluster");
+                        match f.next() {
+                            Some("cluster") => e.cluster_wide = true,
+                            Some("unclaimed") => e.unclaimed = true,
+                            _ => {}
+                        }
                         owners.insert(ns.to_string(), e);
                     }
                 }
@@ -100,6 +148,7 @@ impl Namespaces {
             owners: Mutex::new(owners),
             max_total: usize::MAX,
             max_per_tenant: usize::MAX,
+            writers: Arc::default(),
         })
     }
 
@@ -146,7 +195,11 @@ impl Namespaces {
         let text: String = owners
             .iter()
             .map(|(n, e)| {
-                let scope = if e.cluster_wide { "cluster" } else { "local" };
+                let scope = match (e.cluster_wide, e.unclaimed) {
+                    (true, _) => "cluster",
+                    (false, true) => "unclaimed",
+                    (false, false) => "local",
+                };
                 format!("{n}\t{}\t{}\t{scope}\n", e.owner, e.replication)
             })
             .collect();
@@ -198,12 +251,7 @@ impl Namespaces {
     pub fn for_write(&self, tenant: &str, namespace: &str) -> Result<(), FabricError> {
         let mut owners = self.owners.lock();
         match owners.get(namespace) {
-            Some(o) if o.reassign_to.is_some() => Err(FabricError::Reassigning(namespace.into())),
-            Some(o) if o.owner == tenant => Ok(()),
-            Some(_) => Err(FabricError::PermissionDenied {
-                tenant: tenant.into(),
-                namespace: namespace.into(),
-            }),
+            Some(o) => o.check(tenant, namespace),
             None => {
                 self.room(&owners, tenant)?;
                 owners.insert(namespace.to_string(), NamespaceEntry::local(tenant));
@@ -225,20 +273,14 @@ impl Namespaces {
     ) -> Result<NamespaceEntry, FabricError> {
         let mut owners = self.owners.lock();
         match owners.get(namespace) {
-            Some(o) if o.reassign_to.is_some() => return Err(FabricError::Reassigning(namespace.into())),
-            Some(o) if o.owner != tenant => {
-                return Err(FabricError::PermissionDenied {
-                    tenant: tenant.into(),
-                    namespace: namespace.into(),
-                });
-            }
-            Some(_) => {}
+            Some(o) => o.check(tenant, namespace)?,
             None => self.room(&owners, tenant)?,
         }
         let e = NamespaceEntry {
             owner: tenant.to_string(),
             replication,
             cluster_wide,
+            unclaimed: false,
             reassign_to: None,
         };
         if owners.get(namespace) != Some(&e) {
@@ -280,6 +322,7 @@ impl Namespaces {
                 owner: r.owner.clone(),
                 replication: r.replication,
                 cluster_wide: true,
+                unclaimed: false,
                 reassign_to: None,
             };
             let old = owners.insert(r.name.clone(), e.clone());
@@ -307,6 +350,55 @@ impl Namespaces {
         out
     }
 
+    /// A write of `tenant`'s into `namespace` begins: the namespace must be
+    /// its and open. Hold the guard until the object is stored.
+    pub fn writing(&self, tenant: &str, namespace: &str) -> Result<Writing, FabricError> {
+        let owners = self.owners.lock();
+        match owners.get(namespace) {
+            Some(o) => o.check(tenant, namespace)?,
+            None => return Err(FabricError::NamespaceNotFound(namespace.into())),
+        }
+        *self.writers.lock().entry(namespace.to_string()).or_default() += 1;
+        Ok(Writing {
+            namespace: namespace.to_string(),
+            writers: self.writers.clone(),
+        })
+    }
+
+    /// Waits until no write is in flight in `namespace` (call once it is
+    /// closed, so that none can begin).
+    pub async fn writes_done(&self, namespace: &str) {
+        while self.writers.lock().contains_key(namespace) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Marks `namespace` as made while etcd was unreachable (cluster
+    /// mode): [`Self::unclaimed`] lists it until it is claimed.
+    pub fn mark_unclaimed(&self, namespace: &str) {
+        let mut owners = self.owners.lock();
+        if let Some(e) = owners.get_mut(namespace)
+            && !e.cluster_wide
+            && !e.unclaimed
+        {
+            e.unclaimed = true;
+            if let Err(err) = self.save(&owners) {
+                tracing::warn!(error = %err, "saving namespace registry");
+            }
+        }
+    }
+
+    /// Namespaces made while etcd was unreachable and not claimed since,
+    /// with their owner (kept across restarts).
+    pub fn unclaimed(&self) -> Vec<(String, String)> {
+        self.owners
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.unclaimed && !e.cluster_wide && e.reassign_to.is_none())
+            .map(|(n, e)| (n.clone(), e.owner.clone()))
+            .collect()
+    }
+
     /// Whether `namespace` is closed for a hand-over to another owner.
     pub fn is_reassigning(&self, namespace: &str) -> bool {
         self.owners
@@ -331,6 +423,7 @@ impl Namespaces {
             owner,
             replication,
             cluster_wide: true,
+            unclaimed: false,
             reassign_to: None,
         };
         if let Err(e) = self.save(&owners) {
@@ -356,12 +449,7 @@ impl Namespaces {
         namespace: &str,
     ) -> Result<&'a NamespaceEntry, FabricError> {
         match entry {
-            Some(o) if o.reassign_to.is_some() => Err(FabricError::Reassigning(namespace.into())),
-            Some(o) if o.owner == tenant => Ok(o),
-            Some(_) => Err(FabricError::PermissionDenied {
-                tenant: tenant.into(),
-                namespace: namespace.into(),
-            }),
+            Some(o) => o.check(tenant, namespace).map(|()| o),
             None => Err(FabricError::NamespaceNotFound(namespace.into())),
         }
     }
@@ -458,6 +546,57 @@ mod tests {
         let e = r.for_write("d", "d1").unwrap_err();
         assert!(e.to_string().contains("limits.max-namespaces)"), "{e}");
         assert_eq!(r.names().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_waits_for_writes_in_flight_and_refuses_new_ones() {
+        let r = Arc::new(Namespaces::load(None).unwrap());
+        r.for_write("a", "kv").unwrap();
+        let w = r.writing("a", "kv").unwrap();
+        assert!(matches!(r.writing("b", "kv"), Err(FabricError::PermissionDenied { .. })));
+        assert!(matches!(r.writing("a", "none"), Err(FabricError::NamespaceNotFound(_))));
+        let rec = NamespaceRecord {
+            name: "kv".into(),
+            owner: "b".into(),
+            replication: 1,
+            updated_at_ms: 0,
+        };
+        r.apply_cluster([&rec]);
+        // Closed: no new write, by either tenant; a third is not told more.
+        assert!(matches!(r.writing("a", "kv"), Err(FabricError::Reassigning(_))));
+        assert!(matches!(r.writing("b", "kv"), Err(FabricError::Reassigning(_))));
+        assert!(matches!(r.for_read("c", "kv"), Err(FabricError::PermissionDenied { .. })));
+        // The write in flight holds the purge back until it is done.
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.writes_done("kv").await }
+        });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "the purge did not wait for the write in flight");
+        drop(w);
+        waiter.await.unwrap();
+        assert!(r.finish_reassign("kv"));
+        drop(r.writing("b", "kv").unwrap());
+    }
+
+    #[test]
+    fn namespaces_made_during_an_outage_stay_listed_until_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("namespaces");
+        let r = Namespaces::load(Some(p.clone())).unwrap();
+        r.for_write("a", "late").unwrap();
+        r.for_write("a", "plain").unwrap();
+        r.mark_unclaimed("late");
+        assert_eq!(r.unclaimed(), vec![("late".to_string(), "a".to_string())]);
+        // Kept across a restart.
+        let again = Namespaces::load(Some(p.clone())).unwrap();
+        assert_eq!(again.unclaimed(), vec![("late".to_string(), "a".to_string())]);
+        again.for_read("a", "late").unwrap();
+        // Claimed: off the list, cluster-wide, and saved so.
+        again.create("a", "late", 1, true).unwrap();
+        assert!(again.unclaimed().is_empty());
+        assert!(Namespaces::load(Some(p)).unwrap().unclaimed().is_empty());
     }
 
     #[test]

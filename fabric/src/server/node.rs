@@ -56,8 +56,12 @@ impl NodeTls {
             return Ok(None);
         };
         let cert = read_pem(cert, "CERTIFICATE", "tls.cert-file")?;
+        crate::server::auth::warn_if_shared(key);
         let key = read_pem(key, "PRIVATE KEY", "tls.key-file")?;
-        let mut server = ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key));
+        // A client that never finishes its handshake is dropped.
+        let mut server = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&cert, &key))
+            .timeout(std::time::Duration::from_secs(10));
         if let Some(ca) = &t.client_ca_file {
             server = server.client_ca_root(Certificate::from_pem(read_pem(
                 ca,
@@ -65,6 +69,11 @@ impl NodeTls {
                 "tls.client-ca-file",
             )?));
         }
+        // Built once here, so that a key rustls cannot use (encrypted, say)
+        // stops the node at build, before it joins a cluster.
+        tonic::transport::Server::builder()
+            .tls_config(server.clone())
+            .map_err(|e| format!("tls.cert-file / tls.key-file: {e}"))?;
         let peers = match &t.ca_file {
             Some(ca) => Some(ClientTls::from_pem(
                 read_pem(ca, "CERTIFICATE", "tls.ca-file")?,
@@ -310,6 +319,7 @@ impl Node {
                 // the forwarding client, now and on every change.
                 let apply = {
                     let (f, namespaces, stack) = (f.clone(), self.namespaces.clone(), self.stack.clone());
+                    let stop = repair_stop.subscribe();
                     move |map: &crate::cluster::NamespaceMap| {
                         let crate::server::namespaces::Applied { changed, reassigning } =
                             namespaces.apply_cluster(map.values());
@@ -319,7 +329,10 @@ impl Node {
                         // hand the namespace over.
                         for n in reassigning {
                             let (namespaces, stack, kick) = (namespaces.clone(), stack.clone(), f.ctl.kick.clone());
-                            tokio::spawn(async move {
+                            let mut stop = stop.clone();
+                            let purge = async move {
+                                // Writes already past their check finish first.
+                                namespaces.writes_done(&n).await;
                                 let mut backoff = std::time::Duration::from_secs(1);
                                 // Until done, or the hand-over is called off.
                                 while namespaces.is_reassigning(&n) {
@@ -336,6 +349,14 @@ impl Node {
                                     }
                                     tokio::time::sleep(backoff).await;
                                     backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                                }
+                            };
+                            // Ends with the node (a restart applies the
+                            // records again and starts over).
+                            tokio::spawn(async move {
+                                tokio::select! {
+                                    _ = purge => {}
+                                    _ = stop.changed() => {}
                                 }
                             });
                         }

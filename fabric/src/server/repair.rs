@@ -261,7 +261,13 @@ impl Repairer {
                 .insert(k.key().clone());
         }
         for (ns, keys) in by_ns {
-            let Some(tenant) = self.namespaces.owner(&ns) else {
+            // A namespace being handed to another tenant: what is here is
+            // about to be dropped, not copied.
+            let Some(tenant) = self
+                .namespaces
+                .owner(&ns)
+                .filter(|_| !self.namespaces.is_reassigning(&ns))
+            else {
                 continue;
             };
             let client = match placement {

@@ -98,10 +98,6 @@ struct Shared {
     tombstones: Arc<Tombstones>,
     /// The tokens callers must present; `None`: authentication off.
     auth: Option<Arc<Authenticator>>,
-    /// Namespaces created on this node alone while etcd could not be
-    /// reached (cluster mode), and their owner: claimed later
-    /// ([`BlockService::retry_claims`]).
-    unclaimed: parking_lot::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// A refused namespace record as the service's error.
@@ -197,10 +193,10 @@ impl BlockService {
                 tracing::warn!(namespace, tenant, error = %e,
                     "cannot claim the new namespace cluster-wide (etcd unreachable); it is known on this node only \
                      until a later claim succeeds");
-                self.shared
-                    .unclaimed
-                    .lock()
-                    .insert(namespace.to_string(), tenant.to_string());
+                // Made here now, so that it is remembered (across restarts
+                // too) as one to claim later.
+                self.shared.namespaces.for_write(tenant, namespace)?;
+                self.shared.namespaces.mark_unclaimed(namespace);
                 Ok(())
             }
             Err(e) => Err(publish_error(e, tenant, namespace)),
@@ -213,33 +209,20 @@ impl BlockService {
     /// hands it over ([`super::namespaces::Applied::reassigning`]).
     pub(crate) async fn retry_claims(&self) {
         let Some(f) = &self.shared.forwarder else { return };
-        let pending: Vec<(String, String)> = self
-            .shared
-            .unclaimed
-            .lock()
-            .iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
-        for (ns, tenant) in pending {
-            if self.shared.namespaces.owner(&ns).as_deref() != Some(tenant.as_str()) {
-                self.shared.unclaimed.lock().remove(&ns);
-                continue;
-            }
+        for (ns, tenant) in self.shared.namespaces.unclaimed() {
             let now = self.shared.stack.clock().now_ms();
             match claim(&f.ctl.etcd, &f.ctl.cluster_id, &ns, &tenant, now).await {
-                Ok(rec) => {
-                    self.shared.unclaimed.lock().remove(&ns);
-                    match self.shared.namespaces.create(&tenant, &ns, rec.replication, true) {
-                        Ok(_) => {
-                            f.set_replication(&ns, rec.replication);
-                            tracing::info!(namespace = %ns, tenant = %tenant, "namespace claimed cluster-wide after the outage");
-                        }
-                        Err(e) => tracing::warn!(namespace = %ns, error = %e, "claimed, but not recorded here"),
+                Ok(rec) => match self.shared.namespaces.create(&tenant, &ns, rec.replication, true) {
+                    Ok(_) => {
+                        f.set_replication(&ns, rec.replication);
+                        tracing::info!(namespace = %ns, tenant = %tenant, "namespace claimed cluster-wide after the outage");
                     }
-                }
+                    Err(e) => tracing::warn!(namespace = %ns, error = %e, "claimed, but not recorded here"),
+                },
                 Err(PublishError::Cluster(_)) => return, // etcd still away: next time
                 Err(e) => {
-                    self.shared.unclaimed.lock().remove(&ns);
+                    // Left to the namespace watch (it stays listed until
+                    // the record arrives and closes it).
                     tracing::warn!(namespace = %ns, tenant = %tenant, error = %e,
                         "another tenant claimed this node's namespace during the outage; the cluster's record wins");
                 }
@@ -297,7 +280,6 @@ impl BlockService {
                 forwarder,
                 tombstones,
                 auth: None,
-                unclaimed: Default::default(),
             }),
         }
     }
@@ -464,7 +446,7 @@ impl BlockService {
         if f.is_local(ns, &keys) {
             let mut out = Vec::with_capacity(batch.len());
             for p in batch {
-                out.push(self.commit(ns, p, durability).await?);
+                out.push(self.commit(tenant, ns, p, durability).await?);
             }
             return Ok(out);
         }
@@ -509,7 +491,16 @@ impl BlockService {
             .collect())
     }
 
-    async fn commit(&self, ns: &Arc<str>, p: Pending, durability: Durability) -> Result<PutResult, Status> {
+    async fn commit(
+        &self,
+        tenant: &str,
+        ns: &Arc<str>,
+        p: Pending,
+        durability: Durability,
+    ) -> Result<PutResult, Status> {
+        // Held until the object is stored: a hand-over of the namespace to
+        // another tenant waits for it before dropping what is here.
+        let writing = self.shared.namespaces.writing(tenant, ns)?;
         let payload = match p.single {
             Some(b) => b,
             None => p.buf.freeze(),
@@ -539,6 +530,7 @@ impl BlockService {
         let (stack, tombstones) = (self.shared.stack.clone(), self.shared.tombstones.clone());
         let (tns, tkey) = (ns.clone(), p.key.clone());
         let stored = tokio::spawn(async move {
+            let _writing = writing;
             let now = stack.clock().now_ms();
             if aged && newer_here(&stack, &tombstones, &key, &block, now) {
                 return Ok(None);
@@ -715,7 +707,7 @@ impl BlockService {
                     if p.length == 0 && fwd.is_some() {
                         collected.push(p);
                     } else if p.length == 0 {
-                        results.push(self.commit(&ns, p, durability).await?);
+                        results.push(self.commit(&tenant, &ns, p, durability).await?);
                     } else {
                         cur = Some(p);
                     }
@@ -749,7 +741,7 @@ impl BlockService {
                         if fwd.is_some() {
                             collected.push(p);
                         } else {
-                            results.push(self.commit(&ns, p, durability).await?);
+                            results.push(self.commit(&tenant, &ns, p, durability).await?);
                         }
                     }
                 }
@@ -1245,7 +1237,12 @@ impl KvBlockService for BlockService {
             check_replication(&req.namespace, replication).map_err(invalid)?;
             let ns = &self.shared.namespaces;
             // Another tenant's namespace, as far as this node knows.
-            if let Err(e @ FabricError::PermissionDenied { .. }) = ns.describe(&tenant, &req.namespace) {
+            // Another tenant's namespace as far as this node knows, or one
+            // being handed over: refused before the cluster's record is
+            // touched.
+            if let Err(e @ (FabricError::PermissionDenied { .. } | FabricError::Reassigning(_))) =
+                ns.describe(&tenant, &req.namespace)
+            {
                 return Err(e.into());
             }
             ns.check_room(&tenant, &req.namespace)?;
