@@ -874,6 +874,132 @@ async fn an_authenticating_fabric_node_takes_the_workers_token() -> Result<()> {
     Ok(())
 }
 
+/// A fabric node that speaks TLS and wants client certificates (`[tls]`
+/// with `client-ca-file`): workers trusting its CA (`fabric-ca-file`) and
+/// presenting a certificate (`fabric-client-cert`, `fabric-client-key`)
+/// store and load KV blocks through it over gRPC on `https://`, with
+/// identical output; the local path beside it is unaffected; a worker
+/// without a certificate fails the handshake, computes everything and
+/// still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_fabric_node_takes_the_workers_certificate() -> Result<()> {
+    use kvfabric::testutil::write_test_certificates;
+    use kvfabric::tls::ClientTls;
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs)?;
+    write_test_certificates(&certs);
+    let node = node_with(&dir.path().join("data"), |s| {
+        s.tls.cert_file = Some(certs.join("server.pem"));
+        s.tls.key_file = Some(certs.join("server.key"));
+        s.tls.client_ca_file = Some(certs.join("ca.pem"));
+    })
+    .await?;
+    ensure!(node.endpoint().starts_with("https://"), "{}", node.endpoint());
+    let socket = node.local_socket.clone().expect("the node serves the local path");
+    let (ca, cert, key) = (certs.join("ca.pem"), certs.join("client.pem"), certs.join("client.key"));
+    // The files, read at start (settings not made by `load`).
+    let with_files = |client_cert: bool| WorkerSettings {
+        fabric_ca_file: Some(ca.clone()),
+        fabric_client_cert: client_cert.then(|| cert.clone()),
+        fabric_client_key: client_cert.then(|| key.clone()),
+        ..settings(Some(&node))
+    };
+    let c = http();
+    let text = long_text("tls", 200);
+    let prompt = encode(&text, true);
+    let (len, usable) = (prompt.len(), (prompt.len() - 1) / TPB * TPB);
+    let body = json!({"prompt": text, "max_tokens": 8, "ignore_eos": true});
+
+    // No client certificate: the handshake fails, the request is computed.
+    let none = Worker::start(with_files(false)).await?;
+    let first = complete(&c, &none, body.clone()).await?;
+    assert_eq!(ext(&first, "computed_tokens") as usize, len);
+    let st = none.stats();
+    assert_eq!((st.fabric_blocks_stored, st.fabric_blocks_loaded), (0, 0), "{st:?}");
+    let (_, m) = get(&c, &format!("{}/metrics", none.url())).await?;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("kvfabric_worker_fabric_errors_total{op=") && !l.ends_with(" 0")),
+        "{m}"
+    );
+
+    // With a certificate: stored over gRPC.
+    let a = Worker::start(with_files(true)).await?;
+    let second = complete(&c, &a, body.clone()).await?;
+    assert_eq!(ids(&second), ids(&first));
+    let st = a.stats();
+    assert!(st.fabric_blocks_stored >= (len / TPB) as u64, "{st:?}");
+    assert_eq!(st.fabric_local_blocks_stored, 0, "{st:?}");
+
+    // TLS settings made in code: loaded over gRPC, identical output.
+    let tls = ClientTls::from_files(&ca, Some(&cert), Some(&key)).map_err(anyhow::Error::msg)?;
+    let b = Worker::start(WorkerSettings {
+        fabric_tls: Some(tls.clone()),
+        ..settings(Some(&node))
+    })
+    .await?;
+    let third = complete(&c, &b, body.clone()).await?;
+    assert_eq!(ids(&third), ids(&first), "identical output from fabric blocks");
+    assert_eq!(ext(&third, "fabric_tokens") as usize, usable);
+    let st = b.stats();
+    assert_eq!(st.fabric_blocks_loaded as usize, usable / TPB, "{st:?}");
+
+    // With the node's socket too: the bytes move through the local path,
+    // which TLS leaves alone (`ExistsPrefix` still on gRPC, over TLS).
+    let d = Worker::start(WorkerSettings {
+        fabric_tls: Some(tls),
+        fabric_socket: Some(socket),
+        ..settings(Some(&node))
+    })
+    .await?;
+    let fourth = complete(&c, &d, body).await?;
+    assert_eq!(ids(&fourth), ids(&first));
+    assert_eq!(ext(&fourth, "fabric_tokens") as usize, usable);
+    let st = d.stats();
+    assert_eq!(st.fabric_local_blocks_loaded as usize, usable / TPB, "{st:?}");
+    for w in [none, a, b, d] {
+        w.shutdown().await;
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The binary reads the fabric TLS files at load: an `https://` fabric
+/// without `--fabric-ca-file`, a CA file that is missing or holds no
+/// certificate, and a client certificate without its key stop it with a
+/// message naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_fabric_tls_settings_stop_the_binary() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("k.pem");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n")?;
+    let key = key.to_str().context("utf-8 path")?;
+    for (args, ca, want) in [
+        (&["--fabric", "https://127.0.0.1:1"][..], "", "set fabric-ca-file"),
+        (&[][..], "/no/such/ca.pem", "fabric-ca-file /no/such/ca.pem"),
+        (&[][..], key, "fabric-ca-file"),
+        (&["--fabric-client-cert", key][..], "", "fabric-client-key go together"),
+    ] {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvfabric-worker"));
+        match ca {
+            "" => cmd.env_remove("KVFABRIC_WORKER_FABRIC_CA_FILE"),
+            ca => cmd.env("KVFABRIC_WORKER_FABRIC_CA_FILE", ca),
+        };
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("KVFABRIC_TOKEN")
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .context("the worker did not stop")??;
+        ensure!(!out.status.success(), "{out:?}");
+        ensure!(String::from_utf8_lossy(&out.stderr).contains(want), "{out:?}");
+    }
+    Ok(())
+}
+
 /// The binary reads the fabric token at load: a `--fabric-token-file` that
 /// is missing, or a `$KVFABRIC_TOKEN` that is no token, stops it with a
 /// message naming the setting.

@@ -1,5 +1,6 @@
 //! Argument checks shared by the client (fail fast) and the server (never
-//! trust the client): tenant and namespace names, keys, batch sizes.
+//! trust the client): tenant and namespace names, keys, batch sizes, and
+//! the base URLs settings name (HTTP, gRPC, ZMQ).
 
 use kvfabric_proto::MAX_KEY_BYTES;
 
@@ -10,11 +11,28 @@ use kvfabric_proto::MAX_KEY_BYTES;
 pub fn http_base_url(what: &str, url: &str) -> Result<(), String> {
     let form = || format!("{what} {url:?} must be http://host:port");
     let rest = url.strip_prefix("http://").ok_or_else(form)?;
+    host_port(what, url, rest, form)
+}
+
+/// Checks a block-service (gRPC) base URL: `http://HOST:PORT` (plain) or
+/// `https://HOST:PORT` (TLS, for nodes with `[tls]`), with the host and
+/// port rules of [`http_base_url`]. `what` names the setting.
+pub fn grpc_base_url(what: &str, url: &str) -> Result<(), String> {
+    let form = || format!("{what} {url:?} must be http://host:port or https://host:port");
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(form)?;
+    host_port(what, url, rest, form)
+}
+
+/// The part of a base URL after its scheme: `HOST:PORT`, optionally `/`.
+fn host_port(what: &str, url: &str, rest: &str, form: impl Fn() -> String) -> Result<(), String> {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains('/') {
         return Err(format!("{what} {url:?} must be a base URL without a path"));
     }
-    let (host, port) = rest.rsplit_once(':').ok_or_else(form)?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(&form)?;
     let bracketed = host.starts_with('[') && host.ends_with(']');
     let bad_host = host.is_empty()
         || host.chars().any(|c| c.is_whitespace() || matches!(c, '@' | '?' | '#'))
@@ -122,6 +140,48 @@ mod tests {
         for bad in ["tcp://", "tcp://h", "http://h:1", "tcp://h:1/x"] {
             assert!(tcp_endpoint("e", bad).unwrap_err().contains("tcp://HOST:PORT"), "{bad}");
         }
+    }
+
+    #[test]
+    fn grpc_base_urls() {
+        for ok in [
+            "http://a:1",
+            "https://a:1",
+            "https://10.0.0.1:50051/",
+            "https://[::1]:50051",
+            "http://h.example:65535",
+        ] {
+            grpc_base_url("u", ok).unwrap();
+        }
+        for bad in [
+            "https://",
+            "https://host",
+            "https://host:",
+            "https://host:0",
+            "https://host:500511",
+            "https://a b:1",
+            "https://h:1/v1",
+            "https://::1:5",
+            "https://u@h:1",
+            "grpc://h:1",
+            "HTTPS://h:1",
+            "h:1",
+        ] {
+            let e = grpc_base_url("fabric", bad).unwrap_err();
+            assert!(e.starts_with(&format!("fabric {bad:?} must be")), "{bad}: {e}");
+        }
+        assert!(
+            grpc_base_url("f", "tcp://h:1")
+                .unwrap_err()
+                .contains("http://host:port or https://host:port")
+        );
+        assert!(
+            grpc_base_url("f", "https://h:1/x")
+                .unwrap_err()
+                .contains("without a path")
+        );
+        // Plain-HTTP settings still refuse https://.
+        assert!(http_base_url("u", "https://h:1").is_err());
     }
 
     use super::*;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use kvfabric::auth::Token;
+use kvfabric::tls::ClientTls;
 use serde::{Deserialize, Deserializer};
 
 use crate::score::CostSettings;
@@ -40,7 +41,8 @@ pub use kvfabric::size::ByteSize;
 pub struct FabricEndpoint {
     /// Name workers refer to in `fabric-node` (default: the URL itself).
     pub name: String,
-    /// gRPC endpoint, e.g. `http://127.0.0.1:50051`.
+    /// gRPC endpoint, e.g. `http://127.0.0.1:50051`, or `https://...` for
+    /// a node that speaks TLS (needs `fabric-ca-file`).
     pub url: String,
 }
 
@@ -131,15 +133,20 @@ impl FromStr for WorkerSettings {
     }
 }
 
-/// Everything the router is configured with.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// Everything the router is configured with. (Not `PartialEq`: the
+/// loaded `fabric_tls` holds key material, never compared.)
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Settings {
     /// HTTP listen address of the OpenAI-compatible API, `/health` and
     /// `/metrics`. Default `127.0.0.1:8000`.
     pub listen: SocketAddr,
     /// Fabric nodes to follow: strings `URL` / `NAME=URL` or tables
-    /// `{ url, name }`. Default none (engine events only).
+    /// `{ url, name }`; a URL is `http://host:port` (plain gRPC: not with
+    /// `fabric-ca-file`), `https://host:port` (a node that speaks TLS:
+    /// needs `fabric-ca-file`) or `host:port` (`https://` when
+    /// `fabric-ca-file` is set, else `http://`). Default none (engine
+    /// events only).
     pub fabric: Vec<FabricEndpoint>,
     /// Every this many ms, ask each `fabric` node for the cluster's serving
     /// members (`Members`) and follow every member's events too (a node
@@ -170,6 +177,29 @@ pub struct Settings {
     /// is read at start. Default none.
     #[serde(skip)]
     pub fabric_token: Option<Token>,
+    /// PEM file of the CA whose certificates the fabric nodes that speak
+    /// TLS present (`[tls]` in the node's settings; endpoints `https://`):
+    /// the router trusts that CA and no other (no public roots), and
+    /// connects to fabric nodes over TLS only. Required when a `fabric`
+    /// URL is `https://`, refused with an `http://` one; a cluster whose nodes use TLS
+    /// registers `https://` endpoints, which discovery follows only with
+    /// it. [`Settings::load`] reads it into `fabric_tls`, and a file that
+    /// is missing or holds no PEM certificate stops the router. Default
+    /// unset: plain gRPC only.
+    pub fabric_ca_file: Option<PathBuf>,
+    /// PEM certificate the router presents to fabric nodes that require
+    /// one (`[tls] client-ca-file` on the node), with `fabric-client-key`
+    /// (both or neither); needs `fabric-ca-file`. Default unset.
+    pub fabric_client_cert: Option<PathBuf>,
+    /// PEM private key of `fabric-client-cert`. Default unset.
+    pub fabric_client_key: Option<PathBuf>,
+    /// The TLS client settings themselves, as [`Settings::load`] read them
+    /// from `fabric-ca-file` (and `fabric-client-cert` /
+    /// `fabric-client-key`); in-process users may set them directly. Not
+    /// a TOML key. When unset and `fabric-ca-file` is set (settings not
+    /// made by `load`), the files are read at start. Default none.
+    #[serde(skip)]
+    pub fabric_tls: Option<ClientTls>,
     /// Fabric namespace whose blocks the router follows; its salt seeds the
     /// canonical block hash, so it must be the engines' namespace. Default
     /// `default`; 1 to 128 of `[A-Za-z0-9._-]`, as on the fabric.
@@ -234,6 +264,10 @@ impl Default for Settings {
             tenant: String::new(),
             fabric_token_file: None,
             fabric_token: None,
+            fabric_ca_file: None,
+            fabric_client_cert: None,
+            fabric_client_key: None,
+            fabric_tls: None,
             namespace: "default".into(),
             models: Vec::new(),
             tokenizer: None,
@@ -266,6 +300,12 @@ pub struct Overrides {
     pub tenant: Option<String>,
     /// `--fabric-token-file` / `KVFABRIC_ROUTER_FABRIC_TOKEN_FILE`.
     pub fabric_token_file: Option<PathBuf>,
+    /// `--fabric-ca-file` / `KVFABRIC_ROUTER_FABRIC_CA_FILE`.
+    pub fabric_ca_file: Option<PathBuf>,
+    /// `--fabric-client-cert` / `KVFABRIC_ROUTER_FABRIC_CLIENT_CERT`.
+    pub fabric_client_cert: Option<PathBuf>,
+    /// `--fabric-client-key` / `KVFABRIC_ROUTER_FABRIC_CLIENT_KEY`.
+    pub fabric_client_key: Option<PathBuf>,
     /// `--model` / `KVFABRIC_ROUTER_MODELS` (replaces the file's list).
     pub models: Option<Vec<String>>,
     /// `--tokenizer` / `KVFABRIC_ROUTER_TOKENIZER`.
@@ -292,7 +332,8 @@ impl Settings {
 
     /// Reads and parses a TOML file (`None`: the defaults), applies
     /// `overrides`, validates the result and reads the fabric token
-    /// (`fabric-token-file`, else `$KVFABRIC_TOKEN`).
+    /// (`fabric-token-file`, else `$KVFABRIC_TOKEN`) and the fabric TLS
+    /// files (`fabric-ca-file`, `fabric-client-cert`, `fabric-client-key`).
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Settings, ConfigError> {
         let mut s = match path {
             Some(p) => {
@@ -312,7 +353,31 @@ impl Settings {
                 None => format!("{e} (the fabric token while fabric-token-file is unset)"),
             })
         })?;
+        s.fabric_tls = s.tls_to_use().map_err(ConfigError::Invalid)?;
         Ok(s)
+    }
+
+    /// The TLS client settings fabric connections use: `fabric_tls` when
+    /// set, else those in `fabric-ca-file` (and `fabric-client-cert` +
+    /// `fabric-client-key`), read and checked now; the message names the
+    /// setting.
+    pub(crate) fn tls_to_use(&self) -> Result<Option<ClientTls>, String> {
+        let (ca, cert, key) = match (&self.fabric_tls, &self.fabric_ca_file) {
+            (Some(t), _) => return Ok(Some(t.clone())),
+            (None, None) => return Ok(None),
+            (None, Some(ca)) => (ca, &self.fabric_client_cert, &self.fabric_client_key),
+        };
+        let pem = |path: &Path, kind: &str, what: &str| kvfabric::tls::read_pem(path, kind, what);
+        let ca = pem(ca, "CERTIFICATE", "fabric-ca-file")?;
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((
+                pem(c, "CERTIFICATE", "fabric-client-cert")?,
+                pem(k, "PRIVATE KEY", "fabric-client-key")?,
+            )),
+            (None, None) => None,
+            _ => return Err(CERT_AND_KEY.into()),
+        };
+        Ok(Some(ClientTls::from_pem(ca, identity)))
     }
 
     /// The token fabric connections send: `fabric_token` when set, else
@@ -344,6 +409,15 @@ impl Settings {
         }
         if let Some(v) = o.fabric_token_file {
             self.fabric_token_file = Some(v);
+        }
+        if let Some(v) = o.fabric_ca_file {
+            self.fabric_ca_file = Some(v);
+        }
+        if let Some(v) = o.fabric_client_cert {
+            self.fabric_client_cert = Some(v);
+        }
+        if let Some(v) = o.fabric_client_key {
+            self.fabric_client_key = Some(v);
         }
         if let Some(v) = o.models {
             self.models = v;
@@ -398,20 +472,42 @@ impl Settings {
         range("max-body-size", self.max_body_size.0, 1 << 10, 1 << 30)?;
         self.cluster_endpoints()?;
         kvfabric::cluster::validate_id("cluster-id", &self.cluster_id)?;
+        let tls = self.fabric_tls.is_some() || self.fabric_ca_file.is_some();
+        if self.fabric_client_cert.is_some() != self.fabric_client_key.is_some() {
+            return Err(CERT_AND_KEY.into());
+        }
+        if self.fabric_client_cert.is_some() && !tls {
+            return Err(
+                "fabric-client-cert needs fabric-ca-file (the CA that signs the fabric nodes' certificates)".into(),
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for (i, f) in self.fabric.iter().enumerate() {
-            if f.url.contains("://") && !f.url.starts_with("http://") {
+            let what = format!("fabric[{i}] url");
+            if f.url.contains("://") {
+                kvfabric::validate::grpc_base_url(&what, &f.url)?;
+            } else {
+                // No scheme: https:// with a CA, as the fabric client reads it.
+                kvfabric::validate::grpc_base_url(&what, &format!("http://{}", f.url)).map_err(|_| {
+                    format!(
+                        "{what} {:?} must be host:port, http://host:port or https://host:port",
+                        f.url
+                    )
+                })?;
+            }
+            if f.url.starts_with("https://") && !tls {
                 return Err(format!(
-                    "fabric[{i}] url {:?} must be http://host:port or host:port (the block service speaks plain gRPC)",
+                    "{what} {:?} is https:// (a node that speaks TLS): set fabric-ca-file to the CA that signs its certificate",
                     f.url
                 ));
             }
-            let full = if f.url.contains("://") {
-                f.url.clone()
-            } else {
-                format!("http://{}", f.url)
-            };
-            kvfabric::validate::http_base_url(&format!("fabric[{i}] url"), &full)?;
+            if f.url.starts_with("http://") && tls {
+                return Err(format!(
+                    "{what} {:?} is plain http:// but fabric-ca-file is set: fabric connections then use TLS only \
+                     (the token never crosses in the clear); use https://, or unset fabric-ca-file",
+                    f.url
+                ));
+            }
             if !names.insert(f.name.as_str()) {
                 return Err(format!("fabric[{i}] name {:?} is used twice", f.name));
             }
@@ -437,6 +533,9 @@ impl Settings {
         Ok(())
     }
 }
+
+/// What a client certificate without its key (or the reverse) is told.
+const CERT_AND_KEY: &str = "fabric-client-cert and fabric-client-key go together: set both or neither";
 
 /// Checks a worker's URL: `http://host:port` (plain HTTP, what the router
 /// forwards with), no path. Configured workers and registered ones alike.
@@ -496,7 +595,24 @@ mod tests {
             ("cluster-id = \"a b\"", "cluster-id"),
             ("namespace = \"my ns\"", "namespace"),
             ("tenant = \"t/1\"", "tenant"),
-            ("fabric = [\"https://x:1\"]", "fabric[0] url"),
+            ("fabric = [\"grpc://x:1\"]", "fabric[0] url"),
+            ("fabric = [\"http://x:1/v1\"]", "fabric[0] url"),
+            ("fabric = [\"x\"]", "fabric[0] url"),
+            ("fabric = [\"https://x:1\"]", "set fabric-ca-file"),
+            (
+                "fabric = [\"n=https://x:1\"]",
+                "fabric[0] url \"https://x:1\" is https://",
+            ),
+            (
+                "fabric-ca-file = \"/ca.pem\"\nfabric = [\"https://x:1\", \"http://y:1\"]",
+                "fabric[1] url \"http://y:1\" is plain http:// but fabric-ca-file is set",
+            ),
+            ("fabric-client-cert = \"/c.pem\"", "fabric-client-key go together"),
+            ("fabric-client-key = \"/k.pem\"", "fabric-client-key go together"),
+            (
+                "fabric-client-cert = \"/c.pem\"\nfabric-client-key = \"/k.pem\"",
+                "fabric-client-cert needs fabric-ca-file",
+            ),
             ("[cost]\nkv-bytes-per-token = 1000000000000", "cost.kv-bytes-per-token"),
             ("[cost.weights]\nprefill = 1e300", "cost.weights.prefill"),
             ("[cost.bandwidth]\nhost = 1e300", "cost.bandwidth.host"),
@@ -558,5 +674,72 @@ mod tests {
         assert_eq!(s.token_to_send().unwrap().unwrap().secret(), "kvf_0123456789abcdef");
         let s = Settings::from_toml("fabric-token-file = \"/no/such/token\"").unwrap();
         assert!(s.token_to_send().unwrap_err().starts_with("fabric-token-file: "));
+    }
+
+    #[test]
+    fn the_fabric_tls_files_are_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca = file(
+            "ca.pem",
+            "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n",
+        );
+        let key = file("k.pem", "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n");
+        let missing = dir.path().join("missing.pem");
+        let with = |ca: &Path, cert: Option<&Path>, key: Option<&Path>| Overrides {
+            fabric: Some(parse_fabric_list("n1=https://127.0.0.1:50051, 127.0.0.1:50052").unwrap()),
+            fabric_ca_file: Some(ca.to_path_buf()),
+            fabric_client_cert: cert.map(Path::to_path_buf),
+            fabric_client_key: key.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        let s = Settings::load(None, with(&ca, None, None)).unwrap();
+        assert!(!s.fabric_tls.as_ref().unwrap().has_identity());
+        let s = Settings::load(None, with(&ca, Some(&ca), Some(&key))).unwrap();
+        assert!(s.fabric_tls.as_ref().unwrap().has_identity());
+        assert!(s.tls_to_use().unwrap().unwrap().has_identity());
+        // A bad file stops the load, naming its setting and the file.
+        for (o, want, path) in [
+            (with(&missing, None, None), "fabric-ca-file ", &missing),
+            (with(&key, None, None), "fabric-ca-file ", &key),
+            (with(&ca, Some(&key), Some(&key)), "fabric-client-cert ", &key),
+            (with(&ca, Some(&ca), Some(&ca)), "fabric-client-key ", &ca),
+            (with(&ca, Some(&ca), Some(&missing)), "fabric-client-key ", &missing),
+        ] {
+            let e = Settings::load(None, o).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        // https:// without a CA, and a certificate without its key, are
+        // refused before any file is read.
+        let o = Overrides {
+            fabric: Some(parse_fabric_list("https://127.0.0.1:50051").unwrap()),
+            ..Default::default()
+        };
+        let e = Settings::load(None, o).unwrap_err().to_string();
+        assert!(e.contains("fabric-ca-file"), "{e}");
+        let e = Settings::load(None, with(&ca, Some(&ca), None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fabric-client-cert and fabric-client-key"), "{e}");
+        // Settings not made by `load` read the files when started; TLS
+        // settings set in code need no file.
+        let s = Settings::from_toml(&format!("fabric-ca-file = {:?}", ca.display().to_string())).unwrap();
+        assert!(s.fabric_tls.is_none());
+        assert!(s.tls_to_use().unwrap().is_some());
+        let s = Settings::from_toml("fabric-ca-file = \"/no/such/ca.pem\"").unwrap();
+        assert!(s.tls_to_use().unwrap_err().starts_with("fabric-ca-file "));
+        let mut s = Settings {
+            fabric: parse_fabric_list("https://127.0.0.1:50051").unwrap(),
+            ..Default::default()
+        };
+        assert!(s.validate().is_err());
+        s.fabric_tls = Some(kvfabric::tls::ClientTls::from_files(&ca, None, None).unwrap());
+        s.validate().unwrap();
+        assert!(s.tls_to_use().unwrap().is_some());
     }
 }

@@ -29,7 +29,11 @@
 //! panics on what a publisher sends.
 //!
 //! Every fabric connection is made with the router's [`ClientOptions`]
-//! (its bearer token, `fabric-token-file`). A node that refuses it
+//! (its bearer token, `fabric-token-file`; the CA it verifies `https://`
+//! nodes with and the certificate it presents, `fabric-ca-file`,
+//! `fabric-client-cert`, `fabric-client-key`), configured nodes and
+//! discovered ones alike: a cluster whose nodes speak TLS registers
+//! `https://` endpoints. A node that refuses it
 //! (`UNAUTHENTICATED`, `PERMISSION_DENIED`) is logged as a warning saying
 //! why ([`refusal`]), and asked again with the same backoff: a node whose
 //! tokens file gains the router's token is followed without a restart.
@@ -184,8 +188,16 @@ enum Failing {
     Other,
 }
 
-/// Connects to `url` with the router's options (its token).
+/// Connects to `url` with the router's options (its token, its TLS).
+/// With TLS, a plain `http://` node (one discovery found) is refused: the
+/// router never falls back to plain text, where its token would cross in
+/// the clear.
 async fn connect(url: &str, options: &ClientOptions) -> Result<Client, ClientError> {
+    if options.tls.is_some() && url.starts_with("http://") {
+        return Err(ClientError::InvalidArgument(format!(
+            "endpoint {url:?} is plain http:// but fabric-ca-file is set: the router reaches fabric nodes over TLS only"
+        )));
+    }
     Client::connect_with(url.to_string(), options.clone()).await
 }
 
@@ -225,6 +237,11 @@ pub(crate) async fn fabric_events(
                     tracing::debug!(%source, %url, error = %e, "fabric subscription failed; retrying");
                 } else if let Some(why) = why {
                     tracing::warn!(%source, %url, error = %e, "fabric subscription refused: {why}");
+                } else if url.starts_with("https://") && options.tls.is_none() {
+                    // A discovered node of a cluster that uses TLS.
+                    tracing::warn!(%source, %url, error = %e,
+                        "fabric subscription failed: the node speaks TLS (https://) and fabric-ca-file is unset; \
+                         set it to the CA that signs the nodes' certificates; no events from it until then");
                 } else {
                     tracing::warn!(%source, %url, error = %e, "fabric subscription failed; retrying with backoff");
                 }
@@ -274,7 +291,7 @@ pub(crate) struct Discovery {
     pub(crate) names: crate::workers::FabricNames,
     pub(crate) interval: Duration,
     pub(crate) tenant: String,
-    /// How fabric nodes are connected to (the router's token).
+    /// How fabric nodes are connected to (the router's token and TLS).
     pub(crate) options: ClientOptions,
     pub(crate) namespace: String,
     pub(crate) router: Arc<crate::Router>,
@@ -555,6 +572,17 @@ mod tests {
             code,
             message: "m".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn with_tls_a_plain_node_is_refused() {
+        let options = ClientOptions {
+            tls: Some(kvfabric::tls::ClientTls::from_pem(b"ca".to_vec(), None)),
+            ..Default::default()
+        };
+        let e = connect("http://127.0.0.1:1", &options).await.unwrap_err();
+        assert_eq!(e.kind(), kvfabric::ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("fabric-ca-file"), "{e}");
     }
 
     #[test]

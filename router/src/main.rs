@@ -36,6 +36,15 @@ struct Cli {
     /// File holding the token sent to fabric nodes that authenticate (default: $KVFABRIC_TOKEN).
     #[arg(long, env = "KVFABRIC_ROUTER_FABRIC_TOKEN_FILE")]
     fabric_token_file: Option<PathBuf>,
+    /// PEM file of the CA that signs the certificates of fabric nodes speaking TLS (https:// URLs).
+    #[arg(long, env = "KVFABRIC_ROUTER_FABRIC_CA_FILE")]
+    fabric_ca_file: Option<PathBuf>,
+    /// PEM certificate presented to fabric nodes that require one (with --fabric-client-key).
+    #[arg(long, env = "KVFABRIC_ROUTER_FABRIC_CLIENT_CERT")]
+    fabric_client_cert: Option<PathBuf>,
+    /// PEM private key of --fabric-client-cert.
+    #[arg(long, env = "KVFABRIC_ROUTER_FABRIC_CLIENT_KEY")]
+    fabric_client_key: Option<PathBuf>,
     /// Model names served, comma-separated (replaces the file's list).
     #[arg(long = "model", env = "KVFABRIC_ROUTER_MODELS", value_delimiter = ',')]
     models: Option<Vec<String>>,
@@ -68,6 +77,9 @@ async fn main() -> Result<()> {
         namespace: cli.namespace,
         tenant: cli.tenant,
         fabric_token_file: cli.fabric_token_file,
+        fabric_ca_file: cli.fabric_ca_file,
+        fabric_client_cert: cli.fabric_client_cert,
+        fabric_client_key: cli.fabric_client_key,
         models: cli.models,
         tokenizer: cli.tokenizer,
         workers: cli.workers,

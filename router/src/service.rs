@@ -87,6 +87,7 @@ impl RouterService {
         settings.validate().map_err(ServeError::Settings)?;
         let fabric_options = kvfabric::client::ClientOptions {
             token: settings.token_to_send().map_err(ServeError::Settings)?,
+            tls: settings.tls_to_use().map_err(ServeError::Settings)?,
             ..Default::default()
         };
         let addr = listener.local_addr().map_err(|source| ServeError::Bind {

@@ -614,6 +614,122 @@ async fn an_authenticating_fabric_node_is_followed_with_the_routers_token() -> R
     Ok(())
 }
 
+/// TLS options trusting the CA in `certs`, presenting its client
+/// certificate when `client_cert` (files of `write_test_certificates`).
+fn tls_options(certs: &std::path::Path, client_cert: bool) -> Result<kvfabric::client::ClientOptions> {
+    let (cert, key) = (certs.join("client.pem"), certs.join("client.key"));
+    let tls = match client_cert {
+        true => kvfabric::tls::ClientTls::from_files(&certs.join("ca.pem"), Some(&cert), Some(&key)),
+        false => kvfabric::tls::ClientTls::from_files(&certs.join("ca.pem"), None, None),
+    };
+    Ok(kvfabric::client::ClientOptions {
+        tls: Some(tls.map_err(anyhow::Error::msg)?),
+        ..Default::default()
+    })
+}
+
+/// A fabric node that speaks TLS and wants client certificates (`[tls]`
+/// with `client-ca-file`): the router trusting its CA (`fabric-ca-file`)
+/// and presenting a certificate (`fabric-client-cert`, `fabric-client-key`)
+/// follows its events over `https://` and routes by them; routers without
+/// a certificate, or trusting another CA, fail the handshake, never see a
+/// block, and keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tls_fabric_node_is_followed_with_the_routers_ca() -> Result<()> {
+    use kvfabric::client::Durability;
+    use kvfabric::testutil::write_test_certificates;
+    let dir = tempfile::tempdir()?;
+    let (certs, other) = (dir.path().join("certs"), dir.path().join("other"));
+    for d in [&certs, &other] {
+        std::fs::create_dir_all(d)?;
+        write_test_certificates(d);
+    }
+    let mut ns = node_settings(&dir.path().join("data"), "kvfabric-node");
+    ns.tls.cert_file = Some(certs.join("server.pem"));
+    ns.tls.key_file = Some(certs.join("server.key"));
+    ns.tls.client_ca_file = Some(certs.join("ca.pem"));
+    let node = kvfabric::server::Node::build(ns).await?.start().await?;
+    assert!(node.endpoint().starts_with("https://127.0.0.1:"), "{}", node.endpoint());
+    let fc = kvfabric::client::Client::connect_with(node.endpoint(), tls_options(&certs, true)?).await?;
+    fc.put("ns", &b"probe"[..], &b"p"[..], Durability::Memory).await?;
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let a = StandIn::start("a", tx.clone()).await?;
+    let b = StandIn::start("b", tx).await?;
+    let router = |ca: &std::path::Path, client_cert: bool| {
+        let mut s = base_settings(vec![a.settings(false), b.settings(false)]);
+        s.fabric = vec![FabricEndpoint {
+            name: "n1".into(),
+            url: node.endpoint(),
+        }];
+        s.workers[1].fabric_node = Some("n1".into());
+        // The files, read at start (settings not made by `load`).
+        s.fabric_ca_file = Some(ca.join("ca.pem"));
+        if client_cert {
+            s.fabric_client_cert = Some(ca.join("client.pem"));
+            s.fabric_client_key = Some(ca.join("client.key"));
+        }
+        RouterService::start(s)
+    };
+    let r = router(&certs, true).await?;
+    let refused = [router(&certs, false).await?, router(&other, true).await?];
+    let c = client();
+
+    // The router with the CA and a certificate sees the blocks stored and
+    // routes by them.
+    let ids: Vec<u32> = (0..64).collect();
+    let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), &ids, 16, &[]);
+    let fabric = HolderId(FABRIC_HOLDER_BASE);
+    let objs = || {
+        keys.iter()
+            .map(|k| kvfabric::client::PutObject::new(k.to_vec(), vec![7u8; 1024]))
+            .collect()
+    };
+    fc.put_many("ns", objs(), Durability::Memory).await?;
+    eventually("the router trusting the node's CA sees its blocks", || {
+        r.router().index().holder_len(fabric) >= 4
+    })
+    .await?;
+    for _ in 0..3 {
+        let (s, w, _) = complete(&c, &r, json!({"prompt": ids})).await?;
+        assert_eq!((s, w.as_str()), (StatusCode::OK, "b"));
+    }
+    let m = metrics(&c, &r).await?;
+    assert!(
+        m.contains("kvfabric_router_event_stream_connected{source=\"fabric:n1\"} 1"),
+        "{m}"
+    );
+
+    // Without a client certificate, or trusting another CA: no stream, no
+    // block, and the router serves on without the fabric.
+    fc.put_many("ns", objs(), Durability::Memory).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for rr in &refused {
+        assert_eq!(rr.router().index().holder_len(fabric), 0, "a refused router saw blocks");
+        let m = metrics(&c, rr).await?;
+        assert!(
+            m.contains("kvfabric_router_event_stream_connected{source=\"fabric:n1\"} 0"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("kvfabric_router_event_stream_connects_total{source=\"fabric:n1\"} 1"),
+            "{m}"
+        );
+        let (s, _, _) = call(&c, Method::GET, format!("{}/health", rr.url()), "").await?;
+        assert_eq!(s, StatusCode::OK);
+        let (s, _, _) = complete(&c, rr, json!({"prompt": ids})).await?;
+        assert_eq!(s, StatusCode::OK);
+    }
+    r.shutdown().await;
+    for rr in refused {
+        rr.shutdown().await;
+    }
+    node.shutdown().await;
+    a.kill();
+    b.kill();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streaming_sse_passes_through_unchanged() -> Result<()> {
     let (tx, _rx) = mpsc::unbounded_channel();
@@ -1142,6 +1258,33 @@ async fn the_binary_serves_and_rejects_bad_settings() -> Result<()> {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{out:?}");
     }
+    // And fabric TLS settings that cannot work: an https:// node without
+    // a CA, a CA file that is missing or holds no certificate, a client
+    // certificate without its key.
+    let key = dir.path().join("k.pem");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n")?;
+    let key = key.to_str().context("utf-8 path")?;
+    for (args, env, want) in [
+        (&["--fabric", "https://127.0.0.1:1"][..], "", "set fabric-ca-file"),
+        (&[][..], "/no/such/ca.pem", "fabric-ca-file /no/such/ca.pem"),
+        (&[][..], key, "fabric-ca-file"),
+        (&["--fabric-client-cert", key][..], "", "fabric-client-key go together"),
+    ] {
+        let mut cmd = tokio::process::Command::new(bin);
+        match env {
+            "" => cmd.env_remove("KVFABRIC_ROUTER_FABRIC_CA_FILE"),
+            ca => cmd.env("KVFABRIC_ROUTER_FABRIC_CA_FILE", ca),
+        };
+        cmd.args(args)
+            .env_remove("KVFABRIC_TOKEN")
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .context("the router did not stop")??;
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{out:?}");
+    }
 
     // A good one serves: flags add a worker and a fabric node (unreachable:
     // the subscription retries in the background without blocking serving).
@@ -1190,21 +1333,34 @@ async fn the_binary_serves_and_rejects_bad_settings() -> Result<()> {
 /// before the router started count), and forgets a node that leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cluster_node_is_followed_through_one_configured_node() -> Result<()> {
-    every_cluster_node_is_followed(false).await
+    every_cluster_node_is_followed(false, false).await
+}
+
+/// The same with nodes that speak TLS and want client certificates: the
+/// configured node is `https://`, the members it names register
+/// `https://` endpoints, and the router reaches them all with its CA and
+/// certificate (`fabric-ca-file`, `fabric-client-cert`, `fabric-client-key`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tls_cluster_node_is_followed_through_one_configured_node() -> Result<()> {
+    every_cluster_node_is_followed(false, true).await
 }
 
 /// The same with no fabric node configured, only the cluster registry:
 /// the members come from etcd's watch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cluster_node_is_followed_through_the_registry() -> Result<()> {
-    every_cluster_node_is_followed(true).await
+    every_cluster_node_is_followed(true, false).await
 }
 
-async fn every_cluster_node_is_followed(via_registry: bool) -> Result<()> {
+async fn every_cluster_node_is_followed(via_registry: bool, tls: bool) -> Result<()> {
     use kvfabric::server::Node;
     use kvfabric_router::DISCOVERED_HOLDER_OFFSET;
     let etcd = kvfabric::testutil::Etcd::start().await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let certs = tempfile::tempdir()?;
+    if tls {
+        kvfabric::testutil::write_test_certificates(certs.path());
+    }
     let mut nodes = Vec::new();
     for (d, id) in dirs.iter().zip(["a", "b", "c"]) {
         let mut ns = node_settings(d.path(), id);
@@ -1212,14 +1368,26 @@ async fn every_cluster_node_is_followed(via_registry: bool) -> Result<()> {
         ns.cluster.etcd = Some(etcd.url());
         ns.cluster.id = "rt".into();
         ns.cluster.refresh_interval_ms = 200;
+        if tls {
+            ns.tls.cert_file = Some(certs.path().join("server.pem"));
+            ns.tls.key_file = Some(certs.path().join("server.key"));
+            ns.tls.client_ca_file = Some(certs.path().join("ca.pem"));
+            ns.tls.ca_file = Some(certs.path().join("ca.pem"));
+        }
         nodes.push(Node::build(ns).await?.start().await?);
     }
     for n in &nodes {
         let view = n.serving_nodes().context("cluster mode")?;
         eventually("every node sees three members", || view.borrow().len() == 3).await?;
+        let scheme = if tls { "https://" } else { "http://" };
+        assert!(view.borrow().iter().all(|m| m.endpoint.starts_with(scheme)));
     }
     // 64 blocks put through a: the nodes forward them to their owners.
-    let fc = kvfabric::client::Client::connect(nodes[0].endpoint()).await?;
+    let options = match tls {
+        true => tls_options(certs.path(), true)?,
+        false => Default::default(),
+    };
+    let fc = kvfabric::client::Client::connect_with(nodes[0].endpoint(), options).await?;
     let ids: Vec<u32> = (0..1024).collect();
     let keys = kvfabric::hash::chain_hashes(kvfabric::hash::namespace_salt("ns"), &ids, 16, &[]);
     let objs = keys
@@ -1232,6 +1400,20 @@ async fn every_cluster_node_is_followed(via_registry: bool) -> Result<()> {
 
     let mut s = base_settings(vec![]);
     s.fabric_discover_ms = 100;
+    if tls {
+        // Read as the binary reads them, at load.
+        let loaded = Settings::load(
+            None,
+            kvfabric_router::config::Overrides {
+                fabric_ca_file: Some(certs.path().join("ca.pem")),
+                fabric_client_cert: Some(certs.path().join("client.pem")),
+                fabric_client_key: Some(certs.path().join("client.key")),
+                ..Default::default()
+            },
+        )?;
+        s.fabric_tls = loaded.fabric_tls;
+        assert!(s.fabric_tls.as_ref().is_some_and(|t| t.has_identity()));
+    }
     let discovered = |i: u32| HolderId(FABRIC_HOLDER_BASE + DISCOVERED_HOLDER_OFFSET + i);
     let holders = if via_registry {
         s.cluster = Some(etcd.url());

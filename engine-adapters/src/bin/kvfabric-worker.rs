@@ -30,7 +30,7 @@ struct Cli {
     /// HTTP listen address (API, /health, /metrics).
     #[arg(long, env = "KVFABRIC_WORKER_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Fabric node endpoint, http://host:port.
+    /// Fabric node endpoint, http://host:port (or https://host:port, with --fabric-ca-file).
     #[arg(long, env = "KVFABRIC_WORKER_FABRIC")]
     fabric: Option<String>,
     /// Unix socket of the node's zero-copy local path (co-located node).
@@ -45,6 +45,15 @@ struct Cli {
     /// File holding the token sent to a fabric node that authenticates (default: $KVFABRIC_TOKEN).
     #[arg(long, env = "KVFABRIC_WORKER_FABRIC_TOKEN_FILE")]
     fabric_token_file: Option<PathBuf>,
+    /// PEM file of the CA that signs the certificate of a fabric node speaking TLS (https://).
+    #[arg(long, env = "KVFABRIC_WORKER_FABRIC_CA_FILE")]
+    fabric_ca_file: Option<PathBuf>,
+    /// PEM certificate presented to a fabric node that requires one (with --fabric-client-key).
+    #[arg(long, env = "KVFABRIC_WORKER_FABRIC_CLIENT_CERT")]
+    fabric_client_cert: Option<PathBuf>,
+    /// PEM private key of --fabric-client-cert.
+    #[arg(long, env = "KVFABRIC_WORKER_FABRIC_CLIENT_KEY")]
+    fabric_client_key: Option<PathBuf>,
     /// Fabric namespace (its salt seeds the block hashes).
     #[arg(long, env = "KVFABRIC_WORKER_NAMESPACE")]
     namespace: Option<String>,
@@ -158,6 +167,9 @@ async fn main() -> Result<()> {
         fabric_timeout_ms: cli.fabric_timeout_ms,
         tenant: cli.tenant,
         fabric_token_file: cli.fabric_token_file,
+        fabric_ca_file: cli.fabric_ca_file,
+        fabric_client_cert: cli.fabric_client_cert,
+        fabric_client_key: cli.fabric_client_key,
         namespace: cli.namespace,
         model: cli.model,
         weights: cli.weights,
@@ -260,6 +272,7 @@ async fn register(
             url.clone(),
             kvfabric::client::ClientOptions {
                 token: settings.fabric_token.clone(),
+                tls: settings.fabric_tls.clone(),
                 ..Default::default()
             },
         )

@@ -15,6 +15,7 @@ use std::str::FromStr;
 
 use kvfabric::auth::Token;
 use kvfabric::size::ByteSize;
+use kvfabric::tls::ClientTls;
 use serde::Deserialize;
 
 use crate::engine::ModelConfig;
@@ -85,8 +86,9 @@ impl std::fmt::Display for Role {
 }
 
 /// Everything a worker is configured with (TOML: kebab-case keys; every
-/// key optional).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// key optional). (Not `PartialEq`: the loaded `fabric_tls` holds key
+/// material, never compared.)
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct WorkerSettings {
     /// `aggregated`, `prefill` or `decode`. Default `aggregated`.
@@ -94,9 +96,11 @@ pub struct WorkerSettings {
     /// HTTP listen address (API, `/health`, `/metrics`). Default
     /// `127.0.0.1:8100`; port 0 picks a free one.
     pub listen: SocketAddr,
-    /// Fabric node endpoint, `http://host:port` (no TLS: `https://` is
-    /// refused). Default unset: the worker
-    /// uses only its own pool (no loads, no stores, no disaggregation).
+    /// Fabric node endpoint, `http://host:port` (plain gRPC: not with
+    /// `fabric-ca-file`), or `https://host:port` for a node that speaks
+    /// TLS (`[tls]` in the node's settings; needs `fabric-ca-file`).
+    /// Default unset: the worker uses only its own pool (no loads, no
+    /// stores, no disaggregation).
     pub fabric: Option<String>,
     /// Unix socket of that node's zero-copy local path (`data-dir/kvfabric.sock`
     /// on the node), for a worker on the same host: block bytes then move
@@ -133,6 +137,27 @@ pub struct WorkerSettings {
     /// is read at start. Default none.
     #[serde(skip)]
     pub fabric_token: Option<Token>,
+    /// PEM file of the CA whose certificate the fabric node presents when
+    /// it speaks TLS (`https://` in `fabric`): the worker trusts that CA
+    /// and no other (no public roots). Required when `fabric` is
+    /// `https://`, refused when it is `http://`. [`WorkerSettings::load`] reads it into `fabric_tls`,
+    /// and a file that is missing or holds no PEM certificate stops the
+    /// worker. The local path (`fabric-socket`) does not use it. Default
+    /// unset: plain gRPC only.
+    pub fabric_ca_file: Option<PathBuf>,
+    /// PEM certificate the worker presents to a fabric node that requires
+    /// one (`[tls] client-ca-file` on the node), with `fabric-client-key`
+    /// (both or neither); needs `fabric-ca-file`. Default unset.
+    pub fabric_client_cert: Option<PathBuf>,
+    /// PEM private key of `fabric-client-cert`. Default unset.
+    pub fabric_client_key: Option<PathBuf>,
+    /// The TLS client settings themselves, as [`WorkerSettings::load`]
+    /// read them from `fabric-ca-file` (and `fabric-client-cert` /
+    /// `fabric-client-key`); in-process users may set them directly. Not
+    /// a TOML key. When unset and `fabric-ca-file` is set (settings not
+    /// made by `load`), the files are read at start. Default none.
+    #[serde(skip)]
+    pub fabric_tls: Option<ClientTls>,
     /// Fabric namespace of its KV blocks; its salt seeds the block hashes,
     /// so the router and every worker sharing blocks must use the same one.
     /// Default `default`; 1..=128 of `[A-Za-z0-9._-]`.
@@ -242,6 +267,10 @@ impl Default for WorkerSettings {
             tenant: String::new(),
             fabric_token_file: None,
             fabric_token: None,
+            fabric_ca_file: None,
+            fabric_client_cert: None,
+            fabric_client_key: None,
+            fabric_tls: None,
             namespace: "default".into(),
             model: None,
             model_config: None,
@@ -291,6 +320,12 @@ pub struct Overrides {
     pub tenant: Option<String>,
     /// `--fabric-token-file` / `KVFABRIC_WORKER_FABRIC_TOKEN_FILE`.
     pub fabric_token_file: Option<PathBuf>,
+    /// `--fabric-ca-file` / `KVFABRIC_WORKER_FABRIC_CA_FILE`.
+    pub fabric_ca_file: Option<PathBuf>,
+    /// `--fabric-client-cert` / `KVFABRIC_WORKER_FABRIC_CLIENT_CERT`.
+    pub fabric_client_cert: Option<PathBuf>,
+    /// `--fabric-client-key` / `KVFABRIC_WORKER_FABRIC_CLIENT_KEY`.
+    pub fabric_client_key: Option<PathBuf>,
     /// `--namespace` / `KVFABRIC_WORKER_NAMESPACE`.
     pub namespace: Option<String>,
     /// `--model` / `KVFABRIC_WORKER_MODEL`.
@@ -358,7 +393,8 @@ impl WorkerSettings {
 
     /// Reads and parses a TOML file (`None`: the defaults), applies
     /// `overrides`, validates the result and reads the fabric token
-    /// (`fabric-token-file`, else `$KVFABRIC_TOKEN`).
+    /// (`fabric-token-file`, else `$KVFABRIC_TOKEN`) and the fabric TLS
+    /// files (`fabric-ca-file`, `fabric-client-cert`, `fabric-client-key`).
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<WorkerSettings, SettingsError> {
         let mut s = match path {
             Some(p) => {
@@ -378,7 +414,33 @@ impl WorkerSettings {
                 None => format!("{e} (the fabric token while fabric-token-file is unset)"),
             })
         })?;
+        s.fabric_tls = s.tls_to_use()?;
         Ok(s)
+    }
+
+    /// The TLS client settings fabric gRPC connections use: `fabric_tls`
+    /// when set, else those in `fabric-ca-file` (and `fabric-client-cert`
+    /// with `fabric-client-key`), read and checked now; the message names
+    /// the setting.
+    pub(crate) fn tls_to_use(&self) -> Result<Option<ClientTls>, SettingsError> {
+        let (ca, cert, key) = match (&self.fabric_tls, &self.fabric_ca_file) {
+            (Some(t), _) => return Ok(Some(t.clone())),
+            (None, None) => return Ok(None),
+            (None, Some(ca)) => (ca, &self.fabric_client_cert, &self.fabric_client_key),
+        };
+        let pem = |path: &Path, kind: &str, what: &str| {
+            kvfabric::tls::read_pem(path, kind, what).map_err(SettingsError::Invalid)
+        };
+        let ca = pem(ca, "CERTIFICATE", "fabric-ca-file")?;
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((
+                pem(c, "CERTIFICATE", "fabric-client-cert")?,
+                pem(k, "PRIVATE KEY", "fabric-client-key")?,
+            )),
+            (None, None) => None,
+            _ => return Err(SettingsError::Invalid(CERT_AND_KEY.into())),
+        };
+        Ok(Some(ClientTls::from_pem(ca, identity)))
     }
 
     /// The token fabric connections send: `fabric_token` when set, else
@@ -439,6 +501,9 @@ impl WorkerSettings {
             fabric,
             fabric_socket,
             fabric_token_file,
+            fabric_ca_file,
+            fabric_client_cert,
+            fabric_client_key,
             weights,
             kv_events,
             served_model_name,
@@ -510,9 +575,32 @@ impl WorkerSettings {
             return invalid(e);
         }
         if let Some(f) = &self.fabric
-            && let Err(e) = check_base_url(f)
+            && let Err(e) = kvfabric::validate::grpc_base_url("fabric", f)
         {
-            return invalid(format!("fabric {e}"));
+            return invalid(e);
+        }
+        let tls = self.fabric_tls.is_some() || self.fabric_ca_file.is_some();
+        match &self.fabric {
+            Some(f) if f.starts_with("https://") && !tls => {
+                return invalid(format!(
+                    "fabric {f:?} is https:// (a node that speaks TLS): set fabric-ca-file to the CA that signs its certificate"
+                ));
+            }
+            Some(f) if f.starts_with("http://") && tls => {
+                return invalid(format!(
+                    "fabric {f:?} is plain http:// but fabric-ca-file is set: the worker then reaches the node over \
+                     TLS only (the token never crosses in the clear); use https://, or unset fabric-ca-file"
+                ));
+            }
+            _ => {}
+        }
+        if self.fabric_client_cert.is_some() != self.fabric_client_key.is_some() {
+            return invalid(CERT_AND_KEY.into());
+        }
+        if self.fabric_client_cert.is_some() && !tls {
+            return invalid(
+                "fabric-client-cert needs fabric-ca-file (the CA that signs the fabric node's certificate)".into(),
+            );
         }
         if self.fabric_socket.is_some() && self.fabric.is_none() {
             return invalid("fabric-socket needs fabric (the node's gRPC endpoint answers ExistsPrefix)".into());
@@ -581,9 +669,13 @@ impl WorkerSettings {
     }
 }
 
-/// `http://host:port`, no path. `https://` is refused by name: neither the
-/// fabric client nor the worker speaks TLS, and routers reach workers over
-/// plain HTTP.
+/// What a client certificate without its key (or the reverse) is told.
+const CERT_AND_KEY: &str = "fabric-client-cert and fabric-client-key go together: set both or neither";
+
+/// `http://host:port`, no path, for workers' URLs (`prefill-workers`,
+/// `advertise-url`). `https://` is refused by name: workers serve, and
+/// reach each other over, plain HTTP. (The fabric's URL is checked with
+/// [`kvfabric::validate::grpc_base_url`].)
 fn check_base_url(u: &str) -> Result<(), String> {
     let rest = match u.strip_prefix("http://") {
         Some(r) => r,
@@ -658,8 +750,23 @@ mod tests {
             ("name = \"\"", "name"),
             ("advertise-url = \"x:1\"", "advertise-url"),
             (
-                "fabric = \"https://x:1\"",
-                "fabric \"https://x:1\": https is not supported",
+                "fabric = \"x:1\"",
+                "fabric \"x:1\" must be http://host:port or https://host:port",
+            ),
+            (
+                "fabric = \"http://x:1/v1\"",
+                "fabric \"http://x:1/v1\" must be a base URL",
+            ),
+            ("fabric = \"https://x:1\"", "fabric \"https://x:1\" is https://"),
+            (
+                "fabric = \"http://x:1\"\nfabric-ca-file = \"/ca.pem\"",
+                "fabric \"http://x:1\" is plain http:// but fabric-ca-file is set",
+            ),
+            ("fabric-client-cert = \"/c.pem\"", "fabric-client-key go together"),
+            ("fabric-client-key = \"/k.pem\"", "fabric-client-key go together"),
+            (
+                "fabric-client-cert = \"/c.pem\"\nfabric-client-key = \"/k.pem\"",
+                "fabric-client-cert needs fabric-ca-file",
             ),
             (
                 "advertise-url = \"https://x:1\"",
@@ -719,5 +826,71 @@ mod tests {
                 .to_string()
                 .contains("fabric-token-file: ")
         );
+    }
+
+    #[test]
+    fn the_fabric_tls_files_are_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca = file(
+            "ca.pem",
+            "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n",
+        );
+        let key = file("k.pem", "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n");
+        let missing = dir.path().join("missing.pem");
+        let with = |ca: &Path, cert: Option<&Path>, key: Option<&Path>| Overrides {
+            fabric: Some("https://127.0.0.1:50051".into()),
+            fabric_ca_file: Some(ca.to_path_buf()),
+            fabric_client_cert: cert.map(Path::to_path_buf),
+            fabric_client_key: key.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        let s = WorkerSettings::load(None, with(&ca, None, None)).unwrap();
+        assert!(!s.fabric_tls.as_ref().unwrap().has_identity());
+        let s = WorkerSettings::load(None, with(&ca, Some(&ca), Some(&key))).unwrap();
+        assert!(s.fabric_tls.as_ref().unwrap().has_identity());
+        assert!(s.tls_to_use().unwrap().unwrap().has_identity());
+        // A bad file stops the load, naming its setting and the file.
+        for (o, want, path) in [
+            (with(&missing, None, None), "fabric-ca-file ", &missing),
+            (with(&key, None, None), "fabric-ca-file ", &key),
+            (with(&ca, Some(&key), Some(&key)), "fabric-client-cert ", &key),
+            (with(&ca, Some(&ca), Some(&ca)), "fabric-client-key ", &ca),
+            (with(&ca, Some(&ca), Some(&missing)), "fabric-client-key ", &missing),
+        ] {
+            let e = WorkerSettings::load(None, o).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        // https:// without a CA, and a certificate without its key, are
+        // refused before any file is read.
+        let o = Overrides {
+            fabric: Some("https://127.0.0.1:50051".into()),
+            ..Default::default()
+        };
+        let e = WorkerSettings::load(None, o).unwrap_err().to_string();
+        assert!(e.contains("fabric-ca-file"), "{e}");
+        let e = WorkerSettings::load(None, with(&ca, Some(&ca), None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fabric-client-cert and fabric-client-key"), "{e}");
+        // Settings not made by `load` read the files when started; TLS
+        // settings set in code need no file.
+        let s = WorkerSettings::from_toml(&format!("fabric-ca-file = {:?}", ca.display().to_string())).unwrap();
+        assert!(s.fabric_tls.is_none());
+        assert!(s.tls_to_use().unwrap().is_some());
+        let s = WorkerSettings::from_toml("fabric-ca-file = \"/no/such/ca.pem\"").unwrap();
+        assert!(s.tls_to_use().unwrap_err().to_string().contains("fabric-ca-file "));
+        let mut s = WorkerSettings {
+            fabric: Some("https://127.0.0.1:50051".into()),
+            ..Default::default()
+        };
+        assert!(s.validate().is_err());
+        s.fabric_tls = Some(ClientTls::from_files(&ca, None, None).unwrap());
+        s.validate().unwrap();
     }
 }

@@ -126,8 +126,10 @@ impl Worker {
     /// [`Worker::start`] with explicit components.
     pub async fn start_with(mut settings: WorkerSettings, components: Components) -> Result<WorkerHandle, WorkerError> {
         settings.validate()?;
-        // A token file named but not read yet (settings not made by `load`).
+        // A token file, or TLS files, named but not read yet (settings not
+        // made by `load`).
         settings.fabric_token = settings.token_to_send()?;
+        settings.fabric_tls = settings.tls_to_use()?;
         let config = settings.resolve_model()?;
         let (weights_path, threads, pool_blocks) = (settings.weights.clone(), settings.threads, settings.pool_blocks);
         let cfg = config.clone();

@@ -28,6 +28,7 @@ use kvfabric::auth::Token;
 use kvfabric::client::{Client, ClientError, ClientOptions, LocalClient};
 use kvfabric::hash::{BlockHash, chain_hashes};
 use kvfabric::local::LocalOptions;
+use kvfabric::tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -126,6 +127,9 @@ pub(crate) struct FabricConn {
     tenant: String,
     /// Sent on gRPC and in the local path's hello (`fabric-token-file`).
     token: Option<Token>,
+    /// What gRPC verifies an `https://` node with, and the certificate it
+    /// presents (`fabric-ca-file`, ...); the local path has no TLS.
+    tls: Option<ClientTls>,
     namespace: String,
     layout: KvLayout,
     timeout: Duration,
@@ -143,6 +147,7 @@ impl FabricConn {
             socket: settings.fabric_socket.clone(),
             tenant: settings.tenant.clone(),
             token: settings.fabric_token.clone(),
+            tls: settings.fabric_tls.clone(),
             namespace: settings.namespace.clone(),
             layout,
             timeout: Duration::from_millis(settings.fabric_timeout_ms),
@@ -182,6 +187,7 @@ impl FabricConn {
         let opts = ClientOptions {
             connect_timeout: self.timeout.min(Duration::from_secs(2)),
             token: self.token.clone(),
+            tls: self.tls.clone(),
             ..ClientOptions::default()
         };
         let mut c = Client::connect_with(self.url.clone(), opts).await?;
