@@ -553,7 +553,10 @@ mod tests {
         let r = Arc::new(Namespaces::load(None).unwrap());
         r.for_write("a", "kv").unwrap();
         let w = r.writing("a", "kv").unwrap();
-        assert!(matches!(r.writing("b", "kv"), Err(FabricError::PermissionDenied { .. })));
+        assert!(matches!(
+            r.writing("b", "kv"),
+            Err(FabricError::PermissionDenied { .. })
+        ));
         assert!(matches!(r.writing("a", "none"), Err(FabricError::NamespaceNotFound(_))));
         let rec = NamespaceRecord {
             name: "kv".into(),
@@ -565,7 +568,10 @@ mod tests {
         // Closed: no new write, by either tenant; a third is not told more.
         assert!(matches!(r.writing("a", "kv"), Err(FabricError::Reassigning(_))));
         assert!(matches!(r.writing("b", "kv"), Err(FabricError::Reassigning(_))));
-        assert!(matches!(r.for_read("c", "kv"), Err(FabricError::PermissionDenied { .. })));
+        assert!(matches!(
+            r.for_read("c", "kv"),
+            Err(FabricError::PermissionDenied { .. })
+        ));
         // The write in flight holds the purge back until it is done.
         let waiter = tokio::spawn({
             let r = r.clone();
