@@ -249,6 +249,36 @@ async fn a_rotated_tokens_file_is_reloaded_and_a_broken_one_changes_nothing() {
     let (node, _) = start(s).await;
     let old = client(&node, Some(&t.acme), "acme").await;
     old.stats().await.unwrap();
+    // Sessions open with tokens about to go: an event stream, a put stream
+    // (open sent, objects to come), a local-path connection.
+    let mut events = old.subscribe(None).await.unwrap();
+    let (ptx, prx) = tokio::sync::mpsc::channel::<PutRequest>(8);
+    ptx.send(PutRequest {
+        msg: Some(Msg::Open(PutOpen {
+            tenant: "acme".into(),
+            namespace: "docs".into(),
+            durability: 0,
+            expected_objects: 0,
+            forwarded: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let put = tokio::spawn({
+        let mut raw = old.raw();
+        async move { raw.put(tokio_stream::wrappers::ReceiverStream::new(prx)).await }
+    });
+    let engine = LocalClient::connect_with(
+        node.local_socket.clone().unwrap(),
+        LocalOptions {
+            tenant: "acme".into(),
+            token: Some(t.engine.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    engine.reserve(&[4096]).await.unwrap();
     // Replace acme's token. The modification time is set past the old one:
     // two writes within the file system's granularity look unchanged.
     let fresh = new_token();
@@ -266,6 +296,40 @@ async fn a_rotated_tokens_file_is_reloaded_and_a_broken_one_changes_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(kind(old.stats().await).0, ErrorKind::Unauthenticated);
+    // What the removed tokens had open ends too.
+    let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("the event stream ends")
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    for m in [
+        PutRequest {
+            msg: Some(Msg::Begin(ObjectBegin {
+                key: Bytes::from_static(b"late"),
+                length: 4,
+                layout: None,
+                checksum: None,
+                age_ms: None,
+            })),
+        },
+        PutRequest {
+            msg: Some(Msg::Data(Bytes::from_static(b"late"))),
+        },
+    ] {
+        let _ = ptx.send(m).await;
+    }
+    let e = tokio::time::timeout(Duration::from_secs(10), put)
+        .await
+        .expect("the put stream ends")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = engine.reserve(&[4096]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
+    assert!(
+        new.get("docs", &b"late"[..]).await.unwrap().is_none(),
+        "a revoked stream stored"
+    );
     // A broken file is refused and the tokens in use stay.
     std::fs::write(&t.file, "[[token]]\ntenant = \"acme\"\n").unwrap();
     bump(10);

@@ -76,6 +76,8 @@ pub struct Grant {
     pub admin: bool,
     /// The zero-copy local path.
     pub local: bool,
+    /// The token's digest: what a reload looks it up by again.
+    digest: Digest256,
 }
 
 impl Principal {
@@ -197,6 +199,7 @@ fn parse_tokens(text: &str) -> Result<Grants, String> {
             name,
             admin: t.admin,
             local: t.local,
+            digest: d,
         };
         if out.insert(d, Arc::new(g)).is_some() {
             return Err(format!("{at}: the same sha256 is listed twice"));
@@ -294,6 +297,10 @@ pub struct Authenticator {
     /// and swaps only when that changed (modification times miss a copy
     /// that keeps them, and two writes within their granularity).
     loaded: parking_lot::Mutex<Digest256>,
+    /// Bumped on every reload that changed what is accepted, so that
+    /// long-lived sessions (Subscribe and Put streams, local-path
+    /// connections) check their token again ([`Self::still_valid`]).
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Authenticator {
@@ -309,6 +316,7 @@ impl Authenticator {
             node_path: a.node_token_file.clone(),
             accepted: RwLock::new(Arc::new(accepted)),
             loaded: parking_lot::Mutex::new(d),
+            generation: tokio::sync::watch::Sender::new(0),
         })))
     }
 
@@ -359,6 +367,22 @@ impl Authenticator {
         }
     }
 
+    /// The reload count, to watch for (see [`Self::still_valid`]).
+    pub fn generation(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Whether `p`, authenticated earlier, would still be with the tokens
+    /// in use now: its token is still listed with the same grant. Nodes
+    /// and open callers always are (a node token is revoked by restarting
+    /// the nodes without it).
+    pub fn still_valid(&self, p: &Principal) -> bool {
+        match p {
+            Principal::Tenant(g) => self.accepted.read().tenants.get(&g.digest).is_some_and(|now| now == g),
+            _ => true,
+        }
+    }
+
     /// Re-reads the tokens file and the node-token file, and swaps in what
     /// they hold if their bytes changed. `Ok(true)` when it did; on an
     /// error the tokens in use stay (a file deleted or half-written is an
@@ -371,6 +395,7 @@ impl Authenticator {
             return Ok(false);
         }
         *self.accepted.write() = Arc::new(accepted);
+        self.generation.send_modify(|g| *g += 1);
         *loaded = d;
         Ok(true)
     }

@@ -125,6 +125,8 @@ struct Held<T> {
 struct Session {
     shared: Arc<LocalShared>,
     tenant: String,
+    /// Whether the hello's token still stands (checked per request).
+    standing: super::service::Standing,
     pid: Option<i32>,
     /// Opened at connect time, so the watch follows this very process even
     /// if it has been reaped and its pid reused by the time it matters.
@@ -177,9 +179,10 @@ impl Session {
                      host-tier bytes: the tokens file grants it with `local = true`",
                 ));
             }
-            svc.tenant(&who, &hello.tenant).map(str::to_string)
+            let t = svc.tenant(&who, &hello.tenant)?.to_string();
+            Ok((t, svc.standing(&who)))
         });
-        let tenant = match tenant {
+        let (tenant, standing) = match tenant {
             Ok(t) => t,
             Err(st) => {
                 tracing::debug!(?pid, message = st.message(), "local client refused");
@@ -210,6 +213,7 @@ impl Session {
         let mut session = Session {
             shared,
             tenant,
+            standing,
             pid,
             pidfd: pid.and_then(pidfd_open),
             reservations: HashMap::new(),
@@ -313,6 +317,19 @@ impl Session {
 
     async fn handle(&mut self, req: LocalRequest) -> LocalResponse {
         let start = Instant::now();
+        // A client whose token was removed may still give back what it
+        // holds (abort, release), and nothing else.
+        let takes = matches!(
+            req.op,
+            Some(local_request::Op::Reserve(_) | local_request::Op::Commit(_) | local_request::Op::Acquire(_))
+        );
+        if takes && let Err(st) = self.standing.check() {
+            return LocalResponse {
+                id: req.id,
+                error: Some(from_grpc(&st)),
+                result: None,
+            };
+        }
         let (method, r) = match req.op {
             Some(local_request::Op::Reserve(r)) => ("local_reserve", self.reserve(r.lengths).await),
             Some(local_request::Op::Commit(c)) => ("local_commit", self.commit(c).await),

@@ -100,6 +100,55 @@ struct Shared {
     auth: Option<Arc<Authenticator>>,
 }
 
+/// Whether a long-lived session's token still stands (Subscribe and Put
+/// streams, local-path connections): checked again after every reload of
+/// the tokens ([`Authenticator::still_valid`]), so that removing a token
+/// also ends what it has open.
+pub(crate) struct Standing {
+    auth: Option<(Arc<Authenticator>, tokio::sync::watch::Receiver<u64>)>,
+    who: Principal,
+}
+
+/// What a session whose token was removed gets.
+fn revoked() -> Status {
+    status(
+        ErrorKind::Unauthenticated,
+        "this session's token is no longer accepted (removed from the node's tokens file); what it stored before stays",
+    )
+}
+
+impl Standing {
+    /// Cheap when nothing was reloaded.
+    pub(crate) fn check(&mut self) -> Result<(), Status> {
+        let Some((auth, generation)) = &mut self.auth else {
+            return Ok(());
+        };
+        if generation.has_changed().unwrap_or(false) {
+            generation.mark_unchanged();
+            if !auth.still_valid(&self.who) {
+                return Err(revoked());
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves once a reload has removed the token (never without
+    /// authentication).
+    pub(crate) async fn revoked(&mut self) -> Status {
+        match &mut self.auth {
+            Some((auth, generation)) => {
+                while generation.changed().await.is_ok() {
+                    if !auth.still_valid(&self.who) {
+                        return revoked();
+                    }
+                }
+                std::future::pending().await
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// A refused namespace record as the service's error.
 fn publish_error(e: PublishError, tenant: &str, namespace: &str) -> FabricError {
     match e {
@@ -312,6 +361,14 @@ impl BlockService {
         let token = (!token.is_empty()).then_some(token);
         auth.authenticate(token)
             .map_err(|f| self.unauthenticated(f, f.message()))
+    }
+
+    /// Watches that `who`'s token still stands, for a long-lived session.
+    pub(crate) fn standing(&self, who: &Principal) -> Standing {
+        Standing {
+            auth: self.shared.auth.as_ref().map(|a| (a.clone(), a.generation())),
+            who: who.clone(),
+        }
     }
 
     fn unauthenticated(&self, f: AuthFailure, message: &str) -> Status {
@@ -610,7 +667,12 @@ impl BlockService {
         let mut results: Vec<PutResult> = Vec::new();
         let mut cur: Option<Pending> = None;
         let committed = |n: usize| format!("{n} earlier object(s) of this stream were stored");
+        let mut standing = self.standing(&who);
         loop {
+            standing.check().map_err(|s| {
+                let m = format!("{}; {}", s.message(), committed(results.len()));
+                Status::new(s.code(), m)
+            })?;
             let Ok(next) = tokio::time::timeout(idle, stream.message()).await else {
                 return Err(put_idle_error(
                     idle,
@@ -1414,6 +1476,7 @@ impl KvBlockService for BlockService {
         let shared = self.shared.clone();
         let mut stopping = self.shared.stopping.subscribe();
         let snapshot = req.snapshot;
+        let mut standing = self.standing(&who);
         tokio::spawn(async move {
             let wanted = |ns: &str| filter.as_deref().is_none_or(|f| f == ns) && shared.namespaces.visible(&tenant, ns);
             if snapshot {
@@ -1446,6 +1509,10 @@ impl KvBlockService for BlockService {
                     _ = tx.closed() => return,
                     _ = async { let _ = stopping.wait_for(|s| *s).await; } => {
                         let _ = tx.send(Err(status(ErrorKind::Unavailable, "node is shutting down"))).await;
+                        return;
+                    }
+                    s = standing.revoked() => {
+                        let _ = tx.send(Err(s)).await;
                         return;
                     }
                     r = rx.recv() => r,
