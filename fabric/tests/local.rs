@@ -571,3 +571,57 @@ async fn crashed_client_space_returns_when_the_process_dies() {
     wait_until("the dead client's space to return", || host.used() == 0).await;
     node.shutdown().await;
 }
+
+/// One connection may pin at most `local.max-leased-bytes` of the arena
+/// with read leases: past it, the rest of an acquire is `retry`, and
+/// `get_many` still reads everything, in rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_pins_at_most_max_leased_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 8 << 20, 0);
+    s.local.max_leased_bytes = kvfabric::server::ByteSize(64 << 10);
+    let (node, _grpc) = start(s).await;
+    let sock = node.local_socket.clone().unwrap();
+    let c = LocalClient::connect(&sock).await.unwrap();
+    let values: Vec<Vec<u8>> = (0..8u64).map(|i| payload(i, 16 << 10).to_vec()).collect();
+    let keys: Vec<Vec<u8>> = (0..8u64).map(key).collect();
+    let puts: Vec<LocalPut<'_>> = keys.iter().zip(&values).map(|(k, v)| LocalPut::new(k, v)).collect();
+    c.put_many("ns", &puts, Durability::Memory).await.unwrap();
+    let mut raw = Raw::connect(&sock).await;
+    raw.send(&v1::LocalRequest {
+        id: 1,
+        op: Some(v1::local_request::Op::Acquire(v1::LocalAcquire {
+            namespace: "ns".into(),
+            keys: keys.iter().map(|k| Bytes::from(k.clone())).collect(),
+        })),
+    })
+    .await;
+    let r: v1::LocalResponse = raw.recv().await;
+    let Some(v1::local_response::Result::Acquired(a)) = r.result else {
+        panic!("{r:?}")
+    };
+    let granted = a.leases.iter().filter(|l| l.found).count();
+    assert_eq!(granted, 4, "64 KiB of 16 KiB objects: {:?}", a.leases);
+    assert!(a.leases[4..].iter().all(|l| l.retry));
+    // Nothing more while those are held.
+    raw.send(&v1::LocalRequest {
+        id: 2,
+        op: Some(v1::local_request::Op::Acquire(v1::LocalAcquire {
+            namespace: "ns".into(),
+            keys: vec![Bytes::from(keys[7].clone())],
+        })),
+    })
+    .await;
+    let r: v1::LocalResponse = raw.recv().await;
+    let Some(v1::local_response::Result::Acquired(b)) = r.result else {
+        panic!("{r:?}")
+    };
+    assert!(b.leases[0].retry, "{b:?}");
+    // The client library reads all eight, in rounds.
+    let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+    let got = c.get_many("ns", &refs).await.unwrap();
+    for (g, v) in got.iter().zip(&values) {
+        assert_eq!(g.as_deref(), Some(&v[..]));
+    }
+    node.shutdown().await;
+}

@@ -275,6 +275,11 @@ pub struct LocalSettings {
     pub quarantine_ms: u64,
     /// Arena bytes one connection may hold reserved at once. Default `1GiB`.
     pub max_reserved_bytes: ByteSize,
+    /// Arena bytes one connection may hold pinned by read leases at once
+    /// (more are answered `retry`: the client copies out, releases and
+    /// asks again), so one client cannot pin the whole arena against
+    /// eviction for a lease TTL. Default `1GiB`; at least 1B.
+    pub max_leased_bytes: ByteSize,
     /// Recompute each committed value's xxh3 on the node and refuse a
     /// mismatch (costs one pass over the bytes). Default true.
     pub verify_commits: bool,
@@ -289,6 +294,7 @@ impl Default for LocalSettings {
             lease_ttl_ms: 30_000,
             quarantine_ms: 60_000,
             max_reserved_bytes: ByteSize(1 << 30),
+            max_leased_bytes: ByteSize(1 << 30),
             verify_commits: true,
         }
     }
@@ -527,6 +533,9 @@ impl Settings {
         }
         if self.local.max_reserved_bytes.0 == 0 {
             return Err("local.max-reserved-bytes must be positive".into());
+        }
+        if self.local.max_leased_bytes.0 == 0 {
+            return Err("local.max-leased-bytes must be positive".into());
         }
         let t = &self.tiering;
         if !(t.low_watermark > 0.0 && t.low_watermark <= t.high_watermark && t.high_watermark <= 1.0) {

@@ -566,12 +566,27 @@ impl Session {
         let deadline = Instant::now() + Duration::from_millis(sh.settings.lease_ttl_ms);
         let n = a.keys.len();
         let mut leases = Vec::with_capacity(n);
+        // Bytes this connection holds pinned: one client may not pin more
+        // than `max-leased-bytes` of the arena at once (past it, what did
+        // not fit is `retry`, as when the arena has no room; a single
+        // object larger than the cap is still leased on its own).
+        let mut leased: u64 = self.leases.values().map(|h| h.item.header().length).sum();
+        let cap = sh.settings.max_leased_bytes.0;
         for k in a.keys {
+            if leased >= cap && !self.leases.is_empty() {
+                let rest = n - leases.len();
+                leases.extend((0..rest).map(|_| LocalLease {
+                    retry: true,
+                    ..Default::default()
+                }));
+                break;
+            }
             let key = ObjectKey::new(ns.clone(), k);
             match sh.stack.acquire_host(&key).await {
                 Ok(Some(l)) => {
                     let id = self.id();
                     let h = l.header();
+                    leased += h.length;
                     sh.metrics.rpc_bytes.with_label_values(&["out"]).inc_by(h.length);
                     leases.push(LocalLease {
                         found: true,
