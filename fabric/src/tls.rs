@@ -47,19 +47,40 @@ impl ClientTls {
     /// Trusts the CA in the PEM file `ca` (its certificates sign the
     /// nodes'), and presents `cert` + `key` when both are given.
     pub fn from_files(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> Result<ClientTls, String> {
-        let ca = read_pem(ca, "CERTIFICATE", "CA file")?;
+        Self::from_settings(Some(ca), cert, key, ["CA file", "client certificate", "client key"])
+            .map(|t| t.expect("a CA was given"))
+    }
+
+    /// What a process's settings name: none without a CA; a certificate
+    /// and its key go together and need the CA. `names` are the settings'
+    /// names (CA, certificate, key), for the messages.
+    pub fn from_settings(
+        ca: Option<&Path>,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        names: [&str; 3],
+    ) -> Result<Option<ClientTls>, String> {
+        let [ca_name, cert_name, key_name] = names;
         let identity = match (cert, key) {
             (Some(c), Some(k)) => Some((
-                read_pem(c, "CERTIFICATE", "client certificate")?.into(),
-                read_pem(k, "PRIVATE KEY", "client key")?.into(),
+                read_pem(c, "CERTIFICATE", cert_name)?.into(),
+                read_pem(k, "PRIVATE KEY", key_name)?.into(),
             )),
             (None, None) => None,
-            _ => return Err("a client certificate needs its key, and a key its certificate".into()),
+            _ => return Err(format!("{cert_name} and {key_name} go together: set both or neither")),
         };
-        Ok(ClientTls {
-            ca: ca.into(),
+        let Some(ca) = ca else {
+            return match identity {
+                Some(_) => Err(format!(
+                    "{cert_name} needs {ca_name}, the CA the nodes are verified with"
+                )),
+                None => Ok(None),
+            };
+        };
+        Ok(Some(ClientTls {
+            ca: read_pem(ca, "CERTIFICATE", ca_name)?.into(),
             identity,
-        })
+        }))
     }
 
     /// From PEM bytes already read (`ca`, and a certificate + key).
@@ -108,7 +129,7 @@ mod tests {
         let e = ClientTls::from_files(&key, None, None).unwrap_err();
         assert!(e.contains("no PEM CERTIFICATE"), "{e}");
         let e = ClientTls::from_files(&ca, Some(&ca), None).unwrap_err();
-        assert!(e.contains("needs its key"), "{e}");
+        assert!(e.contains("go together"), "{e}");
         let e = ClientTls::from_files(&dir.path().join("missing"), None, None).unwrap_err();
         assert!(e.contains("missing"), "{e}");
         assert!(!format!("{:?}", ClientTls::from_files(&ca, None, None).unwrap()).contains("MII"));

@@ -423,24 +423,16 @@ impl WorkerSettings {
     /// with `fabric-client-key`), read and checked now; the message names
     /// the setting.
     pub(crate) fn tls_to_use(&self) -> Result<Option<ClientTls>, SettingsError> {
-        let (ca, cert, key) = match (&self.fabric_tls, &self.fabric_ca_file) {
-            (Some(t), _) => return Ok(Some(t.clone())),
-            (None, None) => return Ok(None),
-            (None, Some(ca)) => (ca, &self.fabric_client_cert, &self.fabric_client_key),
-        };
-        let pem = |path: &Path, kind: &str, what: &str| {
-            kvfabric::tls::read_pem(path, kind, what).map_err(SettingsError::Invalid)
-        };
-        let ca = pem(ca, "CERTIFICATE", "fabric-ca-file")?;
-        let identity = match (cert, key) {
-            (Some(c), Some(k)) => Some((
-                pem(c, "CERTIFICATE", "fabric-client-cert")?,
-                pem(k, "PRIVATE KEY", "fabric-client-key")?,
-            )),
-            (None, None) => None,
-            _ => return Err(SettingsError::Invalid(CERT_AND_KEY.into())),
-        };
-        Ok(Some(ClientTls::from_pem(ca, identity)))
+        if let Some(t) = &self.fabric_tls {
+            return Ok(Some(t.clone()));
+        }
+        ClientTls::from_settings(
+            self.fabric_ca_file.as_deref(),
+            self.fabric_client_cert.as_deref(),
+            self.fabric_client_key.as_deref(),
+            ["fabric-ca-file", "fabric-client-cert", "fabric-client-key"],
+        )
+        .map_err(SettingsError::Invalid)
     }
 
     /// The token fabric connections send: `fabric_token` when set, else
