@@ -66,6 +66,15 @@ impl Token {
         }
     }
 
+    /// [`Token::from_file_or_env`] for a process's setting named
+    /// `setting` (the file it names): errors say which source was wrong.
+    pub fn from_setting(file: Option<&Path>, setting: &str) -> Result<Option<Token>, String> {
+        Token::from_file_or_env(file).map_err(|e| match file {
+            Some(_) => format!("{setting}: {e}"),
+            None => format!("{e} (the fabric token while {setting} is unset)"),
+        })
+    }
+
     /// The secret itself.
     pub fn secret(&self) -> &str {
         &self.0

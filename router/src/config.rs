@@ -347,12 +347,8 @@ impl Settings {
         };
         s.apply(overrides);
         s.validate().map_err(ConfigError::Invalid)?;
-        s.fabric_token = Token::from_file_or_env(s.fabric_token_file.as_deref()).map_err(|e| {
-            ConfigError::Invalid(match s.fabric_token_file {
-                Some(_) => format!("fabric-token-file: {e}"),
-                None => format!("{e} (the fabric token while fabric-token-file is unset)"),
-            })
-        })?;
+        s.fabric_token =
+            Token::from_setting(s.fabric_token_file.as_deref(), "fabric-token-file").map_err(ConfigError::Invalid)?;
         s.fabric_tls = s.tls_to_use().map_err(ConfigError::Invalid)?;
         Ok(s)
     }

@@ -408,12 +408,8 @@ impl WorkerSettings {
         };
         s.apply(overrides);
         s.validate()?;
-        s.fabric_token = Token::from_file_or_env(s.fabric_token_file.as_deref()).map_err(|e| {
-            SettingsError::Invalid(match s.fabric_token_file {
-                Some(_) => format!("fabric-token-file: {e}"),
-                None => format!("{e} (the fabric token while fabric-token-file is unset)"),
-            })
-        })?;
+        s.fabric_token =
+            Token::from_setting(s.fabric_token_file.as_deref(), "fabric-token-file").map_err(SettingsError::Invalid)?;
         s.fabric_tls = s.tls_to_use()?;
         Ok(s)
     }

@@ -252,18 +252,19 @@ impl NodeTokens {
         })
     }
 
-    /// Reads `auth.node-token-file` (warning when other users may read it).
+    /// Reads `auth.node-token-file` at start (warning when other users
+    /// may read it; reloads do not repeat the warning).
     pub fn read(path: &Path) -> Result<NodeTokens, String> {
-        Self::read_text(path).and_then(|(t, _)| t)
+        warn_if_shared(path);
+        Self::read_text(path).map(|(t, _)| t)
     }
 
     /// The file's tokens, and its bytes' digest (for reloads).
-    fn read_text(path: &Path) -> Result<(Result<NodeTokens, String>, Digest256), String> {
+    fn read_text(path: &Path) -> Result<(NodeTokens, Digest256), String> {
         let at = |e: &dyn std::fmt::Display| format!("auth.node-token-file {}: {e}", path.display());
         let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
-        warn_if_shared(path);
-        let d = digest(&text);
-        Ok((NodeTokens::parse(&text).map_err(|e| at(&e)), d))
+        let tokens = NodeTokens::parse(&text).map_err(|e| at(&e))?;
+        Ok((tokens, digest(&text)))
     }
 }
 
@@ -331,7 +332,7 @@ impl Authenticator {
             Some(p) => {
                 let (t, d) = NodeTokens::read_text(p)?;
                 h.update(d);
-                t?.accept
+                t.accept
             }
             None => Vec::new(),
         };

@@ -345,20 +345,23 @@ impl BlockService {
     /// Who sent a call: its bearer token checked against `[auth]`
     /// ([`Principal::Open`] when authentication is off).
     pub(crate) fn who(&self, md: &tonic::metadata::MetadataMap) -> Result<Principal, Status> {
-        let Some(auth) = &self.shared.auth else {
-            return Ok(Principal::Open);
-        };
+        if self.shared.auth.is_none() {
+            return Ok(Principal::Open); // the header is not even read
+        }
         let token = crate::auth::bearer(md).map_err(|m| self.unauthenticated(AuthFailure::Unknown, m))?;
-        auth.authenticate(token)
-            .map_err(|f| self.unauthenticated(f, f.message()))
+        self.presenting(token)
     }
 
     /// Who presents `token` on the local path (its hello).
     pub(crate) fn who_local(&self, token: &str) -> Result<Principal, Status> {
+        self.presenting((!token.is_empty()).then_some(token))
+    }
+
+    /// Who presents `token` (none: no token), by `[auth]`.
+    fn presenting(&self, token: Option<&str>) -> Result<Principal, Status> {
         let Some(auth) = &self.shared.auth else {
             return Ok(Principal::Open);
         };
-        let token = (!token.is_empty()).then_some(token);
         auth.authenticate(token)
             .map_err(|f| self.unauthenticated(f, f.message()))
     }
